@@ -1,0 +1,385 @@
+"""The one module that converts between protobuf messages and ``airlock.types``.
+
+Protobuf exists only at the edge (the daemon's servicer and the client); everything
+inside sees the frozen dataclasses of :mod:`airlock.types`. Both directions live here
+so that every field is mapped in exactly one place.
+
+Conventions:
+
+* Durations become float seconds (``(seconds * 10**9 + nanos) / 10**9``, so the sign
+  is preserved); float seconds become the nearest whole nanosecond.
+* ``optional`` scalar fields map to ``None`` when unset, and back.
+* Enums map by value. A value the inside enum does not have (0 = *unspecified*, or a
+  value added by a newer peer) maps to a conservative fallback rather than failing:
+  verdict DENY (as the API asks), severity CRITICAL, source BUILTIN, change kind
+  MODIFIED, file type OTHER, termination SIGNALED, cgroup version NONE.
+* Paths are bytes inside. On the wire ``path`` is their UTF-8 decoding with invalid
+  bytes written as ``\\xNN`` and ``raw_path`` holds the exact bytes only when they are
+  not valid UTF-8. ``symlink_target`` is decoded the same way, but the API has no raw
+  twin for it, so a non-UTF-8 target comes back with its escapes as literal text.
+
+``*_from_proto`` functions check shape only, never values: checking is the engine's job.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from fractions import Fraction
+from typing import TypeVar
+
+from google.protobuf import duration_pb2
+
+from airlock import types
+from airlock._errors import InvalidRequest
+from airlock.v1 import sandbox_pb2 as pb
+
+__all__ = [
+    "capabilities_from_proto",
+    "capabilities_to_proto",
+    "change_from_proto",
+    "change_to_proto",
+    "finding_from_proto",
+    "finding_to_proto",
+    "limits_from_proto",
+    "limits_to_proto",
+    "validate_request_from_proto",
+    "validate_request_to_proto",
+    "validation_from_proto",
+    "validation_to_proto",
+]
+
+_NANOS_PER_SECOND = 1_000_000_000
+# The range google.protobuf.Duration allows: +-10,000 years.
+_MAX_DURATION_S = 315_576_000_000
+
+_E = TypeVar("_E", bound=enum.IntEnum)
+
+
+# --- scalars -------------------------------------------------------------------------
+
+
+def _duration_to_proto(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    # Exact: the nearest whole nanosecond to the float's true value.
+    d.FromNanoseconds(round(Fraction(seconds) * _NANOS_PER_SECOND))
+    return d
+
+
+def _duration_from_proto(d: duration_pb2.Duration) -> float:
+    # One correctly rounded division: the exact inverse of _duration_to_proto for
+    # every float that is the nearest one to a whole number of nanoseconds (up to 2**52
+    # ns, about 52 days; beyond, floats are coarser than a nanosecond anyway).
+    return (d.seconds * _NANOS_PER_SECOND + d.nanos) / _NANOS_PER_SECOND
+
+
+def _enum_from_proto(cls: type[_E], value: int, fallback: _E) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        return fallback
+
+
+def _decode_path(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _checked_str(field: str, value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{field} is not valid UTF-8", reason="INVALID_ENCODING") from None
+    return value
+
+
+def _checked_uint32(field: str, value: int) -> int:
+    if not 0 <= value <= 0xFFFF_FFFF:
+        raise InvalidRequest(f"{field} must be between 0 and 4294967295, not {value}")
+    return value
+
+
+# --- ValidateRequest -------------------------------------------------------------------
+
+
+def validate_request_to_proto(req: types.ValidateRequest) -> pb.ValidateRequest:
+    """Build the wire request.
+
+    Raises :class:`~airlock.InvalidRequest` for values the wire cannot carry at all
+    (strings that are not UTF-8, a non-finite timeout, an id outside uint32); every
+    other check is left to the daemon.
+    """
+    msg = pb.ValidateRequest(
+        command=_checked_str("command", req.command),
+        cwd=_checked_str("cwd", req.cwd),
+    )
+    for key, value in req.env:
+        msg.env[_checked_str("env name", key)] = _checked_str(f"env value of {key}", value)
+    if req.timeout_s is not None:
+        if not math.isfinite(req.timeout_s) or abs(req.timeout_s) > _MAX_DURATION_S:
+            raise InvalidRequest(
+                f"timeout must be a finite number of seconds, not {req.timeout_s}",
+                reason="INVALID_TIMEOUT",
+            )
+        msg.timeout.CopyFrom(_duration_to_proto(req.timeout_s))
+    if req.uid is not None:
+        msg.uid = _checked_uint32("uid", req.uid)
+    if req.gid is not None:
+        msg.gid = _checked_uint32("gid", req.gid)
+    return msg
+
+
+def validate_request_from_proto(msg: pb.ValidateRequest) -> types.ValidateRequest:
+    """Read the wire request as it is; the engine validates the values."""
+    return types.ValidateRequest(
+        command=msg.command,
+        cwd=msg.cwd,
+        env=tuple(sorted(msg.env.items())),
+        timeout_s=_duration_from_proto(msg.timeout) if msg.HasField("timeout") else None,
+        uid=msg.uid if msg.HasField("uid") else None,
+        gid=msg.gid if msg.HasField("gid") else None,
+    )
+
+
+# --- Validation ------------------------------------------------------------------------
+
+
+def finding_to_proto(f: types.Finding) -> pb.Finding:
+    return pb.Finding(
+        rule_id=f.rule_id,
+        verdict=pb.Verdict.ValueType(f.verdict.value),
+        severity=pb.Severity.ValueType(f.severity.value),
+        message=f.message,
+        source=pb.FindingSource.ValueType(f.source.value),
+        subcommand=f.subcommand,
+        span_start=f.span[0],
+        span_end=f.span[1],
+    )
+
+
+def finding_from_proto(msg: pb.Finding) -> types.Finding:
+    return types.Finding(
+        rule_id=msg.rule_id,
+        verdict=_enum_from_proto(types.Verdict, msg.verdict, types.Verdict.DENY),
+        severity=_enum_from_proto(types.Severity, msg.severity, types.Severity.CRITICAL),
+        message=msg.message,
+        source=_enum_from_proto(types.FindingSource, msg.source, types.FindingSource.BUILTIN),
+        subcommand=msg.subcommand,
+        span=(msg.span_start, msg.span_end),
+    )
+
+
+def change_to_proto(c: types.FileChange) -> pb.FileChange:
+    msg = pb.FileChange(
+        path=_decode_path(c.path),
+        kind=pb.ChangeKind.ValueType(c.kind.value),
+        file_type=pb.FileType.ValueType(c.file_type.value),
+        previous_file_type=pb.FileType.ValueType(c.previous_file_type.value),
+        in_workspace=c.in_workspace,
+        sha256_after=c.sha256_after,
+        symlink_target=_decode_path(c.symlink_target),
+        unified_diff=c.unified_diff,
+        binary=c.binary,
+        diff_truncated=c.diff_truncated,
+        entries_deleted=c.entries_deleted,
+    )
+    if not _is_utf8(c.path):
+        msg.raw_path = c.path
+    if c.size_before is not None:
+        msg.size_before = c.size_before
+    if c.size_after is not None:
+        msg.size_after = c.size_after
+    if c.mode_before is not None:
+        msg.mode_before = c.mode_before
+    if c.mode_after is not None:
+        msg.mode_after = c.mode_after
+    if c.uid_after is not None:
+        msg.uid_after = c.uid_after
+    if c.gid_after is not None:
+        msg.gid_after = c.gid_after
+    return msg
+
+
+def change_from_proto(msg: pb.FileChange) -> types.FileChange:
+    return types.FileChange(
+        path=msg.raw_path if msg.raw_path else msg.path.encode("utf-8"),
+        kind=_enum_from_proto(types.ChangeKind, msg.kind, types.ChangeKind.MODIFIED),
+        file_type=_enum_from_proto(types.FileType, msg.file_type, types.FileType.OTHER),
+        previous_file_type=_enum_from_proto(
+            types.FileType, msg.previous_file_type, types.FileType.OTHER
+        ),
+        in_workspace=msg.in_workspace,
+        size_before=msg.size_before if msg.HasField("size_before") else None,
+        size_after=msg.size_after if msg.HasField("size_after") else None,
+        sha256_after=msg.sha256_after,
+        mode_before=msg.mode_before if msg.HasField("mode_before") else None,
+        mode_after=msg.mode_after if msg.HasField("mode_after") else None,
+        uid_after=msg.uid_after if msg.HasField("uid_after") else None,
+        gid_after=msg.gid_after if msg.HasField("gid_after") else None,
+        symlink_target=msg.symlink_target.encode("utf-8"),
+        unified_diff=msg.unified_diff,
+        binary=msg.binary,
+        diff_truncated=msg.diff_truncated,
+        entries_deleted=msg.entries_deleted,
+    )
+
+
+def _timings_to_proto(t: types.Timings) -> pb.Timings:
+    return pb.Timings(
+        static_analysis=_duration_to_proto(t.static_analysis_s),
+        sandbox=_duration_to_proto(t.sandbox_s),
+        diff=_duration_to_proto(t.diff_s),
+        total=_duration_to_proto(t.total_s),
+        sandbox_setup=_duration_to_proto(t.sandbox_setup_s),
+        command=_duration_to_proto(t.command_s),
+    )
+
+
+def _timings_from_proto(msg: pb.Timings) -> types.Timings:
+    return types.Timings(
+        static_analysis_s=_duration_from_proto(msg.static_analysis),
+        sandbox_s=_duration_from_proto(msg.sandbox),
+        diff_s=_duration_from_proto(msg.diff),
+        total_s=_duration_from_proto(msg.total),
+        sandbox_setup_s=_duration_from_proto(msg.sandbox_setup),
+        command_s=_duration_from_proto(msg.command),
+    )
+
+
+def _usage_to_proto(u: types.ResourceUsage) -> pb.ResourceUsage:
+    return pb.ResourceUsage(
+        peak_memory_bytes=u.peak_memory_bytes,
+        cpu_time=_duration_to_proto(u.cpu_time_s),
+        memory_limit_hit=u.memory_limit_hit,
+        pids_limit_hit=u.pids_limit_hit,
+        scratch_bytes_used=u.scratch_bytes_used,
+    )
+
+
+def _usage_from_proto(msg: pb.ResourceUsage) -> types.ResourceUsage:
+    return types.ResourceUsage(
+        peak_memory_bytes=msg.peak_memory_bytes,
+        cpu_time_s=_duration_from_proto(msg.cpu_time),
+        memory_limit_hit=msg.memory_limit_hit,
+        pids_limit_hit=msg.pids_limit_hit,
+        scratch_bytes_used=msg.scratch_bytes_used,
+    )
+
+
+def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
+    return pb.ValidateResponse(
+        validation_id=v.validation_id,
+        verdict=pb.Verdict.ValueType(v.verdict.value),
+        summary=v.summary,
+        findings=[finding_to_proto(f) for f in v.findings],
+        sandboxed=v.sandboxed,
+        termination=pb.Termination.ValueType(v.termination.value),
+        exit_code=v.exit_code,
+        signal=v.signal,
+        stdout=v.stdout,
+        stdout_truncated=v.stdout_truncated,
+        stderr=v.stderr,
+        stderr_truncated=v.stderr_truncated,
+        changes=[change_to_proto(c) for c in v.changes],
+        changes_truncated=v.changes_truncated,
+        timings=_timings_to_proto(v.timings),
+        resource_usage=_usage_to_proto(v.resource_usage),
+        uid=v.uid,
+        gid=v.gid,
+    )
+
+
+def validation_from_proto(msg: pb.ValidateResponse) -> types.Validation:
+    return types.Validation(
+        validation_id=msg.validation_id,
+        # The API: an unset verdict must be treated as a deny.
+        verdict=_enum_from_proto(types.Verdict, msg.verdict, types.Verdict.DENY),
+        summary=msg.summary,
+        findings=tuple(finding_from_proto(f) for f in msg.findings),
+        sandboxed=msg.sandboxed,
+        termination=_enum_from_proto(
+            types.Termination, msg.termination, types.Termination.SIGNALED
+        ),
+        exit_code=msg.exit_code,
+        signal=msg.signal,
+        stdout=msg.stdout,
+        stdout_truncated=msg.stdout_truncated,
+        stderr=msg.stderr,
+        stderr_truncated=msg.stderr_truncated,
+        changes=tuple(change_from_proto(c) for c in msg.changes),
+        changes_truncated=msg.changes_truncated,
+        timings=_timings_from_proto(msg.timings),
+        resource_usage=_usage_from_proto(msg.resource_usage),
+        uid=msg.uid,
+        gid=msg.gid,
+    )
+
+
+# --- Capabilities ----------------------------------------------------------------------
+
+
+def limits_to_proto(limits: types.Limits) -> pb.Limits:
+    """The limits the API carries; the diff and environment budgets stay inside."""
+    return pb.Limits(
+        default_timeout=_duration_to_proto(limits.default_timeout_s),
+        max_timeout=_duration_to_proto(limits.max_timeout_s),
+        memory_bytes=limits.memory_bytes,
+        pids=limits.pids,
+        scratch_bytes=limits.scratch_bytes,
+        output_bytes=limits.output_bytes,
+        command_bytes=limits.command_bytes,
+        concurrent_validations=limits.concurrent_validations,
+        changes=limits.changes,
+    )
+
+
+def limits_from_proto(msg: pb.Limits) -> types.Limits:
+    """Fields the API does not carry keep their defaults from :class:`types.Limits`."""
+    return types.Limits(
+        default_timeout_s=_duration_from_proto(msg.default_timeout),
+        max_timeout_s=_duration_from_proto(msg.max_timeout),
+        memory_bytes=msg.memory_bytes,
+        pids=msg.pids,
+        scratch_bytes=msg.scratch_bytes,
+        output_bytes=msg.output_bytes,
+        command_bytes=msg.command_bytes,
+        concurrent_validations=msg.concurrent_validations,
+        changes=msg.changes,
+    )
+
+
+def capabilities_to_proto(c: types.Capabilities) -> pb.GetCapabilitiesResponse:
+    return pb.GetCapabilitiesResponse(
+        daemon_version=c.daemon_version,
+        kernel_release=c.kernel_release,
+        namespaces=list(c.namespaces),
+        overlayfs=c.overlayfs,
+        cgroup_version=pb.CgroupVersion.ValueType(c.cgroup_version.value),
+        cgroup_controllers=list(c.cgroup_controllers),
+        seccomp=c.seccomp,
+        seccomp_user_notification=c.seccomp_user_notification,
+        limits=limits_to_proto(c.limits),
+    )
+
+
+def capabilities_from_proto(msg: pb.GetCapabilitiesResponse) -> types.Capabilities:
+    return types.Capabilities(
+        daemon_version=msg.daemon_version,
+        kernel_release=msg.kernel_release,
+        namespaces=tuple(msg.namespaces),
+        overlayfs=msg.overlayfs,
+        cgroup_version=_enum_from_proto(
+            types.CgroupVersion, msg.cgroup_version, types.CgroupVersion.NONE
+        ),
+        cgroup_controllers=tuple(msg.cgroup_controllers),
+        seccomp=msg.seccomp,
+        seccomp_user_notification=msg.seccomp_user_notification,
+        limits=limits_from_proto(msg.limits),
+    )

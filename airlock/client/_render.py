@@ -1,0 +1,377 @@
+"""Readable reports for the CLI: pure functions from ``airlock.types`` to rich renderables.
+
+Everything that came from the command (paths, output, diffs) or the daemon (summary,
+messages) is shown as plain :class:`~rich.text.Text`, never as markup, and with
+control characters escaped, so a hostile file name or output cannot restyle the
+report or drive the terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable, Sequence
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from airlock import types
+
+__all__ = [
+    "change_label",
+    "change_tree",
+    "diffs",
+    "display_path",
+    "escape_controls",
+    "findings_table",
+    "human_size",
+    "output_panel",
+    "render_capabilities",
+    "render_validation",
+    "termination_text",
+    "timings_text",
+    "verdict_style",
+    "verdict_text",
+]
+
+_VERDICT_STYLES = {
+    types.Verdict.ALLOW: "bold green",
+    types.Verdict.ASK: "bold yellow",
+    types.Verdict.DENY: "bold red",
+}
+_SEVERITY_STYLES = {
+    types.Severity.INFO: "dim",
+    types.Severity.LOW: "cyan",
+    types.Severity.MEDIUM: "yellow",
+    types.Severity.HIGH: "red",
+    types.Severity.CRITICAL: "bold red",
+}
+# (marker, style) for each kind of change.
+_KIND_MARKS = {
+    types.ChangeKind.CREATED: ("+", "green"),
+    types.ChangeKind.MODIFIED: ("~", "yellow"),
+    types.ChangeKind.DELETED: ("-", "red"),
+    types.ChangeKind.METADATA_CHANGED: ("m", "blue"),
+}
+_TYPE_NAMES = {
+    types.FileType.NONE: "nothing",
+    types.FileType.REGULAR: "file",
+    types.FileType.DIRECTORY: "directory",
+    types.FileType.SYMLINK: "symlink",
+    types.FileType.OTHER: "special file",
+}
+_OUTSIDE_STYLE = "bold red"
+# Bidirectional overrides and isolates reorder what the terminal shows.
+_BIDI_CONTROLS = frozenset(range(0x202A, 0x202F)) | frozenset(range(0x2066, 0x206A))
+
+
+def escape_controls(text: str, *, multiline: bool = False) -> str:
+    """``text`` with control characters written as ``\\xNN``/``\\uNNNN`` escapes.
+
+    With ``multiline``, newlines and tabs are kept and ``\\r\\n`` becomes ``\\n``.
+    """
+    if multiline:
+        text = text.replace("\r\n", "\n")
+    out: list[str] = []
+    for ch in text:
+        code = ord(ch)
+        if multiline and ch in "\n\t":
+            out.append(ch)
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif code in _BIDI_CONTROLS:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def display_path(raw: bytes) -> str:
+    """A path for display: UTF-8 with invalid bytes as ``\\xNN``, controls escaped."""
+    return escape_controls(raw.decode("utf-8", errors="backslashreplace"))
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps the number at least 1."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+# --- verdict and findings -----------------------------------------------------------
+
+
+def verdict_style(verdict: types.Verdict) -> str:
+    return _VERDICT_STYLES.get(verdict, "bold red")
+
+
+def verdict_text(verdict: types.Verdict) -> Text:
+    return Text(verdict.name, style=verdict_style(verdict))
+
+
+def findings_table(findings: Sequence[types.Finding]) -> Table:
+    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("rule", no_wrap=True)
+    table.add_column("finding", ratio=1)
+    for f in findings:
+        message = Text(escape_controls(f.message))
+        if f.subcommand:
+            message.append("\n")
+            message.append(f"in: {escape_controls(f.subcommand)}", style="dim")
+        table.add_row(
+            verdict_text(f.verdict),
+            Text(f.severity.name, style=_SEVERITY_STYLES.get(f.severity, "")),
+            Text(f"{escape_controls(f.rule_id)} ({f.source.name.lower()})"),
+            message,
+        )
+    return table
+
+
+# --- changes -----------------------------------------------------------------------
+
+
+def _change_details(c: types.FileChange) -> list[str]:
+    details: list[str] = []
+    kind = c.kind
+    if (
+        kind is types.ChangeKind.MODIFIED
+        and c.previous_file_type is not types.FileType.NONE
+        and c.previous_file_type is not c.file_type
+    ):
+        details.append(f"was {_TYPE_NAMES[c.previous_file_type]}, now {_TYPE_NAMES[c.file_type]}")
+    if c.file_type is types.FileType.REGULAR:
+        if kind is types.ChangeKind.MODIFIED and c.size_before is not None:
+            if c.size_after is not None:
+                details.append(f"{human_size(c.size_before)} → {human_size(c.size_after)}")
+        elif kind is types.ChangeKind.DELETED and c.size_before is not None:
+            details.append(human_size(c.size_before))
+        elif kind is not types.ChangeKind.DELETED and c.size_after is not None:
+            details.append(human_size(c.size_after))
+    if kind is types.ChangeKind.DELETED and c.entries_deleted:
+        plural = "entry" if c.entries_deleted == 1 else "entries"
+        details.append(f"{c.entries_deleted} {plural}")
+    if c.mode_before is not None and c.mode_after is not None and c.mode_before != c.mode_after:
+        details.append(f"mode {c.mode_before & 0o7777:04o} → {c.mode_after & 0o7777:04o}")
+    elif kind is types.ChangeKind.CREATED and c.mode_after is not None:
+        details.append(f"mode {c.mode_after & 0o7777:04o}")
+    if kind is types.ChangeKind.METADATA_CHANGED and c.uid_after is not None:
+        details.append(f"owner {c.uid_after}:{c.gid_after if c.gid_after is not None else '?'}")
+    if c.binary:
+        details.append("binary")
+    if c.diff_truncated:
+        details.append("diff truncated")
+    return details
+
+
+def change_label(c: types.FileChange, *, name: str | None = None) -> Text:
+    """One change on one line: coloured marker, name, type, sizes, workspace mark."""
+    marker, style = _KIND_MARKS.get(c.kind, ("?", "magenta"))
+    label = Text()
+    label.append(f"{marker} ", style=f"bold {style}")
+    label.append(name if name is not None else display_path(c.path), style=style)
+    if c.file_type is types.FileType.DIRECTORY:
+        label.append("/", style=style)
+    elif c.file_type is types.FileType.SYMLINK:
+        label.append(" -> ", style="dim")
+        label.append(display_path(c.symlink_target), style="cyan")
+    elif c.file_type is types.FileType.OTHER:
+        label.append(" (special file)", style="dim")
+    details = _change_details(c)
+    if details:
+        label.append(f"  ({', '.join(details)})", style="dim")
+    if not c.in_workspace:
+        label.append("  ⚠ outside workspace", style=_OUTSIDE_STYLE)
+    return label
+
+
+def change_tree(changes: Sequence[types.FileChange], *, truncated: bool = False) -> Tree:
+    """The changes grouped by parent directory, directories and entries sorted."""
+    outside = sum(1 for c in changes if not c.in_workspace)
+    title = Text(f"Changes: {len(changes)}", style="bold")
+    if outside:
+        title.append(f" ({outside} outside the workspace)", style=_OUTSIDE_STYLE)
+    tree = Tree(title, guide_style="dim")
+    groups: dict[bytes, list[tuple[bytes, types.FileChange]]] = {}
+    for c in changes:
+        path = c.path.rstrip(b"/") or c.path
+        parent, base = os.path.split(path)
+        groups.setdefault(parent or b".", []).append((base or path, c))
+    for parent in sorted(groups):
+        branch = tree.add(Text(display_path(parent), style="bold"))
+        for base, c in sorted(groups[parent], key=lambda item: item[0]):
+            branch.add(change_label(c, name=display_path(base)))
+    if truncated:
+        tree.add(Text("… more changes were made than the daemon reports", style="bold yellow"))
+    return tree
+
+
+def diffs(changes: Iterable[types.FileChange]) -> list[RenderableType]:
+    """A titled unified diff for every change that carries one."""
+    out: list[RenderableType] = []
+    for c in changes:
+        if not c.unified_diff:
+            continue
+        title = Text("diff ", style="bold")
+        title.append(display_path(c.path))
+        if c.diff_truncated:
+            title.append("  (truncated)", style="yellow")
+        out.append(Text(""))
+        out.append(title)
+        body = escape_controls(c.unified_diff, multiline=True).rstrip("\n")
+        out.append(Syntax(body, "diff", theme="ansi_dark", background_color="default"))
+    return out
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def termination_text(v: types.Validation) -> Text:
+    """How the command's process ended, in words."""
+    text = Text("Process: ", style="bold")
+    if not v.sandboxed:
+        text.append("not run (the verdict was reached without a dry run)", style="dim")
+        return text
+    t = v.termination
+    if t is types.Termination.EXITED:
+        text.append(f"exited with code {v.exit_code}", style="green" if v.exit_code == 0 else "red")
+    elif t is types.Termination.SIGNALED:
+        text.append(f"killed by signal {v.signal} ({_signal_name(v.signal)})", style="red")
+    elif t is types.Termination.TIMED_OUT:
+        text.append("timed out; its whole process tree was killed", style="red")
+    elif t is types.Termination.OUT_OF_MEMORY:
+        text.append("killed by the kernel: out of memory", style="red")
+    elif t is types.Termination.CANCELLED:
+        text.append("cancelled; its whole process tree was killed", style="yellow")
+    else:  # pragma: no cover - every Termination is handled above
+        text.append(t.name.lower())
+    return text
+
+
+def timings_text(t: types.Timings) -> Text:
+    text = Text("Timings: ", style="bold")
+    text.append(
+        f"total {_ms(t.total_s)} · static {_ms(t.static_analysis_s)} · "
+        f"sandbox {_ms(t.sandbox_s)} (setup {_ms(t.sandbox_setup_s)} + "
+        f"command {_ms(t.command_s)}) · diff {_ms(t.diff_s)}"
+    )
+    return text
+
+
+def _usage_text(u: types.ResourceUsage) -> Text:
+    text = Text("Resources: ", style="bold")
+    text.append(
+        f"peak memory {human_size(u.peak_memory_bytes)} · cpu {_ms(u.cpu_time_s)} · "
+        f"scratch {human_size(u.scratch_bytes_used)}"
+    )
+    if u.memory_limit_hit:
+        text.append(" · memory limit hit", style="bold red")
+    if u.pids_limit_hit:
+        text.append(" · process limit hit", style="bold red")
+    return text
+
+
+def output_panel(name: str, data: bytes, *, truncated: bool) -> Panel:
+    """One output stream, decoded as UTF-8 with bad bytes replaced."""
+    title = f"{name} ({human_size(len(data))}"
+    title += ", truncated)" if truncated else ")"
+    body = escape_controls(data.decode("utf-8", errors="replace"), multiline=True)
+    return Panel(
+        Text(body.rstrip("\n")),
+        title=Text(title, style="bold"),
+        title_align="left",
+        border_style="yellow" if truncated else "dim",
+    )
+
+
+def render_validation(v: types.Validation) -> RenderableType:
+    """The whole report of one validation."""
+    parts: list[RenderableType] = []
+    head = Text("Verdict: ", style="bold")
+    head.append_text(verdict_text(v.verdict))
+    if v.summary:
+        head.append("  ")
+        head.append(escape_controls(v.summary))
+    parts.append(head)
+    parts.append(
+        Text(f"validation {escape_controls(v.validation_id)} · as uid {v.uid} gid {v.gid}", "dim")
+    )
+    if v.findings:
+        parts.append(Text("\nFindings", style="bold"))
+        parts.append(findings_table(v.findings))
+    parts.append(Text(""))
+    if v.changes or v.changes_truncated:
+        parts.append(change_tree(v.changes, truncated=v.changes_truncated))
+        parts.extend(diffs(v.changes))
+    elif v.sandboxed:
+        parts.append(Text("Changes: none", style="bold"))
+    parts.append(Text(""))
+    parts.append(termination_text(v))
+    parts.append(timings_text(v.timings))
+    if v.sandboxed:
+        parts.append(_usage_text(v.resource_usage))
+        for name, data, truncated in (
+            ("stdout", v.stdout, v.stdout_truncated),
+            ("stderr", v.stderr, v.stderr_truncated),
+        ):
+            if data or truncated:
+                parts.append(output_panel(name, data, truncated=truncated))
+    return Group(*parts)
+
+
+def render_capabilities(c: types.Capabilities) -> RenderableType:
+    """The host's and daemon's capabilities and limits as a two-column table."""
+
+    def yes_no(flag: bool) -> Text:
+        return Text("yes", style="green") if flag else Text("no", style="red")
+
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    lim = c.limits
+    rows: list[tuple[str, str | Text]] = [
+        ("daemon version", c.daemon_version),
+        ("kernel", c.kernel_release),
+        ("namespaces", ", ".join(c.namespaces) or "none"),
+        ("overlayfs", yes_no(c.overlayfs)),
+        (
+            "cgroups",
+            f"{c.cgroup_version.name.lower()}: {', '.join(c.cgroup_controllers) or 'none'}"
+            if c.cgroup_version is not types.CgroupVersion.NONE
+            else Text("none (memory and process limits are not enforced)", style="yellow"),
+        ),
+        ("seccomp", yes_no(c.seccomp)),
+        ("seccomp user notification", yes_no(c.seccomp_user_notification)),
+        ("timeout", f"{lim.default_timeout_s:g} s (max {lim.max_timeout_s:g} s)"),
+        ("memory", human_size(lim.memory_bytes)),
+        ("processes", str(lim.pids)),
+        ("scratch space", human_size(lim.scratch_bytes)),
+        ("output kept", f"{human_size(lim.output_bytes)} per stream"),
+        ("command size", human_size(lim.command_bytes)),
+        ("concurrent validations", str(lim.concurrent_validations)),
+        ("changes reported", str(lim.changes)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value if isinstance(value, Text) else Text(escape_controls(value)))
+    return table

@@ -1,0 +1,285 @@
+"""The engine: check a request, resolve who runs it, plan, dry-run, judge.
+
+It knows nothing of gRPC: the daemon converts protobuf to ``airlock.types``,
+calls :meth:`Engine.validate`, and maps :mod:`airlock._errors` to status codes.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import posixpath
+import pwd
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from airlock._errors import InvalidRequest, PermissionDenied, SandboxError
+from airlock.policy import builtin
+from airlock.policy.summary import summarize
+from airlock.sandbox import mnt
+from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
+from airlock.sandbox.contain import SandboxResult
+from airlock.sandbox.diff import DiffOptions
+from airlock.sandbox.plan import SandboxPlan, SandboxSettings, build_plan
+from airlock.sandbox.spawner import Spawner
+from airlock.types import (
+    Limits,
+    PeerCred,
+    ResourceUsage,
+    Termination,
+    Timings,
+    Validation,
+    ValidateRequest,
+)
+
+__all__ = ["DaemonConfig", "Engine", "Identity", "check_request"]
+
+_KERNEL_TREES = ("/proc", "/sys", "/dev")
+_MAX_PATH = 4096
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_path: str = "/run/airlock/airlock.sock"
+    state_dir: str = "/var/lib/airlock"
+    socket_mode: int = 0o660
+    socket_gid: int | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def scratch_dir(self) -> str:
+        return posixpath.join(self.state_dir, "scratch")
+
+    @property
+    def cgroup_group(self) -> str:
+        """One cgroup parent per state directory, so two daemons never sweep each other."""
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(self.state_dir))).hexdigest()
+        return f"airlock-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _fail(field_name: str, why: str, reason: str = "INVALID_ARGUMENT") -> InvalidRequest:
+    return InvalidRequest(f"{field_name}: {why}", reason=reason)
+
+
+def check_request(req: ValidateRequest, limits: Limits) -> tuple[str, float]:
+    """Reject malformed input with a message naming the field; return (cwd, timeout)."""
+    command = req.command
+    if not command.strip():
+        raise _fail("command", "must not be empty", "INVALID_COMMAND")
+    if "\0" in command:
+        raise _fail("command", "contains a NUL byte", "INVALID_COMMAND")
+    size = len(command.encode("utf-8", errors="surrogatepass"))
+    if size > limits.command_bytes:
+        raise _fail(
+            "command", f"is {size} bytes; the limit is {limits.command_bytes}", "COMMAND_TOO_LARGE"
+        )
+
+    cwd = req.cwd
+    if not cwd:
+        raise _fail("cwd", "is required (an absolute path of an existing directory)", "INVALID_CWD")
+    if "\0" in cwd or len(cwd) > _MAX_PATH:
+        raise _fail("cwd", "is not a valid path", "INVALID_CWD")
+    if not cwd.startswith("/"):
+        raise _fail("cwd", f"must be an absolute path, got {cwd!r}", "INVALID_CWD")
+    cwd = posixpath.normpath(cwd)
+    if cwd.startswith("//"):
+        cwd = "/" + cwd.lstrip("/")
+    if any(cwd == k or cwd.startswith(k + "/") for k in _KERNEL_TREES):
+        raise _fail("cwd", f"{cwd} is on a kernel file system, not a workspace", "INVALID_CWD")
+    if not os.path.exists(cwd):
+        raise _fail("cwd", f"{cwd} does not exist", "INVALID_CWD")
+    if not os.path.isdir(cwd):
+        raise _fail("cwd", f"{cwd} is not a directory", "INVALID_CWD")
+
+    env_size = 0
+    for key, value in req.env:
+        if not key:
+            raise _fail("env", "has an empty variable name", "INVALID_ENV")
+        if "=" in key or "\0" in key:
+            raise _fail("env", f"variable name {key!r} contains '=' or a NUL byte", "INVALID_ENV")
+        if "\0" in value:
+            raise _fail("env", f"the value of {key} contains a NUL byte", "INVALID_ENV")
+        env_size += len(key.encode()) + len(value.encode()) + 2
+    if env_size > limits.env_bytes:
+        raise _fail("env", f"is {env_size} bytes; the limit is {limits.env_bytes}", "INVALID_ENV")
+
+    timeout = req.timeout_s
+    if timeout is None or timeout == 0:
+        timeout = limits.default_timeout_s
+    elif timeout < 0:
+        raise _fail("timeout", f"must not be negative, got {timeout:g} s", "INVALID_TIMEOUT")
+    elif timeout > limits.max_timeout_s:
+        raise _fail(
+            "timeout",
+            f"{timeout:g} s is above the daemon's maximum of {limits.max_timeout_s:g} s",
+            "INVALID_TIMEOUT",
+        )
+    return cwd, timeout
+
+
+def _caller_groups(peer: PeerCred) -> tuple[int, ...]:
+    """The caller process's own supplementary groups: never more than it has."""
+    try:
+        with open(f"/proc/{peer.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(sorted({int(g) for g in line.split()[1:]} | {peer.gid}))
+    except (OSError, ValueError):
+        pass
+    return (peer.gid,)
+
+
+def resolve_identity(req: ValidateRequest, peer: PeerCred) -> Identity:
+    """Run as the caller; only a root caller may name another uid or gid."""
+    if peer.uid != 0:
+        if req.uid is not None and req.uid != peer.uid:
+            raise PermissionDenied(
+                f"uid: only root may run commands as another user (you are uid {peer.uid})",
+                reason="UID_NOT_ALLOWED",
+            )
+        if req.gid is not None and req.gid != peer.gid:
+            raise PermissionDenied(
+                f"gid: only root may run commands as another group (you are gid {peer.gid})",
+                reason="UID_NOT_ALLOWED",
+            )
+        return Identity(peer.uid, peer.gid, _caller_groups(peer))
+    if req.uid is None:
+        gid = peer.gid if req.gid is None else req.gid
+        return Identity(peer.uid, gid, _caller_groups(peer) if gid == peer.gid else (gid,))
+    try:
+        entry = pwd.getpwuid(req.uid)
+    except KeyError:
+        raise _fail("uid", f"no user has id {req.uid}", "UNKNOWN_USER") from None
+    gid = entry.pw_gid if req.gid is None else req.gid
+    if req.gid is not None:
+        try:
+            grp.getgrgid(req.gid)
+        except KeyError:
+            raise _fail("gid", f"no group has id {req.gid}", "UNKNOWN_GROUP") from None
+    return Identity(req.uid, gid, tuple(sorted(set(os.getgrouplist(entry.pw_name, gid)))))
+
+
+class Engine:
+    """Turns a request into a validation. Thread-safe; one instance per daemon."""
+
+    def __init__(self, config: DaemonConfig, spawner: Spawner, cgroup_host: CgroupHost) -> None:
+        self.config = config
+        self._spawner = spawner
+        self._cgroups = cgroup_host
+        self._settings = SandboxSettings(
+            scratch_dir=config.scratch_dir, hidden_paths=(config.state_dir,)
+        )
+
+    def plan(self, req: ValidateRequest, peer: PeerCred, validation_id: str) -> SandboxPlan:
+        limits = self.config.limits
+        cwd, timeout = check_request(req, limits)
+        who = resolve_identity(req, peer)
+        return build_plan(
+            sandbox_id=validation_id,
+            command=req.command,
+            cwd=cwd,
+            env=req.env,
+            uid=who.uid,
+            gid=who.gid,
+            groups=who.groups,
+            timeout_s=timeout,
+            scratch_bytes=limits.scratch_bytes,
+            output_bytes=limits.output_bytes,
+            diff_options=DiffOptions(
+                workspace=os.fsencode(cwd),
+                max_changes=limits.changes,
+                diff_file_bytes=limits.diff_file_bytes,
+                diff_total_bytes=limits.diff_total_bytes,
+                exclude=(os.fsencode(self.config.state_dir),),
+            ),
+            cgroup=CgroupSpec(
+                host=self._cgroups,
+                group=self.config.cgroup_group,
+                name=f"sb-{validation_id[:16]}",
+                memory_bytes=limits.memory_bytes,
+                pids=limits.pids,
+            ),
+            settings=self._settings,
+            host_mounts=mnt.host_mounts(),
+        )
+
+    def validate(
+        self,
+        req: ValidateRequest,
+        peer: PeerCred,
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
+        validation_id: str | None = None,
+    ) -> Validation:
+        """Dry-run ``req`` for ``peer``. ``on_cancel`` registers the tear-down callback."""
+        t0 = time.monotonic()
+        validation_id = validation_id or uuid.uuid4().hex
+        plan = self.plan(req, peer, validation_id)
+        t_plan = time.monotonic()
+        run = self._spawner.submit(plan)
+        if on_cancel is not None:
+            on_cancel(run.cancel)
+        result: SandboxResult = run.result()
+        t_sandbox = time.monotonic()
+        if result.error:
+            if result.error_kind == "cwd":
+                raise InvalidRequest(
+                    f"cwd: uid {plan.uid} cannot enter {plan.cwd}: {result.error}",
+                    reason="CWD_NOT_ACCESSIBLE",
+                )
+            raise SandboxError(f"the sandbox could not be set up: {result.error}")
+        assert result.diff is not None and result.cgroup is not None
+        changes, truncated = result.diff.changes, result.diff.truncated
+        verdict, findings = builtin.judge(changes, result.termination, truncated)
+        summary = summarize(
+            changes=changes,
+            changes_truncated=truncated,
+            termination=result.termination,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            timeout_s=plan.timeout_s,
+            workspace=plan.cwd,
+        )
+        stats = result.cgroup
+        return Validation(
+            validation_id=validation_id,
+            verdict=verdict,
+            summary=summary,
+            findings=findings,
+            sandboxed=True,
+            termination=result.termination,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            stdout=result.stdout,
+            stdout_truncated=result.stdout_truncated,
+            stderr=result.stderr,
+            stderr_truncated=result.stderr_truncated,
+            changes=changes,
+            changes_truncated=truncated,
+            timings=Timings(
+                static_analysis_s=t_plan - t0,
+                sandbox_s=t_sandbox - t_plan,
+                diff_s=result.diff_s,
+                total_s=time.monotonic() - t0,
+                sandbox_setup_s=result.setup_s,
+                command_s=result.command_s,
+            ),
+            resource_usage=ResourceUsage(
+                peak_memory_bytes=stats.peak_memory_bytes,
+                cpu_time_s=stats.cpu_time_s,
+                memory_limit_hit=stats.oom_kills > 0,
+                pids_limit_hit=stats.pids_limit_hit,
+                scratch_bytes_used=result.diff.scratch_bytes,
+            ),
+            uid=plan.uid,
+            gid=plan.gid,
+        )

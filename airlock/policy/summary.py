@@ -1,0 +1,96 @@
+"""A short, deterministic, human summary of a dry run. Pure code: no I/O.
+
+Example: "Exited with code 0. In the workspace: created 1 file (notes.txt);
+deleted 1 file (old.log). Nothing changed outside the workspace."
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from airlock.types import ChangeKind, FileChange, FileType, Termination
+
+__all__ = ["summarize"]
+
+_LISTED = 3
+_VERBS = {
+    ChangeKind.CREATED: "created",
+    ChangeKind.MODIFIED: "modified",
+    ChangeKind.DELETED: "deleted",
+    ChangeKind.METADATA_CHANGED: "changed the mode or owner of",
+}
+_NOUNS = {
+    FileType.REGULAR: ("file", "files"),
+    FileType.DIRECTORY: ("directory", "directories"),
+    FileType.SYMLINK: ("symlink", "symlinks"),
+    FileType.OTHER: ("special file", "special files"),
+    FileType.NONE: ("entry", "entries"),
+}
+
+
+def _count(n: int, file_type: FileType) -> str:
+    singular, plural = _NOUNS[file_type]
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def _display(change: FileChange, workspace: str) -> str:
+    path = change.path.decode(errors="backslashreplace")
+    if change.in_workspace and workspace:
+        rel = os.path.relpath(path, workspace)
+        return "." if rel == "." else rel
+    return path
+
+
+def _describe(changes: Sequence[FileChange], workspace: str) -> str:
+    parts: list[str] = []
+    for kind in ChangeKind:
+        of_kind = [c for c in changes if c.kind is kind]
+        for file_type in FileType:
+            group = [c for c in of_kind if c.file_type is file_type]
+            if not group:
+                continue
+            names = ", ".join(_display(c, workspace) for c in group[:_LISTED])
+            if len(group) > _LISTED:
+                names += f" and {len(group) - _LISTED} more"
+            parts.append(f"{_VERBS[kind]} {_count(len(group), file_type)} ({names})")
+    return "; ".join(parts)
+
+
+def _ending(termination: Termination, exit_code: int, signal: int, timeout_s: float) -> str:
+    if termination is Termination.EXITED:
+        return f"Exited with code {exit_code}."
+    if termination is Termination.TIMED_OUT:
+        return f"Timed out after {timeout_s:g} s; its whole process tree was killed."
+    if termination is Termination.OUT_OF_MEMORY:
+        return "Was killed by the kernel for exceeding the sandbox's memory limit."
+    if termination is Termination.CANCELLED:
+        return "Was cancelled by the caller; its whole process tree was killed."
+    return f"Was killed by signal {signal}."
+
+
+def summarize(
+    *,
+    changes: Sequence[FileChange],
+    changes_truncated: bool,
+    termination: Termination,
+    exit_code: int,
+    signal: int,
+    timeout_s: float,
+    workspace: str,
+) -> str:
+    sentences = [_ending(termination, exit_code, signal, timeout_s)]
+    inside = [c for c in changes if c.in_workspace]
+    outside = [c for c in changes if not c.in_workspace]
+    if not changes:
+        sentences.append("Changed no files.")
+    else:
+        if inside:
+            sentences.append(f"In the workspace: {_describe(inside, workspace)}.")
+        if outside:
+            sentences.append(f"Outside the workspace: {_describe(outside, workspace)}.")
+        else:
+            sentences.append("Nothing changed outside the workspace.")
+    if changes_truncated:
+        sentences.append(f"Only the first {len(changes)} changes are listed.")
+    return " ".join(sentences)

@@ -1,0 +1,198 @@
+"""Raw Linux syscalls through ctypes: the only module in Airlock that uses ctypes.
+
+Everything here is a thin, typed wrapper that raises ``OSError`` with the
+errno on failure. Python 3.11 lacks ``os.unshare``/``os.setns`` (3.12+) and has
+no ``mount``, ``pivot_root``, ``capset`` or ``prctl`` at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+__all__ = [
+    "CLONE_NEWCGROUP",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWNS",
+    "CLONE_NEWPID",
+    "CLONE_NEWUTS",
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_PRIVATE",
+    "MS_RDONLY",
+    "MS_REC",
+    "MS_REMOUNT",
+    "clear_capabilities",
+    "drop_bounding_set",
+    "lock_securebits",
+    "mount",
+    "pivot_root",
+    "set_no_new_privs",
+    "set_parent_death_signal",
+    "sethostname",
+    "umount2",
+    "unshare",
+]
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+MNT_DETACH = 2
+
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | its lock |
+# SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | its lock: uid 0 gains
+# nothing at execve and no capability can come back.
+_SECUREBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_SYSCALL_NUMBERS = {
+    "x86_64": {"pivot_root": 155, "capset": 126},
+    "aarch64": {"pivot_root": 41, "capset": 91},
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(result: int, what: str) -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _syscall_number(name: str) -> int:
+    try:
+        return _SYSCALL_NUMBERS[platform.machine()][name]
+    except KeyError:
+        raise OSError(38, f"{name}: unsupported architecture {platform.machine()}") from None
+
+
+def _b(path: str | bytes | None) -> bytes | None:
+    return os.fsencode(path) if path is not None else None
+
+
+def unshare(flags: int) -> None:
+    """Move this process into new namespaces (``unshare(2)``)."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(
+    source: str | bytes | None,
+    target: str | bytes,
+    fstype: str | bytes | None,
+    flags: int = 0,
+    data: str | bytes | None = None,
+) -> None:
+    """``mount(2)``; the error names the target so a failed plan step is clear."""
+    result = _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data))
+    _check(result, f"mount {fstype or 'bind'} on {os.fsdecode(target)}")
+
+
+def umount2(target: str | bytes, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), flags), f"umount {os.fsdecode(target)}")
+
+
+def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
+    result = _libc.syscall(_syscall_number("pivot_root"), _b(new_root), _b(put_old))
+    _check(result, "pivot_root")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
+    return int(_libc.prctl(option, arg2, arg3, 0, 0))
+
+
+def set_no_new_privs() -> None:
+    """Forbid privilege gain through execve (setuid bits, file capabilities)."""
+    _check(_prctl(_PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies."""
+    _check(_prctl(_PR_SET_PDEATHSIG, signum), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set and ambient set; needs CAP_SETPCAP, so call it first."""
+    for cap in range(_last_capability() + 1):
+        if _prctl(_PR_CAPBSET_DROP, cap) < 0 and ctypes.get_errno() != 22:  # EINVAL: unknown cap
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    _check(_prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+
+
+def lock_securebits() -> None:
+    """Lock the securebits so uid 0 gains no capability at execve and none can return.
+
+    With SECBIT_NO_SETUID_FIXUP set, a later uid change leaves capabilities as
+    they are: ``clear_capabilities`` must follow it.
+    """
+    _check(_prctl(_PR_SET_SECUREBITS, _SECUREBITS_LOCKED_DOWN), "prctl(PR_SET_SECUREBITS)")
+
+
+def clear_capabilities() -> None:
+    """Set the effective, permitted and inheritable sets to empty (``capset(2)``)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    result = _libc.syscall(_syscall_number("capset"), ctypes.byref(header), ctypes.byref(data))
+    _check(result, "capset")

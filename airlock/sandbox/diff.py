@@ -1,0 +1,744 @@
+"""The file-system changes a command made, read from overlayfs upper layers.
+
+After the command has ended, :func:`compute_changes` walks each overlay's upper
+directory and compares every entry with the unmodified lower directory. The
+overlays are mounted with ``redirect_dir=off,index=off,metacopy=off,xino=off``,
+so an upper layer is plain: a whiteout (a character device 0:0) marks a deleted
+entry, the ``trusted.overlay.opaque`` xattr marks a directory that hides the
+lower below it, and every other entry holds its full new content.
+
+Everything is read relative to directory descriptors opened with ``O_NOFOLLOW``,
+so no symbolic link in the upper or in the (live, host) lower is ever followed
+and path length is not limited by ``PATH_MAX``. Each layer is walked in the byte
+order of its paths, so the ``max_changes`` cut and the total diff budget are
+spent on the first paths in the result's order.
+
+This runs in the small root helper process: stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from operator import attrgetter, itemgetter
+
+from airlock._errors import SandboxError
+from airlock.types import ChangeKind, FileChange, FileType
+
+__all__ = ["DiffOptions", "DiffResult", "Layer", "compute_changes"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One overlay: where it appears on the host, its upper and its lower directory."""
+
+    host_path: bytes
+    upper: bytes
+    lower: bytes
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """The bounds of one diff and how to classify its paths."""
+
+    workspace: bytes
+    max_changes: int = 10_000
+    diff_file_bytes: int = 64 * 1024
+    diff_total_bytes: int = 1024 * 1024
+    exclude: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """The changes, sorted by path bytes; whether some were left out; the scratch used."""
+
+    changes: tuple[FileChange, ...]
+    truncated: bool
+    scratch_bytes: int
+
+
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPAQUE_XATTR = b"trusted.overlay.opaque"
+_TEXT_PROBE = 8 * 1024
+_CHUNK = 1024 * 1024
+# How many lower entries all deleted directories of one result may count together.
+_MAX_COUNT = 1_000_000
+# How deep a walk goes; each level holds up to two open directory descriptors.
+_MAX_DEPTH = 256
+
+_TYPES = {
+    stat.S_IFREG: FileType.REGULAR,
+    stat.S_IFDIR: FileType.DIRECTORY,
+    stat.S_IFLNK: FileType.SYMLINK,
+}
+
+# The tags of a directory's work items; each item is (sort key, tag, name, upper stat).
+_ENTRY = 0  # an upper entry: classify it
+_DESCEND = 1  # an upper directory: walk below it (sort key is name + b"/")
+_GONE = 2  # a lower entry hidden by an opaque directory: deleted
+
+_Item = tuple[bytes, int, str, os.stat_result | None]
+
+
+def compute_changes(layers: Sequence[Layer], options: DiffOptions) -> DiffResult:
+    """Walk the upper layers and return the changes they hold, sorted by path bytes.
+
+    Raises :class:`airlock.SandboxError` if an upper directory cannot be opened.
+    """
+    walker = _Walker(options)
+    for layer in sorted(layers, key=attrgetter("host_path")):
+        walker.walk(layer)
+    changes = sorted(walker.changes, key=attrgetter("path"))
+    return DiffResult(tuple(changes), walker.truncated, walker.scratch_bytes)
+
+
+def _norm(path: bytes) -> bytes:
+    return path.rstrip(b"/") or b"/"
+
+
+def _ftype(mode: int) -> FileType:
+    return _TYPES.get(stat.S_IFMT(mode), FileType.OTHER)
+
+
+def _meta_differs(new: os.stat_result, old: os.stat_result) -> bool:
+    return (
+        stat.S_IMODE(new.st_mode) != stat.S_IMODE(old.st_mode)
+        or new.st_uid != old.st_uid
+        or new.st_gid != old.st_gid
+    )
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _open_dir(name: str | bytes, dir_fd: int | None) -> int | None:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _open_regular(name: str, dir_fd: int) -> int | None:
+    """Open a regular file without following a link; None if it is gone or not regular."""
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _lstat(name: str, dir_fd: int | None) -> os.stat_result | None:
+    if dir_fd is None:
+        return None
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _readlink(name: str, dir_fd: int | None) -> bytes | None:
+    if dir_fd is None:
+        return None
+    try:
+        return os.fsencode(os.readlink(name, dir_fd=dir_fd))
+    except OSError:
+        return None
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    while size > 0:
+        chunk = os.read(fd, min(size, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def _read_small(name: str, dir_fd: int, size: int, limit: int) -> bytes | None:
+    """The whole content of a regular file of about ``size`` bytes, None if over ``limit``."""
+    fd = _open_regular(name, dir_fd)
+    if fd is None:
+        return None
+    try:
+        data = _read_exact(fd, min(size, limit) + 1)
+        if len(data) > limit:
+            return None
+        return data
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Read:
+    """What reading an upper file (and maybe its same-size lower) found."""
+
+    sha256: str
+    content: bytes | None  # the upper content if at most the diff limit
+    old_content: bytes | None  # the lower content, when it was compared and is small
+    same: bool  # the lower was compared and is byte for byte equal
+
+
+def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | None) -> _Read | None:
+    """Hash an upper file, keep it if small, and compare it with the lower if asked.
+
+    ``lower_fd`` is the lower directory when the lower entry is a regular file of the
+    same size. Returns None if the upper file cannot be read.
+    """
+    fd = _open_regular(name, dir_fd)
+    if fd is None:
+        return None
+    lfd = _open_regular(name, lower_fd) if lower_fd is not None else None
+    digest = hashlib.sha256()
+    parts: list[bytes] | None = []
+    old_parts: list[bytes] | None = [] if lfd is not None else None
+    same = lfd is not None
+    total = 0
+    want = min(size + 1, _CHUNK)
+    try:
+        while True:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            want = _CHUNK
+            digest.update(chunk)
+            total += len(chunk)
+            if parts is not None:
+                if total <= keep:
+                    parts.append(chunk)
+                else:
+                    parts = old_parts = None
+            if same and lfd is not None:
+                other = _read_exact(lfd, len(chunk))
+                if other != chunk:
+                    same = False
+                    old_parts = None
+                elif old_parts is not None:
+                    old_parts.append(other)
+        if same and lfd is not None and os.read(lfd, 1):
+            same = False
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        _close(lfd)
+    content = b"".join(parts) if parts is not None else None
+    old = b"".join(old_parts) if old_parts is not None and same else None
+    return _Read(digest.hexdigest(), content, old, same)
+
+
+def _text(data: bytes) -> str | None:
+    """The content as text, or None if it is binary (a NUL near the start, or not UTF-8)."""
+    if b"\0" in data[:_TEXT_PROBE]:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _lines(text: str) -> list[str]:
+    """Split at newlines only (not at the other characters str.splitlines knows)."""
+    lines = [line + "\n" for line in text.split("\n")]
+    if lines[-1] == "\n":
+        lines.pop()
+    else:
+        lines[-1] = lines[-1][:-1]
+    return lines
+
+
+def _size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+_NO_NEWLINE = "\n\\ No newline at end of file\n"
+
+
+def _unified(old: str | None, new: str, path: bytes) -> list[str]:
+    """A unified diff as lines; the ones without a final newline carry the marker."""
+    name = path.decode("utf-8", "backslashreplace")
+    new_lines = _lines(new)
+    if old is None:
+        # The same text difflib gives for an empty old side, built directly: fast.
+        if not new_lines:
+            return []
+        count = len(new_lines)
+        out = [
+            "--- /dev/null\n",
+            f"+++ b{name}\n",
+            f"@@ -0,0 +1{'' if count == 1 else f',{count}'} @@\n",
+        ]
+        out.extend(["+" + line for line in new_lines])
+    else:
+        out = list(
+            difflib.unified_diff(_lines(old), new_lines, f"a{name}", f"b{name}", lineterm="\n")
+        )
+    for i, line in enumerate(out):
+        if not line.endswith("\n"):
+            out[i] = line + _NO_NEWLINE
+    return out
+
+
+def _cut(lines: list[str], limit: int) -> tuple[str, bool]:
+    """Join the lines, cut at a line boundary to at most ``limit`` UTF-8 bytes."""
+    text = "".join(lines)
+    if _size(text) <= limit:
+        return text, False
+    used = 0
+    kept = 0
+    for line in lines:
+        size = len(line.encode("utf-8"))
+        if used + size > limit:
+            break
+        used += size
+        kept += 1
+    if kept <= 3:  # the headers and a hunk header alone say nothing
+        return "", True
+    return "".join(lines[:kept]), True
+
+
+class _Frame:
+    """One directory being walked: its descriptors and its remaining work items."""
+
+    __slots__ = ("depth", "items", "lfd", "opaque", "prefix", "report", "ufd")
+
+    def __init__(
+        self,
+        ufd: int,
+        lfd: int | None,
+        opaque: bool,
+        report: bool,
+        prefix: bytes,
+        depth: int,
+    ) -> None:
+        self.ufd = ufd
+        self.lfd = lfd
+        self.opaque = opaque
+        self.report = report
+        self.prefix = prefix
+        self.depth = depth
+        self.items: Iterator[_Item] = iter(())
+
+    def close(self) -> None:
+        _close(self.ufd)
+        _close(self.lfd)
+
+
+class _Walker:
+    def __init__(self, options: DiffOptions) -> None:
+        self.max_changes = options.max_changes
+        self.file_cap = options.diff_file_bytes
+        self.budget = options.diff_total_bytes
+        workspace = _norm(options.workspace)
+        self.workspace = workspace
+        self.workspace_prefix = b"/" if workspace == b"/" else workspace + b"/"
+        self.exclude = frozenset(_norm(path) for path in options.exclude)
+        self.changes: list[FileChange] = []
+        self.truncated = False
+        self.collecting = True
+        self.scratch_bytes = 0
+        self.count_budget = _MAX_COUNT
+        self._linked: set[tuple[int, int]] = set()
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _scratch(self, st: os.stat_result) -> None:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in self._linked:
+                return
+            self._linked.add(key)
+        self.scratch_bytes += st.st_blocks * 512
+
+    def _in_workspace(self, path: bytes) -> bool:
+        return path == self.workspace or path.startswith(self.workspace_prefix)
+
+    def _excluded(self, path: bytes) -> bool:
+        return any(path == ex or path.startswith(ex.rstrip(b"/") + b"/") for ex in self.exclude)
+
+    def _add(self, change: FileChange) -> None:
+        if len(self.changes) >= self.max_changes:
+            self.truncated = True
+            self.collecting = False
+            return
+        self.changes.append(change)
+
+    # -- the walk ----------------------------------------------------------------
+
+    def walk(self, layer: Layer) -> None:
+        host = _norm(layer.host_path)
+        ufd: int | None = None
+        try:
+            ufd = os.open(layer.upper, _ROOT_FLAGS)
+            ust = os.fstat(ufd)
+        except OSError as exc:
+            _close(ufd)
+            raise SandboxError(
+                f"cannot read the overlay upper layer {layer.upper!r}: {exc}",
+                reason="DIFF_FAILED",
+            ) from exc
+        self._scratch(ust)
+        report = self.collecting and not self._excluded(host)
+        lfd: int | None = None
+        if report:
+            try:
+                lfd = os.open(layer.lower, _ROOT_FLAGS)
+            except OSError:
+                lfd = None
+        if lfd is not None:
+            try:
+                lst: os.stat_result | None = os.fstat(lfd)
+            except OSError:
+                lst = None
+            if lst is not None and _meta_differs(ust, lst):
+                self._add(self._dir_change(host, ChangeKind.METADATA_CHANGED, ust, lst))
+        prefix = host if host.endswith(b"/") else host + b"/"
+        frame = _Frame(ufd, lfd, False, report, prefix, 0)
+        stack = [frame]
+        try:
+            self._fill(frame)
+            while stack:
+                frame = stack[-1]
+                item = next(frame.items, None)
+                if item is None:
+                    stack.pop().close()
+                    continue
+                key, tag, name, st = item
+                report = frame.report and self.collecting
+                if tag == _DESCEND:
+                    child = self._descend(frame, key[:-1], name, report)
+                    if child is not None:
+                        stack.append(child)
+                elif not report:
+                    continue
+                elif tag == _ENTRY and st is not None:
+                    self._entry(frame, frame.prefix + key, name, st)
+                elif tag == _GONE and frame.lfd is not None:
+                    lower = _lstat(name, frame.lfd)
+                    if lower is not None:
+                        self._deleted(frame.lfd, frame.prefix + key, name, lower)
+        finally:
+            for frame in stack:
+                frame.close()
+
+    def _fill(self, frame: _Frame) -> None:
+        """List a directory's upper (and, when opaque, lower) entries as sorted work items."""
+        items: list[_Item] = []
+        report = frame.report and self.collecting
+        try:
+            with os.scandir(frame.ufd) as it:
+                entries = list(it)
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            self._scratch(st)
+            name = entry.name
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if not report:
+                if is_dir:
+                    items.append((b"/", _DESCEND, name, None))
+                continue
+            key = os.fsencode(name)
+            items.append((key, _ENTRY, name, st))
+            if is_dir:
+                items.append((key + b"/", _DESCEND, name, None))
+        if report and frame.opaque and frame.lfd is not None:
+            upper = {entry.name for entry in entries}
+            try:
+                with os.scandir(frame.lfd) as it:
+                    for entry in it:
+                        if entry.name not in upper:
+                            items.append((os.fsencode(entry.name), _GONE, entry.name, None))
+            except OSError:
+                pass
+        if report:
+            items.sort(key=itemgetter(0))
+        frame.items = iter(items)
+
+    def _descend(self, parent: _Frame, key: bytes, name: str, report: bool) -> _Frame | None:
+        if parent.depth + 1 > _MAX_DEPTH:
+            self.truncated = True
+            return None
+        try:
+            ufd = os.open(name, _DIR_FLAGS, dir_fd=parent.ufd)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.truncated = True
+            return None
+        path = parent.prefix + key
+        if report and self.exclude and self._excluded(path):
+            report = False
+        lfd: int | None = None
+        opaque = False
+        if report:
+            opaque = parent.opaque or _is_opaque(ufd)
+            if parent.lfd is not None:
+                lfd = _open_dir(name, parent.lfd)
+        frame = _Frame(ufd, lfd, opaque, report, path + b"/", parent.depth + 1)
+        try:
+            self._fill(frame)
+        except BaseException:
+            frame.close()
+            raise
+        return frame
+
+    # -- classification ----------------------------------------------------------
+
+    def _entry(self, frame: _Frame, path: bytes, name: str, st: os.stat_result) -> None:
+        if self.exclude and path in self.exclude:
+            return
+        mode = st.st_mode
+        lfd = frame.lfd
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:  # a whiteout
+            lower = _lstat(name, lfd)
+            if lower is not None and lfd is not None:
+                self._deleted(lfd, path, name, lower)
+            return
+        lower = _lstat(name, lfd)
+        ftype = _ftype(mode)
+        if ftype is FileType.REGULAR:
+            self._regular(frame, path, name, st, lower)
+            return
+        if lower is None:
+            kind = ChangeKind.CREATED
+        elif _differs(frame, name, st, lower):
+            kind = ChangeKind.MODIFIED
+        elif _meta_differs(st, lower):
+            kind = ChangeKind.METADATA_CHANGED
+        else:
+            return
+        if ftype is FileType.DIRECTORY:
+            change = self._dir_change(path, kind, st, lower)
+        else:
+            change = FileChange(
+                path=path,
+                kind=kind,
+                file_type=ftype,
+                previous_file_type=_ftype(lower.st_mode) if lower is not None else FileType.NONE,
+                in_workspace=self._in_workspace(path),
+                size_before=lower.st_size if lower is not None else None,
+                size_after=st.st_size,
+                mode_before=stat.S_IMODE(lower.st_mode) if lower is not None else None,
+                mode_after=stat.S_IMODE(mode),
+                uid_after=st.st_uid,
+                gid_after=st.st_gid,
+                symlink_target=(_readlink(name, frame.ufd) or b"")
+                if ftype is FileType.SYMLINK
+                else b"",
+                entries_deleted=self._replaced_dir(lfd, name, lower),
+            )
+        self._add(change)
+
+    def _dir_change(
+        self, path: bytes, kind: ChangeKind, st: os.stat_result, lower: os.stat_result | None
+    ) -> FileChange:
+        return FileChange(
+            path=path,
+            kind=kind,
+            file_type=FileType.DIRECTORY,
+            previous_file_type=_ftype(lower.st_mode) if lower is not None else FileType.NONE,
+            in_workspace=self._in_workspace(path),
+            size_before=lower.st_size if lower is not None else None,
+            size_after=st.st_size,
+            mode_before=stat.S_IMODE(lower.st_mode) if lower is not None else None,
+            mode_after=stat.S_IMODE(st.st_mode),
+            uid_after=st.st_uid,
+            gid_after=st.st_gid,
+        )
+
+    def _replaced_dir(self, lfd: int | None, name: str, lower: os.stat_result | None) -> int:
+        """How many entries a lower directory replaced by a non-directory held."""
+        if lfd is None or lower is None or not stat.S_ISDIR(lower.st_mode):
+            return 0
+        return self._count_below(lfd, name)
+
+    def _regular(
+        self,
+        frame: _Frame,
+        path: bytes,
+        name: str,
+        st: os.stat_result,
+        lower: os.stat_result | None,
+    ) -> None:
+        lfd = frame.lfd
+        old_regular = lower is not None and stat.S_ISREG(lower.st_mode)
+        compare = old_regular and lower is not None and lower.st_size == st.st_size
+        read = _read_upper(name, frame.ufd, st.st_size, self.file_cap, lfd if compare else None)
+        if read is None and _lstat(name, frame.ufd) is None:
+            return  # vanished
+        if lower is None:
+            kind = ChangeKind.CREATED
+        elif not old_regular or not compare or read is None or not read.same:
+            kind = ChangeKind.MODIFIED
+        elif _meta_differs(st, lower):
+            kind = ChangeKind.METADATA_CHANGED
+        else:
+            return
+        diff = ""
+        binary = False
+        truncated = False
+        if kind is not ChangeKind.METADATA_CHANGED:
+            old_size = lower.st_size if old_regular and lower is not None else None
+            if st.st_size > self.file_cap or (old_size is not None and old_size > self.file_cap):
+                truncated = True
+            elif read is not None and read.content is not None:
+                old: bytes | None = None
+                if old_size is not None and lfd is not None:
+                    old = read.old_content
+                    if old is None:
+                        old = _read_small(name, lfd, old_size, self.file_cap)
+                diff, binary, truncated = self._diff(path, read.content, old, old_size is None)
+        self._add(
+            FileChange(
+                path=path,
+                kind=kind,
+                file_type=FileType.REGULAR,
+                previous_file_type=_ftype(lower.st_mode) if lower is not None else FileType.NONE,
+                in_workspace=self._in_workspace(path),
+                size_before=lower.st_size if lower is not None else None,
+                size_after=st.st_size,
+                sha256_after=read.sha256 if read is not None else "",
+                mode_before=stat.S_IMODE(lower.st_mode) if lower is not None else None,
+                mode_after=stat.S_IMODE(st.st_mode),
+                uid_after=st.st_uid,
+                gid_after=st.st_gid,
+                unified_diff=diff,
+                binary=binary,
+                diff_truncated=truncated,
+                entries_deleted=self._replaced_dir(lfd, name, lower),
+            )
+        )
+
+    def _diff(
+        self, path: bytes, new: bytes, old: bytes | None, from_nothing: bool
+    ) -> tuple[str, bool, bool]:
+        """(diff, binary, diff_truncated) for a regular file's new and old content."""
+        new_text = _text(new)
+        if new_text is None:
+            return "", True, False
+        old_text: str | None = None
+        if not from_nothing:
+            if old is None:  # the old side could not be read
+                return "", False, True
+            old_text = _text(old)
+            if old_text is None:
+                return "", True, False
+        if self.budget <= 0:
+            return "", False, True
+        text, truncated = _cut(_unified(old_text, new_text, path), min(self.file_cap, self.budget))
+        self.budget -= _size(text)
+        return text, False, truncated
+
+    def _deleted(self, lfd: int, path: bytes, name: str, lower: os.stat_result) -> None:
+        if self.exclude and path in self.exclude:
+            return
+        ftype = _ftype(lower.st_mode)
+        count = self._count_below(lfd, name) if ftype is FileType.DIRECTORY else 0
+        self._add(
+            FileChange(
+                path=path,
+                kind=ChangeKind.DELETED,
+                file_type=ftype,
+                previous_file_type=ftype,
+                in_workspace=self._in_workspace(path),
+                size_before=lower.st_size,
+                mode_before=stat.S_IMODE(lower.st_mode),
+                entries_deleted=count,
+            )
+        )
+
+    def _count_below(self, parent_fd: int, name: str) -> int:
+        """Count the entries beneath a lower directory, within the shared count budget.
+
+        Stays on the directory's own file system; the count is a lower bound once
+        the budget or the depth limit is reached.
+        """
+        fd = _open_dir(name, parent_fd)
+        if fd is None:
+            return 0
+        try:
+            dev = os.fstat(fd).st_dev
+        except OSError:
+            os.close(fd)
+            return 0
+        count = 0
+        stack: list[tuple[int, list[str]]] = []
+        pending: int | None = fd
+        try:
+            while True:
+                if pending is not None:
+                    subdirs: list[str] = []
+                    try:
+                        with os.scandir(pending) as it:
+                            for entry in it:
+                                if self.count_budget <= 0:
+                                    break
+                                self.count_budget -= 1
+                                count += 1
+                                if entry.is_dir(follow_symlinks=False):
+                                    subdirs.append(entry.name)
+                    except OSError:
+                        pass
+                    stack.append((pending, subdirs))
+                    pending = None
+                if not stack:
+                    break
+                top, subdirs = stack[-1]
+                if not subdirs or self.count_budget <= 0:
+                    os.close(stack.pop()[0])
+                    continue
+                child = _open_dir(subdirs.pop(), top)
+                if child is None:
+                    continue
+                if len(stack) >= _MAX_DEPTH or os.fstat(child).st_dev != dev:
+                    os.close(child)
+                    continue
+                pending = child
+        except OSError:
+            pass
+        finally:
+            _close(pending)
+            for open_fd, _ in stack:
+                _close(open_fd)
+        return count
+
+
+def _differs(frame: _Frame, name: str, st: os.stat_result, lower: os.stat_result) -> bool:
+    """Whether a non-regular entry changed beyond its metadata: type, target or device."""
+    if stat.S_IFMT(st.st_mode) != stat.S_IFMT(lower.st_mode):
+        return True
+    if stat.S_ISLNK(st.st_mode):
+        return _readlink(name, frame.ufd) != _readlink(name, frame.lfd)
+    return not stat.S_ISDIR(st.st_mode) and st.st_rdev != lower.st_rdev
+
+
+def _is_opaque(fd: int) -> bool:
+    """Whether an upper directory hides its lower (ENODATA or ENOTSUP: it does not)."""
+    try:
+        return os.getxattr(fd, _OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False

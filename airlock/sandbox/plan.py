@@ -1,0 +1,333 @@
+"""The sandbox plan: an immutable list of typed setup operations, built before anything runs.
+
+As in bubblewrap, deciding *what* to do is kept apart from doing it. ``build_plan``
+is pure: it turns a checked request, the caller's identity and the host's mount
+table into a :class:`SandboxPlan`. The privileged code in ``contain`` only
+executes plans, step by step, and names the failing step when one fails.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from airlock.sandbox import _syscalls as sc
+from airlock.sandbox.cgroup import CgroupSpec
+from airlock.sandbox.diff import DiffOptions, Layer
+
+__all__ = [
+    "Bind",
+    "Devpts",
+    "HostMount",
+    "Mkdir",
+    "Mknod",
+    "MountOp",
+    "Overlay",
+    "PivotRoot",
+    "Proc",
+    "ReadOnlyRebind",
+    "SandboxPlan",
+    "SandboxSettings",
+    "Symlink",
+    "Sysfs",
+    "Tmpfs",
+    "build_plan",
+    "parse_mountinfo",
+]
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# File systems that are kernel interfaces, not data: never overlaid, never diffed.
+_PSEUDO_FS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "mqueue",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "hugetlbfs",
+        "autofs",
+        "binfmt_misc",
+        "nsfs",
+        "efivarfs",
+        "rpc_pipefs",
+        "selinuxfs",
+    }
+)
+_KERNEL_TREES = ("/proc", "/sys", "/dev")
+# Characters overlayfs treats as separators in lowerdir=; such mount points are skipped.
+_OVERLAY_UNSAFE = frozenset(",:\\\n")
+
+
+# --- Operations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    target: str
+    options: str
+    flags: int = sc.MS_NOSUID | sc.MS_NODEV
+
+
+@dataclass(frozen=True)
+class Overlay:
+    target: str
+    lower: str
+    upper: str
+    work: str
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: str
+    target: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class ReadOnlyRebind:
+    """Bind a path onto itself read-only (for example ``/proc/sys``); skipped if absent."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+    mode: int = 0o755
+
+
+@dataclass(frozen=True)
+class Mknod:
+    path: str
+    major: int
+    minor: int
+    mode: int = 0o666
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Proc:
+    target: str
+
+
+@dataclass(frozen=True)
+class Sysfs:
+    target: str
+
+
+@dataclass(frozen=True)
+class Devpts:
+    target: str
+
+
+@dataclass(frozen=True)
+class PivotRoot:
+    new_root: str
+
+
+MountOp = Tmpfs | Overlay | Bind | ReadOnlyRebind | Mkdir | Mknod | Symlink | Proc | Sysfs | Devpts
+InitOp = Proc | ReadOnlyRebind | PivotRoot
+
+
+@dataclass(frozen=True)
+class HostMount:
+    """One entry of the host's mount table that matters to the sandbox."""
+
+    path: str
+    fstype: str
+    is_dir: bool = True
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """Daemon-wide settings a plan is built from (from ``DaemonConfig``)."""
+
+    scratch_dir: str
+    hidden_paths: tuple[str, ...]
+    hostname: str = "airlock"
+    bash: str = "/bin/bash"
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """Everything the privileged code will do for one dry run, decided in advance."""
+
+    sandbox_id: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    hostname: str
+    namespaces: int
+    scratch_dir: str
+    scratch_bytes: int
+    # Run by the supervisor, in the new mount namespace, before the command's init starts.
+    host_setup: tuple[MountOp, ...]
+    # Run by the sandbox's pid 1 in its own copy of the mount namespace.
+    init_setup: tuple[InitOp, ...]
+    layers: tuple[Layer, ...]
+    diff: DiffOptions
+    cgroup: CgroupSpec
+    timeout_s: float
+    output_bytes: int
+
+
+# --- Host mount table -------------------------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal \NNN.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str, is_dir: Callable[[str], bool] = lambda _: True) -> tuple[HostMount, ...]:
+    """The mounts of the host, parents before children, last mount on a path winning."""
+    by_path: dict[str, HostMount] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        path, fstype = _unescape(fields[4]), fields[sep + 1]
+        by_path.pop(path, None)  # a later mount on the same point hides the earlier one
+        by_path[path] = HostMount(path, fstype, is_dir(path))
+    return tuple(sorted(by_path.values(), key=lambda m: (m.path.count("/"), m.path)))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+# --- Building ---------------------------------------------------------------------------------
+
+
+def _dev_ops(root: str) -> list[MountOp]:
+    dev = root + "/dev"
+    ops: list[MountOp] = [Tmpfs(dev, "mode=755,size=64k", sc.MS_NOSUID)]
+    for name, major, minor in (
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ):
+        ops.append(Mknod(f"{dev}/{name}", major, minor))
+    ops += [
+        Mkdir(f"{dev}/pts"),
+        Devpts(f"{dev}/pts"),
+        Symlink("pts/ptmx", f"{dev}/ptmx"),
+        Mkdir(f"{dev}/shm", 0o1777),
+        Tmpfs(f"{dev}/shm", "mode=1777,size=64m"),
+        Symlink("/proc/self/fd", f"{dev}/fd"),
+        Symlink("/proc/self/fd/0", f"{dev}/stdin"),
+        Symlink("/proc/self/fd/1", f"{dev}/stdout"),
+        Symlink("/proc/self/fd/2", f"{dev}/stderr"),
+    ]
+    return ops
+
+
+def build_plan(
+    *,
+    sandbox_id: str,
+    command: str,
+    cwd: str,
+    env: tuple[tuple[str, str], ...],
+    uid: int,
+    gid: int,
+    groups: tuple[int, ...],
+    timeout_s: float,
+    scratch_bytes: int,
+    output_bytes: int,
+    diff_options: DiffOptions,
+    cgroup: CgroupSpec,
+    settings: SandboxSettings,
+    host_mounts: tuple[HostMount, ...],
+) -> SandboxPlan:
+    """Decide every step of one dry run. Pure: reads nothing, changes nothing."""
+    scratch = settings.scratch_dir
+    root = f"{scratch}/root"
+    ops: list[MountOp] = [Tmpfs(scratch, f"mode=700,size={scratch_bytes}")]
+    layers: list[Layer] = []
+
+    data_mounts = [
+        m
+        for m in host_mounts
+        if m.fstype not in _PSEUDO_FS
+        and not any(_under(m.path, k) for k in _KERNEL_TREES)
+        and not _under(m.path, scratch)
+        and not (_OVERLAY_UNSAFE & set(m.path))
+    ]
+    ops.append(Mkdir(root, 0o755))
+    for index, mount in enumerate(data_mounts):
+        target = root if mount.path == "/" else root + mount.path
+        upper, work = f"{scratch}/u{index}", f"{scratch}/w{index}"
+        if not mount.is_dir:  # a bind-mounted file: visible, read-only, not diffed
+            ops.append(Bind(mount.path, target))
+            continue
+        ops += [Mkdir(upper), Mkdir(work)]
+        ops.append(Overlay(target, mount.path, upper, work))
+        layers.append(Layer(os.fsencode(mount.path), os.fsencode(upper), os.fsencode(mount.path)))
+
+    ops += _dev_ops(root)
+    ops.append(Sysfs(root + "/sys"))
+    for hidden in settings.hidden_paths:
+        ops.append(Tmpfs(root + hidden, "mode=755,size=4k", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY))
+
+    init_ops: list[InitOp] = [Proc(root + "/proc")]
+    init_ops += [
+        ReadOnlyRebind(root + p)
+        for p in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+    ]
+    init_ops.append(PivotRoot(root))
+
+    env_dict = dict(env)
+    env_dict.setdefault("PATH", DEFAULT_PATH)
+    return SandboxPlan(
+        sandbox_id=sandbox_id,
+        argv=(settings.bash, "-c", command),
+        env=tuple(sorted(env_dict.items())),
+        cwd=posixpath.normpath(cwd),
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        hostname=settings.hostname,
+        namespaces=sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET | sc.CLONE_NEWIPC
+        | sc.CLONE_NEWUTS,
+        scratch_dir=scratch,
+        scratch_bytes=scratch_bytes,
+        host_setup=tuple(ops),
+        init_setup=tuple(init_ops),
+        layers=tuple(layers),
+        diff=diff_options,
+        cgroup=cgroup,
+        timeout_s=timeout_s,
+        output_bytes=output_bytes,
+    )

@@ -1,0 +1,191 @@
+"""Frozen dataclasses and enums: Airlock's inside representation.
+
+Protobuf messages exist only at the edge; ``airlock._convert`` is the one module
+that converts between them and these types. The sandbox, policy and engine code
+see only these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Verdict(enum.IntEnum):
+    """The decision about a command, ordered from least to most strict."""
+
+    ALLOW = 1
+    ASK = 2
+    DENY = 3
+
+
+class Severity(enum.IntEnum):
+    INFO = 1
+    LOW = 2
+    MEDIUM = 3
+    HIGH = 4
+    CRITICAL = 5
+
+
+class FindingSource(enum.IntEnum):
+    BUILTIN = 1
+    STATIC = 2
+    DYNAMIC = 3
+
+
+class ChangeKind(enum.IntEnum):
+    CREATED = 1
+    MODIFIED = 2
+    DELETED = 3
+    METADATA_CHANGED = 4
+
+
+class FileType(enum.IntEnum):
+    NONE = 0
+    REGULAR = 1
+    DIRECTORY = 2
+    SYMLINK = 3
+    OTHER = 4
+
+
+class Termination(enum.IntEnum):
+    EXITED = 1
+    SIGNALED = 2
+    TIMED_OUT = 3
+    OUT_OF_MEMORY = 4
+    CANCELLED = 5
+
+
+class CgroupVersion(enum.IntEnum):
+    NONE = 0
+    V1 = 1
+    V2 = 2
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """Who is calling, as the kernel reported it for the Unix socket (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class ValidateRequest:
+    """A checked request: every field has been validated by ``airlock.engine``."""
+
+    command: str
+    cwd: str
+    env: tuple[tuple[str, str], ...]
+    timeout_s: float | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule_id: str
+    verdict: Verdict
+    severity: Severity
+    message: str
+    source: FindingSource
+    subcommand: str = ""
+    span: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One change to the file system, as seen from the host's paths."""
+
+    path: bytes
+    kind: ChangeKind
+    file_type: FileType
+    previous_file_type: FileType = FileType.NONE
+    in_workspace: bool = False
+    size_before: int | None = None
+    size_after: int | None = None
+    sha256_after: str = ""
+    mode_before: int | None = None
+    mode_after: int | None = None
+    uid_after: int | None = None
+    gid_after: int | None = None
+    symlink_target: bytes = b""
+    unified_diff: str = ""
+    binary: bool = False
+    diff_truncated: bool = False
+    entries_deleted: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    static_analysis_s: float = 0.0
+    sandbox_s: float = 0.0
+    diff_s: float = 0.0
+    total_s: float = 0.0
+    sandbox_setup_s: float = 0.0
+    command_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    peak_memory_bytes: int = 0
+    cpu_time_s: float = 0.0
+    memory_limit_hit: bool = False
+    pids_limit_hit: bool = False
+    scratch_bytes_used: int = 0
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The result of one ``Validate``: the dry run, its changes and the verdict."""
+
+    validation_id: str
+    verdict: Verdict
+    summary: str
+    findings: tuple[Finding, ...] = ()
+    sandboxed: bool = True
+    termination: Termination = Termination.EXITED
+    exit_code: int = -1
+    signal: int = 0
+    stdout: bytes = b""
+    stdout_truncated: bool = False
+    stderr: bytes = b""
+    stderr_truncated: bool = False
+    changes: tuple[FileChange, ...] = ()
+    changes_truncated: bool = False
+    timings: Timings = field(default_factory=Timings)
+    resource_usage: ResourceUsage = field(default_factory=ResourceUsage)
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds the daemon enforces; the daemon's configuration sets them."""
+
+    default_timeout_s: float = 30.0
+    max_timeout_s: float = 300.0
+    memory_bytes: int = 2 * 1024**3
+    pids: int = 1024
+    scratch_bytes: int = 512 * 1024**2
+    output_bytes: int = 1024**2
+    command_bytes: int = 128 * 1024
+    concurrent_validations: int = 16
+    changes: int = 10_000
+    diff_file_bytes: int = 64 * 1024
+    diff_total_bytes: int = 1024**2
+    env_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    daemon_version: str
+    kernel_release: str
+    namespaces: tuple[str, ...]
+    overlayfs: bool
+    cgroup_version: CgroupVersion
+    cgroup_controllers: tuple[str, ...]
+    seccomp: bool
+    seccomp_user_notification: bool
+    limits: Limits
