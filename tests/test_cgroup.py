@@ -471,7 +471,9 @@ from airlock.sandbox.cgroup import Cgroup, CgroupSpec, detect
 host = detect()
 for name in ("sb-a", "sb-b"):
     cg = Cgroup.create(CgroupSpec(host, sys.argv[1], name, 64 << 20, 20))
-    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    child = subprocess.Popen(
+        ["sleep", "1000"], start_new_session=True, stdout=subprocess.DEVNULL
+    )
     cg.attach(child.pid)
     print(child.pid, flush=True)
 os.kill(os.getpid(), 9)

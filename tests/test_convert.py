@@ -391,7 +391,7 @@ def test_limits_not_in_the_api_keep_their_defaults() -> None:
 # --- status -------------------------------------------------------------------------
 
 ERRORS = [
-    (InvalidRequest("cwd is not absolute", reason="INVALID_CWD"), grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequest("no dir /tmp/café ✓", reason="INVALID_CWD"), grpc.StatusCode.INVALID_ARGUMENT),
     (PermissionDenied("uid needs root"), grpc.StatusCode.PERMISSION_DENIED),
     (ResourceExhausted("too many"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable("shutting down", reason="SHUTTING_DOWN"), grpc.StatusCode.UNAVAILABLE),

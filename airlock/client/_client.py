@@ -16,6 +16,7 @@ from airlock._convert import (
     validate_request_to_proto,
     validation_from_proto,
 )
+from airlock._errors import Unavailable
 from airlock._status import from_rpc_error
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
@@ -55,6 +56,7 @@ class Client:
         )
         self._stub: Any = pb_grpc.SandboxServiceStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
 
     def __enter__(self) -> Self:
         return self
@@ -71,10 +73,13 @@ class Client:
         return f"Client({self.socket_path!r}, timeout={self.timeout!r})"
 
     def close(self) -> None:
-        """Close the channel; calls made afterwards fail. Closing twice is harmless."""
+        """Close the channel; calls made afterwards raise. Closing twice is harmless."""
+        self._closed = True
         self._channel.close()
 
     def _call(self, method: Callable[..., _T], request: object) -> _T:
+        if self._closed:
+            raise Unavailable("the client is closed", reason="CLIENT_CLOSED")
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:

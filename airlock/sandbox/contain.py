@@ -225,7 +225,7 @@ def _run_command(
     elif forced is None:
         error_kind, error = "setup", "the sandbox's init died without reporting a status"
     if forced is not None:
-        signum = signal.SIGKILL
+        signum = int(signal.SIGKILL)
     return termination, exit_code, signum, stdout, stderr, error, error_kind, command_s
 
 

@@ -19,6 +19,7 @@ This runs in the small root helper process: stdlib only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import errno
 import hashlib
@@ -73,12 +74,22 @@ _CHUNK = 1024 * 1024
 _MAX_COUNT = 1_000_000
 # How deep a walk goes; each level holds up to two open directory descriptors.
 _MAX_DEPTH = 256
+# List a lower directory instead of an lstat per upper entry from this many upper
+# entries on, unless the lower directory is larger than this many bytes per entry.
+_LIST_LOWER_MIN = 64
+_LIST_LOWER_BYTES = 256
 
-_TYPES = {
-    stat.S_IFREG: FileType.REGULAR,
-    stat.S_IFDIR: FileType.DIRECTORY,
-    stat.S_IFLNK: FileType.SYMLINK,
-}
+# Enum members as module constants: reading ``ChangeKind.CREATED`` costs ~75 ns each time.
+_CREATED = ChangeKind.CREATED
+_MODIFIED = ChangeKind.MODIFIED
+_DELETED = ChangeKind.DELETED
+_METADATA_CHANGED = ChangeKind.METADATA_CHANGED
+_NONE = FileType.NONE
+_REGULAR = FileType.REGULAR
+_DIRECTORY = FileType.DIRECTORY
+_SYMLINK = FileType.SYMLINK
+_OTHER = FileType.OTHER
+_TYPES = {stat.S_IFREG: _REGULAR, stat.S_IFDIR: _DIRECTORY, stat.S_IFLNK: _SYMLINK}
 
 # The tags of a directory's work items; each item is (sort key, tag, name, upper stat).
 _ENTRY = 0  # an upper entry: classify it
@@ -105,7 +116,7 @@ def _norm(path: bytes) -> bytes:
 
 
 def _ftype(mode: int) -> FileType:
-    return _TYPES.get(stat.S_IFMT(mode), FileType.OTHER)
+    return _TYPES.get(stat.S_IFMT(mode), _OTHER)
 
 
 def _meta_differs(new: os.stat_result, old: os.stat_result) -> bool:
@@ -189,25 +200,37 @@ def _read_small(name: str, dir_fd: int, size: int, limit: int) -> bytes | None:
         os.close(fd)
 
 
-@dataclass
-class _Read:
-    """What reading an upper file (and maybe its same-size lower) found."""
-
-    sha256: str
-    content: bytes | None  # the upper content if at most the diff limit
-    old_content: bytes | None  # the lower content, when it was compared and is small
-    same: bool  # the lower was compared and is byte for byte equal
+# What reading an upper file found: its SHA-256 (hex); its content if at most the
+# diff limit; the lower's content if it was compared, equal and small; whether the
+# lower was compared and is byte for byte equal.
+_Read = tuple[str, bytes | None, bytes | None, bool]
 
 
 def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | None) -> _Read | None:
     """Hash an upper file, keep it if small, and compare it with the lower if asked.
 
     ``lower_fd`` is the lower directory when the lower entry is a regular file of the
-    same size. Returns None if the upper file cannot be read.
+    same size. Returns None if the upper file cannot be read. A short read is taken
+    as the end of the file (true of regular files), which saves a read per file. The
+    upper is not ``fstat``-ed after opening: it no longer changes once the command
+    ended, it was just seen as a regular file, and ``O_NONBLOCK`` keeps even a
+    swapped-in FIFO from blocking.
     """
-    fd = _open_regular(name, dir_fd)
-    if fd is None:
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
         return None
+    if lower_fd is None and size < keep:
+        # The common case, a small new file: one read.
+        try:
+            data = os.read(fd, size + 1)
+        except OSError:
+            os.close(fd)
+            return None
+        if len(data) <= size:
+            os.close(fd)
+            return hashlib.sha256(data).hexdigest(), data, None, False
+        os.lseek(fd, 0, os.SEEK_SET)  # it grew since it was seen: read it in full
     lfd = _open_regular(name, lower_fd) if lower_fd is not None else None
     digest = hashlib.sha256()
     parts: list[bytes] | None = []
@@ -220,7 +243,6 @@ def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | No
             chunk = os.read(fd, want)
             if not chunk:
                 break
-            want = _CHUNK
             digest.update(chunk)
             total += len(chunk)
             if parts is not None:
@@ -235,6 +257,9 @@ def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | No
                     old_parts = None
                 elif old_parts is not None:
                     old_parts.append(other)
+            if len(chunk) < want:
+                break
+            want = _CHUNK
         if same and lfd is not None and os.read(lfd, 1):
             same = False
     except OSError:
@@ -244,7 +269,7 @@ def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | No
         _close(lfd)
     content = b"".join(parts) if parts is not None else None
     old = b"".join(old_parts) if old_parts is not None and same else None
-    return _Read(digest.hexdigest(), content, old, same)
+    return digest.hexdigest(), content, old, same
 
 
 def _text(data: bytes) -> str | None:
@@ -267,60 +292,59 @@ def _lines(text: str) -> list[str]:
     return lines
 
 
-def _size(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
 _NO_NEWLINE = "\n\\ No newline at end of file\n"
 
 
-def _unified(old: str | None, new: str, path: bytes) -> list[str]:
-    """A unified diff as lines; the ones without a final newline carry the marker."""
+def _unified(old: str | None, new: str, path: bytes) -> str:
+    """A unified diff; a line without a final newline is followed by the usual marker.
+
+    ``old`` None means the file is new: the diff is from ``/dev/null``.
+    """
     name = path.decode("utf-8", "backslashreplace")
-    new_lines = _lines(new)
     if old is None:
-        # The same text difflib gives for an empty old side, built directly: fast.
-        if not new_lines:
-            return []
-        count = len(new_lines)
-        out = [
-            "--- /dev/null\n",
-            f"+++ b{name}\n",
-            f"@@ -0,0 +1{'' if count == 1 else f',{count}'} @@\n",
-        ]
-        out.extend(["+" + line for line in new_lines])
-    else:
-        out = list(
-            difflib.unified_diff(_lines(old), new_lines, f"a{name}", f"b{name}", lineterm="\n")
-        )
+        # The text difflib gives for an empty old side, built directly: much faster.
+        if not new:
+            return ""
+        body = "+" + new.replace("\n", "\n+")
+        if new.endswith("\n"):
+            count = new.count("\n")
+            body = body[:-1]
+        else:
+            count = new.count("\n") + 1
+            body += _NO_NEWLINE
+        lines = "" if count == 1 else f",{count}"
+        return f"--- /dev/null\n+++ b{name}\n@@ -0,0 +1{lines} @@\n{body}"
+    out = list(
+        difflib.unified_diff(_lines(old), _lines(new), f"a{name}", f"b{name}", lineterm="\n")
+    )
     for i, line in enumerate(out):
         if not line.endswith("\n"):
             out[i] = line + _NO_NEWLINE
-    return out
+    return "".join(out)
 
 
-def _cut(lines: list[str], limit: int) -> tuple[str, bool]:
-    """Join the lines, cut at a line boundary to at most ``limit`` UTF-8 bytes."""
-    text = "".join(lines)
-    if _size(text) <= limit:
-        return text, False
-    used = 0
-    kept = 0
-    for line in lines:
-        size = len(line.encode("utf-8"))
-        if used + size > limit:
-            break
-        used += size
-        kept += 1
-    if kept <= 3:  # the headers and a hunk header alone say nothing
-        return "", True
-    return "".join(lines[:kept]), True
+def _cut(text: str, limit: int) -> tuple[str, int, bool]:
+    """Cut a diff at a line boundary to at most ``limit`` UTF-8 bytes.
+
+    Returns the text, its size in bytes and whether it was cut.
+    """
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    if size <= limit:
+        return text, size, False
+    data = text.encode("utf-8")
+    end = data.rfind(b"\n", 0, limit) + 1
+    if end > 0 and data.startswith(b"\\", end):
+        # Keep a last line and its "No newline" marker together.
+        end = data.rfind(b"\n", 0, end - 1) + 1
+    if data.count(b"\n", 0, end) <= 3:  # the headers and a hunk header alone say nothing
+        return "", 0, True
+    return data[:end].decode("utf-8"), end, True
 
 
 class _Frame:
     """One directory being walked: its descriptors and its remaining work items."""
 
-    __slots__ = ("depth", "items", "lfd", "opaque", "prefix", "report", "ufd")
+    __slots__ = ("depth", "items", "lfd", "lower_names", "opaque", "prefix", "report", "ufd")
 
     def __init__(
         self,
@@ -338,6 +362,8 @@ class _Frame:
         self.prefix = prefix
         self.depth = depth
         self.items: Iterator[_Item] = iter(())
+        # The lower directory's names, when listing them was cheaper than one lstat each.
+        self.lower_names: set[str] | None = None
 
     def close(self) -> None:
         _close(self.ufd)
@@ -378,10 +404,14 @@ class _Walker:
 
     def _add(self, change: FileChange) -> None:
         if len(self.changes) >= self.max_changes:
-            self.truncated = True
-            self.collecting = False
+            self._add_over()
             return
         self.changes.append(change)
+
+    def _add_over(self) -> None:
+        """One change more than ``max_changes`` exists: stop collecting."""
+        self.truncated = True
+        self.collecting = False
 
     # -- the walk ----------------------------------------------------------------
 
@@ -450,14 +480,21 @@ class _Walker:
                 entries = list(it)
         except OSError:
             entries = []
+        scratch = 0
+        linked = self._linked
+        s_isdir = stat.S_ISDIR
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            self._scratch(st)
             name = entry.name
-            is_dir = stat.S_ISDIR(st.st_mode)
+            is_dir = s_isdir(st.st_mode)
+            if st.st_nlink == 1 or is_dir:
+                scratch += st.st_blocks * 512
+            elif (st.st_dev, st.st_ino) not in linked:  # count a hard-linked file once
+                linked.add((st.st_dev, st.st_ino))
+                scratch += st.st_blocks * 512
             if not report:
                 if is_dir:
                     items.append((b"/", _DESCEND, name, None))
@@ -466,15 +503,22 @@ class _Walker:
             items.append((key, _ENTRY, name, st))
             if is_dir:
                 items.append((key + b"/", _DESCEND, name, None))
-        if report and frame.opaque and frame.lfd is not None:
-            upper = {entry.name for entry in entries}
+        self.scratch_bytes += scratch
+        lfd = frame.lfd
+        if report and lfd is not None and (frame.opaque or _list_lower(lfd, len(entries))):
             try:
-                with os.scandir(frame.lfd) as it:
-                    for entry in it:
-                        if entry.name not in upper:
-                            items.append((os.fsencode(entry.name), _GONE, entry.name, None))
+                lower = os.listdir(lfd)  # noqa: PTH208 (a descriptor)
             except OSError:
-                pass
+                lower = None
+            if lower is not None:
+                frame.lower_names = set(lower)
+                if frame.opaque:
+                    upper = {entry.name for entry in entries}
+                    items.extend(
+                        (os.fsencode(name), _GONE, name, None)
+                        for name in lower
+                        if name not in upper
+                    )
         if report:
             items.sort(key=itemgetter(0))
         frame.items = iter(items)
@@ -518,7 +562,8 @@ class _Walker:
             if lower is not None and lfd is not None:
                 self._deleted(lfd, path, name, lower)
             return
-        lower = _lstat(name, lfd)
+        names = frame.lower_names
+        lower = _lstat(name, lfd) if names is None or name in names else None
         ftype = _ftype(mode)
         if ftype is FileType.REGULAR:
             self._regular(frame, path, name, st, lower)
@@ -572,7 +617,7 @@ class _Walker:
 
     def _replaced_dir(self, lfd: int | None, name: str, lower: os.stat_result | None) -> int:
         """How many entries a lower directory replaced by a non-directory held."""
-        if lfd is None or lower is None or not stat.S_ISDIR(lower.st_mode):
+        if lower is None or lfd is None or not stat.S_ISDIR(lower.st_mode):
             return 0
         return self._count_below(lfd, name)
 
@@ -585,44 +630,71 @@ class _Walker:
         lower: os.stat_result | None,
     ) -> None:
         lfd = frame.lfd
-        old_regular = lower is not None and stat.S_ISREG(lower.st_mode)
-        compare = old_regular and lower is not None and lower.st_size == st.st_size
-        read = _read_upper(name, frame.ufd, st.st_size, self.file_cap, lfd if compare else None)
-        if read is None and _lstat(name, frame.ufd) is None:
-            return  # vanished
+        size = st.st_size
+        cap = self.file_cap
+        old_size = lower.st_size if lower is not None and stat.S_ISREG(lower.st_mode) else None
+        compare = old_size == size
+        read = _read_upper(name, frame.ufd, size, cap, lfd if compare else None)
+        if read is None:
+            if _lstat(name, frame.ufd) is None:
+                return  # vanished
+            read = ("", None, None, False)  # unreadable: report what is known
+        sha256, content, old_content, same = read
         if lower is None:
-            kind = ChangeKind.CREATED
-        elif not old_regular or not compare or read is None or not read.same:
-            kind = ChangeKind.MODIFIED
+            kind = _CREATED
+        elif not same:
+            kind = _MODIFIED
         elif _meta_differs(st, lower):
-            kind = ChangeKind.METADATA_CHANGED
+            kind = _METADATA_CHANGED
         else:
             return
         diff = ""
         binary = False
         truncated = False
-        if kind is not ChangeKind.METADATA_CHANGED:
-            old_size = lower.st_size if old_regular and lower is not None else None
-            if st.st_size > self.file_cap or (old_size is not None and old_size > self.file_cap):
+        if kind is not _METADATA_CHANGED:
+            if size > cap or (old_size is not None and old_size > cap):
                 truncated = True
-            elif read is not None and read.content is not None:
-                old: bytes | None = None
-                if old_size is not None and lfd is not None:
-                    old = read.old_content
-                    if old is None:
-                        old = _read_small(name, lfd, old_size, self.file_cap)
-                diff, binary, truncated = self._diff(path, read.content, old, old_size is None)
+            elif content is not None:
+                old = old_content
+                if old is None and old_size is not None and lfd is not None:
+                    old = _read_small(name, lfd, old_size, cap)
+                diff, binary, truncated = self._diff(path, content, old, old_size is None)
+        if lower is None:
+            if len(self.changes) >= self.max_changes:
+                self._add_over()
+                return
+            self.changes.append(
+                _file_change(
+                    path=path,
+                    kind=kind,
+                    file_type=_REGULAR,
+                    previous_file_type=_NONE,
+                    in_workspace=path.startswith(self.workspace_prefix) or path == self.workspace,
+                    size_before=None,
+                    size_after=size,
+                    sha256_after=sha256,
+                    mode_before=None,
+                    mode_after=stat.S_IMODE(st.st_mode),
+                    uid_after=st.st_uid,
+                    gid_after=st.st_gid,
+                    unified_diff=diff,
+                    binary=binary,
+                    diff_truncated=truncated,
+                    entries_deleted=0,
+                )
+            )
+            return
         self._add(
-            FileChange(
+            _file_change(
                 path=path,
                 kind=kind,
-                file_type=FileType.REGULAR,
-                previous_file_type=_ftype(lower.st_mode) if lower is not None else FileType.NONE,
+                file_type=_REGULAR,
+                previous_file_type=_ftype(lower.st_mode),
                 in_workspace=self._in_workspace(path),
-                size_before=lower.st_size if lower is not None else None,
-                size_after=st.st_size,
-                sha256_after=read.sha256 if read is not None else "",
-                mode_before=stat.S_IMODE(lower.st_mode) if lower is not None else None,
+                size_before=lower.st_size,
+                size_after=size,
+                sha256_after=sha256,
+                mode_before=stat.S_IMODE(lower.st_mode),
                 mode_after=stat.S_IMODE(st.st_mode),
                 uid_after=st.st_uid,
                 gid_after=st.st_gid,
@@ -637,8 +709,11 @@ class _Walker:
         self, path: bytes, new: bytes, old: bytes | None, from_nothing: bool
     ) -> tuple[str, bool, bool]:
         """(diff, binary, diff_truncated) for a regular file's new and old content."""
-        new_text = _text(new)
-        if new_text is None:
+        if b"\0" in new[:_TEXT_PROBE]:
+            return "", True, False
+        try:
+            new_text = new.decode("utf-8")
+        except UnicodeDecodeError:
             return "", True, False
         old_text: str | None = None
         if not from_nothing:
@@ -649,8 +724,14 @@ class _Walker:
                 return "", True, False
         if self.budget <= 0:
             return "", False, True
-        text, truncated = _cut(_unified(old_text, new_text, path), min(self.file_cap, self.budget))
-        self.budget -= _size(text)
+        text = _unified(old_text, new_text, path)
+        limit = min(self.file_cap, self.budget)
+        size = len(text)
+        if size > limit or not text.isascii():
+            text, size, truncated = _cut(text, limit)
+        else:
+            truncated = False
+        self.budget -= size
         return text, False, truncated
 
     def _deleted(self, lfd: int, path: bytes, name: str, lower: os.stat_result) -> None:
@@ -734,6 +815,107 @@ def _differs(frame: _Frame, name: str, st: os.stat_result, lower: os.stat_result
     if stat.S_ISLNK(st.st_mode):
         return _readlink(name, frame.ufd) != _readlink(name, frame.lfd)
     return not stat.S_ISDIR(st.st_mode) and st.st_rdev != lower.st_rdev
+
+
+def _file_change(
+    *,
+    path: bytes,
+    kind: ChangeKind,
+    file_type: FileType,
+    previous_file_type: FileType,
+    in_workspace: bool,
+    size_before: int | None,
+    size_after: int | None,
+    sha256_after: str,
+    mode_before: int | None,
+    mode_after: int | None,
+    uid_after: int | None,
+    gid_after: int | None,
+    unified_diff: str,
+    binary: bool,
+    diff_truncated: bool,
+    entries_deleted: int,
+    symlink_target: bytes = b"",
+) -> FileChange:
+    """A :class:`FileChange` with every field given, about three times as fast.
+
+    The frozen dataclass's ``__init__`` sets each of its 17 fields through
+    ``object.__setattr__``; filling the instance dictionary at once is equivalent
+    (no ``__post_init__``, no slots: checked at import, else the plain constructor).
+    """
+    if not _FAST_CHANGE:
+        return FileChange(
+            path=path,
+            kind=kind,
+            file_type=file_type,
+            previous_file_type=previous_file_type,
+            in_workspace=in_workspace,
+            size_before=size_before,
+            size_after=size_after,
+            sha256_after=sha256_after,
+            mode_before=mode_before,
+            mode_after=mode_after,
+            uid_after=uid_after,
+            gid_after=gid_after,
+            symlink_target=symlink_target,
+            unified_diff=unified_diff,
+            binary=binary,
+            diff_truncated=diff_truncated,
+            entries_deleted=entries_deleted,
+        )
+    change: FileChange = _object_new(FileChange)
+    _object_setattr(
+        change,
+        "__dict__",
+        {
+            "path": path,
+            "kind": kind,
+            "file_type": file_type,
+            "previous_file_type": previous_file_type,
+            "in_workspace": in_workspace,
+            "size_before": size_before,
+            "size_after": size_after,
+            "sha256_after": sha256_after,
+            "mode_before": mode_before,
+            "mode_after": mode_after,
+            "uid_after": uid_after,
+            "gid_after": gid_after,
+            "symlink_target": symlink_target,
+            "unified_diff": unified_diff,
+            "binary": binary,
+            "diff_truncated": diff_truncated,
+            "entries_deleted": entries_deleted,
+        },
+    )
+    return change
+
+
+def _fast_change_ok() -> bool:
+    if hasattr(FileChange, "__slots__") or hasattr(FileChange, "__post_init__"):
+        return False
+    code = _file_change.__code__
+    params = set(code.co_varnames[: code.co_kwonlyargcount])
+    return params == {field.name for field in dataclasses.fields(FileChange)}
+
+
+_object_new = object.__new__
+_object_setattr = object.__setattr__
+_FAST_CHANGE = _fast_change_ok()
+
+
+def _list_lower(lfd: int, upper_count: int) -> bool:
+    """Whether listing a lower directory is likely cheaper than an lstat per upper entry.
+
+    Most new names are not in the lower, and a failed lstat costs as much as listing
+    several names; a directory's size in bytes roughly bounds its number of entries.
+    """
+    if upper_count < _LIST_LOWER_MIN:
+        return False
+    try:
+        size = os.fstat(lfd).st_size
+    except OSError:
+        return False
+    return size <= upper_count * _LIST_LOWER_BYTES
 
 
 def _is_opaque(fd: int) -> bool:

@@ -1,0 +1,155 @@
+"""Shared fixtures: a real daemon on a temporary Unix socket, and leak checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from airlock.client import Client
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(
+    not ROOT, reason="needs root: mount, pid and net namespaces, overlayfs and cgroups"
+)
+AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
+AIRLOCK = str(Path(sys.executable).with_name("airlock"))
+
+
+def airlock_cgroups() -> set[str]:
+    found = set()
+    for controller in Path("/sys/fs/cgroup").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {str(p) for p in controller.iterdir() if "airlock" in p.name}
+    return found
+
+
+def mount_table() -> list[str]:
+    # Mount ids change as mounts come and go; compare what is mounted where.
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[3:]) for line in f)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Nothing the suite does may outlive it: mounts, cgroups, daemons."""
+    mounts, cgroups = mount_table(), airlock_cgroups()
+    yield
+    assert mount_table() == mounts, "the test suite left mounts behind"
+    assert airlock_cgroups() <= cgroups, "the test suite left cgroups behind"
+
+
+@dataclass
+class Daemon:
+    socket: str
+    state_dir: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_daemon(base: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
+    """Start airlockd on a socket under ``base`` and wait until it serves."""
+    base.mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o755)
+    sock, state = str(base / "airlock.sock"), str(base / "state")
+    log_path = base / "daemon.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [AIRLOCKD, "--socket", sock, "--state-dir", state, *args],
+            stdout=log,
+            stderr=log,
+            env=env or {**os.environ},
+        )
+    daemon = Daemon(sock, state, proc, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"airlockd exited with {proc.returncode}:\n{daemon.log()}")
+        if os.path.exists(sock):
+            with Client(sock, timeout=2) as c, contextlib.suppress(Exception):
+                if c.health():
+                    return daemon
+        time.sleep(0.05)
+    daemon.stop(signal.SIGKILL)
+    raise RuntimeError(f"airlockd did not come up:\n{daemon.log()}")
+
+
+@contextlib.contextmanager
+def running_daemon(base: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    daemon = start_daemon(base, *args, env=env)
+    try:
+        yield daemon
+    finally:
+        code = daemon.stop()
+        assert code == 0, f"airlockd exited with {code}:\n{daemon.log()}"
+
+
+# Small limits make the limit tests fast; the defaults are tested through GetCapabilities.
+TEST_LIMITS = (
+    "--output-limit", "64K",
+    "--memory-limit", "256M",
+    "--pids-limit", "64",
+    "--scratch-size", "64M",
+    "--max-timeout", "60",
+    "--socket-mode", "0666",
+)
+
+
+@contextlib.contextmanager
+def public_dir() -> Iterator[Path]:
+    """A temporary directory other users can traverse (pytest's own tmp root is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="airlock-test-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    with public_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    if not ROOT:
+        pytest.skip("needs root: mount, pid and net namespaces, overlayfs and cgroups")
+    with public_dir() as base, running_daemon(base, *TEST_LIMITS) as d:
+        yield d
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with daemon.client() as c:
+        yield c
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    os.chmod(tmp_path, 0o755)
+    return ws
