@@ -29,10 +29,9 @@ from airlock.types import (
     Limits,
     PeerCred,
     ResourceUsage,
-    Termination,
     Timings,
-    Validation,
     ValidateRequest,
+    Validation,
 )
 
 __all__ = ["DaemonConfig", "Engine", "Identity", "check_request"]

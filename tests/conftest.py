@@ -107,12 +107,18 @@ def running_daemon(base: Path, *args: str, env: dict[str, str] | None = None) ->
 
 # Small limits make the limit tests fast; the defaults are tested through GetCapabilities.
 TEST_LIMITS = (
-    "--output-limit", "64K",
-    "--memory-limit", "256M",
-    "--pids-limit", "64",
-    "--scratch-size", "64M",
-    "--max-timeout", "60",
-    "--socket-mode", "0666",
+    "--output-limit",
+    "64K",
+    "--memory-limit",
+    "256M",
+    "--pids-limit",
+    "64",
+    "--scratch-size",
+    "64M",
+    "--max-timeout",
+    "60",
+    "--socket-mode",
+    "0666",
 )
 
 

@@ -102,9 +102,7 @@ def test_detect_v1_hybrid(tmp_path: Path) -> None:
     # This machine's layout: v1 memory/pids/cpu/cpuacct, an empty cgroup2 at .../unified.
     t = str(tmp_path)
     unified = _unified(tmp_path, "unified", "hugetlb")
-    host = detect(
-        _mountinfo(tmp_path, *_v1_lines(tmp_path), _line(41, unified, "cgroup2", "rw"))
-    )
+    host = detect(_mountinfo(tmp_path, *_v1_lines(tmp_path), _line(41, unified, "cgroup2", "rw")))
     assert host == CgroupHost(
         CgroupVersion.V1,
         ("memory", "pids", "cpu"),
@@ -328,7 +326,7 @@ def test_create_writes_limits_and_remove_leaves_nothing(host: CgroupHost, group:
         limit = Path(mem, group, "sb-1", "memory.limit_in_bytes").read_text()
         assert limit.strip() == str(64 * MiB)
         assert Path(pids, group, "sb-1", "pids.max").read_text().strip() == "20"
-    with pytest.raises(SandboxError, match="already exists.*EEXIST"):
+    with pytest.raises(SandboxError, match=r"already exists.*EEXIST"):
         Cgroup.create(_spec(host, group))  # a name is never shared
     assert all(os.path.isdir(p) for p in cg.paths)  # ... and the failure did not remove it
     cg.remove()
@@ -399,14 +397,17 @@ def test_pids_limit_makes_fork_fail_with_eagain(host: CgroupHost, group: str) ->
 def test_kill_reaches_a_setsid_orphaned_grandchild(host: CgroupHost, group: str) -> None:
     code = """
         import os, signal
+        r, w = os.pipe()
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
-                print(os.getpid(), flush=True)
+                os.write(w, str(os.getpid()).encode())
                 while True:
                     signal.pause()
             os._exit(0)
-        os.wait()
+        os.close(w)
+        os.wait()  # the middle process is gone: the grandchild is an orphan
+        print(os.read(r, 32).decode(), flush=True)
         signal.pause()
     """
     cg = Cgroup.create(_spec(host, group))
@@ -415,7 +416,7 @@ def test_kill_reaches_a_setsid_orphaned_grandchild(host: CgroupHost, group: str)
             cg.attach(p.pid)
             _go(p)
             grandchild = int(_readline(p))
-            assert os.getsid(grandchild) == grandchild != os.getsid(p.pid)
+            assert os.getsid(grandchild) != os.getsid(p.pid)  # its own session, orphaned
             for path in cg.paths:
                 assert _procs(path) == {p.pid, grandchild}
             pidfd = os.pidfd_open(grandchild)
@@ -472,7 +473,11 @@ host = detect()
 for name in ("sb-a", "sb-b"):
     cg = Cgroup.create(CgroupSpec(host, sys.argv[1], name, 64 << 20, 20))
     child = subprocess.Popen(
-        ["sleep", "1000"], start_new_session=True, stdout=subprocess.DEVNULL
+        ["sleep", "1000"],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     cg.attach(child.pid)
     print(child.pid, flush=True)
@@ -491,7 +496,7 @@ def test_sweep_removes_what_a_crashed_daemon_left(host: CgroupHost, group: str) 
     pidfds = [os.pidfd_open(pid) for pid in orphans]
     try:
         for _, root in host.roots:
-            assert sorted(os.listdir(os.path.join(root, group))) >= ["sb-a", "sb-b"]
+            assert {"sb-a", "sb-b"} <= set(os.listdir(os.path.join(root, group)))
         assert sweep(host, group) == 2
         for fd in pidfds:
             assert select.select([fd], [], [], 30)[0], "a leftover process survived sweep()"

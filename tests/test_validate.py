@@ -41,7 +41,9 @@ def tree_digest(root: Path) -> str:
 
 def by_path(changes: tuple, base: Path) -> dict[str, object]:
     prefix = str(base) + "/"
-    return {c.path.decode()[len(prefix) :]: c for c in changes if c.path.decode().startswith(prefix)}
+    return {
+        c.path.decode()[len(prefix) :]: c for c in changes if c.path.decode().startswith(prefix)
+    }
 
 
 def test_tour_example(client: Client, workspace: Path) -> None:
@@ -158,7 +160,8 @@ def test_no_sandbox_noise_in_diff(client: Client, workspace: Path) -> None:
 def test_sandbox_environment(client: Client, workspace: Path) -> None:
     v = client.validate(
         "hostname; echo pids=$(ls /proc | grep -c '^[0-9]'); ls /dev | tr '\\n' ' '; echo;"
-        "touch /sys/x 2>&1 | grep -c 'Read-only'; cat; echo stdin-done; echo \"env=$(env | sort | tr '\\n' ' ')\"",
+        "touch /sys/x 2>&1 | grep -c 'Read-only'; cat; echo stdin-done;"
+        "echo \"env=$(env | sort | tr '\\n' ' ')\"",
         cwd=str(workspace),
         env={"GREETING": "hello"},
     )
@@ -192,7 +195,9 @@ def test_network_is_loopback_only_and_host_listeners_get_nothing(
     try:
         probe = (
             f"import socket\n"
-            f"for fam, addr in ((socket.AF_INET, ('127.0.0.1', {port})), (socket.AF_UNIX, {unix_path!r})):\n"
+            f"targets = ((socket.AF_INET, ('127.0.0.1', {port})),\n"
+            f"           (socket.AF_UNIX, {unix_path!r}))\n"
+            f"for fam, addr in targets:\n"
             f"    s = socket.socket(fam)\n"
             f"    try:\n"
             f"        s.connect(addr); s.sendall(b'leak'); print('connected')\n"
@@ -200,7 +205,7 @@ def test_network_is_loopback_only_and_host_listeners_get_nothing(
             f"        print('refused', e.errno)\n"
         )
         v = client.validate(
-            f"ip -brief link 2>/dev/null || cat /proc/net/dev; python3 -c \"{probe}\"",
+            f'ip -brief link 2>/dev/null || cat /proc/net/dev; python3 -c "{probe}"',
             cwd=str(workspace),
         )
         out = v.stdout.decode()
@@ -217,7 +222,8 @@ def test_network_is_loopback_only_and_host_listeners_get_nothing(
 def test_timeout_kills_detached_grandchildren(client: Client, workspace: Path) -> None:
     marker = f"{time.time_ns() % 1000}.{os.getpid()}"
     v = client.validate(
-        f"setsid sh -c 'sleep 1{marker}' & nohup sleep 2{marker} >/dev/null 2>&1 & echo started; sleep 3{marker}",
+        f"setsid sh -c 'sleep 1{marker}' & nohup sleep 2{marker} >/dev/null 2>&1 &"
+        f" echo started; sleep 3{marker}",
         cwd=str(workspace),
         timeout=1,
     )
@@ -231,7 +237,9 @@ def test_timeout_kills_detached_grandchildren(client: Client, workspace: Path) -
 
 def test_daemonized_process_dies_when_command_exits(client: Client, workspace: Path) -> None:
     marker = f"4{time.time_ns() % 1000}.{os.getpid()}"
-    v = client.validate(f"setsid sleep {marker} >/dev/null 2>&1 < /dev/null & exit 3", cwd=str(workspace))
+    v = client.validate(
+        f"setsid sleep {marker} >/dev/null 2>&1 < /dev/null & exit 3", cwd=str(workspace)
+    )
     assert v.termination is Termination.EXITED and v.exit_code == 3
     assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout == b""
 
@@ -325,7 +333,9 @@ def test_root_caller_may_choose_uid(client: Client, workspace: Path) -> None:
 
 
 def test_no_capabilities_and_no_new_privs(client: Client, workspace: Path) -> None:
-    v = client.validate("grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status", cwd=str(workspace))
+    v = client.validate(
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status", cwd=str(workspace)
+    )
     fields = dict(line.split(":\t") for line in v.stdout.decode().splitlines())
     assert fields == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000", "NoNewPrivs": "1"}
 

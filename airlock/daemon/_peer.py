@@ -52,7 +52,12 @@ class PeerProxy:
     """Accepts callers on ``public_path`` and relays them to ``internal_path``."""
 
     def __init__(
-        self, public_path: str, internal_path: str, *, mode: int, gid: int | None,
+        self,
+        public_path: str,
+        internal_path: str,
+        *,
+        mode: int,
+        gid: int | None,
         max_connections: int = 512,
     ) -> None:
         self._public_path = public_path

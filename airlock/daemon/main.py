@@ -44,20 +44,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
     p = argparse.ArgumentParser(prog="airlockd", description="The Airlock daemon.")
     p.add_argument("--socket", default="/run/airlock/airlock.sock", help="public Unix socket")
     p.add_argument("--state-dir", default="/var/lib/airlock", help="private state directory")
-    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o660,
-                   help="socket permissions, octal (default 0660)")
-    p.add_argument("--socket-group", type=_group, default=None,
-                   help="group allowed to connect (name or gid)")
-    p.add_argument("--default-timeout", type=_positive, default=d.default_timeout_s,
-                   help="seconds, when a request sets none")
-    p.add_argument("--max-timeout", type=_positive, default=d.max_timeout_s,
-                   help="the largest timeout a request may ask for, seconds")
+    p.add_argument(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=0o660,
+        help="socket permissions, octal (default 0660)",
+    )
+    p.add_argument(
+        "--socket-group", type=_group, default=None, help="group allowed to connect (name or gid)"
+    )
+    p.add_argument(
+        "--default-timeout",
+        type=_positive,
+        default=d.default_timeout_s,
+        help="seconds, when a request sets none",
+    )
+    p.add_argument(
+        "--max-timeout",
+        type=_positive,
+        default=d.max_timeout_s,
+        help="the largest timeout a request may ask for, seconds",
+    )
     p.add_argument("--memory-limit", type=_size, default=d.memory_bytes)
     p.add_argument("--pids-limit", type=int, default=d.pids)
-    p.add_argument("--scratch-size", type=_size, default=d.scratch_bytes,
-                   help="size of the copy-on-write layer of a sandbox")
-    p.add_argument("--output-limit", type=_size, default=d.output_bytes,
-                   help="bytes kept of stdout and of stderr")
+    p.add_argument(
+        "--scratch-size",
+        type=_size,
+        default=d.scratch_bytes,
+        help="size of the copy-on-write layer of a sandbox",
+    )
+    p.add_argument(
+        "--output-limit",
+        type=_size,
+        default=d.output_bytes,
+        help="bytes kept of stdout and of stderr",
+    )
     p.add_argument("--max-concurrent", type=int, default=d.concurrent_validations)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"airlockd {__version__}")
@@ -74,8 +95,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         concurrent_validations=a.max_concurrent,
     )
     config = DaemonConfig(
-        socket_path=a.socket, state_dir=a.state_dir, socket_mode=a.socket_mode,
-        socket_gid=a.socket_group, limits=limits,
+        socket_path=a.socket,
+        state_dir=a.state_dir,
+        socket_mode=a.socket_mode,
+        socket_gid=a.socket_group,
+        limits=limits,
     )
     return config, a.log_level
 

@@ -78,9 +78,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     internal = os.path.join(private, "grpc.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(internal)
-    proxy = PeerProxy(
-        config.socket_path, internal, mode=config.socket_mode, gid=config.socket_gid
-    )
+    proxy = PeerProxy(config.socket_path, internal, mode=config.socket_mode, gid=config.socket_gid)
     engine = Engine(config, spawner, cgroups)
     workers = config.limits.concurrent_validations + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))

@@ -24,7 +24,7 @@ __all__ = ["SandboxService"]
 _log = logging.getLogger("airlock.daemon")
 
 
-class SandboxService(pb_grpc.SandboxServiceServicer):  # type: ignore[misc]
+class SandboxService(pb_grpc.SandboxServiceServicer):
     def __init__(self, engine: Engine, proxy: PeerProxy, capabilities: Capabilities) -> None:
         self._engine = engine
         self._proxy = proxy
@@ -84,8 +84,12 @@ class SandboxService(pb_grpc.SandboxServiceServicer):  # type: ignore[misc]
             )
         _log.info(
             "rejected",
-            extra={**log, "code": status_code_of(error).name, "reason": error.reason,
-                   "error": error.message},
+            extra={
+                **log,
+                "code": status_code_of(error).name,
+                "reason": error.reason,
+                "error": error.message,
+            },
         )
         context.abort_with_status(to_rpc_status(error))
         raise AssertionError("unreachable")  # abort_with_status raises

@@ -87,7 +87,13 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -134,7 +140,7 @@ def mount(
 ) -> None:
     """``mount(2)``; the error names the target so a failed plan step is clear."""
     result = _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data))
-    _check(result, f"mount {fstype or 'bind'} on {os.fsdecode(target)}")
+    _check(result, f"mount {os.fsdecode(fstype or 'bind')} on {os.fsdecode(target)}")
 
 
 def umount2(target: str | bytes, flags: int = 0) -> None:

@@ -129,8 +129,8 @@ def _unescape(field: str) -> str:
     out, i = [], 0
     while i < len(field):
         digits = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(digits) == 3 and digits.isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
+        if field[i] == "\\" and len(digits) == 3 and set(digits) <= set("01234567"):
+            out.append(chr(int(digits, 8)))
             i += 4
         else:
             out.append(field[i])
@@ -406,12 +406,12 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
 
 def _error(what: str, path: str, e: OSError) -> SandboxError:
     code = errno.errorcode.get(e.errno or 0, str(e.errno))
-    return SandboxError(f"cgroup: {what} {path}: {code} ({e.strerror})", reason="CGROUP_FAILED")
+    return SandboxError(f"cgroup: {what} {path}: {code} ({e.strerror})")
 
 
 def _mkdir(path: str, *, exist_ok: bool) -> None:
     try:
-        os.mkdir(path, 0o755)  # noqa: PTH102 - str paths throughout, no pathlib
+        os.mkdir(path, 0o755)
     except FileExistsError as e:
         if not exist_ok:
             raise _error("cannot create (already exists)", path, e) from e
@@ -549,7 +549,6 @@ def _kill_procs(dirs: tuple[str, ...]) -> None:
             raise SandboxError(
                 f"cgroup: processes {sorted(pids)} still in {', '.join(dirs)} "
                 f"after {_KILL_TIMEOUT_S:g} s of SIGKILL",
-                reason="CGROUP_FAILED",
             )
         _kill_once(pids, dirs)
         time.sleep(pause)
@@ -577,7 +576,6 @@ def _wait_unpopulated(d: str) -> None:
             if left <= 0:
                 raise SandboxError(
                     f"cgroup: {d} still populated {_KILL_TIMEOUT_S:g} s after cgroup.kill",
-                    reason="CGROUP_FAILED",
                 )
             # cgroup.events raises POLLPRI when it changes; the timeout only bounds the wait.
             poller.poll(min(left, 0.05) * 1000)
@@ -591,7 +589,7 @@ def _rmdir(path: str) -> None:
     pause = 0.0005
     while True:
         try:
-            os.rmdir(path)  # noqa: PTH106
+            os.rmdir(path)
             return
         except FileNotFoundError:
             return
@@ -605,7 +603,7 @@ def _rmdir(path: str) -> None:
 def _remove_tree(path: str) -> None:
     """Remove a cgroup directory; first kill and remove nested cgroups, deepest first."""
     try:
-        os.rmdir(path)  # noqa: PTH106
+        os.rmdir(path)
         return
     except FileNotFoundError:
         return

@@ -87,7 +87,9 @@ def _report(fd: int, tag: bytes, payload: bytes) -> None:
     _write_all(fd, tag + payload)
 
 
-def _exec_command(plan: SandboxPlan, out_w: int, err_w: int, error_w: int, procs: list[int]) -> None:
+def _exec_command(
+    plan: SandboxPlan, out_w: int, err_w: int, error_w: int, procs: list[int]
+) -> None:
     """In the command process: join the cgroup, wire stdio, become the caller, exec bash.
 
     Never returns. Writing "0" to an inherited ``cgroup.procs`` descriptor moves the
@@ -115,10 +117,12 @@ def _exec_command(plan: SandboxPlan, out_w: int, err_w: int, error_w: int, procs
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(plan.argv[0], list(plan.argv), dict(plan.env))
-    except BaseException as exc:  # noqa: BLE001 - report every failure, then die
+    except BaseException as exc:
         kind = b"cwd" if step == "cwd" else b"setup"
-        os.write(3 if step not in ("cgroup", "stdio") else error_w,
-                 kind + b"\0" + f"{step}: {exc}".encode(errors="replace"))
+        os.write(
+            3 if step not in ("cgroup", "stdio") else error_w,
+            kind + b"\0" + f"{step}: {exc}".encode(errors="replace"),
+        )
     os._exit(127)
 
 
@@ -145,7 +149,7 @@ def _init(plan: SandboxPlan, status_w: int, out_w: int, err_w: int, procs: list[
             _report(status_w, b"E", failure)
         else:
             _report(status_w, b"S", struct.pack("=i", status))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         _report(status_w, b"E", f"setup\0sandbox init: {exc}".encode(errors="replace"))
     os._exit(0)
 

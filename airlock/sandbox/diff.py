@@ -5,13 +5,32 @@ directory and compares every entry with the unmodified lower directory. The
 overlays are mounted with ``redirect_dir=off,index=off,metacopy=off,xino=off``,
 so an upper layer is plain: a whiteout (a character device 0:0) marks a deleted
 entry, the ``trusted.overlay.opaque`` xattr marks a directory that hides the
-lower below it, and every other entry holds its full new content.
+lower below it (and the whole subtree below it), and every other entry holds its
+full new content.
+
+What is reported:
+
+* an upper entry with no lower entry: CREATED; of another type than the lower
+  entry: MODIFIED (a directory replaced by a file also gets ``entries_deleted``);
+  a regular file with other content, a link with another target, a device with
+  another number: MODIFIED; else other permission bits or owner: METADATA_CHANGED;
+  else nothing (``touch`` alone, or a directory copied up for a change below it).
+* a whiteout, or a lower entry missing below an opaque directory: DELETED, with
+  ``entries_deleted`` for a directory (its descendants are not listed).
+* the root of a layer, when its mode or owner differ from the lower root's: so the
+  sandbox must create each upper directory with the lower root's mode and owner.
 
 Everything is read relative to directory descriptors opened with ``O_NOFOLLOW``,
 so no symbolic link in the upper or in the (live, host) lower is ever followed
 and path length is not limited by ``PATH_MAX``. Each layer is walked in the byte
 order of its paths, so the ``max_changes`` cut and the total diff budget are
-spent on the first paths in the result's order.
+spent on the first paths in the result's order. A subtree deeper than
+``_MAX_DEPTH`` directories is not walked and marks the result truncated. Counting
+the entries of deleted directories stops at ``_MAX_COUNT`` entries per result
+(later counts are then lower bounds) and does not cross into other mounts. An
+entry that vanishes during the walk is skipped; one that cannot be read is
+reported with what is known (a file whose content cannot be compared counts as
+MODIFIED).
 
 This runs in the small root helper process: stdlib only.
 """
@@ -22,9 +41,11 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import gc
 import hashlib
 import os
 import stat
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -67,6 +88,8 @@ class DiffResult:
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 _OPAQUE_XATTR = b"trusted.overlay.opaque"
 _TEXT_PROBE = 8 * 1024
 _CHUNK = 1024 * 1024
@@ -105,8 +128,16 @@ def compute_changes(layers: Sequence[Layer], options: DiffOptions) -> DiffResult
     Raises :class:`airlock.SandboxError` if an upper directory cannot be opened.
     """
     walker = _Walker(options)
-    for layer in sorted(layers, key=attrgetter("host_path")):
-        walker.walk(layer)
+    # Thousands of new objects and no reference cycles: the cyclic collector would
+    # only slow the walk down (by ~5 % for 10,000 changes).
+    collect = gc.isenabled()
+    gc.disable()
+    try:
+        for layer in sorted(layers, key=attrgetter("host_path")):
+            walker.walk(layer)
+    finally:
+        if collect:
+            gc.enable()
     changes = sorted(walker.changes, key=attrgetter("path"))
     return DiffResult(tuple(changes), walker.truncated, walker.scratch_bytes)
 
@@ -224,13 +255,14 @@ def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | No
         # The common case, a small new file: one read.
         try:
             data = os.read(fd, size + 1)
+            if len(data) > size:  # it grew since it was seen: read it in full below
+                os.lseek(fd, 0, os.SEEK_SET)
         except OSError:
             os.close(fd)
             return None
         if len(data) <= size:
             os.close(fd)
             return hashlib.sha256(data).hexdigest(), data, None, False
-        os.lseek(fd, 0, os.SEEK_SET)  # it grew since it was seen: read it in full
     lfd = _open_regular(name, lower_fd) if lower_fd is not None else None
     digest = hashlib.sha256()
     parts: list[bytes] | None = []
@@ -441,7 +473,7 @@ class _Walker:
             except OSError:
                 lst = None
             if lst is not None and _meta_differs(ust, lst):
-                self._add(self._dir_change(host, ChangeKind.METADATA_CHANGED, ust, lst))
+                self._add(self._dir_change(host, _METADATA_CHANGED, ust, lst))
         prefix = host if host.endswith(b"/") else host + b"/"
         frame = _Frame(ufd, lfd, False, report, prefix, 0)
         stack = [frame]
@@ -449,24 +481,24 @@ class _Walker:
             self._fill(frame)
             while stack:
                 frame = stack[-1]
-                item = next(frame.items, None)
-                if item is None:
+                prefix = frame.prefix
+                for key, tag, name, st in frame.items:
+                    report = frame.report and self.collecting
+                    if tag == _DESCEND:
+                        child = self._descend(frame, key[:-1], name, report)
+                        if child is not None:
+                            stack.append(child)
+                            break  # walk the child first; this frame resumes after it
+                    elif not report:
+                        continue
+                    elif tag == _ENTRY and st is not None:
+                        self._entry(frame, prefix + key, name, st)
+                    elif tag == _GONE and frame.lfd is not None:
+                        lower = _lstat(name, frame.lfd)
+                        if lower is not None:
+                            self._deleted(frame.lfd, prefix + key, name, lower)
+                else:
                     stack.pop().close()
-                    continue
-                key, tag, name, st = item
-                report = frame.report and self.collecting
-                if tag == _DESCEND:
-                    child = self._descend(frame, key[:-1], name, report)
-                    if child is not None:
-                        stack.append(child)
-                elif not report:
-                    continue
-                elif tag == _ENTRY and st is not None:
-                    self._entry(frame, frame.prefix + key, name, st)
-                elif tag == _GONE and frame.lfd is not None:
-                    lower = _lstat(name, frame.lfd)
-                    if lower is not None:
-                        self._deleted(frame.lfd, frame.prefix + key, name, lower)
         finally:
             for frame in stack:
                 frame.close()
@@ -499,7 +531,7 @@ class _Walker:
                 if is_dir:
                     items.append((b"/", _DESCEND, name, None))
                 continue
-            key = os.fsencode(name)
+            key = name.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode, without a call
             items.append((key, _ENTRY, name, st))
             if is_dir:
                 items.append((key + b"/", _DESCEND, name, None))
@@ -507,7 +539,7 @@ class _Walker:
         lfd = frame.lfd
         if report and lfd is not None and (frame.opaque or _list_lower(lfd, len(entries))):
             try:
-                lower = os.listdir(lfd)  # noqa: PTH208 (a descriptor)
+                lower = os.listdir(lfd)
             except OSError:
                 lower = None
             if lower is not None:
@@ -565,25 +597,26 @@ class _Walker:
         names = frame.lower_names
         lower = _lstat(name, lfd) if names is None or name in names else None
         ftype = _ftype(mode)
-        if ftype is FileType.REGULAR:
-            self._regular(frame, path, name, st, lower)
+        if ftype is _REGULAR:
+            if lower is not None or not self._created_small(frame.ufd, path, name, st):
+                self._regular(frame, path, name, st, lower)
             return
         if lower is None:
-            kind = ChangeKind.CREATED
+            kind = _CREATED
         elif _differs(frame, name, st, lower):
-            kind = ChangeKind.MODIFIED
+            kind = _MODIFIED
         elif _meta_differs(st, lower):
-            kind = ChangeKind.METADATA_CHANGED
+            kind = _METADATA_CHANGED
         else:
             return
-        if ftype is FileType.DIRECTORY:
+        if ftype is _DIRECTORY:
             change = self._dir_change(path, kind, st, lower)
         else:
             change = FileChange(
                 path=path,
                 kind=kind,
                 file_type=ftype,
-                previous_file_type=_ftype(lower.st_mode) if lower is not None else FileType.NONE,
+                previous_file_type=_ftype(lower.st_mode) if lower is not None else _NONE,
                 in_workspace=self._in_workspace(path),
                 size_before=lower.st_size if lower is not None else None,
                 size_after=st.st_size,
@@ -591,9 +624,7 @@ class _Walker:
                 mode_after=stat.S_IMODE(mode),
                 uid_after=st.st_uid,
                 gid_after=st.st_gid,
-                symlink_target=(_readlink(name, frame.ufd) or b"")
-                if ftype is FileType.SYMLINK
-                else b"",
+                symlink_target=(_readlink(name, frame.ufd) or b"") if ftype is _SYMLINK else b"",
                 entries_deleted=self._replaced_dir(lfd, name, lower),
             )
         self._add(change)
@@ -604,8 +635,8 @@ class _Walker:
         return FileChange(
             path=path,
             kind=kind,
-            file_type=FileType.DIRECTORY,
-            previous_file_type=_ftype(lower.st_mode) if lower is not None else FileType.NONE,
+            file_type=_DIRECTORY,
+            previous_file_type=_ftype(lower.st_mode) if lower is not None else _NONE,
             in_workspace=self._in_workspace(path),
             size_before=lower.st_size if lower is not None else None,
             size_after=st.st_size,
@@ -620,6 +651,60 @@ class _Walker:
         if lower is None or lfd is None or not stat.S_ISDIR(lower.st_mode):
             return 0
         return self._count_below(lfd, name)
+
+    def _created_small(self, ufd: int, path: bytes, name: str, st: os.stat_result) -> bool:
+        """Report a new regular file below the diff limit, the bulk of a typical diff.
+
+        The same result as :meth:`_regular`, in one lean function: a diff of many new
+        files spends most of its time here. Returns False, having done nothing, when
+        the general path must handle the file (too large, unreadable, or it grew).
+        """
+        size = st.st_size
+        if size >= self.file_cap:
+            return False
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=ufd)
+        except OSError:
+            return False
+        try:
+            data = os.read(fd, size + 1)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        if len(data) > size:
+            return False
+        if len(self.changes) >= self.max_changes:
+            self._add_over()
+            return True
+        diff = ""
+        binary = False
+        truncated = False
+        if b"\0" in data[:_TEXT_PROBE]:
+            binary = True
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                binary = True
+            else:
+                if not text:
+                    pass
+                elif self.budget <= 0:
+                    truncated = True
+                else:
+                    diff = _unified(None, text, path)
+                    limit = min(self.file_cap, self.budget)
+                    used = len(diff)
+                    if used > limit or not diff.isascii():
+                        diff, used, truncated = _cut(diff, limit)
+                    self.budget -= used
+        in_workspace = path.startswith(self.workspace_prefix) or path == self.workspace
+        sha256 = hashlib.sha256(data).hexdigest()
+        self.changes.append(
+            _build(_created_fields(path, in_workspace, size, sha256, st, diff, binary, truncated))
+        )
+        return True
 
     def _regular(
         self,
@@ -659,42 +744,17 @@ class _Walker:
                 if old is None and old_size is not None and lfd is not None:
                     old = _read_small(name, lfd, old_size, cap)
                 diff, binary, truncated = self._diff(path, content, old, old_size is None)
-        if lower is None:
-            if len(self.changes) >= self.max_changes:
-                self._add_over()
-                return
-            self.changes.append(
-                _file_change(
-                    path=path,
-                    kind=kind,
-                    file_type=_REGULAR,
-                    previous_file_type=_NONE,
-                    in_workspace=path.startswith(self.workspace_prefix) or path == self.workspace,
-                    size_before=None,
-                    size_after=size,
-                    sha256_after=sha256,
-                    mode_before=None,
-                    mode_after=stat.S_IMODE(st.st_mode),
-                    uid_after=st.st_uid,
-                    gid_after=st.st_gid,
-                    unified_diff=diff,
-                    binary=binary,
-                    diff_truncated=truncated,
-                    entries_deleted=0,
-                )
-            )
-            return
         self._add(
             _file_change(
                 path=path,
                 kind=kind,
                 file_type=_REGULAR,
-                previous_file_type=_ftype(lower.st_mode),
+                previous_file_type=_ftype(lower.st_mode) if lower is not None else _NONE,
                 in_workspace=self._in_workspace(path),
-                size_before=lower.st_size,
+                size_before=lower.st_size if lower is not None else None,
                 size_after=size,
                 sha256_after=sha256,
-                mode_before=stat.S_IMODE(lower.st_mode),
+                mode_before=stat.S_IMODE(lower.st_mode) if lower is not None else None,
                 mode_after=stat.S_IMODE(st.st_mode),
                 uid_after=st.st_uid,
                 gid_after=st.st_gid,
@@ -722,6 +782,8 @@ class _Walker:
             old_text = _text(old)
             if old_text is None:
                 return "", True, False
+        if not new_text and old_text is None:
+            return "", False, False  # a new empty file: nothing to show
         if self.budget <= 0:
             return "", False, True
         text = _unified(old_text, new_text, path)
@@ -738,11 +800,11 @@ class _Walker:
         if self.exclude and path in self.exclude:
             return
         ftype = _ftype(lower.st_mode)
-        count = self._count_below(lfd, name) if ftype is FileType.DIRECTORY else 0
+        count = self._count_below(lfd, name) if ftype is _DIRECTORY else 0
         self._add(
             FileChange(
                 path=path,
-                kind=ChangeKind.DELETED,
+                kind=_DELETED,
                 file_type=ftype,
                 previous_file_type=ftype,
                 in_workspace=self._in_workspace(path),
@@ -837,36 +899,8 @@ def _file_change(
     entries_deleted: int,
     symlink_target: bytes = b"",
 ) -> FileChange:
-    """A :class:`FileChange` with every field given, about three times as fast.
-
-    The frozen dataclass's ``__init__`` sets each of its 17 fields through
-    ``object.__setattr__``; filling the instance dictionary at once is equivalent
-    (no ``__post_init__``, no slots: checked at import, else the plain constructor).
-    """
-    if not _FAST_CHANGE:
-        return FileChange(
-            path=path,
-            kind=kind,
-            file_type=file_type,
-            previous_file_type=previous_file_type,
-            in_workspace=in_workspace,
-            size_before=size_before,
-            size_after=size_after,
-            sha256_after=sha256_after,
-            mode_before=mode_before,
-            mode_after=mode_after,
-            uid_after=uid_after,
-            gid_after=gid_after,
-            symlink_target=symlink_target,
-            unified_diff=unified_diff,
-            binary=binary,
-            diff_truncated=diff_truncated,
-            entries_deleted=entries_deleted,
-        )
-    change: FileChange = _object_new(FileChange)
-    _object_setattr(
-        change,
-        "__dict__",
+    """A :class:`FileChange` with every field given (see :func:`_build`)."""
+    return _build(
         {
             "path": path,
             "kind": kind,
@@ -885,17 +919,67 @@ def _file_change(
             "binary": binary,
             "diff_truncated": diff_truncated,
             "entries_deleted": entries_deleted,
-        },
+        }
     )
-    return change
+
+
+def _created_fields(
+    path: bytes,
+    in_workspace: bool,
+    size: int,
+    sha256: str,
+    st: os.stat_result,
+    diff: str,
+    binary: bool,
+    truncated: bool,
+) -> dict[str, object]:
+    """The fields of a new regular file's change; positional, for the hot path."""
+    return {
+        "path": path,
+        "kind": _CREATED,
+        "file_type": _REGULAR,
+        "previous_file_type": _NONE,
+        "in_workspace": in_workspace,
+        "size_before": None,
+        "size_after": size,
+        "sha256_after": sha256,
+        "mode_before": None,
+        "mode_after": st.st_mode & 0o7777,
+        "uid_after": st.st_uid,
+        "gid_after": st.st_gid,
+        "symlink_target": b"",
+        "unified_diff": diff,
+        "binary": binary,
+        "diff_truncated": truncated,
+        "entries_deleted": 0,
+    }
+
+
+def _build(fields: dict[str, object]) -> FileChange:
+    """A :class:`FileChange` from all its fields, about three times as fast as its ``__init__``.
+
+    The frozen dataclass's ``__init__`` sets each of its 17 fields through
+    ``object.__setattr__`` (~2.5 us); installing the instance dictionary at once gives
+    an equal object. Used only when that is known to be equivalent: no slots, no
+    ``__post_init__``, and every builder names exactly the dataclass's fields (all
+    checked at import; otherwise the plain constructor runs).
+    """
+    if _FAST_CHANGE:
+        change: FileChange = _object_new(FileChange)
+        _object_setattr(change, "__dict__", fields)
+        return change
+    return FileChange(**fields)  # type: ignore[arg-type]
 
 
 def _fast_change_ok() -> bool:
     if hasattr(FileChange, "__slots__") or hasattr(FileChange, "__post_init__"):
         return False
+    names = {field.name for field in dataclasses.fields(FileChange)}
+    sample = os.stat_result((0,) * 10)
+    created = _created_fields(b"", False, 0, "", sample, "", False, False)
     code = _file_change.__code__
-    params = set(code.co_varnames[: code.co_kwonlyargcount])
-    return params == {field.name for field in dataclasses.fields(FileChange)}
+    keywords = set(code.co_varnames[: code.co_kwonlyargcount])
+    return set(created) == names and keywords == names
 
 
 _object_new = object.__new__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.plan import (
@@ -27,9 +28,17 @@ _OVERLAY_OPTIONS = "redirect_dir=off,index=off,metacopy=off,xino=off"
 _PROC_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 
+def _inspect(path: str) -> tuple[bool, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False, 0o755, 0, 0
+    return stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
 def host_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[HostMount, ...]:
     with open(mountinfo) as f:
-        return parse_mountinfo(f.read(), os.path.isdir)
+        return parse_mountinfo(f.read(), _inspect)
 
 
 def make_private() -> None:
@@ -58,9 +67,11 @@ def execute(op: MountOp | InitOp) -> None:
                 sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
         case ReadOnlyRebind(target):
             _rebind_readonly(target)
-        case Mkdir(path, mode):
+        case Mkdir(path, mode, uid, gid):
             os.mkdir(path, mode)
-            os.chmod(path, mode)  # not subject to the umask
+            if uid or gid:
+                os.chown(path, uid, gid)
+            os.chmod(path, mode)  # not subject to the umask; after chown, which clears setgid
         case Mknod(path, major, minor, mode):
             os.mknod(path, mode | 0o020000, os.makedev(major, minor))
             os.chmod(path, mode)
@@ -71,8 +82,13 @@ def execute(op: MountOp | InitOp) -> None:
         case Sysfs(target):
             sc.mount("sysfs", target, "sysfs", _PROC_FLAGS | sc.MS_RDONLY)
         case Devpts(target):
-            sc.mount("devpts", target, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-                     "newinstance,ptmxmode=0666,mode=620")
+            sc.mount(
+                "devpts",
+                target,
+                "devpts",
+                sc.MS_NOSUID | sc.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=620",
+            )
         case PivotRoot(new_root):
             os.chdir(new_root)
             sc.pivot_root(".", ".")

@@ -106,6 +106,8 @@ class ReadOnlyRebind:
 class Mkdir:
     path: str
     mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,11 @@ class HostMount:
     path: str
     fstype: str
     is_dir: bool = True
+    # The mount root's permission bits and owner: an overlay's upper root must match them, or
+    # the merged root would change (a 1777 /tmp would become 0755) and the diff would say so.
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,8 +214,13 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def parse_mountinfo(text: str, is_dir: Callable[[str], bool] = lambda _: True) -> tuple[HostMount, ...]:
-    """The mounts of the host, parents before children, last mount on a path winning."""
+def parse_mountinfo(
+    text: str, inspect: Callable[[str], tuple[bool, int, int, int]] | None = None
+) -> tuple[HostMount, ...]:
+    """The mounts of the host, parents before children, last mount on a path winning.
+
+    ``inspect(path)`` returns (is_dir, mode, uid, gid) of the mount's root.
+    """
     by_path: dict[str, HostMount] = {}
     for line in text.splitlines():
         fields = line.split()
@@ -217,7 +229,7 @@ def parse_mountinfo(text: str, is_dir: Callable[[str], bool] = lambda _: True) -
         sep = fields.index("-")
         path, fstype = _unescape(fields[4]), fields[sep + 1]
         by_path.pop(path, None)  # a later mount on the same point hides the earlier one
-        by_path[path] = HostMount(path, fstype, is_dir(path))
+        by_path[path] = HostMount(path, fstype, *(inspect(path) if inspect else ()))
     return tuple(sorted(by_path.values(), key=lambda m: (m.path.count("/"), m.path)))
 
 
@@ -292,14 +304,16 @@ def build_plan(
         if not mount.is_dir:  # a bind-mounted file: visible, read-only, not diffed
             ops.append(Bind(mount.path, target))
             continue
-        ops += [Mkdir(upper), Mkdir(work)]
+        ops += [Mkdir(upper, mount.mode, mount.uid, mount.gid), Mkdir(work, 0o700)]
         ops.append(Overlay(target, mount.path, upper, work))
         layers.append(Layer(os.fsencode(mount.path), os.fsencode(upper), os.fsencode(mount.path)))
 
     ops += _dev_ops(root)
     ops.append(Sysfs(root + "/sys"))
     for hidden in settings.hidden_paths:
-        ops.append(Tmpfs(root + hidden, "mode=755,size=4k", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY))
+        ops.append(
+            Tmpfs(root + hidden, "mode=755,size=4k", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY)
+        )
 
     init_ops: list[InitOp] = [Proc(root + "/proc")]
     init_ops += [
@@ -319,7 +333,10 @@ def build_plan(
         gid=gid,
         groups=groups,
         hostname=settings.hostname,
-        namespaces=sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET | sc.CLONE_NEWIPC
+        namespaces=sc.CLONE_NEWNS
+        | sc.CLONE_NEWPID
+        | sc.CLONE_NEWNET
+        | sc.CLONE_NEWIPC
         | sc.CLONE_NEWUTS,
         scratch_dir=scratch,
         scratch_bytes=scratch_bytes,

@@ -17,6 +17,7 @@ from the daemon's side cancels the dry run.
 from __future__ import annotations
 
 import array
+import contextlib
 import io
 import os
 import pickle
@@ -80,7 +81,7 @@ def _serve_one(request_fd: int) -> None:
         plan = _recv_message(sock)
         try:
             result = supervise(plan, sock.fileno())
-        except Exception as exc:  # noqa: BLE001 - fail closed with the reason
+        except Exception as exc:
             result = SandboxResult(error=f"{type(exc).__name__}: {exc}", error_kind="setup")
         sock.sendall(_dumps(result))
     except (OSError, EOFError):
@@ -137,10 +138,8 @@ class Run:
 
     def cancel(self) -> None:
         self._cancelled = True
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def result(self) -> Any:
         try:

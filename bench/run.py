@@ -1,0 +1,900 @@
+"""``make bench``: how fast Airlock is, measured on this machine.
+
+Starts its own daemon on a temporary socket and state directory, measures, prints
+a table and writes ``bench/results/latest.json``. Nothing is asserted: the figures
+are compared with the targets in ``docs/performance.md`` and reported as met or not.
+
+Sections (see ``docs/performance.md`` for what each one means):
+
+1. End-to-end ``Validate`` latency from the Python client, and the daemon's own
+   timing breakdown, for ``true``, ``echo hi > f`` and a command creating 1,000 files.
+2. References, timed as subprocesses the same way: ``bash -c true``,
+   ``unshare -mpinu --fork true`` and ``bwrap --unshare-all ... true``.
+3. The diff of 10,000 created files.
+4. Throughput with 8 concurrent clients.
+5. The daemon's RSS when idle (daemon and its spawner helper).
+6. The spawner choice: daemon vs ``Engine.validate`` vs ``Spawner.submit`` vs a
+   supervisor forked directly from a single-threaded process; and the cost of a
+   fresh process's first write to ``cgroup.procs``.
+
+Usage: ``.venv/bin/python bench/run.py [--quick] [--runs N] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import pickle
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from _stats import format_table, ms, summarize
+
+from airlock import _convert
+from airlock.client import Client
+from airlock.engine import DaemonConfig
+from airlock.sandbox import cgroup
+from airlock.types import Validation
+from airlock.v1 import sandbox_pb2 as pb
+
+HERE = Path(__file__).resolve().parent
+AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
+DIRECT = str(HERE / "_direct.py")
+
+COMMANDS = {
+    "true": "true",
+    "echo": "echo hi > f",
+    "files_1k": "for i in {1..1000}; do echo $i > f$i; done",
+}
+FILES_10K = "for i in {1..10000}; do echo $i > f$i; done"
+REFERENCES = {
+    "bash": ["bash", "-c", "true"],
+    "unshare": ["unshare", "-mpinu", "--fork", "true"],
+    "bwrap": [
+        "bwrap",
+        "--unshare-all",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "true",
+    ],
+}
+QS = ("p50", "p90", "p99", "max")
+TIMING_FIELDS = ("static_analysis", "sandbox_setup", "command", "diff", "sandbox", "total")
+CLIENTS = 8
+ISOLATED_GAP_S = 0.2
+# Quiet time before a fresh process's first cgroup.procs write: back to back, about the
+# gap between two Validate("true") calls, and long enough for the kernel to go idle.
+CG_GAPS_MS = (0, 10, 30, 100)
+TARGETS = {
+    "validate_true_p50_ms": 10.0,
+    "diff_10k_p50_ms": 150.0,
+    "throughput_per_s": 100.0,
+    "idle_rss_mb": 80.0,
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    runs: int  # per latency series
+    warmup: int
+    diff_runs: int
+    throughput_s: float
+    cg_runs: int
+    rounds: int  # the spawner comparison is interleaved in this many rounds
+    isolated_runs: int  # Validate("true") after ISOLATED_GAP_S of quiet
+
+
+def budget(quick: bool, runs: int | None) -> Budget:
+    if quick:
+        return Budget(runs or 50, 5, 5, 3.0, 15, 2, 10)
+    return Budget(runs or 200, 20, 25, 10.0, 40, 4, 40)
+
+
+# --- Daemon -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    base: Path
+    socket: str
+    state_dir: str
+    workspace: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    pids: set[int] = field(default_factory=set)
+
+    def spawner_pid(self) -> int | None:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children():
+                if "airlock.sandbox.spawner" in " ".join(child.cmdline()):
+                    return child.pid
+        return None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_daemon(base: Path) -> Daemon:
+    sock, state, ws = base / "airlock.sock", base / "state", base / "ws"
+    ws.mkdir()
+    log_path = base / "daemon.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [AIRLOCKD, "--socket", str(sock), "--state-dir", str(state)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+    daemon = Daemon(base, str(sock), str(state), str(ws), proc, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"airlockd exited with {proc.returncode}:\n{log_path.read_text()}")
+        if sock.exists():
+            with Client(str(sock), timeout=2) as c, contextlib.suppress(Exception):
+                if c.health():
+                    daemon.pids = {proc.pid, daemon.spawner_pid() or proc.pid}
+                    return daemon
+        time.sleep(0.05)
+    daemon.stop()
+    raise RuntimeError(f"airlockd did not come up:\n{log_path.read_text()}")
+
+
+# --- Measurements -----------------------------------------------------------------------------
+
+
+def timings_of(v: Validation) -> dict[str, float]:
+    t = v.timings
+    return {
+        "static_analysis": t.static_analysis_s,
+        "sandbox_setup": t.sandbox_setup_s,
+        "command": t.command_s,
+        "diff": t.diff_s,
+        "sandbox": t.sandbox_s,
+        "total": t.total_s,
+    }
+
+
+def measure_validate(
+    client: Client,
+    command: str,
+    cwd: str,
+    runs: int,
+    warmup: int,
+    expect_changes: int | None = None,
+    gap_s: float = 0.0,
+    keep: list[Validation] | None = None,
+) -> dict[str, Any]:
+    """Time ``runs`` Validate calls (``gap_s`` apart); keep the daemon's own timings of each.
+
+    The last result is appended to ``keep`` when given.
+    """
+    for _ in range(warmup):
+        client.validate(command, cwd=cwd, timeout=60)
+    e2e: list[float] = []
+    daemon: dict[str, list[float]] = {k: [] for k in TIMING_FIELDS}
+    client_overhead: list[float] = []
+    unaccounted: list[float] = []
+    failures = 0
+    changes = truncated = 0
+    v: Validation | None = None
+    for _ in range(runs):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        v = client.validate(command, cwd=cwd, timeout=60)
+        elapsed = time.perf_counter() - t0
+        e2e.append(elapsed)
+        t = timings_of(v)
+        for k in TIMING_FIELDS:
+            daemon[k].append(t[k])
+        client_overhead.append(elapsed - t["total"])
+        unaccounted.append(t["sandbox"] - t["sandbox_setup"] - t["command"] - t["diff"])
+        if v.exit_code != 0 or (expect_changes is not None and len(v.changes) != expect_changes):
+            failures += 1
+        changes, truncated = len(v.changes), int(v.changes_truncated)
+    if keep is not None and v is not None:
+        keep.append(v)
+    return {
+        "command": command,
+        "client_ms": summarize(e2e),
+        "daemon_ms": {k: summarize(daemon[k]) for k in TIMING_FIELDS},
+        # Client -> relay -> gRPC -> engine and back, minus the engine's own total.
+        "grpc_and_client_ms": summarize(client_overhead),
+        # The engine's sandbox_s minus what the supervisor measured: plan pickling,
+        # the helper's fork, cgroup removal, result pickling and the socket hops.
+        "helper_hop_ms": summarize(unaccounted),
+        "changes": changes,
+        "changes_truncated": bool(truncated),
+        "failures": failures,
+    }
+
+
+def conversion_costs(v: Validation, reps: int = 5) -> dict[str, Any]:
+    """What moving one large result costs outside the sandbox: protobuf and pickle, both ways.
+
+    The daemon converts the engine's Validation to protobuf and serializes it; the client
+    parses and converts back; the supervisor pickles its result for the daemon, which
+    unpickles it. Each step is timed here, in this process, on a result the daemon returned.
+    """
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1000, 2)
+
+    msg = _convert.validation_to_proto(v)
+    wire = msg.SerializeToString()
+    pickled = pickle.dumps(v.changes, protocol=pickle.HIGHEST_PROTOCOL)
+    return {
+        "changes": len(v.changes),
+        "response_bytes": len(wire),
+        "pickle_bytes": len(pickled),
+        "ms": {
+            "validation_to_proto": best(lambda: _convert.validation_to_proto(v)),
+            "SerializeToString": best(msg.SerializeToString),
+            "FromString": best(lambda: pb.ValidateResponse.FromString(wire)),
+            "validation_from_proto": best(lambda: _convert.validation_from_proto(msg)),
+            "pickle.dumps(changes)": best(
+                lambda: pickle.dumps(v.changes, protocol=pickle.HIGHEST_PROTOCOL)
+            ),
+            "pickle.loads(changes)": best(lambda: pickle.loads(pickled)),
+        },
+    }
+
+
+def measure_subprocess(
+    argv: Sequence[str], runs: int, warmup: int, gap_s: float = 0.0
+) -> dict[str, Any]:
+    """Time ``argv`` as a subprocess from Python (``gap_s`` apart), as Validate is timed."""
+    exe = shutil.which(argv[0])
+    if exe is None:
+        return {"skipped": f"{argv[0]} is not installed (make install adds bubblewrap)"}
+    probe = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if probe.returncode != 0:
+        return {"skipped": f"{' '.join(argv)} failed: {probe.stderr.decode(errors='replace')}"}
+    for _ in range(warmup):
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+    times = []
+    for _ in range(runs):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t0)
+    return {"argv": list(argv), "ms": summarize(times)}
+
+
+def measure_throughput(socket_path: str, cwd: str, seconds: float) -> dict[str, Any]:
+    """CLIENTS threads, each with its own Client, run ``true`` back to back."""
+    barrier = threading.Barrier(CLIENTS + 1)
+    latencies: list[list[float]] = [[] for _ in range(CLIENTS)]
+    errors: list[str] = []
+    stop_at = [0.0]
+
+    def worker(i: int) -> None:
+        with Client(socket_path, timeout=60) as c:
+            c.validate("true", cwd=cwd)  # connect and warm up
+            barrier.wait()
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                try:
+                    c.validate("true", cwd=cwd)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                latencies[i].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600  # set for real once every client is connected
+    barrier.wait()
+    start = time.perf_counter()
+    stop_at[0] = start + seconds
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    done = sum(len(x) for x in latencies)
+    return {
+        "clients": CLIENTS,
+        "seconds": round(elapsed, 3),
+        "validations": done,
+        "per_s": round(done / elapsed, 1),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "latency_ms": summarize([x for xs in latencies for x in xs]),
+    }
+
+
+def measure_rss(daemon: Daemon) -> dict[str, Any]:
+    time.sleep(1.0)  # let the last dry run's supervisor exit
+    out: dict[str, Any] = {}
+    spawner = daemon.spawner_pid()
+    for name, pid in (("daemon", daemon.proc.pid), ("spawner", spawner)):
+        if pid is None:
+            out[name] = None
+            continue
+        p = psutil.Process(pid)
+        full = p.memory_full_info()
+        out[name] = {
+            "pid": pid,
+            "rss_mb": round(full.rss / 2**20, 1),
+            "pss_mb": round(full.pss / 2**20, 1),
+            "uss_mb": round(full.uss / 2**20, 1),
+            "threads": p.num_threads(),
+        }
+    parts = [v for v in (out["daemon"], out["spawner"]) if v]
+    out["total_rss_mb"] = round(sum(v["rss_mb"] for v in parts), 1)
+    out["total_pss_mb"] = round(sum(v["pss_mb"] for v in parts), 1)
+    return out
+
+
+class DirectWorker:
+    """The single-threaded worker process of ``bench/_direct.py``."""
+
+    def __init__(self, state_dir: str, cwd: str, log: Path) -> None:
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, DIRECT, "--state-dir", state_dir, "--cwd", cwd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self.hello = self._read()
+        self.final: dict[str, Any] = {}
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the direct worker died (exit {self.proc.wait()}); see its log")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def ask(self, mode: str, runs: int = 0) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{mode} {runs}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.final = self.ask("quit")
+                self.proc.wait(timeout=30)
+            except (OSError, RuntimeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def measure_spawner_choice(
+    client: Client, daemon: Daemon, worker: DirectWorker, b: Budget
+) -> dict[str, Any]:
+    """(a) daemon, (d) Engine.validate, (c) Spawner.submit, (b) direct fork: interleaved."""
+    per_round = max(1, b.runs // b.rounds)
+    series: dict[str, list[float]] = {"daemon": [], "engine": [], "spawner": [], "fork": []}
+    plan_s: list[float] = []
+    threads_seen = set()
+    for mode in ("engine", "spawner", "fork"):
+        worker.ask(mode, b.warmup)
+    for _ in range(b.rounds):
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            client.validate("true", cwd=daemon.workspace, timeout=60)
+            series["daemon"].append(time.perf_counter() - t0)
+        for mode in ("engine", "spawner", "fork"):
+            reply = worker.ask(mode, per_round)
+            series[mode] += reply["run_s"]
+            plan_s += reply.get("plan_s", [])
+            threads_seen.add(reply["threads"])
+    return {
+        "ms": {k: summarize(v) for k, v in series.items()},
+        "plan_ms": summarize(plan_s),
+        "worker_threads": sorted(threads_seen),
+        "worker_rss_mb": round(worker.hello["rss_bytes"] / 2**20, 1),
+        "worker_grpc_imported": worker.hello["grpc_imported"],
+    }
+
+
+# --- Clean-up checks --------------------------------------------------------------------------
+
+
+def airlock_cgroups() -> set[str]:
+    out = subprocess.run(
+        ["find", "/sys/fs/cgroup", "-maxdepth", "3", "-iname", "*airlock*"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return {line for line in out.splitlines() if line}
+
+
+def mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.strip() for line in f if path in line]
+
+
+def processes_mentioning(path: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(path in arg for arg in p.info["cmdline"] or ()):
+                found.append(p.info["pid"])
+    return found
+
+
+def alive(pids: Iterator[int] | Sequence[int] | set[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+    return out
+
+
+def other_daemons(ours: str) -> int:
+    """How many other airlockd processes run now (other people's tests share this machine)."""
+    n = 0
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            args = p.info["cmdline"] or []
+            if any(a.endswith("/airlockd") or a == "airlockd" for a in args[:2]) and not any(
+                ours in a for a in args
+            ):
+                n += 1
+    return n
+
+
+# --- Report -----------------------------------------------------------------------------------
+
+
+def meta(quick: bool, b: Budget) -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    host = cgroup.detect()
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "cgroup": host.version.name.lower(),
+        "quick": quick,
+        "runs": b.runs,
+        "command": "make bench" if not quick else "make bench (python bench/run.py --quick)",
+    }
+
+
+def print_report(r: dict[str, Any]) -> None:
+    m = r["meta"]
+    print(
+        f"Airlock benchmark {m['date']}  kernel {m['kernel']}  {m['cores']} cores ({m['cpu']})"
+        f"  cgroup {m['cgroup']}  runs {m['runs']}  load {r['load']['before']} -> "
+        f"{r['load']['after']}  other airlockd daemons (max seen): {r['load']['other_daemons_max']}"
+    )
+
+    rows = []
+    for name, e in r["e2e"].items():
+        d = e["daemon_ms"]
+        rows.append(
+            [
+                name,
+                ms(e["client_ms"]),
+                ms(e["client_ms"], "p90"),
+                ms(e["client_ms"], "p99"),
+                ms(d["total"]),
+                ms(d["sandbox_setup"]),
+                ms(d["command"]),
+                ms(d["diff"]),
+                ms(e["helper_hop_ms"]),
+                ms(e["grpc_and_client_ms"]),
+            ]
+        )
+    for name, ref in r["reference"].items():
+        if "skipped" in ref:
+            rows.append([f"ref {name} (skipped)", *["-"] * 9])
+        else:
+            rows.append(
+                [
+                    f"ref {name}",
+                    ms(ref["ms"]),
+                    ms(ref["ms"], "p90"),
+                    ms(ref["ms"], "p99"),
+                    *["-"] * 6,
+                ]
+            )
+    print(
+        format_table(
+            "1-2. Validate end to end from the Python client, and references (ms; daemon columns"
+            " are medians)",
+            ["series", "p50", "p90", "p99", "d.total", "setup", "command", "diff", "hop", "grpc"],
+            rows,
+        )
+    )
+    print(
+        "   hop = sandbox_s - (setup + command + diff): helper fork, pickling, cgroup removal;"
+        " grpc = client time - daemon total\n"
+        f"   *_isolated: each run after {ISOLATED_GAP_S:g} s idle (an interactive caller);"
+        " the others run back to back"
+    )
+    tail = []
+    for name, e in r["e2e"].items():
+        for k in ("sandbox_setup", "command", "diff", "total"):
+            s = e["daemon_ms"][k]
+            tail.append([f"{name}: {k}", ms(s), ms(s, "p90"), ms(s, "p99"), ms(s, "max")])
+    print(
+        format_table("   Daemon timing breakdown (ms)", ["field", "p50", "p90", "p99", "max"], tail)
+    )
+    for name, ref in r["reference"].items():
+        if "skipped" in ref:
+            print(f"   ref {name} skipped: {ref['skipped']}")
+
+    d = r["diff_10k"]
+    dm = d["daemon_ms"]
+    print(
+        format_table(
+            "3. Diff of 10,000 created files (ms)",
+            ["field", "p50", "p90", "p99"],
+            [
+                [k, ms(dm[k]), ms(dm[k], "p90"), ms(dm[k], "p99")]
+                for k in ("diff", "command", "sandbox", "total")
+            ]
+            + [
+                [
+                    "client end to end",
+                    ms(d["client_ms"]),
+                    ms(d["client_ms"], "p90"),
+                    ms(d["client_ms"], "p99"),
+                ],
+                [
+                    "grpc + client",
+                    ms(d["grpc_and_client_ms"]),
+                    ms(d["grpc_and_client_ms"], "p90"),
+                    ms(d["grpc_and_client_ms"], "p99"),
+                ],
+                [
+                    "hop (incl. result pickling)",
+                    ms(d["helper_hop_ms"]),
+                    ms(d["helper_hop_ms"], "p90"),
+                    ms(d["helper_hop_ms"], "p99"),
+                ],
+            ],
+        )
+    )
+    print(
+        f"   changes reported: {d['changes']} (truncated: {d['changes_truncated']}),"
+        f" runs: {dm['diff']['n']}"
+    )
+    conv = d["conversion"]
+    print(
+        format_table(
+            f"   Moving that result ({conv['changes']} changes, {conv['response_bytes']} bytes"
+            f" of protobuf, {conv['pickle_bytes']} pickled), timed in the bench process",
+            ["step", "ms"],
+            [[k, f"{v:.1f}"] for k, v in conv["ms"].items()],
+        )
+    )
+
+    t = r["throughput"]
+    print(
+        format_table(
+            f"4. Throughput: {t['clients']} clients running `true` for {t['seconds']} s",
+            ["validations/s", "validations", "errors", "lat p50", "lat p90", "lat p99"],
+            [
+                [
+                    f"{t['per_s']}",
+                    str(t["validations"]),
+                    str(t["errors"]),
+                    ms(t["latency_ms"]),
+                    ms(t["latency_ms"], "p90"),
+                    ms(t["latency_ms"], "p99"),
+                ]
+            ],
+        )
+    )
+
+    rows = []
+    for when in ("after_warmup", "after_bench"):
+        x = r["rss"][when]
+        for part in ("daemon", "spawner"):
+            v = x[part]
+            if v:
+                rows.append(
+                    [
+                        f"{when}: {part}",
+                        str(v["rss_mb"]),
+                        str(v["pss_mb"]),
+                        str(v["uss_mb"]),
+                        str(v["threads"]),
+                    ]
+                )
+        rows.append([f"{when}: total", str(x["total_rss_mb"]), str(x["total_pss_mb"]), "", ""])
+    print(format_table("5. Idle memory (MiB)", ["process", "RSS", "PSS", "USS", "threads"], rows))
+
+    s = r["spawner"]
+    labels = {
+        "daemon": "(a) Validate via daemon (client, relay, gRPC, engine, helper)",
+        "engine": "(d) Engine.validate in-process (plan, helper, judge; no gRPC)",
+        "spawner": "(c) Spawner.submit(plan).result() (helper hop; no gRPC)",
+        "fork": "(b) supervise() forked from a single-threaded process",
+    }
+    print(
+        format_table(
+            "6. The spawner choice: Validate('true') by path (ms)",
+            ["path", "p50", "p90", "p99"],
+            [[labels[k], ms(v), ms(v, "p90"), ms(v, "p99")] for k, v in s["ms"].items()]
+            + [
+                [
+                    "Engine.plan alone (not in (b)/(c))",
+                    ms(s["plan_ms"]),
+                    ms(s["plan_ms"], "p90"),
+                    ms(s["plan_ms"], "p99"),
+                ]
+            ],
+        )
+    )
+    print(
+        f"   direct worker: threads {s['worker_threads']}, grpc imported:"
+        f" {s['worker_grpc_imported']}, RSS {s['worker_rss_mb']} MiB"
+    )
+    cg = r["cgroup_migration"]
+    rows = []
+    for gap, x in cg["gaps"].items():
+        for k, label in (("first_ms", "first write"), ("total_ms", "all writes")):
+            rows.append([f"after {gap} ms: {label}", *(ms(x[k], q) for q in QS)])
+    x = cg["gaps"][str(CG_GAPS_MS[0])]
+    rows.append(["Cgroup.create", *(ms(x["create_ms"], q) for q in QS)])
+    rows.append(["Cgroup.remove", *(ms(x["remove_ms"], q) for q in QS)])
+    title = (
+        f"   A fresh process's write of '0' to cgroup.procs ({cg['hierarchies']} hierarchies; ms)"
+    )
+    print(format_table(title, ["case", *QS], rows))
+
+    print(
+        format_table(
+            "Targets",
+            ["target", "goal", "measured", "met"],
+            [
+                [x["name"], x["goal"], x["measured"], "yes" if x["met"] else "NO"]
+                for x in r["targets"]
+            ],
+        )
+    )
+    c = r["cleanup"]
+    print(
+        f"\nClean-up: leftover processes {c['leftover_processes']}, leftover mounts"
+        f" {len(c['leftover_mounts'])}, our cgroups left {c['our_cgroups_left']},"
+        f" new cgroups of others {c['other_new_cgroups']}, failures {c['failures']}"
+    )
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    p50 = r["e2e"]["true"]["client_ms"]["p50"]
+    iso = r["e2e"]["true_isolated"]["client_ms"]["p50"]
+    diff = r["diff_10k"]["daemon_ms"]["diff"]["p50"]
+    tput = r["throughput"]["per_s"]
+    rss = r["rss"]["after_warmup"]["total_rss_mb"]
+    return [
+        {
+            "name": "Validate('true') p50, end to end, back to back",
+            "goal": "<= 10 ms",
+            "measured": f"{p50:.2f} ms",
+            "met": p50 <= TARGETS["validate_true_p50_ms"],
+        },
+        {
+            "name": f"Validate('true') p50, after {ISOLATED_GAP_S:g} s idle",
+            "goal": "<= 10 ms",
+            "measured": f"{iso:.2f} ms",
+            "met": iso <= TARGETS["validate_true_p50_ms"],
+        },
+        {
+            "name": "diff of 10,000 created files, p50",
+            "goal": "<= 150 ms",
+            "measured": f"{diff:.1f} ms",
+            "met": diff <= TARGETS["diff_10k_p50_ms"],
+        },
+        {
+            "name": f"throughput, {CLIENTS} clients",
+            "goal": ">= 100/s",
+            "measured": f"{tput:.1f}/s",
+            "met": tput >= TARGETS["throughput_per_s"],
+        },
+        {
+            "name": "idle RSS, daemon + spawner (after warm-up)",
+            "goal": "<= 80 MB",
+            "measured": f"{rss:.1f} MiB ({rss * 2**20 / 1e6:.1f} MB)",
+            "met": rss * 2**20 <= TARGETS["idle_rss_mb"] * 1e6,
+        },
+    ]
+
+
+# --- Main -------------------------------------------------------------------------------------
+
+
+def step(name: str) -> Callable[[], None]:
+    t0 = time.perf_counter()
+    print(f"... {name}", file=sys.stderr, flush=True)
+    return lambda: print(f"    {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def run(b: Budget, quick: bool) -> dict[str, Any]:
+    r: dict[str, Any] = {"meta": meta(quick, b)}
+    base = Path(tempfile.mkdtemp(prefix="airlock-bench-"))
+    os.chmod(base, 0o755)
+    cgroups_before = airlock_cgroups()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    failures: list[str] = []
+    daemon: Daemon | None = None
+    worker: DirectWorker | None = None
+    pids: set[int] = set()
+    others = 0
+    groups = {
+        DaemonConfig(state_dir=str(base / "state")).cgroup_group,
+        DaemonConfig(state_dir=str(base / "direct-state")).cgroup_group,
+    }
+    try:
+        done = step("references: bash, unshare, bwrap (and isolated bash, bwrap)")
+        r["reference"] = {k: measure_subprocess(v, b.runs, b.warmup) for k, v in REFERENCES.items()}
+        for k in ("bash", "bwrap"):
+            r["reference"][f"{k}_isolated"] = measure_subprocess(
+                REFERENCES[k], b.isolated_runs, 0, gap_s=ISOLATED_GAP_S
+            )
+        done()
+
+        done = step("starting the daemon and warming up")
+        daemon = start_daemon(base)
+        pids |= daemon.pids
+        others = other_daemons(str(base))
+        client = Client(daemon.socket, timeout=120)
+        for _ in range(b.warmup):
+            client.validate("true", cwd=daemon.workspace)
+        r["rss"] = {"after_warmup": measure_rss(daemon)}
+        done()
+
+        r["e2e"] = {}
+        for name, command in COMMANDS.items():
+            done = step(f"Validate {command!r} x {b.runs}")
+            expect = 1000 if name == "files_1k" else (1 if name == "echo" else 0)
+            r["e2e"][name] = measure_validate(
+                client, command, daemon.workspace, b.runs, b.warmup, expect
+            )
+            done()
+        done = step(f"Validate 'true' x {b.isolated_runs}, each after {ISOLATED_GAP_S:g} s idle")
+        r["e2e"]["true_isolated"] = measure_validate(
+            client, "true", daemon.workspace, b.isolated_runs, 0, 0, gap_s=ISOLATED_GAP_S
+        )
+        done()
+
+        done = step("spawner choice: daemon / Engine.validate / Spawner.submit / fork")
+        worker = DirectWorker(str(base / "direct-state"), daemon.workspace, base / "direct.log")
+        pids |= {worker.proc.pid, worker.hello["spawner_pid"]}
+        r["spawner"] = measure_spawner_choice(client, daemon, worker, b)
+        done()
+        done = step("cgroup.procs write cost")
+        r["cgroup_migration"] = {"hierarchies": 0, "gaps": {}}
+        for gap in CG_GAPS_MS:
+            reply = worker.ask(f"cg-{gap}", b.cg_runs)
+            r["cgroup_migration"]["hierarchies"] = reply["hierarchies"]
+            r["cgroup_migration"]["gaps"][str(gap)] = {
+                k.replace("_s", "_ms"): summarize(reply[k])
+                for k in ("first_s", "total_s", "create_s", "remove_s")
+            }
+        worker.close()
+        failures += worker.final.get("failures", [])
+        if not worker.final.get("group_removed", False):
+            failures.append("the direct worker could not remove its cgroup group")
+        done()
+
+        done = step(f"diff of 10,000 files x {b.diff_runs}")
+        kept: list[Validation] = []
+        r["diff_10k"] = measure_validate(
+            client, FILES_10K, daemon.workspace, b.diff_runs, min(2, b.warmup), 10_000, keep=kept
+        )
+        r["diff_10k"]["conversion"] = conversion_costs(kept[0])
+        done()
+
+        done = step(f"throughput: {CLIENTS} clients for {b.throughput_s:g} s")
+        r["throughput"] = measure_throughput(daemon.socket, daemon.workspace, b.throughput_s)
+        done()
+
+        r["rss"]["after_bench"] = measure_rss(daemon)
+        others = max(others, other_daemons(str(base)))
+        client.close()
+    finally:
+        if worker is not None:
+            worker.close()
+        code = daemon.stop() if daemon is not None else 0
+        if code != 0:
+            failures.append(f"airlockd exited with {code}")
+        time.sleep(0.5)
+        leftover = alive(pids) + [p for p in processes_mentioning(str(base)) if p not in pids]
+        mounts = mounts_under(str(base))
+        shutil.rmtree(base, ignore_errors=True)
+    new_cgroups = airlock_cgroups() - cgroups_before
+    r["load"] = {
+        "before": load_before,
+        "after": [round(x, 2) for x in os.getloadavg()],
+        "other_daemons_max": others,
+    }
+    for name in ("e2e", "diff_10k"):
+        block = r[name].values() if name == "e2e" else [r[name]]
+        failures += [
+            f"{e['command']!r}: {e['failures']} runs failed" for e in block if e["failures"]
+        ]
+    if r["throughput"]["errors"]:
+        failures.append(f"throughput: {r['throughput']['first_error']}")
+    r["cleanup"] = {
+        "leftover_processes": leftover,
+        "leftover_mounts": mounts,
+        "our_cgroups_left": sorted(
+            p for p in new_cgroups | airlock_cgroups() if any(g in p for g in groups)
+        ),
+        "other_new_cgroups": sorted(
+            p for p in new_cgroups if "airlock-test-" not in p and not any(g in p for g in groups)
+        ),
+        "failures": failures,
+    }
+    r["targets"] = targets(r)
+    return r
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Airlock's benchmark (make bench).")
+    p.add_argument("--quick", action="store_true", help="fewer runs: a smoke test, ~30 s")
+    p.add_argument("--runs", type=int, default=None, help="runs per latency series")
+    p.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (namespaces, overlayfs, cgroups)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    r = run(budget(a.quick, a.runs), a.quick)
+    r["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    print_report(r)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"\nWrote {out} in {r['meta']['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
