@@ -222,3 +222,37 @@ def test_validation_result_fields(client: Client, workspace: Path) -> None:
     t = v.timings
     assert t.total_s >= t.sandbox_s >= t.command_s > 0 and t.sandbox_setup_s > 0
     assert v.resource_usage.peak_memory_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x0a\x03\xff\xfe\xfd\x12\x04/tmp", b"\xff\xff\xff\xff\xff", b"\x0a\x80"],
+    ids=["invalid-utf8", "garbage", "truncated"],
+)
+def test_undecodable_request_is_invalid_argument(daemon: Daemon, payload: bytes) -> None:
+    with grpc.insecure_channel("unix:" + daemon.socket) as channel:
+        call = channel.unary_unary(
+            "/airlock.v1.SandboxService/Validate",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request: not a valid airlock.v1.ValidateRequest")
+    with daemon.client() as c:
+        assert c.health()
+
+
+def test_unknown_fields_are_ignored(daemon: Daemon) -> None:
+    from airlock.v1 import sandbox_pb2 as pb
+
+    raw = pb.ValidateRequest(command="echo hi", cwd="/tmp").SerializeToString()
+    with grpc.insecure_channel("unix:" + daemon.socket) as channel:
+        call = channel.unary_unary(
+            "/airlock.v1.SandboxService/Validate",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ValidateResponse.FromString,
+        )
+        reply = call(raw + b"\xa2\x06\x03abc", timeout=10)  # field 100, never defined
+    assert reply.stdout == b"hi\n"

@@ -20,14 +20,13 @@ from grpc_reflection.v1alpha import reflection
 
 from airlock._version import __version__
 from airlock.daemon._peer import PeerProxy
-from airlock.daemon.service import SandboxService
+from airlock.daemon.service import SandboxService, handler
 from airlock.engine import DaemonConfig, Engine
 from airlock.sandbox import cgroup
 from airlock.sandbox.probe import probe
 from airlock.sandbox.spawner import Spawner
 from airlock.types import Capabilities
 from airlock.v1 import sandbox_pb2 as pb
-from airlock.v1 import sandbox_pb2_grpc as pb_grpc
 
 __all__ = ["serve"]
 
@@ -82,9 +81,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     engine = Engine(config, spawner, cgroups)
     workers = config.limits.concurrent_validations + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))
-    pb_grpc.add_SandboxServiceServicer_to_server(
-        SandboxService(engine, proxy, capabilities), server
-    )
+    server.add_generic_rpc_handlers((handler(SandboxService(engine, proxy, capabilities)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from airlock import _convert
-from airlock._errors import AirlockError, PermissionDenied, ResourceExhausted
+from airlock._errors import AirlockError, InvalidRequest, PermissionDenied, ResourceExhausted
 from airlock._status import status_code_of, to_rpc_status
 from airlock.daemon._peer import PeerProxy
 from airlock.engine import Engine
@@ -19,7 +20,7 @@ from airlock.types import Capabilities, PeerCred
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
 
-__all__ = ["SandboxService"]
+__all__ = ["SandboxService", "handler"]
 
 _log = logging.getLogger("airlock.daemon")
 
@@ -98,3 +99,45 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> Any:
         return _convert.capabilities_to_proto(self._capabilities)
+
+
+def _parsed(
+    method: Callable[[Any, grpc.ServicerContext], Any], message: Any
+) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    """Parse the request ourselves, so malformed bytes get INVALID_ARGUMENT, not INTERNAL."""
+
+    def call(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = message.FromString(raw)
+        except DecodeError as exc:
+            error = InvalidRequest(
+                f"request: not a valid {message.DESCRIPTOR.full_name} ({exc})",
+                reason="MALFORMED_REQUEST",
+            )
+            context.abort_with_status(to_rpc_status(error))
+        return method(request, context)
+
+    return call
+
+
+def handler(service: SandboxService) -> grpc.GenericRpcHandler:
+    """The service's method handlers (equivalent to the generated ``add_..._to_server``)."""
+    methods: dict[str, tuple[Callable[[Any, grpc.ServicerContext], Any], Any, Any]] = {
+        "Validate": (service.Validate, pb.ValidateRequest, pb.ValidateResponse),
+        "GetCapabilities": (
+            service.GetCapabilities,
+            pb.GetCapabilitiesRequest,
+            pb.GetCapabilitiesResponse,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(
+        "airlock.v1.SandboxService",
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                _parsed(method, request),
+                request_deserializer=None,
+                response_serializer=response.SerializeToString,
+            )
+            for name, (method, request, response) in methods.items()
+        },
+    )
