@@ -239,6 +239,7 @@ def _timings_to_proto(t: types.Timings) -> pb.Timings:
         total=_duration_to_proto(t.total_s),
         sandbox_setup=_duration_to_proto(t.sandbox_setup_s),
         command=_duration_to_proto(t.command_s),
+        warm=t.warm,
     )
 
 
@@ -250,6 +251,7 @@ def _timings_from_proto(msg: pb.Timings) -> types.Timings:
         total_s=_duration_from_proto(msg.total),
         sandbox_setup_s=_duration_from_proto(msg.sandbox_setup),
         command_s=_duration_from_proto(msg.command),
+        warm=msg.warm,
     )
 
 

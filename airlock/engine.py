@@ -11,6 +11,7 @@ import hashlib
 import os
 import posixpath
 import pwd
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,14 @@ from airlock.sandbox import mnt
 from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.contain import SandboxResult
 from airlock.sandbox.diff import DiffOptions
-from airlock.sandbox.plan import SandboxPlan, SandboxSettings, build_plan
+from airlock.sandbox.plan import (
+    HostMount,
+    SandboxPlan,
+    SandboxSettings,
+    SandboxTemplate,
+    build_run,
+    build_template,
+)
 from airlock.sandbox.spawner import Spawner
 from airlock.types import (
     Limits,
@@ -47,6 +55,8 @@ class DaemonConfig:
     socket_mode: int = 0o660
     socket_gid: int | None = None
     limits: Limits = field(default_factory=Limits)
+    # Sandboxes the spawner keeps prepared ahead of requests (0: prepare on demand).
+    warm_pool: int = 2
 
     @property
     def scratch_dir(self) -> str:
@@ -178,12 +188,36 @@ class Engine:
         self._settings = SandboxSettings(
             scratch_dir=config.scratch_dir, hidden_paths=(config.state_dir,)
         )
+        self._lock = threading.Lock()
+        self._template: tuple[tuple[HostMount, ...], SandboxTemplate, bytes] | None = None
+
+    def template(self) -> tuple[SandboxTemplate, bytes]:
+        """The template for the host as it is now; rebuilt only when its mounts change."""
+        mounts = mnt.host_mounts()
+        with self._lock:
+            if self._template is None or self._template[0] != mounts:
+                limits = self.config.limits
+                template = build_template(
+                    settings=self._settings,
+                    scratch_bytes=limits.scratch_bytes,
+                    cgroup=CgroupSpec(
+                        host=self._cgroups,
+                        group=self.config.cgroup_group,
+                        name="sb",
+                        memory_bytes=limits.memory_bytes,
+                        pids=limits.pids,
+                    ),
+                    host_mounts=mounts,
+                )
+                self._template = (mounts, template, template.key)
+            return self._template[1], self._template[2]
 
     def plan(self, req: ValidateRequest, peer: PeerCred, validation_id: str) -> SandboxPlan:
         limits = self.config.limits
         cwd, timeout = check_request(req, limits)
         who = resolve_identity(req, peer)
-        return build_plan(
+        template, key = self.template()
+        run = build_run(
             sandbox_id=validation_id,
             command=req.command,
             cwd=cwd,
@@ -192,7 +226,6 @@ class Engine:
             gid=who.gid,
             groups=who.groups,
             timeout_s=timeout,
-            scratch_bytes=limits.scratch_bytes,
             output_bytes=limits.output_bytes,
             diff_options=DiffOptions(
                 workspace=os.fsencode(cwd),
@@ -201,16 +234,9 @@ class Engine:
                 diff_total_bytes=limits.diff_total_bytes,
                 exclude=(os.fsencode(self.config.state_dir),),
             ),
-            cgroup=CgroupSpec(
-                host=self._cgroups,
-                group=self.config.cgroup_group,
-                name=f"sb-{validation_id[:16]}",
-                memory_bytes=limits.memory_bytes,
-                pids=limits.pids,
-            ),
             settings=self._settings,
-            host_mounts=mnt.host_mounts(),
         )
+        return SandboxPlan(template=template, run=run, template_key=key)
 
     def validate(
         self,
@@ -232,7 +258,7 @@ class Engine:
         if result.error:
             if result.error_kind == "cwd":
                 raise InvalidRequest(
-                    f"cwd: uid {plan.uid} cannot enter {plan.cwd}: {result.error}",
+                    f"cwd: uid {plan.run.uid} cannot enter {plan.run.cwd}: {result.error}",
                     reason="CWD_NOT_ACCESSIBLE",
                 )
             raise SandboxError(f"the sandbox could not be set up: {result.error}")
@@ -245,8 +271,8 @@ class Engine:
             termination=result.termination,
             exit_code=result.exit_code,
             signal=result.signal,
-            timeout_s=plan.timeout_s,
-            workspace=plan.cwd,
+            timeout_s=plan.run.timeout_s,
+            workspace=plan.run.cwd,
         )
         stats = result.cgroup
         return Validation(
@@ -271,6 +297,7 @@ class Engine:
                 total_s=time.monotonic() - t0,
                 sandbox_setup_s=result.setup_s,
                 command_s=result.command_s,
+                warm=result.warm,
             ),
             resource_usage=ResourceUsage(
                 peak_memory_bytes=stats.peak_memory_bytes,
@@ -279,6 +306,6 @@ class Engine:
                 pids_limit_hit=stats.pids_limit_hit,
                 scratch_bytes_used=result.diff.scratch_bytes,
             ),
-            uid=plan.uid,
-            gid=plan.gid,
+            uid=plan.run.uid,
+            gid=plan.run.gid,
         )

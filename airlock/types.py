@@ -125,6 +125,7 @@ class Timings:
     total_s: float = 0.0
     sandbox_setup_s: float = 0.0
     command_s: float = 0.0
+    warm: bool = False
 
 
 @dataclass(frozen=True)

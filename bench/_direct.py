@@ -8,10 +8,13 @@ single-threaded and may fork a supervisor directly.
 Protocol: one command per line on stdin (``MODE RUNS``), one JSON object per line
 on stdout. Modes:
 
-* ``fork``: build a plan with ``Engine.plan``, fork a child that runs ``supervise``
-  and writes the pickled result to a socket (as ``spawner._serve_one`` does).
-* ``spawner``: the same plan through ``Spawner.submit(plan).result()`` (no gRPC).
-* ``engine``: ``Engine.validate`` (plan, spawner, judge, summary; no gRPC).
+* ``fork``: build a plan with ``Engine.plan``, fork a child that serves it cold with
+  ``contain.serve_request`` (prepare, run, send the result on the socket), as the
+  spawner's cold path does, but from this process instead of the helper.
+* ``spawner-cold`` / ``spawner-warm``: the same plan through
+  ``Spawner(pool=0 or 2).submit(plan).result()`` (no gRPC).
+* ``engine``: ``Engine.validate`` with a warm pool of 2, as the daemon runs by default
+  (plan, spawner, judge, summary; no gRPC).
 * ``cg-GAP``: a fresh child writes "0" to ``cgroup.procs`` of a new cgroup (every
   hierarchy) after GAP milliseconds of quiet; cgroup creation and removal are timed too.
 * ``quit``: stop the helper, remove this worker's cgroup group, report, exit.
@@ -26,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import socket
 import struct
 import sys
@@ -36,14 +38,13 @@ import uuid
 from typing import Any
 
 from airlock.engine import DaemonConfig, Engine
-from airlock.sandbox import cgroup
+from airlock.sandbox import _wire, cgroup, contain
 from airlock.sandbox.cgroup import Cgroup, CgroupSpec
-from airlock.sandbox.contain import SandboxResult, supervise
 from airlock.sandbox.plan import SandboxPlan
 from airlock.sandbox.spawner import Spawner
 from airlock.types import PeerCred, ValidateRequest
 
-_HEADER = struct.Struct("!Q")
+_POOL = 2
 _COMMAND = "true"
 
 
@@ -59,35 +60,20 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError("the supervisor closed the socket without a result")
-        buf += chunk
-    return bytes(buf)
-
-
-def _run_forked(plan: SandboxPlan) -> tuple[SandboxResult, int]:
-    """Fork a supervisor from this (single-threaded) process; return its result and pid."""
+def _run_forked(plan: SandboxPlan) -> tuple[Any, int]:
+    """Serve ``plan`` cold in a child forked from this (single-threaded) process."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # the supervisor
         try:
             ours.close()
-            try:
-                result = supervise(plan, theirs.fileno())
-            except Exception as exc:
-                result = SandboxResult(error=f"{type(exc).__name__}: {exc}", error_kind="setup")
-            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-            theirs.sendall(_HEADER.pack(len(data)) + data)
+            contain.serve_request(theirs, None)
         finally:
             os._exit(0)
     theirs.close()
     try:
-        (size,) = _HEADER.unpack(_recv_exact(ours, _HEADER.size))
-        result = pickle.loads(_recv_exact(ours, size))
+        _wire.send(ours, plan)
+        result = _wire.recv(ours)
     finally:
         ours.close()
     return result, pid
@@ -100,9 +86,11 @@ class Worker:
             socket_path=os.path.join(state_dir, "unused.sock"), state_dir=state_dir
         )
         self.host = cgroup.detect()
-        self.spawner = Spawner()
-        self.spawner.start()
-        self.engine = Engine(self.config, self.spawner, self.host)
+        self.cold = Spawner(pool=0)
+        self.warm = Spawner(pool=_POOL)
+        for spawner in (self.cold, self.warm):
+            spawner.start()
+        self.engine = Engine(self.config, self.warm, self.host)
         self.peer = PeerCred(pid=os.getpid(), uid=0, gid=0)
         self.request = ValidateRequest(command=_COMMAND, cwd=cwd, env=(), timeout_s=30.0)
         self.failures: list[str] = []
@@ -130,25 +118,28 @@ class Worker:
             self._check(result, "fork")
         return {"run_s": times, "plan_s": plans, "threads": _threads()}
 
-    def spawner_run(self, runs: int) -> dict[str, Any]:
-        times, plans = [], []
+    def spawner_run(self, runs: int, warm: bool) -> dict[str, Any]:
+        spawner = self.warm if warm else self.cold
+        times, plans, warm_runs = [], [], 0
         for _ in range(runs):
             plan, plan_s = self._plan()
             t0 = time.perf_counter()
-            result = self.spawner.submit(plan).result()
+            result = spawner.submit(plan).result()
             times.append(time.perf_counter() - t0)
             plans.append(plan_s)
+            warm_runs += bool(getattr(result, "warm", False))
             self._check(result, "spawner")
-        return {"run_s": times, "plan_s": plans, "threads": _threads()}
+        return {"run_s": times, "plan_s": plans, "threads": _threads(), "warm_runs": warm_runs}
 
     def engine_run(self, runs: int) -> dict[str, Any]:
-        times = []
+        times, warm_runs = [], 0
         for _ in range(runs):
             t0 = time.perf_counter()
             validation = self.engine.validate(self.request, self.peer)
             times.append(time.perf_counter() - t0)
+            warm_runs += validation.timings.sandbox_setup_s == 0
             self._check(validation, "engine")
-        return {"run_s": times, "threads": _threads()}
+        return {"run_s": times, "threads": _threads(), "warm_runs": warm_runs}
 
     def cgroup_write(self, runs: int, gap_s: float) -> dict[str, Any]:
         """Time a fresh process's writes of "0" to cgroup.procs, as the command does.
@@ -213,17 +204,19 @@ class Worker:
         }
 
     def quit(self) -> dict[str, Any]:
-        spawner_pid = self.spawner.pid
-        self.spawner.stop()
+        pids = [self.cold.pid, self.warm.pid]
+        for spawner in (self.cold, self.warm):
+            spawner.stop()
         removed = True
         try:
+            time.sleep(0.2)  # retired warm sandboxes remove their own cgroups
             cgroup.remove_group(self.host, self.config.cgroup_group)
         except Exception:
             removed = not any(
                 os.path.exists(os.path.join(root, self.config.cgroup_group))
                 for _, root in self.host.roots
             )
-        return {"failures": self.failures, "spawner_pid": spawner_pid, "group_removed": removed}
+        return {"failures": self.failures, "spawner_pids": pids, "group_removed": removed}
 
 
 def main() -> int:
@@ -246,7 +239,7 @@ def main() -> int:
             "python_threads": threading.active_count(),
             "grpc_imported": any(m == "grpc" or m.startswith("grpc.") for m in sys.modules),
             "rss_bytes": _rss_bytes(),
-            "spawner_pid": worker.spawner.pid,
+            "spawner_pids": [worker.cold.pid, worker.warm.pid],
             "cgroup_group": worker.config.cgroup_group,
         }
     )
@@ -255,8 +248,8 @@ def main() -> int:
         runs = int(arg or "0")
         if mode == "fork":
             reply(worker.fork(runs))
-        elif mode == "spawner":
-            reply(worker.spawner_run(runs))
+        elif mode in ("spawner-cold", "spawner-warm"):
+            reply(worker.spawner_run(runs, warm=mode == "spawner-warm"))
         elif mode == "engine":
             reply(worker.engine_run(runs))
         elif mode.startswith("cg-"):

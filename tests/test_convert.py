@@ -110,6 +110,7 @@ VALIDATIONS = st.builds(
         total_s=SECONDS,
         sandbox_setup_s=SECONDS,
         command_s=SECONDS,
+        warm=st.booleans(),
     ),
     resource_usage=st.builds(
         types.ResourceUsage,

@@ -220,7 +220,7 @@ def test_validation_result_fields(client: Client, workspace: Path) -> None:
     v = client.validate("echo hi; exit 7", cwd=str(workspace))
     assert v.termination is Termination.EXITED and v.exit_code == 7 and v.verdict is Verdict.ALLOW
     t = v.timings
-    assert t.total_s >= t.sandbox_s >= t.command_s > 0 and t.sandbox_setup_s > 0
+    assert t.total_s >= t.sandbox_s >= t.command_s > 0 and t.sandbox_setup_s >= 0
     assert v.resource_usage.peak_memory_bytes > 0
 
 

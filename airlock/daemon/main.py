@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         help="bytes kept of stdout and of stderr",
     )
     p.add_argument("--max-concurrent", type=int, default=d.concurrent_validations)
+    p.add_argument(
+        "--warm-pool",
+        type=int,
+        default=DaemonConfig.warm_pool,
+        help="sandboxes kept prepared ahead of requests (0: prepare each on demand)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"airlockd {__version__}")
     a = p.parse_args(argv)
@@ -99,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         state_dir=a.state_dir,
         socket_mode=a.socket_mode,
         socket_gid=a.socket_group,
+        warm_pool=max(0, a.warm_pool),
         limits=limits,
     )
     return config, a.log_level

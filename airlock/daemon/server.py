@@ -70,7 +70,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     )
 
     # 3. The sandbox helper, exec'd before any gRPC thread exists.
-    spawner = Spawner()
+    spawner = Spawner(pool=config.warm_pool)
     spawner.start()
 
     # 4. The gRPC server on a root-only internal socket, fronted by the identity relay.

@@ -72,6 +72,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                     "exit_code": result.exit_code,
                     "changes": len(result.changes),
                     "total_ms": round(result.timings.total_s * 1000, 2),
+                    "warm": result.timings.warm,
                 },
             )
             return _convert.validation_to_proto(result)

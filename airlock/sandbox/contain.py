@@ -1,11 +1,17 @@
-"""Contain: run one plan, top to bottom. The sandbox set-up reads as a checklist.
+"""Contain: build a sandbox from a template, run one command in it, report, tear down.
 
 Three processes take part in one dry run::
 
     supervisor (forked by the spawner; root; new mnt/net/ipc/uts namespaces; owns the scratch tmpfs)
      └── init   (pid 1 of a new pid namespace; its own copy of the mount namespace; pivots into the
          │       overlay root; reaps orphans; its death kills every process in the sandbox)
-         └── command (bash -c COMMAND as the caller's uid/gid, no capabilities, no_new_privs)
+         └── command (joins the cgroup, waits for the run spec, then runs bash -c COMMAND as the
+                      caller's uid/gid with no capabilities and no_new_privs)
+
+``prepare`` does everything a template decides, up to a command process that
+waits for its :class:`RunSpec`; ``run`` hands it the spec and watches it. The
+spawner keeps a few prepared sandboxes warm so that a request pays only for
+``run``; a cold request does both. Either way a sandbox serves one command.
 
 The supervisor never enters the sandbox's root, so after the command's whole
 process tree is gone it still sees the overlay's upper layers and computes the
@@ -17,21 +23,24 @@ even if the daemon is killed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import secrets
 import select
 import signal
+import socket
 import struct
 import time
 from dataclasses import dataclass
 
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import mnt, net, user
+from airlock.sandbox import _wire, mnt, net, user
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
-from airlock.sandbox.plan import SandboxPlan
+from airlock.sandbox.plan import RunSpec, SandboxPlan, SandboxTemplate
 from airlock.types import Termination
 
-__all__ = ["SandboxResult", "supervise"]
+__all__ = ["Prepared", "SandboxResult", "prepare", "run", "serve_request", "serve_warm"]
 
 _READ_CHUNK = 65536
 # After the command ends, how long stray output may keep its pipes open (it cannot: the pid
@@ -55,10 +64,41 @@ class SandboxResult:
     setup_s: float = 0.0
     command_s: float = 0.0
     diff_s: float = 0.0
+    # Whether the sandbox was prepared before the request arrived.
+    warm: bool = False
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
     error_kind: str = ""
+
+
+@dataclass
+class Prepared:
+    """A sandbox built from a template, its command process waiting for a run spec."""
+
+    key: bytes
+    template: SandboxTemplate
+    cgroup: Cgroup
+    init_pid: int
+    mount_ns: int
+    spec_w: int
+    out_r: int
+    err_r: int
+    status_r: int
+    setup_s: float
+
+    def close(self) -> None:
+        """Kill what is left and remove the cgroup; the namespaces go with the supervisor."""
+        for fd in (self.spec_w, self.out_r, self.err_r, self.status_r, self.mount_ns):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.init_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, 0)
+            self.init_pid = 0
+        self.cgroup.remove()
 
 
 class _Capture:
@@ -83,19 +123,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _report(fd: int, tag: bytes, payload: bytes) -> None:
-    _write_all(fd, tag + payload)
+# --- Inside the sandbox -----------------------------------------------------------------------
 
 
-def _exec_command(
-    plan: SandboxPlan, out_w: int, err_w: int, error_w: int, procs: list[int]
-) -> None:
-    """In the command process: join the cgroup, wire stdio, become the caller, exec bash.
+def _command(spec_r: int, out_w: int, err_w: int, error_w: int, procs: list[int]) -> None:
+    """The command process: join the cgroup, wait for the spec, become the caller, exec bash.
 
     Never returns. Writing "0" to an inherited ``cgroup.procs`` descriptor moves the
     writer itself, so the command is limited from its first instruction while init
     stays outside the cgroup (its death is what kills the sandbox; the OOM killer
-    must never pick it).
+    must never pick it). In a warm sandbox this happens before any request exists.
     """
     step = "cgroup"
     try:
@@ -108,37 +145,48 @@ def _exec_command(
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.dup2(error_w, 3, inheritable=False)
+        step = "capabilities"
+        user.shed_bounding_set()
+        step = "spec"
+        spec: RunSpec = _wire.read_fd(spec_r)
         os.closerange(4, 1 << 16)  # defence in depth: every other fd is close-on-exec already
         step = "uid"
-        user.become(plan.uid, plan.gid, plan.groups)
+        user.become(spec.uid, spec.gid, spec.groups)
         step = "cwd"
-        os.chdir(plan.cwd)
+        os.chdir(spec.cwd)
         step = "exec"
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.execve(plan.argv[0], list(plan.argv), dict(plan.env))
+        os.execve(spec.argv[0], list(spec.argv), dict(spec.env))
     except BaseException as exc:
         kind = b"cwd" if step == "cwd" else b"setup"
-        os.write(
-            3 if step not in ("cgroup", "stdio") else error_w,
-            kind + b"\0" + f"{step}: {exc}".encode(errors="replace"),
-        )
+        with contextlib.suppress(OSError):
+            os.write(
+                3 if step not in ("cgroup", "stdio") else error_w,
+                kind + b"\0" + f"{step}: {exc}".encode(errors="replace"),
+            )
     os._exit(127)
 
 
-def _init(plan: SandboxPlan, status_w: int, out_w: int, err_w: int, procs: list[int]) -> None:
+def _init(
+    template: SandboxTemplate,
+    fds: tuple[int, int, int, int],
+    procs: list[int],
+) -> None:
     """Pid 1 of the sandbox. Reports the command's wait status, then exits. Never returns."""
+    spec_r, status_w, out_w, err_w = fds
     error_r, error_w = os.pipe()
     try:
         sc.set_parent_death_signal(signal.SIGKILL)
         sc.unshare(sc.CLONE_NEWNS)  # pivot_root below must not move the supervisor's root
-        for op in plan.init_setup:
+        for op in template.init_setup:
             mnt.execute_step(op)
+        _write_all(status_w, b"R")  # set up: the supervisor may now hold our namespaces
         child = os.fork()
         if child == 0:
             os.close(error_r)
-            _exec_command(plan, out_w, err_w, error_w, procs)
-        for fd in (error_w, out_w, err_w, *procs):
+            _command(spec_r, out_w, err_w, error_w, procs)
+        for fd in (error_w, out_w, err_w, spec_r, *procs):
             os.close(fd)
         failure = os.read(error_r, 4096)  # empty once exec succeeded (close-on-exec)
         while True:
@@ -146,141 +194,204 @@ def _init(plan: SandboxPlan, status_w: int, out_w: int, err_w: int, procs: list[
             if pid == child:
                 break
         if failure:
-            _report(status_w, b"E", failure)
+            _write_all(status_w, b"E" + failure)
         else:
-            _report(status_w, b"S", struct.pack("=i", status))
+            _write_all(status_w, b"S" + struct.pack("=i", status))
     except BaseException as exc:
-        _report(status_w, b"E", f"setup\0sandbox init: {exc}".encode(errors="replace"))
+        with contextlib.suppress(OSError):
+            _write_all(status_w, b"Esetup\0sandbox init: " + str(exc).encode(errors="replace"))
     os._exit(0)
 
 
-def _run_command(
-    plan: SandboxPlan, cancel_fd: int, cgroup: Cgroup
-) -> tuple[Termination, int, int, _Capture, _Capture, str, str, float]:
-    """Start init and the command; watch output, the deadline and cancellation."""
-    procs = [
-        os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in cgroup.paths
-    ]
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    status_r, status_w = os.pipe()
-    started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        for fd in (out_r, err_r, status_r, cancel_fd):
-            os.close(fd)
-        _init(plan, status_w, out_w, err_w, procs)
-    for fd in (out_w, err_w, status_w, *procs):
-        os.close(fd)
-    stdout, stderr = _Capture(plan.output_bytes), _Capture(plan.output_bytes)
-    status_msg = bytearray()
-    forced: Termination | None = None
-    try:
-        deadline = started + plan.timeout_s
-        poller = select.poll()
-        streams = {out_r: stdout, err_r: stderr}
-        for fd in (out_r, err_r, status_r, cancel_fd):
-            poller.register(fd, select.POLLIN)
-        open_fds = {out_r, err_r, status_r}
-        while open_fds:
-            now = time.monotonic()
-            if forced is None and now >= deadline:
-                forced = Termination.TIMED_OUT
-                os.kill(pid, signal.SIGKILL)
-                deadline = now + _DRAIN_S
-            elif forced is not None and now >= deadline:
-                break
-            for fd, _events in poller.poll(max(0.0, deadline - now) * 1000):
-                if fd == cancel_fd:
-                    if forced is None:
-                        forced = Termination.CANCELLED
-                        os.kill(pid, signal.SIGKILL)
-                        deadline = time.monotonic() + _DRAIN_S
-                    poller.unregister(cancel_fd)
-                    continue
-                chunk = os.read(fd, _READ_CHUNK)
-                if not chunk:
-                    poller.unregister(fd)
-                    open_fds.discard(fd)
-                elif fd == status_r:
-                    status_msg += chunk
-                else:
-                    streams[fd].feed(chunk)
-    finally:
-        for fd in (out_r, err_r, status_r):
-            os.close(fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    command_s = time.monotonic() - started
-
-    error, error_kind = "", ""
-    termination, exit_code, signum = forced or Termination.EXITED, -1, 0
-    if status_msg[:1] == b"S" and len(status_msg) >= 5:
-        code = os.waitstatus_to_exitcode(struct.unpack("=i", bytes(status_msg[1:5]))[0])
-        if forced is None:
-            if code >= 0:
-                exit_code = code
-            else:
-                termination, signum = Termination.SIGNALED, -code
-    elif status_msg[:1] == b"E":
-        kind, _, text = bytes(status_msg[1:]).partition(b"\0")
-        error_kind, error = kind.decode(), text.decode(errors="replace")
-    elif forced is None:
-        error_kind, error = "setup", "the sandbox's init died without reporting a status"
-    if forced is not None:
-        signum = int(signal.SIGKILL)
-    return termination, exit_code, signum, stdout, stderr, error, error_kind, command_s
+# --- The supervisor ---------------------------------------------------------------------------
 
 
-def supervise(plan: SandboxPlan, cancel_fd: int) -> SandboxResult:
-    """Run ``plan`` in a fresh sandbox and report what happened.
-
-    ``cancel_fd`` becomes readable (data or EOF) when the caller gives up; the
-    whole process tree is then killed. The checklist below is the only place
-    the sandbox is put together.
-    """
+def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
+    """Build a sandbox from ``template``: the checklist. Call in a fresh (forked) process."""
     t0 = time.monotonic()
-    # 1. A cgroup for limits and accounting, created outside the sandbox.
-    cgroup = Cgroup.create(plan.cgroup)
+    # 1. A cgroup of its own for limits and accounting, created outside the sandbox.
+    unique = f"{template.cgroup.name}-{os.getpid()}-{secrets.token_hex(3)}"
+    cgroup = Cgroup.create(dataclasses.replace(template.cgroup, name=unique))
     try:
         # 2. New mount, pid (for children), network, IPC and UTS namespaces.
-        sc.unshare(plan.namespaces)
-        # 3. Nothing we mount from here on propagates to the host.
+        sc.unshare(template.namespaces)
+        # 3. Nothing mounted from here on propagates to the host.
         mnt.make_private()
         # 4. Scratch tmpfs, overlays over every data mount, /dev, /sys, hidden paths.
-        for op in plan.host_setup:
+        for op in template.host_setup:
             mnt.execute_step(op)
         # 5. Hostname and a loopback-only network.
-        sc.sethostname(plan.hostname)
+        sc.sethostname(template.hostname)
         net.loopback_up()
-        setup_s = time.monotonic() - t0
-        # 6. Init (pid 1: /proc, pivot_root) and the command, under the deadline.
-        termination, exit_code, signum, out, err, error, error_kind, command_s = _run_command(
-            plan, cancel_fd, cgroup
-        )
-        # 7. Accounting, then the cgroup goes (every process in it is dead by now).
-        stats = cgroup.stats()
-    finally:
+        # 6. Init (pid 1: /proc, pivot_root) and the command process, which joins the cgroup
+        #    and waits for its run spec.
+        procs = [
+            os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+            for d in cgroup.paths
+        ]
+        spec_r, spec_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            for fd in (spec_w, out_r, err_r, status_r):
+                os.close(fd)
+            _init(template, (spec_r, status_w, out_w, err_w), procs)
+        for fd in (spec_r, out_w, err_w, status_w, *procs):
+            os.close(fd)
+        # 7. Wait until init is set up, then hold its mount namespace: when init exits, the
+        #    namespace (and its ~30 mounts) is then torn down after the result has been sent,
+        #    not on the request's path.
+        ready = os.read(status_r, 1)
+        if ready != b"R":
+            report = ready + os.read(status_r, 4096)
+            raise OSError(f"sandbox init failed: {_status(report, None)[3]}")
+        mount_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
         cgroup.remove()
+        raise
+    return Prepared(
+        key=key,
+        template=template,
+        cgroup=cgroup,
+        init_pid=pid,
+        mount_ns=mount_ns,
+        spec_w=spec_w,
+        out_r=out_r,
+        err_r=err_r,
+        status_r=status_r,
+        setup_s=time.monotonic() - t0,
+    )
+
+
+def _status(
+    status_msg: bytes, forced: Termination | None
+) -> tuple[Termination, int, int, str, str]:
+    """(termination, exit code, signal, error, error kind) from init's report."""
+    if status_msg[:1] == b"S" and len(status_msg) >= 5:
+        code = os.waitstatus_to_exitcode(struct.unpack("=i", status_msg[1:5])[0])
+        if forced is not None:
+            return forced, -1, int(signal.SIGKILL), "", ""
+        if code >= 0:
+            return Termination.EXITED, code, 0, "", ""
+        return Termination.SIGNALED, -1, -code, "", ""
+    if status_msg[:1] == b"E":
+        kind, _, text = status_msg[1:].partition(b"\0")
+        return Termination.EXITED, -1, 0, text.decode(errors="replace"), kind.decode()
+    if forced is not None:
+        return forced, -1, int(signal.SIGKILL), "", ""
+    return Termination.EXITED, -1, 0, "the sandbox's init died without a report", "setup"
+
+
+def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
+    """Hand ``spec`` to the waiting command; watch output, deadline and cancellation.
+
+    ``cancel_fd`` becomes readable (data or EOF) when the caller gives up; the
+    whole process tree is then killed. The caller must ``prepared.close()`` after.
+    """
+    started = time.monotonic()
+    stdout, stderr = _Capture(spec.output_bytes), _Capture(spec.output_bytes)
+    status_msg = bytearray()
+    forced: Termination | None = None
+    with contextlib.suppress(BrokenPipeError):  # the command died in set-up: init says why
+        _write_all(prepared.spec_w, _wire.dumps(spec))
+    os.close(prepared.spec_w)
+    prepared.spec_w = -1
+    out_r, err_r, status_r = prepared.out_r, prepared.err_r, prepared.status_r
+    streams = {out_r: stdout, err_r: stderr}
+    deadline = started + spec.timeout_s
+    poller = select.poll()
+    for fd in (out_r, err_r, status_r, cancel_fd):
+        poller.register(fd, select.POLLIN)
+    open_fds = {out_r, err_r, status_r}
+    while open_fds:
+        now = time.monotonic()
+        if forced is None and now >= deadline:
+            forced = Termination.TIMED_OUT
+            os.kill(prepared.init_pid, signal.SIGKILL)
+            deadline = now + _DRAIN_S
+        elif forced is not None and now >= deadline:
+            break
+        for fd, _events in poller.poll(max(0.0, deadline - now) * 1000):
+            if fd == cancel_fd:
+                if forced is None:
+                    forced = Termination.CANCELLED
+                    os.kill(prepared.init_pid, signal.SIGKILL)
+                    deadline = time.monotonic() + _DRAIN_S
+                poller.unregister(cancel_fd)
+                continue
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+            elif fd == status_r:
+                status_msg += chunk
+            else:
+                streams[fd].feed(chunk)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(prepared.init_pid, signal.SIGKILL)
+    os.waitpid(prepared.init_pid, 0)  # returns once every process of the pid namespace is gone
+    prepared.init_pid = 0
+    command_s = time.monotonic() - started
+
+    termination, exit_code, signum, error, error_kind = _status(bytes(status_msg), forced)
+    stats = prepared.cgroup.stats()
     if stats.oom_kills and termination in (Termination.SIGNALED, Termination.EXITED):
         termination = Termination.OUT_OF_MEMORY
     if error:
-        return SandboxResult(error=error, error_kind=error_kind, stderr=bytes(err.data))
-    # 8. The diff of the upper layers, read from outside the sandbox's root.
+        return SandboxResult(error=error, error_kind=error_kind, stderr=bytes(stderr.data))
+    # The diff of the upper layers, read from outside the sandbox's root.
     t_diff = time.monotonic()
-    diff = compute_changes(plan.layers, plan.diff)
+    diff = compute_changes(prepared.template.layers, spec.diff)
     return SandboxResult(
         termination=termination,
         exit_code=exit_code,
         signal=signum,
-        stdout=bytes(out.data),
-        stdout_truncated=out.truncated,
-        stderr=bytes(err.data),
-        stderr_truncated=err.truncated,
+        stdout=bytes(stdout.data),
+        stdout_truncated=stdout.truncated,
+        stderr=bytes(stderr.data),
+        stderr_truncated=stderr.truncated,
         diff=diff,
         cgroup=stats,
-        setup_s=setup_s,
         command_s=command_s,
         diff_s=time.monotonic() - t_diff,
     )
+
+
+def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
+    """Read a plan from ``sock``, run it (in ``prepared`` if it fits), send the result back."""
+    try:
+        plan: SandboxPlan = _wire.recv(sock)
+    except (OSError, EOFError):
+        if prepared is not None:
+            prepared.close()
+        return  # the daemon went away before sending a plan
+    warm = prepared is not None and prepared.key == plan.template_key
+    try:
+        if not warm:
+            if prepared is not None:
+                prepared.close()  # built from an older template: throw it away
+            prepared = prepare(plan.template, plan.template_key)
+        assert prepared is not None
+        result = run(prepared, plan.run, sock.fileno())
+        result = dataclasses.replace(result, warm=warm, setup_s=0.0 if warm else prepared.setup_s)
+    except Exception as exc:
+        result = SandboxResult(error=f"{type(exc).__name__}: {exc}", error_kind="setup")
+    with contextlib.suppress(OSError):
+        _wire.send(sock, result)  # the result goes out before the clean-up
+    if prepared is not None:
+        prepared.close()
+
+
+def serve_warm(template: SandboxTemplate, key: bytes, pool: socket.socket) -> None:
+    """A warm sandbox: prepare now, then wait for a request socket from the spawner."""
+    prepared = prepare(template, key)
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(pool, 1, 1)
+    except OSError:
+        msg, fds = b"", []
+    if not msg or not fds:
+        prepared.close()  # the spawner retired us (new template, idle, or shutdown)
+        return
+    serve_request(socket.socket(fileno=fds[0]), prepared)

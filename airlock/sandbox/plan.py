@@ -8,7 +8,9 @@ executes plans, step by step, and names the failing step when one fails.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +30,15 @@ __all__ = [
     "PivotRoot",
     "Proc",
     "ReadOnlyRebind",
+    "RunSpec",
     "SandboxPlan",
     "SandboxSettings",
+    "SandboxTemplate",
     "Symlink",
     "Sysfs",
     "Tmpfs",
-    "build_plan",
+    "build_run",
+    "build_template",
     "parse_mountinfo",
 ]
 
@@ -173,16 +178,13 @@ class SandboxSettings:
 
 
 @dataclass(frozen=True)
-class SandboxPlan:
-    """Everything the privileged code will do for one dry run, decided in advance."""
+class SandboxTemplate:
+    """What every dry run of this daemon shares: namespaces, mounts, limits.
 
-    sandbox_id: str
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    cwd: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
+    A warm sandbox is built from a template before any request arrives; the
+    request then only supplies a :class:`RunSpec`.
+    """
+
     hostname: str
     namespaces: int
     scratch_dir: str
@@ -192,10 +194,38 @@ class SandboxPlan:
     # Run by the sandbox's pid 1 in its own copy of the mount namespace.
     init_setup: tuple[InitOp, ...]
     layers: tuple[Layer, ...]
-    diff: DiffOptions
+    # The cgroup's limits; its name is chosen per sandbox (``CgroupSpec.name`` is a prefix).
     cgroup: CgroupSpec
+
+    @property
+    def key(self) -> bytes:
+        """Identifies the template: a warm sandbox serves only requests with its key."""
+        return hashlib.sha256(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one request adds: the command, who runs it, where, for how long."""
+
+    sandbox_id: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
     timeout_s: float
     output_bytes: int
+    diff: DiffOptions
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """Everything the privileged code will do for one dry run, decided in advance."""
+
+    template: SandboxTemplate
+    run: RunSpec
+    template_key: bytes
 
 
 # --- Host mount table -------------------------------------------------------------------------
@@ -266,24 +296,14 @@ def _dev_ops(root: str) -> list[MountOp]:
     return ops
 
 
-def build_plan(
+def build_template(
     *,
-    sandbox_id: str,
-    command: str,
-    cwd: str,
-    env: tuple[tuple[str, str], ...],
-    uid: int,
-    gid: int,
-    groups: tuple[int, ...],
-    timeout_s: float,
-    scratch_bytes: int,
-    output_bytes: int,
-    diff_options: DiffOptions,
-    cgroup: CgroupSpec,
     settings: SandboxSettings,
+    scratch_bytes: int,
+    cgroup: CgroupSpec,
     host_mounts: tuple[HostMount, ...],
-) -> SandboxPlan:
-    """Decide every step of one dry run. Pure: reads nothing, changes nothing."""
+) -> SandboxTemplate:
+    """Decide every set-up step shared by this daemon's dry runs. Pure."""
     scratch = settings.scratch_dir
     root = f"{scratch}/root"
     ops: list[MountOp] = [Tmpfs(scratch, f"mode=700,size={scratch_bytes}")]
@@ -321,17 +341,7 @@ def build_plan(
         for p in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
     ]
     init_ops.append(PivotRoot(root))
-
-    env_dict = dict(env)
-    env_dict.setdefault("PATH", DEFAULT_PATH)
-    return SandboxPlan(
-        sandbox_id=sandbox_id,
-        argv=(settings.bash, "-c", command),
-        env=tuple(sorted(env_dict.items())),
-        cwd=posixpath.normpath(cwd),
-        uid=uid,
-        gid=gid,
-        groups=groups,
+    return SandboxTemplate(
         hostname=settings.hostname,
         namespaces=sc.CLONE_NEWNS
         | sc.CLONE_NEWPID
@@ -343,8 +353,36 @@ def build_plan(
         host_setup=tuple(ops),
         init_setup=tuple(init_ops),
         layers=tuple(layers),
-        diff=diff_options,
         cgroup=cgroup,
+    )
+
+
+def build_run(
+    *,
+    sandbox_id: str,
+    command: str,
+    cwd: str,
+    env: tuple[tuple[str, str], ...],
+    uid: int,
+    gid: int,
+    groups: tuple[int, ...],
+    timeout_s: float,
+    output_bytes: int,
+    diff_options: DiffOptions,
+    settings: SandboxSettings,
+) -> RunSpec:
+    """Decide what one request runs. Pure."""
+    env_dict = dict(env)
+    env_dict.setdefault("PATH", DEFAULT_PATH)
+    return RunSpec(
+        sandbox_id=sandbox_id,
+        argv=(settings.bash, "-c", command),
+        env=tuple(sorted(env_dict.items())),
+        cwd=posixpath.normpath(cwd),
+        uid=uid,
+        gid=gid,
+        groups=groups,
         timeout_s=timeout_s,
         output_bytes=output_bytes,
+        diff=diff_options,
     )

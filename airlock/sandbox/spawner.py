@@ -4,7 +4,7 @@ The gRPC server runs many threads, and forking a threaded process is unsafe
 (locks held by other threads stay locked in the child). So the daemon *execs*
 this helper once, before its server starts, and asks it for sandboxes::
 
-    daemon ──(control socket: 1 byte + SCM_RIGHTS fd)──▶ spawner ──fork──▶ supervisor
+    daemon ──(control socket: message + SCM_RIGHTS fd)──▶ spawner ──fork──▶ supervisor
        ▲                                                                      │
        └──────────────── per-request socket: plan in, result out ─────────────┘
 
@@ -12,86 +12,141 @@ The helper imports only the sandbox modules (no grpc), so it is small and its
 forks are fast. It never reads plans itself: each supervisor reads its own plan
 from the per-request socket and writes the result back on it. Closing that socket
 from the daemon's side cancels the dry run.
+
+Warm pool: the daemon announces its :class:`SandboxTemplate` (``T`` message);
+the spawner keeps ``pool`` sandboxes prepared from it (``contain.serve_warm``),
+each waiting for a request socket. A request (``R`` message) whose template key
+matches goes to a warm sandbox; otherwise, or when none is ready, a cold
+supervisor prepares one on the spot. Every sandbox serves exactly one request.
+Warm sandboxes older than ``_MAX_IDLE_S`` are retired, so none sees a host that
+changed long after it was built.
 """
 
 from __future__ import annotations
 
+import argparse
 import array
 import contextlib
-import io
 import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from airlock._errors import Cancelled, SandboxError, Unavailable
 from airlock.sandbox import _syscalls as sc
+from airlock.sandbox import _wire
 
-__all__ = ["Spawner", "main"]
+__all__ = ["Run", "Spawner", "main"]
 
-_HEADER = struct.Struct("!Q")
-_MAX_MESSAGE = 256 * 1024 * 1024
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Only Airlock's own dataclasses and enums may be named in a message."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("airlock.") and not name.startswith("_"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _dumps(obj: object) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError("peer closed the socket")
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv_message(sock: socket.socket) -> Any:
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if size > _MAX_MESSAGE:
-        raise EOFError(f"message of {size} bytes is too large")
-    return _RestrictedUnpickler(io.BytesIO(_recv_exact(sock, size))).load()
+_KEY_BYTES = 32
+_MAX_IDLE_S = 30.0
+_TICK_S = 1.0
+# A template is a few KiB; SEQPACKET messages are bounded by the socket buffer (~208 KiB).
+_MAX_CONTROL = 200 * 1024
 
 
 # --- Helper side ------------------------------------------------------------------------------
 
 
-def _serve_one(request_fd: int) -> None:
-    """In a forked child: read the plan, supervise it, send the result back."""
-    from airlock.sandbox.contain import SandboxResult, supervise
+@dataclass
+class _Warm:
+    pid: int
+    sock: socket.socket
+    born: float
 
-    sock = socket.socket(fileno=request_fd)
+
+class _Pool:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.template: Any = None
+        self.key = b""
+        self.ready: list[_Warm] = []
+
+    def retire(self, warm: _Warm) -> None:
+        warm.sock.close()  # EOF: the warm supervisor tears its sandbox down and exits
+
+    def set_template(self, template: Any, key: bytes) -> None:
+        for warm in self.ready:
+            self.retire(warm)
+        self.ready = []
+        self.template, self.key = template, key
+
+    def refill(self, control: socket.socket) -> None:
+        while self.template is not None and len(self.ready) < self.size:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+            if pid == 0:
+                control.close()
+                ours.close()
+                for warm in self.ready:
+                    warm.sock.close()
+                _child(_serve_warm, self.template, self.key, theirs)
+            theirs.close()
+            self.ready.append(_Warm(pid, ours, time.monotonic()))
+
+    def take(self, key: bytes) -> _Warm | None:
+        if key != self.key:
+            return None
+        while self.ready:
+            warm = self.ready.pop(0)
+            if _alive(warm.sock):
+                return warm
+            self.retire(warm)
+        return None
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for warm in self.ready:
+            if now - warm.born > _MAX_IDLE_S or not _alive(warm.sock):
+                self.retire(warm)
+            else:
+                keep.append(warm)
+        self.ready = keep
+
+
+def _alive(sock: socket.socket) -> bool:
+    """A warm supervisor that died (its set-up failed) closes its end: readable EOF."""
+    import select
+
+    readable, _, _ = select.select([sock], [], [], 0)
+    return not readable
+
+
+def _child(body: Any, *args: Any) -> None:
+    """In a forked child: default SIGCHLD (supervisors wait for their init), run, exit."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        plan = _recv_message(sock)
-        try:
-            result = supervise(plan, sock.fileno())
-        except Exception as exc:
-            result = SandboxResult(error=f"{type(exc).__name__}: {exc}", error_kind="setup")
-        sock.sendall(_dumps(result))
-    except (OSError, EOFError):
-        pass  # the daemon went away; nothing to report to
+        body(*args)
+    finally:
+        os._exit(0)
+
+
+def _serve_cold(request_fd: int) -> None:
+    from airlock.sandbox.contain import serve_request
+
+    serve_request(socket.socket(fileno=request_fd), None)
+
+
+def _serve_warm(template: Any, key: bytes, pool_sock: socket.socket) -> None:
+    from airlock.sandbox.contain import serve_warm
+
+    serve_warm(template, key, pool_sock)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the helper: ``python -m airlock.sandbox.spawner FD``."""
-    args = sys.argv[1:] if argv is None else argv
-    control = socket.socket(fileno=int(args[0]))
+    """Entry point of the helper: ``python -m airlock.sandbox.spawner FD [--pool N]``."""
+    parser = argparse.ArgumentParser(prog="airlock-spawner")
+    parser.add_argument("fd", type=int)
+    parser.add_argument("--pool", type=int, default=0)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    control = socket.socket(fileno=args.fd)
     control.set_inheritable(False)
     sc.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() == 1:
@@ -102,28 +157,43 @@ def main(argv: list[str] | None = None) -> int:
     # Warm the imports every supervisor needs, so forks do not repeat them.
     import airlock.sandbox.contain  # noqa: F401
 
-    fd_size = array.array("i").itemsize
+    pool = _Pool(args.pool)
+    control.settimeout(_TICK_S)
     while True:
         try:
-            msg, ancdata, _flags, _addr = control.recvmsg(
-                1, socket.CMSG_LEN(fd_size), socket.MSG_CMSG_CLOEXEC
-            )
+            msg, fds, _flags, _addr = socket.recv_fds(control, _MAX_CONTROL, 1)
+        except TimeoutError:
+            pool.expire()
+            pool.refill(control)
+            continue
         except InterruptedError:
             continue
         if not msg:
+            pool.set_template(None, b"")
             return 0  # the daemon closed the control socket: shut down
-        fds = array.array("i")
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - (len(data) % fd_size)])
-        for request_fd in fds:
-            pid = os.fork()
-            if pid == 0:
-                control.close()
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _serve_one(request_fd)
-                os._exit(0)
-            os.close(request_fd)
+        kind, body = msg[:1], msg[1:]
+        if kind == b"T":
+            template = _wire.loads(body[_KEY_BYTES + 8 :])
+            pool.set_template(template, body[:_KEY_BYTES])
+        elif kind == b"R" and fds:
+            warm = pool.take(body[:_KEY_BYTES])
+            if warm is not None:
+                try:
+                    socket.send_fds(warm.sock, [b"R"], [fds[0]])
+                except OSError:
+                    warm = None
+                else:
+                    warm.sock.close()
+            if warm is None:
+                pid = os.fork()
+                if pid == 0:
+                    control.close()
+                    for w in pool.ready:
+                        w.sock.close()
+                    _child(_serve_cold, fds[0])
+        for fd in fds:
+            os.close(fd)
+        pool.refill(control)
 
 
 # --- Daemon side ------------------------------------------------------------------------------
@@ -143,7 +213,7 @@ class Run:
 
     def result(self) -> Any:
         try:
-            return _recv_message(self._sock)
+            return _wire.recv(self._sock)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             if self._cancelled:
                 raise Cancelled("the request was cancelled; the sandbox was torn down") from None
@@ -155,44 +225,63 @@ class Run:
 class Spawner:
     """The daemon's handle on the helper process. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: int = 0) -> None:
+        self._pool = pool
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
+        self._announced = b""
 
     def start(self) -> None:
         """Exec the helper. Call before any gRPC thread exists, and again to restart it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "airlock.sandbox.spawner", str(theirs.fileno())],
+            [
+                sys.executable,
+                "-m",
+                "airlock.sandbox.spawner",
+                str(theirs.fileno()),
+                "--pool",
+                str(self._pool),
+            ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         )
         theirs.close()
         self._control = ours
+        self._announced = b""
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def submit(self, plan: object) -> Run:
-        """Hand a plan to a new supervisor; returns at once."""
+    def submit(self, plan: Any) -> Run:
+        """Hand a plan to a (warm or new) supervisor; returns at once."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with self._lock:
                 if self._control is None or (self._proc and self._proc.poll() is not None):
                     self.start()  # exec (not fork) from a threaded process is safe
                 assert self._control is not None
-                fds = array.array("i", [theirs.fileno()])
-                self._control.sendmsg([b"R"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                key: bytes = plan.template_key
+                if key != self._announced:
+                    body = _wire.dumps(plan.template)
+                    if len(body) + 1 + len(key) > _MAX_CONTROL:
+                        raise SandboxError(f"the sandbox template is too large ({len(body)} B)")
+                    self._control.send(b"T" + key + body)
+                    self._announced = key
+                self._control.sendmsg(
+                    [b"R" + key],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
+                )
         except OSError as exc:
             ours.close()
             raise Unavailable(f"the sandbox helper is not running: {exc}") from None
         finally:
             theirs.close()
         try:
-            ours.sendall(_dumps(plan))
+            _wire.send(ours, plan)
         except OSError as exc:
             ours.close()
             raise SandboxError(f"could not hand the plan to the sandbox: {exc}") from None

@@ -7,15 +7,24 @@ import os
 from airlock.sandbox import _syscalls
 
 
-def become(uid: int, gid: int, groups: tuple[int, ...]) -> None:
-    """Switch this process to ``uid``/``gid``/``groups`` and shed every privilege.
+def shed_bounding_set() -> None:
+    """Step 1, before anything is known of the request: nothing execve'd can gain capabilities.
 
-    The order is the checklist: bounding set and securebits while CAP_SETPCAP is
-    still held; then groups, gid, uid; then the remaining capability sets; then
-    no_new_privs so no setuid binary or file capability can raise them again.
+    Empties the bounding and ambient sets and locks the securebits (uid 0 gains
+    nothing at execve). Needs CAP_SETPCAP, so it comes before the uid change; the
+    process keeps its permitted set (CAP_SETUID, ...) for :func:`become`.
     """
     _syscalls.drop_bounding_set()
     _syscalls.lock_securebits()
+
+
+def become(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    """Step 2: switch to ``uid``/``gid``/``groups`` and shed the remaining privileges.
+
+    Groups, gid, uid; then the capability sets are cleared (the locked
+    securebits keep a uid change from doing it); then no_new_privs, so no setuid
+    binary or file capability can raise them again.
+    """
     os.setgroups(list(groups))
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)

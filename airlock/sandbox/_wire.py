@@ -1,0 +1,71 @@
+"""Messages between the daemon, the spawner and supervisors: length-prefixed pickles.
+
+Only Airlock's own frozen dataclasses and enums may be named in a message: the
+unpickler refuses every other class, so a message can carry data, never code.
+Every peer is Airlock's own root-owned process; no message ever comes from the
+sandboxed command.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import struct
+from typing import Any
+
+__all__ = ["dumps", "loads", "read_fd", "recv", "send"]
+
+_HEADER = struct.Struct("!Q")
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("airlock.") and not name.startswith("_"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def dumps(obj: object) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def loads(data: bytes) -> Any:
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def _size(header: bytes) -> int:
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_MESSAGE:
+        raise EOFError(f"message of {size} bytes is too large")
+    return int(size)
+
+
+def _exact(read: Any, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = read(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("peer closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def send(sock: socket.socket, obj: object) -> None:
+    sock.sendall(dumps(obj))
+
+
+def recv(sock: socket.socket) -> Any:
+    return loads(_exact(sock.recv, _size(_exact(sock.recv, _HEADER.size))))
+
+
+def read_fd(fd: int) -> Any:
+    """Read one message from a pipe."""
+
+    def read(n: int) -> bytes:
+        return os.read(fd, n)
+
+    return loads(_exact(read, _size(_exact(read, _HEADER.size))))
