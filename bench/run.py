@@ -7,15 +7,17 @@ are compared with the targets in ``docs/performance.md`` and reported as met or 
 Sections (see ``docs/performance.md`` for what each one means):
 
 1. End-to-end ``Validate`` latency from the Python client, and the daemon's own
-   timing breakdown, for ``true``, ``echo hi > f`` and a command creating 1,000 files.
+   timing breakdown, for ``true``, ``echo hi > f`` and a command creating 1,000 files,
+   against a daemon with default settings (warm pool of 2); ``true`` also after 0.2 s
+   of quiet, and against a second daemon with ``--warm-pool 0`` (every sandbox cold).
 2. References, timed as subprocesses the same way: ``bash -c true``,
    ``unshare -mpinu --fork true`` and ``bwrap --unshare-all ... true``.
-3. The diff of 10,000 created files.
+3. The diff of 10,000 created files, and what moving that result costs.
 4. Throughput with 8 concurrent clients.
-5. The daemon's RSS when idle (daemon and its spawner helper).
-6. The spawner choice: daemon vs ``Engine.validate`` vs ``Spawner.submit`` vs a
-   supervisor forked directly from a single-threaded process; and the cost of a
-   fresh process's first write to ``cgroup.procs``.
+5. Idle memory of the daemon, its spawner helper and the warm sandboxes.
+6. The spawner choice: daemon vs ``Engine.validate`` vs ``Spawner.submit`` (warm and
+   cold) vs a cold sandbox forked from a single-threaded process (``bench/_direct.py``);
+   and the cost of a fresh process's first write to ``cgroup.procs``.
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--runs N] [--out PATH]``.
 """
@@ -45,6 +47,7 @@ from typing import Any
 import psutil
 from _stats import format_table, ms, summarize
 
+import airlock
 from airlock import _convert
 from airlock.client import Client
 from airlock.engine import DaemonConfig
@@ -170,6 +173,11 @@ def start_daemon(base: Path, *args: str) -> Daemon:
 # --- Measurements -----------------------------------------------------------------------------
 
 
+def is_warm(v: Validation) -> bool:
+    """Whether a sandbox prepared before the request served it."""
+    return bool(getattr(v.timings, "warm", v.timings.sandbox_setup_s == 0))
+
+
 def timings_of(v: Validation) -> dict[str, float]:
     t = v.timings
     return {
@@ -220,7 +228,7 @@ def measure_validate(
         if v.exit_code != 0 or (expect_changes is not None and len(v.changes) != expect_changes):
             failures += 1
         changes, truncated = len(v.changes), int(v.changes_truncated)
-        warm += t["sandbox_setup"] == 0  # a warm sandbox was set up before the request
+        warm += is_warm(v)
     if keep is not None and v is not None:
         keep.append(v)
     return {
@@ -301,6 +309,7 @@ def measure_throughput(socket_path: str, cwd: str, seconds: float) -> dict[str, 
     """CLIENTS threads, each with its own Client, run ``true`` back to back."""
     barrier = threading.Barrier(CLIENTS + 1)
     latencies: list[list[float]] = [[] for _ in range(CLIENTS)]
+    warm = [0] * CLIENTS
     errors: list[str] = []
     stop_at = [0.0]
 
@@ -311,11 +320,12 @@ def measure_throughput(socket_path: str, cwd: str, seconds: float) -> dict[str, 
             while time.perf_counter() < stop_at[0]:
                 t0 = time.perf_counter()
                 try:
-                    c.validate("true", cwd=cwd)
+                    v = c.validate("true", cwd=cwd)
                 except Exception as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
                     continue
                 latencies[i].append(time.perf_counter() - t0)
+                warm[i] += is_warm(v)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
@@ -333,6 +343,7 @@ def measure_throughput(socket_path: str, cwd: str, seconds: float) -> dict[str, 
         "seconds": round(elapsed, 3),
         "validations": done,
         "per_s": round(done / elapsed, 1),
+        "warm_runs": sum(warm),
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
         "latency_ms": summarize([x for xs in latencies for x in xs]),
@@ -449,7 +460,7 @@ def measure_spawner_choice(
             t0 = time.perf_counter()
             v = client.validate("true", cwd=daemon.workspace, timeout=60)
             series["daemon"].append(time.perf_counter() - t0)
-            warm_runs["daemon"] += v.timings.sandbox_setup_s == 0
+            warm_runs["daemon"] += is_warm(v)
         for mode in modes:
             reply = worker.ask(mode, per_round)
             series[mode] += reply["run_s"]
@@ -526,12 +537,20 @@ def meta(quick: bool, b: Budget) -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     host = cgroup.detect()
+    git = subprocess.run(
+        ["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
         "cores": os.cpu_count(),
         "cpu": model,
         "python": platform.python_version(),
+        "airlock": str(Path(airlock.__file__).parent),
+        "commit": git.stdout.strip() or "unknown",
         "cgroup": host.version.name.lower(),
         "quick": quick,
         "runs": b.runs,
@@ -595,6 +614,7 @@ def print_report(r: dict[str, Any]) -> None:
         f"  cgroup {m['cgroup']}  runs {m['runs']}  load {r['load']['before']} -> "
         f"{r['load']['after']}  other airlockd daemons (max seen): {r['load']['other_daemons_max']}"
     )
+    print(f"airlock from {m['airlock']} (commit {m['commit']}), Python {m['python']}")
 
     rows = []
     for name, e in r["e2e"].items():
@@ -648,9 +668,9 @@ def print_report(r: dict[str, Any]) -> None:
         )
     )
     print(
-        "   hop = sandbox_s - (setup + command + diff): plan and result pickling, helper hop, cgroup;"
+        "   hop = sandbox_s - (setup + command + diff): pickling, helper hop, cgroup;"
         " grpc = client time - daemon total;\n   warm = runs served by a sandbox prepared before"
-        " the request (sandbox_setup 0)\n"
+        " the request (timings.warm)\n"
         f"   *_isolated: each run after {ISOLATED_GAP_S:g} s idle (an interactive caller);"
         " the others run back to back\n"
         "   *_cold: a daemon with --warm-pool 0, i.e. every sandbox is built on request (what"
@@ -718,11 +738,12 @@ def print_report(r: dict[str, Any]) -> None:
     print(
         format_table(
             f"4. Throughput: {t['clients']} clients running `true` for {t['seconds']} s",
-            ["validations/s", "validations", "errors", "lat p50", "lat p90", "lat p99"],
+            ["validations/s", "validations", "warm", "errors", "lat p50", "lat p90", "lat p99"],
             [
                 [
                     f"{t['per_s']}",
                     str(t["validations"]),
+                    str(t["warm_runs"]),
                     str(t["errors"]),
                     ms(t["latency_ms"]),
                     ms(t["latency_ms"], "p90"),
@@ -957,7 +978,7 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
             if warm:
                 failures.append(
                     f"airlockd --warm-pool 0 served {warm} requests from warm sandboxes"
-                    " (sandbox_setup 0): the flag is not honoured, so the *_cold rows are warm"
+                    ": the flag is not honoured, so the *_cold rows are not cold"
                 )
             if cold.stop() != 0:
                 failures.append(f"airlockd --warm-pool 0 exited with {cold.proc.returncode}")
