@@ -28,7 +28,7 @@ import math
 from fractions import Fraction
 from typing import TypeVar
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from airlock import types
 from airlock._errors import InvalidRequest
@@ -133,6 +133,7 @@ def validate_request_to_proto(req: types.ValidateRequest) -> pb.ValidateRequest:
         msg.uid = _checked_uint32("uid", req.uid)
     if req.gid is not None:
         msg.gid = _checked_uint32("gid", req.gid)
+    msg.force_dry_run = req.force_dry_run
     return msg
 
 
@@ -145,6 +146,7 @@ def validate_request_from_proto(msg: pb.ValidateRequest) -> types.ValidateReques
         timeout_s=_duration_from_proto(msg.timeout) if msg.HasField("timeout") else None,
         uid=msg.uid if msg.HasField("uid") else None,
         gid=msg.gid if msg.HasField("gid") else None,
+        force_dry_run=msg.force_dry_run,
     )
 
 
@@ -295,6 +297,32 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
         resource_usage=_usage_to_proto(v.resource_usage),
         uid=v.uid,
         gid=v.gid,
+        dry_run_skip=pb.DryRunSkip.ValueType(v.dry_run_skip.value),
+        static_analysis=_static_to_proto(v.static),
+        policy_version=v.policy_version,
+    )
+
+
+def _static_to_proto(s: types.StaticSummary) -> pb.StaticAnalysis:
+    return pb.StaticAnalysis(
+        command_count=s.command_count,
+        command_names=list(s.command_names),
+        action=pb.ActionClass.ValueType(s.action.value),
+        risk=pb.RiskTier.ValueType(s.risk.value),
+        scope=pb.Scope.ValueType(s.scope.value),
+        read_only=s.read_only,
+    )
+
+
+def _static_from_proto(msg: pb.StaticAnalysis) -> types.StaticSummary:
+    # Unknown or unset classes read as the most cautious value.
+    return types.StaticSummary(
+        command_count=msg.command_count,
+        command_names=tuple(msg.command_names),
+        action=_enum_from_proto(types.ActionClass, msg.action, types.ActionClass.ADMIN),
+        risk=_enum_from_proto(types.RiskTier, msg.risk, types.RiskTier.SENSITIVE),
+        scope=_enum_from_proto(types.Scope, msg.scope, types.Scope.NETWORK),
+        read_only=msg.read_only,
     )
 
 
@@ -321,6 +349,42 @@ def validation_from_proto(msg: pb.ValidateResponse) -> types.Validation:
         resource_usage=_usage_from_proto(msg.resource_usage),
         uid=msg.uid,
         gid=msg.gid,
+        dry_run_skip=_enum_from_proto(types.DryRunSkip, msg.dry_run_skip, types.DryRunSkip.NONE),
+        static=_static_from_proto(msg.static_analysis),
+        policy_version=msg.policy_version,
+    )
+
+
+# --- Policy ----------------------------------------------------------------------------
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(round(seconds * 1_000_000_000))
+    return ts
+
+
+def policy_to_proto(p: types.PolicyInfo) -> pb.GetPolicyResponse:
+    return pb.GetPolicyResponse(
+        version=p.version,
+        directory=p.directory,
+        files=list(p.files),
+        rule_count=p.rule_count,
+        loaded_at=_timestamp(p.loaded_at),
+        last_reload_error=p.last_reload_error,
+        last_reload_at=_timestamp(p.last_reload_at),
+    )
+
+
+def policy_from_proto(msg: pb.GetPolicyResponse) -> types.PolicyInfo:
+    return types.PolicyInfo(
+        version=msg.version,
+        directory=msg.directory,
+        files=tuple(msg.files),
+        rule_count=msg.rule_count,
+        loaded_at=msg.loaded_at.ToNanoseconds() / 1_000_000_000,
+        last_reload_error=msg.last_reload_error,
+        last_reload_at=msg.last_reload_at.ToNanoseconds() / 1_000_000_000,
     )
 
 

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from airlock._errors import InvalidRequest, PermissionDenied, SandboxError
-from airlock.policy import builtin
-from airlock.policy.summary import summarize
+from airlock.policy import builtin, shell
+from airlock.policy.model import Analysis
+from airlock.policy.store import PolicyStore
+from airlock.policy.summary import denied_summary, policy_sentence, read_only_summary, summarize
 from airlock.sandbox import mnt
 from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.contain import SandboxResult
@@ -34,12 +36,16 @@ from airlock.sandbox.plan import (
 )
 from airlock.sandbox.spawner import Spawner
 from airlock.types import (
+    DryRunSkip,
     Limits,
     PeerCred,
     ResourceUsage,
+    StaticSummary,
+    Termination,
     Timings,
     ValidateRequest,
     Validation,
+    Verdict,
 )
 
 __all__ = ["DaemonConfig", "Engine", "Identity", "check_request"]
@@ -57,6 +63,8 @@ class DaemonConfig:
     limits: Limits = field(default_factory=Limits)
     # Sandboxes the spawner keeps prepared ahead of requests (0: prepare on demand).
     warm_pool: int = 2
+    # The policy directory; None: the shipped default policy.
+    policy_dir: str | None = None
 
     @property
     def scratch_dir(self) -> str:
@@ -181,8 +189,15 @@ def resolve_identity(req: ValidateRequest, peer: PeerCred) -> Identity:
 class Engine:
     """Turns a request into a validation. Thread-safe; one instance per daemon."""
 
-    def __init__(self, config: DaemonConfig, spawner: Spawner, cgroup_host: CgroupHost) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        spawner: Spawner,
+        cgroup_host: CgroupHost,
+        policy: PolicyStore,
+    ) -> None:
         self.config = config
+        self._policy = policy
         self._spawner = spawner
         self._cgroups = cgroup_host
         self._settings = SandboxSettings(
@@ -212,10 +227,11 @@ class Engine:
                 self._template = (mounts, template, template.key)
             return self._template[1], self._template[2]
 
-    def plan(self, req: ValidateRequest, peer: PeerCred, validation_id: str) -> SandboxPlan:
+    def plan(
+        self, req: ValidateRequest, cwd: str, timeout: float, who: Identity, validation_id: str
+    ) -> SandboxPlan:
+        """The plan of one dry run for a checked request."""
         limits = self.config.limits
-        cwd, timeout = check_request(req, limits)
-        who = resolve_identity(req, peer)
         template, key = self.template()
         run = build_run(
             sandbox_id=validation_id,
@@ -245,10 +261,50 @@ class Engine:
         on_cancel: Callable[[Callable[[], None]], object] | None = None,
         validation_id: str | None = None,
     ) -> Validation:
-        """Dry-run ``req`` for ``peer``. ``on_cancel`` registers the tear-down callback."""
+        """Judge ``req`` for ``peer``: the static pass, then (unless it settles it) the dry run.
+
+        ``on_cancel`` registers the dry run's tear-down callback with the caller.
+        """
         t0 = time.monotonic()
         validation_id = validation_id or uuid.uuid4().hex
-        plan = self.plan(req, peer, validation_id)
+        cwd, timeout = check_request(req, self.config.limits)
+        who = resolve_identity(req, peer)
+
+        # 1. The static pass: parse, model, rules. One bundle judges the whole validation.
+        bundle = self._policy.bundle
+        analysis = shell.analyze(req.command)
+        static = bundle.evaluate(analysis)
+        summary_static = _static_summary(analysis)
+        t_static = time.monotonic()
+
+        def settled(skip: DryRunSkip, verdict: Verdict, summary: str) -> Validation:
+            return Validation(
+                validation_id=validation_id,
+                verdict=verdict,
+                summary=summary,
+                findings=static.findings,
+                sandboxed=False,
+                termination=Termination.EXITED,
+                exit_code=-1,
+                timings=Timings(static_analysis_s=t_static - t0, total_s=time.monotonic() - t0),
+                uid=who.uid,
+                gid=who.gid,
+                dry_run_skip=skip,
+                static=summary_static,
+                policy_version=bundle.version,
+            )
+
+        # 2. A static deny needs no dry run (running `rm -rf /` to watch it is waste),
+        #    unless the caller asks for one; a read-only line the policy allows needs none.
+        if static.verdict is Verdict.DENY and not req.force_dry_run:
+            return settled(DryRunSkip.STATIC_DENY, Verdict.DENY, denied_summary(static.findings))
+        if static.allowed_read_only:
+            return settled(
+                DryRunSkip.READ_ONLY, Verdict.ALLOW, read_only_summary(summary_static.command_names)
+            )
+
+        # 3. The dry run.
+        plan = self.plan(req, cwd, timeout, who, validation_id)
         t_plan = time.monotonic()
         run = self._spawner.submit(plan)
         if on_cancel is not None:
@@ -264,7 +320,16 @@ class Engine:
             raise SandboxError(f"the sandbox could not be set up: {result.error}")
         assert result.diff is not None and result.cgroup is not None
         changes, truncated = result.diff.changes, result.diff.truncated
-        verdict, findings = builtin.judge(changes, result.termination, truncated)
+
+        # 4. The verdict: the strictest of the static pass and the dry run's built-in rules.
+        dynamic_verdict, dynamic_findings = builtin.judge(changes, result.termination, truncated)
+        verdict = max(static.verdict or Verdict.ALLOW, dynamic_verdict)
+        findings = tuple(
+            sorted(
+                (*static.findings, *dynamic_findings),
+                key=lambda f: (-f.verdict, -f.severity, f.span, f.rule_id),
+            )
+        )
         summary = summarize(
             changes=changes,
             changes_truncated=truncated,
@@ -273,7 +338,7 @@ class Engine:
             signal=result.signal,
             timeout_s=plan.run.timeout_s,
             workspace=plan.run.cwd,
-        )
+        ) + policy_sentence(verdict, findings)
         stats = result.cgroup
         return Validation(
             validation_id=validation_id,
@@ -308,4 +373,21 @@ class Engine:
             ),
             uid=plan.run.uid,
             gid=plan.run.gid,
+            static=summary_static,
+            policy_version=bundle.version,
         )
+
+
+_MAX_NAMES = 64
+
+
+def _static_summary(analysis: Analysis) -> StaticSummary:
+    c = analysis.classification
+    return StaticSummary(
+        command_count=len(analysis.commands),
+        command_names=tuple(cmd.name for cmd in analysis.commands[:_MAX_NAMES]),
+        action=c.action,
+        risk=c.risk,
+        scope=c.scope,
+        read_only=analysis.read_only,
+    )

@@ -56,6 +56,42 @@ class Termination(enum.IntEnum):
     CANCELLED = 5
 
 
+class DryRunSkip(enum.IntEnum):
+    """Why a validation did not run the command in the sandbox (NONE: it did)."""
+
+    NONE = 0
+    STATIC_DENY = 1
+    READ_ONLY = 2
+
+
+class ActionClass(enum.IntEnum):
+    """What a command does, least to most powerful."""
+
+    READ = 1
+    WRITE = 2
+    EXECUTE = 3
+    ADMIN = 4
+
+
+class RiskTier(enum.IntEnum):
+    """How bad it is if the command is wrong, least to most."""
+
+    SAFE = 1
+    DESTRUCTIVE = 2
+    IRREVERSIBLE = 3
+    SENSITIVE = 4
+
+
+class Scope(enum.IntEnum):
+    """How far the command reaches, narrowest to widest."""
+
+    WORKSPACE = 1
+    REPOSITORY = 2
+    USER_HOME = 3
+    SYSTEM = 4
+    NETWORK = 5
+
+
 class CgroupVersion(enum.IntEnum):
     NONE = 0
     V1 = 1
@@ -81,6 +117,7 @@ class ValidateRequest:
     timeout_s: float | None = None
     uid: int | None = None
     gid: int | None = None
+    force_dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +175,31 @@ class ResourceUsage:
 
 
 @dataclass(frozen=True)
+class StaticSummary:
+    """The static pass's view of a command line, as reported to clients."""
+
+    command_count: int = 0
+    command_names: tuple[str, ...] = ()
+    action: ActionClass = ActionClass.READ
+    risk: RiskTier = RiskTier.SAFE
+    scope: Scope = Scope.WORKSPACE
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """The policy bundle in force (GetPolicy)."""
+
+    version: str
+    directory: str
+    files: tuple[str, ...]
+    rule_count: int
+    loaded_at: float  # seconds since the epoch
+    last_reload_error: str = ""
+    last_reload_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class Validation:
     """The result of one ``Validate``: the dry run, its changes and the verdict."""
 
@@ -159,6 +221,9 @@ class Validation:
     resource_usage: ResourceUsage = field(default_factory=ResourceUsage)
     uid: int = 0
     gid: int = 0
+    dry_run_skip: DryRunSkip = DryRunSkip.NONE
+    static: StaticSummary = field(default_factory=StaticSummary)
+    policy_version: str = ""
 
 
 @dataclass(frozen=True)

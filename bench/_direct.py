@@ -37,12 +37,18 @@ import time
 import uuid
 from typing import Any
 
-from airlock.engine import DaemonConfig, Engine
+from airlock.engine import DaemonConfig, Engine, check_request, resolve_identity
+from airlock.policy.store import PolicyStore
 from airlock.sandbox import _wire, cgroup, contain
 from airlock.sandbox.cgroup import Cgroup, CgroupSpec
 from airlock.sandbox.plan import SandboxPlan
 from airlock.sandbox.spawner import Spawner
 from airlock.types import PeerCred, ValidateRequest
+
+# The sandbox is measured with a policy that has no opinion, so every command is dry-run.
+NEUTRAL_POLICY = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "neutral-policy"
+)
 
 _POOL = 2
 _COMMAND = "true"
@@ -90,14 +96,16 @@ class Worker:
         self.warm = Spawner(pool=_POOL)
         for spawner in (self.cold, self.warm):
             spawner.start()
-        self.engine = Engine(self.config, self.warm, self.host)
+        self.engine = Engine(self.config, self.warm, self.host, PolicyStore(NEUTRAL_POLICY))
         self.peer = PeerCred(pid=os.getpid(), uid=0, gid=0)
         self.request = ValidateRequest(command=_COMMAND, cwd=cwd, env=(), timeout_s=30.0)
+        self.cwd, self.timeout = check_request(self.request, self.config.limits)
+        self.who = resolve_identity(self.request, self.peer)
         self.failures: list[str] = []
 
     def _plan(self) -> tuple[SandboxPlan, float]:
         t0 = time.perf_counter()
-        plan = self.engine.plan(self.request, self.peer, uuid.uuid4().hex)
+        plan = self.engine.plan(self.request, self.cwd, self.timeout, self.who, uuid.uuid4().hex)
         return plan, time.perf_counter() - t0
 
     def _check(self, result: Any, mode: str) -> None:

@@ -52,7 +52,7 @@ from airlock import _convert
 from airlock.client import Client
 from airlock.engine import DaemonConfig
 from airlock.sandbox import cgroup
-from airlock.types import Validation
+from airlock.types import DryRunSkip, Validation
 from airlock.v1 import sandbox_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
@@ -141,6 +141,11 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+# The sandbox series run with a policy that has no opinion, so every command is dry-run (under
+# the default policy, `true` is read-only and would take the fast path instead).
+NEUTRAL_POLICY = str(Path(__file__).resolve().parent.parent / "tests" / "data" / "neutral-policy")
 
 
 def start_daemon(base: Path, *args: str) -> Daemon:
@@ -899,7 +904,7 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
         done()
 
         done = step("starting the daemon (default settings) and warming up")
-        daemon = start_daemon(base / "warm")
+        daemon = start_daemon(base / "warm", "--policy-dir", NEUTRAL_POLICY)
         daemons.append(daemon)
         pids |= daemon.pids
         others = other_daemons(str(base))
@@ -964,7 +969,7 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
             done = step(
                 "a daemon without a warm pool (--warm-pool 0): 'true', back to back and idle"
             )
-            cold = start_daemon(base / "cold", "--warm-pool", "0")
+            cold = start_daemon(base / "cold", "--warm-pool", "0", "--policy-dir", NEUTRAL_POLICY)
             daemons.append(cold)
             pids |= cold.pids
             with Client(cold.socket, timeout=120) as c:
@@ -1019,6 +1024,52 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
     return r
 
 
+def run_static(b: Budget) -> dict[str, Any]:
+    """The static pass over the corpus (bench/static.py) and the read-only fast path end to end."""
+    sys.path.insert(0, str(HERE))
+    import static  # bench/static.py
+
+    out: dict[str, Any] = {"corpus": static.run(runs=2 if b.runs < 100 else 5, rules=500)}
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-") as tmp:
+        base = Path(tmp)
+        os.chmod(base, 0o755)
+        daemon = start_daemon(base / "default-policy")  # the shipped default policy
+        try:
+            with Client(daemon.socket) as c:
+                for command in ("ls -la", "git status --short"):
+                    times, skipped = [], 0
+                    for i in range(b.warmup + b.runs):
+                        t0 = time.perf_counter()
+                        v = c.validate(command, cwd=daemon.workspace)
+                        if i >= b.warmup:
+                            times.append(time.perf_counter() - t0)
+                            skipped += v.dry_run_skip is DryRunSkip.READ_ONLY
+                    out[f"fast_path {command}"] = {
+                        "client_ms": summarize(times),
+                        "fast_path_runs": f"{skipped}/{b.runs}",
+                    }
+        finally:
+            daemon.stop()
+    return out
+
+
+def print_static(s: dict[str, Any]) -> None:
+    sys.path.insert(0, str(HERE))
+    import static
+
+    print("\n7. The static pass (bench/static.py over tests/corpus) and the read-only fast path\n")
+    print(static.table(s["corpus"]))
+    print()
+    for name, row in s.items():
+        if name.startswith("fast_path"):
+            ms = row["client_ms"]
+            print(
+                f"  Validate({name.removeprefix('fast_path ')!r}) end to end, read-only fast path:"
+                f" p50 {ms['p50']:.2f} ms, p90 {ms['p90']:.2f}, p99 {ms['p99']:.2f}"
+                f" ({row['fast_path_runs']} skipped the sandbox; target p50 <= 2 ms)"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="Airlock's benchmark (make bench).")
     p.add_argument("--quick", action="store_true", help="fewer runs: a smoke test, ~30 s")
@@ -1029,9 +1080,12 @@ def main() -> int:
         print("bench/run.py needs root (namespaces, overlayfs, cgroups)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    r = run(budget(a.quick, a.runs), a.quick)
+    b = budget(a.quick, a.runs)
+    r = run(b, a.quick)
+    r["static"] = run_static(b)
     r["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     print_report(r)
+    print_static(r["static"])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")

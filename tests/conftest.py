@@ -139,11 +139,20 @@ def public_tmp() -> Iterator[Path]:
         yield path
 
 
+# A policy that has no opinion, for tests about the sandbox rather than the policy: a module
+# sets DAEMON_ARGS = NEUTRAL_POLICY to give its `daemon` fixture this policy.
+NEUTRAL_POLICY = ("--policy-dir", str(Path(__file__).parent / "data" / "neutral-policy"))
+# The arguments of a daemon for sandbox tests: small limits, no policy opinion.
+SANDBOX_ARGS = (*TEST_LIMITS, *NEUTRAL_POLICY)
+
+
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """A daemon for the module, with TEST_LIMITS and the module's DAEMON_ARGS."""
     if not ROOT:
         pytest.skip("needs root: mount, pid and net namespaces, overlayfs and cgroups")
-    with public_dir() as base, running_daemon(base, *TEST_LIMITS) as d:
+    extra = getattr(request.module, "DAEMON_ARGS", ())
+    with public_dir() as base, running_daemon(base, *TEST_LIMITS, *extra) as d:
         yield d
 
 

@@ -122,6 +122,17 @@ VALIDATIONS = st.builds(
     ),
     uid=UINT32,
     gid=UINT32,
+    dry_run_skip=st.sampled_from(types.DryRunSkip),
+    static=st.builds(
+        types.StaticSummary,
+        command_count=UINT32,
+        command_names=st.lists(TEXT, max_size=3).map(tuple),
+        action=st.sampled_from(types.ActionClass),
+        risk=st.sampled_from(types.RiskTier),
+        scope=st.sampled_from(types.Scope),
+        read_only=st.booleans(),
+    ),
+    policy_version=TEXT,
 )
 
 REQUESTS = st.builds(
@@ -132,6 +143,7 @@ REQUESTS = st.builds(
     timeout_s=optional(SECONDS),
     uid=optional(UINT32),
     gid=optional(UINT32),
+    force_dry_run=st.booleans(),
 )
 
 
@@ -549,3 +561,19 @@ def test_foreign_error_info_domain_is_ignored() -> None:
 
     err = from_rpc_error(WithDetails(grpc.StatusCode.INTERNAL, "m"))
     assert err.reason == "INTERNAL"
+
+
+@given(
+    st.builds(
+        types.PolicyInfo,
+        version=TEXT,
+        directory=TEXT,
+        files=st.lists(TEXT, max_size=3).map(tuple),
+        rule_count=UINT32,
+        loaded_at=st.integers(0, 2**40).map(lambda ns: ns / 1_000_000_000),
+        last_reload_error=TEXT,
+        last_reload_at=st.integers(0, 2**40).map(lambda ns: ns / 1_000_000_000),
+    )
+)
+def test_policy_info_round_trip(info: types.PolicyInfo) -> None:
+    assert conv.policy_from_proto(conv.policy_to_proto(info)) == info

@@ -24,7 +24,8 @@ from airlock.types import CgroupVersion, Termination, Verdict
 
 from .conftest import (
     AIRLOCK,
-    TEST_LIMITS,
+    NEUTRAL_POLICY,
+    SANDBOX_ARGS,
     Daemon,
     airlock_cgroups,
     needs_root,
@@ -33,6 +34,8 @@ from .conftest import (
 )
 
 pytestmark = needs_root
+# These tests are about the sandbox and the daemon: every command must reach the dry run.
+DAEMON_ARGS = NEUTRAL_POLICY
 
 
 def test_health_and_reflection_with_no_proto_files(daemon: Daemon) -> None:
@@ -80,7 +83,7 @@ def wait_for_process(marker: str, timeout: float = 10) -> None:
 
 def test_concurrency_limit_refuses_instead_of_queueing(public_tmp: Path) -> None:
     marker = f"1.5{time.time_ns() % 10**6:06d}"  # a unique, 1.5 s sleep
-    with running_daemon(public_tmp, *TEST_LIMITS, "--max-concurrent", "1") as d:
+    with running_daemon(public_tmp, *SANDBOX_ARGS, "--max-concurrent", "1") as d:
         slow: list[object] = []
 
         def run_slow() -> None:
@@ -102,7 +105,7 @@ def test_concurrency_limit_refuses_instead_of_queueing(public_tmp: Path) -> None
 
 
 def test_sigterm_drains_requests_in_flight(public_tmp: Path) -> None:
-    d = running_daemon(public_tmp, *TEST_LIMITS)
+    d = running_daemon(public_tmp, *SANDBOX_ARGS)
     with d as daemon:
         results: list[object] = []
 
@@ -124,7 +127,7 @@ def test_sigterm_drains_requests_in_flight(public_tmp: Path) -> None:
 def test_sigkill_leaves_nothing_after_restart(public_tmp: Path) -> None:
     """A crashed daemon's sandboxes die with it; the next start sweeps what is left."""
     marker = f"7{time.time_ns() % 1000}.{os.getpid()}"
-    d = start_daemon(public_tmp, *TEST_LIMITS)
+    d = start_daemon(public_tmp, *SANDBOX_ARGS)
     group = DaemonConfig(state_dir=d.state_dir).cgroup_group
     try:
 
@@ -144,7 +147,7 @@ def test_sigkill_leaves_nothing_after_restart(public_tmp: Path) -> None:
             assert time.monotonic() < deadline, "the sandbox outlived the daemon"
             time.sleep(0.05)
         # Restart on the same state directory (and the stale socket file).
-        with running_daemon(public_tmp, *TEST_LIMITS) as again, again.client() as c:
+        with running_daemon(public_tmp, *SANDBOX_ARGS) as again, again.client() as c:
             assert c.validate("echo back", cwd="/").stdout == b"back\n"
     finally:
         d.stop(signal.SIGKILL)

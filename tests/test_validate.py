@@ -18,9 +18,11 @@ from airlock import Cancelled, InvalidRequest, PermissionDenied
 from airlock.client import Client
 from airlock.types import ChangeKind, FileType, Termination, Verdict
 
-from .conftest import Daemon, needs_root
+from .conftest import NEUTRAL_POLICY, Daemon, needs_root
 
 pytestmark = needs_root
+# These tests are about the sandbox and the daemon: every command must reach the dry run.
+DAEMON_ARGS = NEUTRAL_POLICY
 
 
 def tree_digest(root: Path) -> str:

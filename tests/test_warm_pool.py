@@ -10,13 +10,18 @@ from pathlib import Path
 from airlock.client import Client
 from airlock.types import ChangeKind, Verdict
 
-from .conftest import TEST_LIMITS, needs_root, running_daemon
+from .conftest import NEUTRAL_POLICY, SANDBOX_ARGS, needs_root, running_daemon
 
 pytestmark = needs_root
+# These tests are about the sandbox and the daemon: every command must reach the dry run.
+DAEMON_ARGS = NEUTRAL_POLICY
 
 
 def test_cold_start_when_the_pool_is_off(public_tmp: Path) -> None:
-    with running_daemon(public_tmp, *TEST_LIMITS, "--warm-pool", "0") as d, d.client() as c:
+    with (
+        running_daemon(public_tmp, *SANDBOX_ARGS, "--warm-pool", "0") as d,
+        d.client() as c,
+    ):
         for _ in range(2):
             v = c.validate("echo hi > f; cat f", cwd="/tmp")
             assert v.stdout == b"hi\n" and not v.timings.warm
@@ -33,7 +38,10 @@ def wait_warm(c: Client, timeout: float = 10) -> None:
 
 
 def test_warm_sandboxes_are_used_once(public_tmp: Path) -> None:
-    with running_daemon(public_tmp, *TEST_LIMITS, "--warm-pool", "2") as d, d.client() as c:
+    with (
+        running_daemon(public_tmp, *SANDBOX_ARGS, "--warm-pool", "2") as d,
+        d.client() as c,
+    ):
         wait_warm(c)
         first = c.validate("echo one > /tmp/leak; ls /tmp/leak", cwd="/tmp")
         assert first.timings.warm and first.timings.sandbox_setup_s == 0
@@ -46,7 +54,7 @@ def test_warm_sandboxes_are_used_once(public_tmp: Path) -> None:
 
 
 def test_warm_sandbox_runs_as_the_requested_user(public_tmp: Path) -> None:
-    with running_daemon(public_tmp, *TEST_LIMITS) as d, d.client() as c:
+    with running_daemon(public_tmp, *SANDBOX_ARGS) as d, d.client() as c:
         wait_warm(c)
         v = c.validate("id -u; grep CapEff /proc/self/status", cwd="/tmp", uid=65534)
         assert v.timings.warm
@@ -57,7 +65,7 @@ def test_new_host_mount_retires_the_pool(public_tmp: Path) -> None:
     """A mount made on the host after the pool was built is seen by the next dry run."""
     mnt = public_tmp / "late-mount"
     mnt.mkdir()
-    with running_daemon(public_tmp, *TEST_LIMITS) as d, d.client() as c:
+    with running_daemon(public_tmp, *SANDBOX_ARGS) as d, d.client() as c:
         wait_warm(c)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "late", str(mnt)], check=True)
         try:

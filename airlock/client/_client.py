@@ -94,6 +94,7 @@ class Client:
         timeout: float | None = None,
         uid: int | None = None,
         gid: int | None = None,
+        force_dry_run: bool = False,
     ) -> pb.ValidateResponse:
         """Like :meth:`validate`, but return the response message as it came."""
         req = types.ValidateRequest(
@@ -103,6 +104,7 @@ class Client:
             timeout_s=timeout,
             uid=uid,
             gid=gid,
+            force_dry_run=force_dry_run,
         )
         response: pb.ValidateResponse = self._call(
             self._stub.Validate, validate_request_to_proto(req)
@@ -118,16 +120,26 @@ class Client:
         timeout: float | None = None,
         uid: int | None = None,
         gid: int | None = None,
+        force_dry_run: bool = False,
     ) -> types.Validation:
-        """Dry-run ``bash -c command`` in a throwaway sandbox and return the verdict.
+        """Judge ``bash -c command``: the static pass, then a dry run in a throwaway sandbox.
 
         ``cwd`` (default: this process's working directory; a relative path is taken
         from it) is the workspace. ``env`` is the command's exact environment (default:
         empty; the daemon adds a standard PATH). ``timeout`` is the command's limit in
         seconds (default: the daemon's). ``uid``/``gid`` are for root callers only.
+        ``force_dry_run`` runs the dry run even when the static pass already denies.
         """
         return validation_from_proto(
-            self.validate_raw(command, cwd=cwd, env=env, timeout=timeout, uid=uid, gid=gid)
+            self.validate_raw(
+                command,
+                cwd=cwd,
+                env=env,
+                timeout=timeout,
+                uid=uid,
+                gid=gid,
+                force_dry_run=force_dry_run,
+            )
         )
 
     def capabilities_raw(self) -> pb.GetCapabilitiesResponse:

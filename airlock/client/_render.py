@@ -305,6 +305,30 @@ def output_panel(name: str, data: bytes, *, truncated: bool) -> Panel:
     )
 
 
+_SKIP_REASONS = {
+    types.DryRunSkip.STATIC_DENY: "not run: the static pass denied it",
+    types.DryRunSkip.READ_ONLY: "not run: read-only command allowed by policy",
+}
+
+
+def static_text(v: types.Validation) -> Text:
+    """One line: what the static pass saw, and whether the dry run happened."""
+    s = v.static
+    text = Text("Static: ", style="bold")
+    if s.command_count:
+        names = ", ".join(escape_controls(n) for n in s.command_names[:8])
+        more = f" and {len(s.command_names) - 8} more" if len(s.command_names) > 8 else ""
+        text.append(f"{s.command_count} command(s) ({names}{more}) · ")
+        scope = s.scope.name.lower().replace("_", " ")
+        text.append(f"{s.action.name.lower()} · {s.risk.name.lower()} · {scope}")
+    if not v.sandboxed:
+        reason = _SKIP_REASONS.get(v.dry_run_skip, "not run")
+        text.append(f" · {reason}", style="yellow")
+    if v.policy_version:
+        text.append(f" · policy {escape_controls(v.policy_version[:12])}", style="dim")
+    return text
+
+
 def render_validation(v: types.Validation) -> RenderableType:
     """The whole report of one validation."""
     parts: list[RenderableType] = []
@@ -317,6 +341,7 @@ def render_validation(v: types.Validation) -> RenderableType:
     parts.append(
         Text(f"validation {escape_controls(v.validation_id)} · as uid {v.uid} gid {v.gid}", "dim")
     )
+    parts.append(static_text(v))
     if v.findings:
         parts.append(Text("\nFindings", style="bold"))
         parts.append(findings_table(v.findings))
@@ -327,7 +352,8 @@ def render_validation(v: types.Validation) -> RenderableType:
     elif v.sandboxed:
         parts.append(Text("Changes: none", style="bold"))
     parts.append(Text(""))
-    parts.append(termination_text(v))
+    if v.sandboxed:
+        parts.append(termination_text(v))
     parts.append(timings_text(v.timings))
     if v.sandboxed:
         parts.append(_usage_text(v.resource_usage))

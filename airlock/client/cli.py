@@ -2,9 +2,11 @@
 
 ::
 
-    airlock validate [--socket PATH] [--cwd DIR] [--timeout S] [--json] [--clean-env] -- COMMAND...
+    airlock validate [--socket PATH] [--cwd DIR] [--timeout S] [--json] [--clean-env]
+                     [--force-dry-run] -- COMMAND...
     airlock capabilities [--socket PATH] [--json]
     airlock health [--socket PATH]
+    airlock policy lint|test|explain ...   (no daemon needed; see airlock.client.policy_cli)
 
 Exit status: 0 allow (or healthy), 3 ask, 4 deny, 1 error, 2 usage error.
 """
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[socket],
         help="dry-run a command and print the verdict",
         usage="airlock validate [-h] [--socket PATH] [--cwd DIR] [--timeout S] [--json]"
-        " [--clean-env] -- COMMAND...",
+        " [--clean-env] [--force-dry-run] -- COMMAND...",
         description="Dry-run COMMAND (its words joined by spaces into one bash command line) "
         "in a throwaway sandbox and report what it did and the verdict.",
     )
@@ -91,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         help="send no environment (default: this shell's environment)",
     )
     validate.add_argument(
+        "--force-dry-run",
+        action="store_true",
+        help="run the dry run even when the static pass already denies the command",
+    )
+    validate.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command's words"
     )
     validate.set_defaults(subparser=validate)
@@ -103,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("health", parents=[socket], help="check that the daemon is serving")
+    # Listed for --help only: main() hands "policy ..." to airlock.client.policy_cli.
+    sub.add_parser("policy", help="lint, test and explain policies (no daemon needed)")
     return parser
 
 
@@ -133,7 +142,13 @@ def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
     command = " ".join(args.command)
     env = {} if args.clean_env else _environment(err)
     with Client(args.socket) as client:
-        response = client.validate_raw(command, cwd=args.cwd, env=env, timeout=args.timeout)
+        response = client.validate_raw(
+            command,
+            cwd=args.cwd,
+            env=env,
+            timeout=args.timeout,
+            force_dry_run=args.force_dry_run,
+        )
     validation = validation_from_proto(response)
     if args.json:
         _print_json(response)
@@ -168,6 +183,11 @@ _ACTIONS: dict[str, Callable[[argparse.Namespace, Console, Console], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    given = list(argv) if argv is not None else sys.argv[1:]
+    if given[:1] == ["policy"]:
+        from airlock.client.policy_cli import main as policy_main
+
+        return policy_main(given[1:])
     parser = _parser()
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)

@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         default=DaemonConfig.warm_pool,
         help="sandboxes kept prepared ahead of requests (0: prepare each on demand)",
     )
+    p.add_argument(
+        "--policy-dir",
+        default=None,
+        help="policy directory (default: the shipped policies/default); reloaded on SIGHUP "
+        "and when a file changes",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"airlockd {__version__}")
     a = p.parse_args(argv)
@@ -106,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         socket_mode=a.socket_mode,
         socket_gid=a.socket_group,
         warm_pool=max(0, a.warm_pool),
+        policy_dir=a.policy_dir,
         limits=limits,
     )
     return config, a.log_level

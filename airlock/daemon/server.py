@@ -22,6 +22,8 @@ from airlock._version import __version__
 from airlock.daemon._peer import PeerProxy
 from airlock.daemon.service import SandboxService, handler
 from airlock.engine import DaemonConfig, Engine
+from airlock.policy.loader import PolicyError
+from airlock.policy.store import PolicyStore, default_policy_dir
 from airlock.sandbox import cgroup
 from airlock.sandbox.probe import probe
 from airlock.sandbox.spawner import Spawner
@@ -53,7 +55,14 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
         _log.error("another daemon uses this state directory", extra={"dir": config.state_dir})
         return 1
 
-    # 2. Cgroups: find them, and sweep what a crashed daemon with this state dir left.
+    # 2. The policy: an invalid bundle stops the daemon here (fail closed).
+    try:
+        policy = PolicyStore(config.policy_dir or default_policy_dir())
+    except PolicyError as exc:
+        _log.error("the policy is invalid; not starting", extra={"error": str(exc)})
+        return 1
+
+    # 3. Cgroups: find them, and sweep what a crashed daemon with this state dir left.
     cgroups = cgroup.detect()
     swept = cgroup.sweep(cgroups, config.cgroup_group)
     support = probe(cgroups)
@@ -69,19 +78,20 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
         limits=config.limits,
     )
 
-    # 3. The sandbox helper, exec'd before any gRPC thread exists.
+    # 4. The sandbox helper, exec'd before any gRPC thread exists.
     spawner = Spawner(pool=config.warm_pool)
     spawner.start()
 
-    # 4. The gRPC server on a root-only internal socket, fronted by the identity relay.
+    # 5. The gRPC server on a root-only internal socket, fronted by the identity relay.
     internal = os.path.join(private, "grpc.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(internal)
     proxy = PeerProxy(config.socket_path, internal, mode=config.socket_mode, gid=config.socket_gid)
-    engine = Engine(config, spawner, cgroups)
+    engine = Engine(config, spawner, cgroups, policy)
     workers = config.limits.concurrent_validations + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))
-    server.add_generic_rpc_handlers((handler(SandboxService(engine, proxy, capabilities)),))
+    service = SandboxService(engine, proxy, capabilities, policy)
+    server.add_generic_rpc_handlers((handler(service),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -99,10 +109,13 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    # 5. Serve until told to stop.
+    # 6. Serve until told to stop; reload the policy on SIGHUP and when its files change.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    policy.watch(stop)
     _log.info(
         "serving",
         extra={
@@ -112,13 +125,18 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
             "cgroup": cgroups.version.name.lower(),
             "swept_cgroups": swept,
             "spawner_pid": spawner.pid,
+            "policy": policy.info().version,
+            "policy_dir": str(policy.directory),
         },
     )
     if ready is not None:
         ready.set()
-    stop.wait()
+    while not stop.is_set():
+        if reload_requested.wait(timeout=0.5):
+            reload_requested.clear()
+            policy.reload("SIGHUP")
 
-    # 6. Drain: refuse new callers, let calls in flight finish, then clean up.
+    # 7. Drain: refuse new callers, let calls in flight finish, then clean up.
     _log.info("draining")
     health_servicer.enter_graceful_shutdown()
     proxy.stop_accepting()

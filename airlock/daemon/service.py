@@ -16,6 +16,7 @@ from airlock._errors import AirlockError, InvalidRequest, PermissionDenied, Reso
 from airlock._status import status_code_of, to_rpc_status
 from airlock.daemon._peer import PeerProxy
 from airlock.engine import Engine
+from airlock.policy.store import PolicyStore
 from airlock.types import Capabilities, PeerCred
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
@@ -26,8 +27,11 @@ _log = logging.getLogger("airlock.daemon")
 
 
 class SandboxService(pb_grpc.SandboxServiceServicer):
-    def __init__(self, engine: Engine, proxy: PeerProxy, capabilities: Capabilities) -> None:
+    def __init__(
+        self, engine: Engine, proxy: PeerProxy, capabilities: Capabilities, policy: PolicyStore
+    ) -> None:
         self._engine = engine
+        self._policy = policy
         self._proxy = proxy
         self._capabilities = capabilities
         self._slots = threading.BoundedSemaphore(capabilities.limits.concurrent_validations)
@@ -101,6 +105,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     ) -> Any:
         return _convert.capabilities_to_proto(self._capabilities)
 
+    def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return _convert.policy_to_proto(self._policy.info())
+
 
 def _parsed(
     method: Callable[[Any, grpc.ServicerContext], Any], message: Any
@@ -130,6 +137,7 @@ def handler(service: SandboxService) -> grpc.GenericRpcHandler:
             pb.GetCapabilitiesRequest,
             pb.GetCapabilitiesResponse,
         ),
+        "GetPolicy": (service.GetPolicy, pb.GetPolicyRequest, pb.GetPolicyResponse),
     }
     return grpc.method_handlers_generic_handler(
         "airlock.v1.SandboxService",

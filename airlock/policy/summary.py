@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from airlock.types import ChangeKind, FileChange, FileType, Termination
+from airlock.types import ChangeKind, FileChange, FileType, Finding, Termination, Verdict
 
-__all__ = ["summarize"]
+__all__ = ["denied_summary", "policy_sentence", "read_only_summary", "summarize"]
 
 _LISTED = 3
 _VERBS = {
@@ -94,3 +94,32 @@ def summarize(
     if changes_truncated:
         sentences.append(f"Only the first {len(changes)} changes are listed.")
     return " ".join(sentences)
+
+
+_DECISION_WORDS = {Verdict.ASK: "asks", Verdict.DENY: "denies"}
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def policy_sentence(verdict: Verdict, findings: Sequence[Finding]) -> str:
+    """ " Policy asks: <title> (<rule>)." for the strictest finding; "" when allowed."""
+    if verdict is Verdict.ALLOW or not findings:
+        return ""
+    top = findings[0]
+    where = f" in `{_quote(top.subcommand)}`" if top.subcommand else ""
+    more = f" (+{len(findings) - 1} more finding(s))" if len(findings) > 1 else ""
+    word = _DECISION_WORDS.get(verdict, "asks")
+    return f" Policy {word}: {top.message} ({top.rule_id}){where}{more}."
+
+
+def denied_summary(findings: Sequence[Finding]) -> str:
+    """The summary of a command the static pass denied, so it was not run."""
+    return "Not run: the static pass denies it." + policy_sentence(Verdict.DENY, findings)
+
+
+def read_only_summary(names: Sequence[str]) -> str:
+    shown = ", ".join(dict.fromkeys(names[: _LISTED * 2]))
+    return f"Not run: read-only command(s) ({shown}) that the policy allows; no dry run needed."

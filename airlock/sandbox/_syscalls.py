@@ -205,3 +205,69 @@ def clear_capabilities() -> None:
     data = (_CapData * 2)()
     result = _libc.syscall(_syscall_number("capset"), ctypes.byref(header), ctypes.byref(data))
     _check(result, "capset")
+
+
+# --- seccomp, for airlock.sandbox.proctrace (appended block) ----------------------------------
+#
+# Installing a filter needs the seccomp(2) syscall (libc has no wrapper); everything else
+# proctrace does with the filter's listener (ioctls, /proc/PID/mem) uses plain os/fcntl calls.
+
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_GET_NOTIF_SIZES = 3
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
+
+_SECCOMP_SYSCALL_NUMBERS = {"x86_64": 317, "aarch64": 277}
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+class _SeccompNotifSizes(ctypes.Structure):
+    _fields_ = [
+        ("seccomp_notif", ctypes.c_uint16),
+        ("seccomp_notif_resp", ctypes.c_uint16),
+        ("seccomp_data", ctypes.c_uint16),
+    ]
+
+
+def _seccomp_number() -> int:
+    try:
+        return _SECCOMP_SYSCALL_NUMBERS[platform.machine()]
+    except KeyError:
+        raise OSError(38, f"seccomp: unsupported architecture {platform.machine()}") from None
+
+
+def seccomp_set_filter(program: bytes, flags: int = 0) -> int:
+    """Install a classic BPF program (8-byte ``sock_filter`` entries) as a seccomp filter.
+
+    Needs no_new_privs (or CAP_SYS_ADMIN). Returns the syscall's result: with
+    ``SECCOMP_FILTER_FLAG_NEW_LISTENER``, the listener's file descriptor (close-on-exec).
+    """
+    if not program or len(program) % 8 or len(program) // 8 > 4096:
+        raise ValueError("a BPF program is 1 to 4096 eight-byte instructions")
+    prog = _SockFprog(len(program) // 8, program)
+    result = int(
+        _libc.syscall(
+            _seccomp_number(),
+            ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(flags),
+            ctypes.byref(prog),
+        )
+    )
+    _check(result, "seccomp(SECCOMP_SET_MODE_FILTER)")
+    return result
+
+
+def seccomp_notif_sizes() -> tuple[int, int, int]:
+    """The kernel's (seccomp_notif, seccomp_notif_resp, seccomp_data) sizes in bytes."""
+    sizes = _SeccompNotifSizes()
+    result = _libc.syscall(
+        _seccomp_number(),
+        ctypes.c_uint(_SECCOMP_GET_NOTIF_SIZES),
+        ctypes.c_uint(0),
+        ctypes.byref(sizes),
+    )
+    _check(result, "seccomp(SECCOMP_GET_NOTIF_SIZES)")
+    return sizes.seccomp_notif, sizes.seccomp_notif_resp, sizes.seccomp_data

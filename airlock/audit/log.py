@@ -1,0 +1,795 @@
+"""The audit log: an append-only, hash-chained table in one SQLite file.
+
+Every event is stored with its sequence number (1, 2, ...), the hash of the event
+before it and its own hash over the canonical record (``airlock.audit.canonical``);
+``verify`` walks the chain. ``append`` returns only after the event is on disk:
+WAL mode with ``synchronous=FULL`` fsyncs the WAL on every commit.
+
+Optionally the hashes are keyed (HMAC-SHA256) with a key from a 0600 file that only
+the daemon reads, so that someone who can write the database but not read the key
+cannot rewrite the chain. Whether a log is keyed, and with which key (by its public
+id), is fixed when the log is created.
+
+Every failure of the storage is an :class:`AuditError` (an ``AirlockError``) that
+says what went wrong with which file, never a bare ``sqlite3`` exception.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import IO
+
+from airlock._errors import AirlockError, InvalidRequest
+from airlock.audit.canonical import (
+    GENESIS_HASH,
+    MalformedEvent,
+    chain_hash,
+    decode_event,
+    encode_event,
+    key_id,
+    path_text,
+    record_hasher,
+)
+from airlock.audit.model import (
+    Anchor,
+    AuditEvent,
+    AuditFilter,
+    Caller,
+    ProblemKind,
+    StoredEvent,
+    VerifyProblem,
+    VerifyResult,
+)
+from airlock.types import PeerCred
+
+__all__ = [
+    "KEY_FILE",
+    "LOG_FILE",
+    "MAX_PAGE_SIZE",
+    "AuditError",
+    "AuditLog",
+    "caller_of",
+    "load_key",
+    "parse_anchor",
+]
+
+LOG_FILE = "audit.sqlite3"
+KEY_FILE = "audit.key"
+MAX_PAGE_SIZE = 1000
+KEY_BYTES = 32
+_APPLICATION_ID = 0x41415544  # "AAUD" in the database header
+_SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_S = 30.0
+_MOVED_WINDOW = 1000  # verify tries this many seqs either side of an event that moved
+_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
+
+_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    body TEXT NOT NULL,
+    time_ns INTEGER GENERATED ALWAYS AS (json_extract(body, '$.time_ns')) VIRTUAL,
+    verdict TEXT GENERATED ALWAYS AS (json_extract(body, '$.verdict')) VIRTUAL,
+    session_id TEXT GENERATED ALWAYS AS (json_extract(body, '$.session_id')) VIRTUAL,
+    uid INTEGER GENERATED ALWAYS AS (json_extract(body, '$.caller.uid')) VIRTUAL
+);
+CREATE INDEX events_time ON events (time_ns);
+CREATE INDEX events_verdict ON events (verdict, seq);
+CREATE INDEX events_session ON events (session_id, seq);
+CREATE INDEX events_uid ON events (uid, seq);
+CREATE TABLE event_rules (
+    seq INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    PRIMARY KEY (seq, rule_id)
+) WITHOUT ROWID;
+CREATE INDEX event_rules_rule ON event_rules (rule_id);
+"""
+_FINDINGS = '"findings":['  # occurs once in a canonical body: quotes in strings are escaped
+_FINDING_START = b'{"rule_id":'
+_DECODER = json.JSONDecoder()
+
+
+class AuditError(AirlockError):
+    """The audit log cannot be read or written (reason says why)."""
+
+    default_reason = "AUDIT_LOG_FAILED"
+
+
+def caller_of(peer: PeerCred) -> Caller:
+    """The caller of a connection: its peer credentials and ``/proc/PID/exe``.
+
+    Read it when the connection is accepted: the pid may be reused once the caller exits.
+    """
+    try:
+        exe = path_text(os.readlink(f"/proc/{peer.pid}/exe".encode()))
+    except OSError:
+        exe = ""
+    return Caller(uid=peer.uid, pid=peer.pid, gid=peer.gid, exe=exe)
+
+
+def parse_anchor(text: str) -> Anchor:
+    """An anchor from its text form ``SEQ:HASH``."""
+    seq, sep, digest = text.strip().partition(":")
+    if not sep or not seq.isdigit() or len(digest) != 64:
+        raise InvalidRequest(f"anchor {text!r} is not SEQ:HASH", reason="INVALID_ANCHOR")
+    try:
+        bytes.fromhex(digest)
+    except ValueError:
+        raise InvalidRequest(f"anchor {text!r} is not SEQ:HASH", reason="INVALID_ANCHOR") from None
+    return Anchor(seq=int(seq), hash=digest.lower())
+
+
+def load_key(path: str, *, create: bool = False) -> bytes:
+    """The HMAC key in ``path`` (64 hex digits), created (0600, atomically) if asked.
+
+    The file must be a regular file owned by us and unreadable to group and others.
+    """
+    if create and not os.path.lexists(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}")
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.write(fd, secrets.token_hex(KEY_BYTES).encode("ascii") + b"\n")
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.link(tmp, path)
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            os.unlink(tmp)
+
+    def bad(why: str) -> AuditError:
+        return AuditError(f"the audit key {path} {why}", reason="AUDIT_KEY_INVALID")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise bad(f"cannot be opened: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise bad(f"is owned by uid {st.st_uid}, not {os.geteuid()}")
+        if st.st_mode & 0o077:
+            raise bad(f"has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600")
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        key = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise bad("does not hold hex digits") from None
+    if len(key) != KEY_BYTES:
+        raise bad(f"holds {len(key)} bytes; expected {KEY_BYTES}")
+    return key
+
+
+def _fingerprint(f: AuditFilter) -> str:
+    fields = [
+        f.since_ns,
+        f.until_ns,
+        None if f.verdict is None else f.verdict.name,
+        f.rule_id,
+        f.session_id,
+        f.uid,
+    ]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:12]
+
+
+def _parse_token(token: str | None, fingerprint: str) -> tuple[int, int | None]:
+    """A page token's (last seq returned, upper bound of seqs to look at)."""
+    if not token:
+        return 0, None
+    parts = token.split(".")
+    if (
+        len(parts) != 3
+        or not parts[0].isdigit()
+        or not (parts[1] == "" or parts[1].isdigit())
+        or parts[2] != fingerprint
+    ):
+        raise InvalidRequest(
+            "page_token is not one that list() returned for this filter",
+            reason="INVALID_PAGE_TOKEN",
+        )
+    return int(parts[0]), int(parts[1]) if parts[1] else None
+
+
+def _rules_of(body: str) -> builtins.list[str] | None:
+    """The sorted rule ids of a canonical body's findings (None: not a canonical body)."""
+    start = body.find(_FINDINGS)
+    if start < 0:
+        return None
+    try:
+        findings, _ = _DECODER.raw_decode(body, start + len(_FINDINGS) - 1)
+        return sorted({f["rule_id"] for f in findings})
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+class _Walk:
+    """verify's one pass over the events and the rule index, both in seq order."""
+
+    def __init__(self, conn: sqlite3.Connection, key: bytes | None, anchor: Anchor | None):
+        self.conn = conn
+        self.key = key
+        self.anchor_seq = anchor.seq if anchor is not None else 0
+        self.expected_seq = 1
+        self.expected_prev = GENESIS_HASH
+        self.anchored: str | None = None  # the hash of event anchor_seq
+        self.mismatch: tuple[int, str, str, str] | None = None  # a row whose hash is wrong
+        self._needles: dict[str, bytes] = {}
+
+    def run(self) -> VerifyProblem | None:
+        hasher = record_hasher(self.key)
+        rules = self.conn.execute("SELECT seq, rule_id FROM event_rules ORDER BY seq, rule_id")
+        pending: tuple[int, str] | None = rules.fetchone()
+        events = self.conn.execute(
+            "SELECT seq, prev_hash, hash, CAST(body AS BLOB) FROM events ORDER BY seq"
+        )
+        for seq, prev, digest, body in events:
+            if seq != self.expected_seq:
+                first = self.expected_seq
+                missing = (
+                    f"event {first} is missing"
+                    if seq == first + 1
+                    else f"events {first}..{seq - 1} are missing"
+                )
+                return VerifyProblem(ProblemKind.DELETED, first, f"{missing} (the next is {seq})")
+            if hasher(seq, prev, body) != digest:
+                self.mismatch = (seq, prev, digest, body.decode("utf-8", "replace"))
+                return None
+            if prev != self.expected_prev:
+                return VerifyProblem(
+                    ProblemKind.DELETED,
+                    seq,
+                    f"event {seq} does not link to event {seq - 1}: events before it were "
+                    "removed or replaced",
+                )
+            indexed: builtins.list[str] = []
+            while pending is not None and pending[0] <= seq:
+                if pending[0] < seq:
+                    return VerifyProblem(
+                        ProblemKind.EDITED,
+                        pending[0],
+                        f"the rule index names event {pending[0]}, which is not in the log",
+                    )
+                indexed.append(pending[1])
+                pending = rules.fetchone()
+            if (indexed or _FINDING_START in body) and not self._rules_match(body, indexed):
+                return self._rules_problem(seq, body.decode("utf-8", "replace"), indexed)
+            if seq == self.anchor_seq:
+                self.anchored = digest
+            self.expected_seq, self.expected_prev = seq + 1, digest
+        if pending is not None:
+            last = self.expected_seq - 1
+            return VerifyProblem(
+                ProblemKind.TRUNCATED,
+                self.expected_seq,
+                f"the rule index names event {pending[0]}, but the log ends at {last}: "
+                "events were removed from its end (or the index was edited)",
+            )
+        return None
+
+    def _rules_match(self, body: bytes, indexed: builtins.list[str]) -> bool:
+        """Whether the index lists exactly the body's rules, without parsing it (fast path).
+
+        In a canonical body ``{"rule_id":`` only starts a finding (quotes inside strings
+        are escaped), so counting it counts the findings. If every indexed rule is
+        there and there are as many findings as indexed (distinct) rules, the sets are
+        equal. Otherwise (a rule found twice, or a real mismatch) parse to be sure.
+        """
+        if body.count(_FINDING_START) != len(indexed):
+            return _rules_of(body.decode("utf-8", "replace")) == indexed
+        for rule in indexed:
+            needle = self._needles.get(rule)
+            if needle is None:
+                needle = self._needles[rule] = _FINDING_START + _rule_json(rule) + b","
+            if needle not in body:
+                return False
+        return True
+
+    @staticmethod
+    def _rules_problem(seq: int, body: str, indexed: builtins.list[str]) -> VerifyProblem:
+        expected = _rules_of(body)
+        if expected is None:
+            return VerifyProblem(ProblemKind.EDITED, seq, f"event {seq} is not canonical JSON")
+        lacking = sorted(set(expected) - set(indexed))
+        if lacking:
+            detail = (
+                f"the rule index lacks rule {lacking[0]!r} of event {seq} "
+                "(a filter by that rule would hide it)"
+            )
+        else:
+            extra = sorted(set(indexed) - set(expected))
+            detail = f"the rule index lists rule {extra[0]!r} for event {seq}, which lacks it"
+        return VerifyProblem(ProblemKind.EDITED, seq, detail)
+
+
+def _rule_json(rule: str) -> bytes:
+    return json.dumps(rule, ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+
+def _check_anchor(
+    anchor: Anchor, head: Anchor | None, anchored: str | None
+) -> VerifyProblem | None:
+    last = head.seq if head else 0
+    if anchor.seq > last:
+        return VerifyProblem(
+            ProblemKind.TRUNCATED,
+            last + 1,
+            f"the anchor names event {anchor.seq}, but the log ends at {last}: "
+            f"events {last + 1}..{anchor.seq} were removed from its end",
+        )
+    if anchor.seq >= 1 and anchored != anchor.hash:
+        return VerifyProblem(
+            ProblemKind.REWRITTEN,
+            anchor.seq,
+            f"event {anchor.seq} has hash {anchored}, but the anchor says {anchor.hash}: "
+            "the chain up to it was rewritten",
+        )
+    return None
+
+
+@dataclass
+class _Pending:
+    """Events waiting for a commit, and what became of them."""
+
+    events: tuple[AuditEvent, ...]
+    bodies: list[bytes]
+    done: bool = False
+    stored: list[StoredEvent] = field(default_factory=list)
+    error: AuditError | None = None
+
+
+class AuditLog:
+    """An append-only, hash-chained audit log in the SQLite file ``path``.
+
+    Opens (creating if need be) at construction; use it as a context manager or call
+    :meth:`close`. Thread-safe: appends are serialized (and batched when they come at
+    once), reads run beside them. ``key``: HMAC the chain with it (see ``load_key``).
+    ``fsync=False`` trades durability across a machine crash for latency (an appended
+    event still survives the process being killed); see docs/decisions.md.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, key: bytes | None = None, fsync: bool = True
+    ) -> None:
+        self.path = os.fspath(path)
+        self._key = key
+        self._fsync = fsync
+        self._write_lock = threading.Lock()  # held while committing
+        self._queue_lock = threading.Lock()
+        self._queue: builtins.list[_Pending] = []  # appends waiting for the next commit
+        self._read_lock = threading.Lock()
+        self._closed = False
+        self._last: Anchor | None = None
+        with self._guard("open"):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            self._writer = self._connect()
+            try:
+                self._setup(self._writer)
+                self._reader = self._connect()
+                self._last = self._head(self._reader)
+            except BaseException:
+                self._writer.close()
+                raise
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str, *, keyed: bool = True) -> AuditLog:
+        """The daemon's log, ``STATE_DIR/audit.sqlite3``, keyed with ``STATE_DIR/audit.key``."""
+        key = load_key(os.path.join(state_dir, KEY_FILE), create=True) if keyed else None
+        return cls(os.path.join(state_dir, LOG_FILE), key=key)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.close()
+
+    # --- Writing ------------------------------------------------------------------------------
+
+    def append(self, event: AuditEvent) -> StoredEvent:
+        """Append one event; it is durable (fsynced) when this returns."""
+        return self.append_many((event,))[0]
+
+    def append_many(self, events: Sequence[AuditEvent]) -> builtins.list[StoredEvent]:
+        """Append events in one transaction: all of them or none.
+
+        Concurrent callers share commits (group commit): whoever holds the write lock
+        commits every event queued so far in one transaction and one fsync, and the
+        others find theirs done when they get the lock.
+        """
+        try:
+            bodies = [encode_event(e) for e in events]
+        except MalformedEvent as err:
+            raise AuditError(f"cannot log the event: {err}", reason="AUDIT_EVENT_INVALID") from None
+        mine = _Pending(tuple(events), bodies)
+        with self._queue_lock:
+            self._queue.append(mine)
+        with self._write_lock:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if mine.error is not None:
+            raise AuditError(mine.error.message, reason=mine.error.reason)
+        return mine.stored
+
+    def _commit(self, batch: builtins.list[_Pending]) -> None:
+        """Write a batch of pending appends in one transaction; mark each done."""
+        try:
+            with self._guard("append"):
+                conn = self._open_conn(self._writer)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._insert(conn, batch)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except AuditError as err:
+            for p in batch:
+                p.stored, p.error = [], err
+        except BaseException:
+            for p in batch:
+                p.stored, p.error = [], AuditError("the append was interrupted")
+            raise
+        else:
+            written = [p.stored[-1] for p in batch if p.stored]
+            if written:
+                self._last = Anchor(seq=written[-1].seq, hash=written[-1].hash)
+        finally:
+            for p in batch:
+                p.done = True
+
+    def _insert(self, conn: sqlite3.Connection, batch: builtins.list[_Pending]) -> None:
+        head = self._head(conn)
+        self._check_not_rewound(conn, head)
+        seq, prev = (head.seq, head.hash) if head else (0, GENESIS_HASH)
+        rows: builtins.list[tuple[int, str, str, str]] = []
+        rules: builtins.list[tuple[int, str]] = []
+        for p in batch:
+            stored = []
+            for event, body in zip(p.events, p.bodies, strict=True):
+                seq += 1
+                digest = chain_hash(seq, prev, body, self._key)
+                rows.append((seq, prev, digest, body.decode("utf-8")))
+                rules.extend((seq, r) for r in {f.rule_id for f in event.findings})
+                stored.append(StoredEvent(seq=seq, prev_hash=prev, hash=digest, event=event))
+                prev = digest
+            p.stored = stored
+        conn.executemany(
+            "INSERT INTO events (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)", rows
+        )
+        conn.executemany("INSERT INTO event_rules (seq, rule_id) VALUES (?, ?)", rules)
+
+    def _check_not_rewound(self, conn: sqlite3.Connection, head: Anchor | None) -> None:
+        """The last event this log appended (or saw at open) must still be there."""
+        last = self._last
+        if last is None:
+            return
+        row = conn.execute("SELECT hash FROM events WHERE seq = ?", (last.seq,)).fetchone()
+        if row is None or row[0] != last.hash:
+            now = "gone" if row is None else "changed"
+            raise AuditError(
+                f"the audit log {self.path} was tampered with: event {last.seq}, which was "
+                f"in the log before, is {now} (the log now ends at "
+                f"{head.seq if head else 0}); nothing was appended",
+                reason="AUDIT_LOG_TAMPERED",
+            )
+
+    # --- Reading ------------------------------------------------------------------------------
+
+    def head(self) -> Anchor | None:
+        """The last event's sequence number and hash: the anchor to keep elsewhere."""
+        with self._read_lock, self._guard("read the head"):
+            return self._head(self._open_conn(self._reader))
+
+    def list(
+        self,
+        filter: AuditFilter | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> tuple[builtins.list[StoredEvent], str | None]:
+        """One page of the events that match ``filter``, by sequence number.
+
+        Returns the page and the token of the next page (None after the last page).
+        Pages are stable: each event comes once, in seq order, and events appended
+        meanwhile come on later pages if they match, except with a time range that
+        ended before the first page was read (such a listing is bounded when it starts).
+        """
+        f = filter or AuditFilter()
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidRequest(
+                f"page_size must be 1..{MAX_PAGE_SIZE}, not {page_size}",
+                reason="INVALID_PAGE_SIZE",
+            )
+        fingerprint = _fingerprint(f)
+        after, hi = _parse_token(page_token, fingerprint)
+        if f.rule_id is not None:
+            # Driven by the rule index, which is ordered by (rule_id, seq).
+            source, key = "event_rules r JOIN events e ON e.seq = r.seq", "r.seq"
+            where: builtins.list[str] = ["r.rule_id = ?"]
+            params: builtins.list[object] = [f.rule_id]
+        else:
+            source, key = "events e", "e.seq"
+            where, params = [], []
+        times: builtins.list[tuple[str, object]] = []
+        if f.since_ns is not None:
+            times.append(("time_ns >= ?", f.since_ns))
+        if f.until_ns is not None:
+            times.append(("time_ns < ?", f.until_ns))
+        for clause, value in (
+            ("e.verdict = ?", None if f.verdict is None else f.verdict.name),
+            ("e.session_id = ?", f.session_id),
+            ("e.uid = ?", f.uid),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        with self._read_lock, self._guard("list events"):
+            conn = self._open_conn(self._reader)
+            conn.execute("BEGIN")
+            try:
+                if times and page_token is None:
+                    # Times grow with seq (almost always): find the first and last seq of
+                    # the range in the time index (once: later pages start after the
+                    # first anyway, and the last travels in the token), then walk those
+                    # seqs in order, checking the times.
+                    lo, last = conn.execute(
+                        "SELECT min(seq), max(seq) FROM events WHERE "  # noqa: S608
+                        + " AND ".join(c for c, _ in times),
+                        [v for _, v in times],
+                    ).fetchone()
+                    if lo is None:
+                        return [], None
+                    after = max(after, lo - 1)
+                    # A range that ends in the past gets no new events (unless the clock
+                    # went back): bound the walk. Otherwise new events may still match.
+                    if f.until_ns is not None and f.until_ns <= time.time_ns():
+                        hi = last
+                if hi is not None:
+                    where.append(f"{key} <= ?")
+                    params.append(hi)
+                # The unary + keeps SQLite from using the time index (and sorting by seq).
+                where += [f"+e.{c}" for c, _ in times]
+                params += [v for _, v in times]
+                # One lower bound on seq: SQLite seeks to it (with two it may pick either).
+                where.append(f"{key} > ?")
+                params.append(after)
+                # Only constant fragments are formatted in; every value is a parameter.
+                sql = (
+                    f"SELECT e.seq, e.prev_hash, e.hash, e.body FROM {source} "  # noqa: S608
+                    f"WHERE {' AND '.join(where)} ORDER BY {key} LIMIT ?"
+                )
+                rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
+            finally:
+                conn.execute("ROLLBACK")
+        page = [self._stored(*row) for row in rows[:page_size]]
+        if f.rule_id is not None:
+            for stored in page:
+                if all(d.rule_id != f.rule_id for d in stored.event.findings):
+                    raise AuditError(
+                        f"the rule index of the audit log {self.path} lists rule "
+                        f"{f.rule_id!r} for event {stored.seq}, which has no such finding; "
+                        "run verify: the log was probably tampered with",
+                        reason="AUDIT_LOG_CORRUPT",
+                    )
+        more = len(rows) > page_size
+        token = f"{page[-1].seq}.{'' if hi is None else hi}.{fingerprint}" if more else None
+        return page, token
+
+    def _stored(self, seq: int, prev_hash: str, digest: str, body: str) -> StoredEvent:
+        try:
+            event = decode_event(body)
+        except MalformedEvent as err:
+            raise AuditError(
+                f"event {seq} of the audit log {self.path} is malformed ({err}); "
+                "run verify: the log was probably tampered with",
+                reason="AUDIT_LOG_CORRUPT",
+            ) from None
+        return StoredEvent(seq=seq, prev_hash=prev_hash, hash=digest, event=event)
+
+    def export_jsonl(self, out: IO[bytes]) -> int:
+        """Write every event as one line of canonical JSON; returns how many.
+
+        Each line is ``{"event":BODY,"hash":H,"prev_hash":P,"seq":N}`` with BODY the
+        stored canonical bytes, so an external verifier can recompute every hash.
+        """
+        count = 0
+        with self._guard("export"), self._snapshot() as conn:
+            cursor = conn.execute("SELECT seq, prev_hash, hash, body FROM events ORDER BY seq")
+            for seq, prev, digest, body in cursor:
+                line = f'{{"event":{body},"hash":"{digest}","prev_hash":"{prev}","seq":{seq}}}\n'
+                out.write(line.encode("utf-8"))
+                count += 1
+        return count
+
+    # --- Verifying ----------------------------------------------------------------------------
+
+    def verify(self, anchor: Anchor | None = None) -> VerifyResult:
+        """Walk the chain from seq 1 and report the first thing wrong with it.
+
+        Finds an event that was edited, deleted or moved, and a rule index that
+        disagrees with the events. Removing events from the end (or rewriting the
+        whole chain, without the key) is invisible to the chain alone: pass an
+        ``anchor`` (an earlier :meth:`head`, kept elsewhere) to catch it.
+        """
+        with self._guard("verify"), self._snapshot() as conn:
+            walk = _Walk(conn, self._key, anchor)
+            problem = walk.run()
+            if walk.mismatch is not None:
+                problem = self._diagnose(conn, *walk.mismatch)
+        last = walk.expected_seq - 1
+        head = Anchor(last, walk.expected_prev) if last else None
+        if problem is None and anchor is not None:
+            problem = _check_anchor(anchor, head, walk.anchored)
+        return VerifyResult(events=last, head=head, problem=problem)
+
+    def _diagnose(
+        self, conn: sqlite3.Connection, seq: int, prev: str, digest: str, body: str
+    ) -> VerifyProblem:
+        """Why event ``seq`` does not match its hash: moved here, or edited."""
+        nxt = conn.execute("SELECT min(seq) FROM events WHERE prev_hash = ?", (digest,)).fetchone()
+        before = conn.execute("SELECT min(seq) FROM events WHERE hash = ?", (prev,)).fetchone()
+        candidates = [s for s in (nxt[0] and nxt[0] - 1, before[0] and before[0] + 1) if s]
+        # Renumbering shifts whole runs (the neighbours moved too): try nearby seqs.
+        for d in range(1, _MOVED_WINDOW + 1):
+            candidates += [seq + d, seq - d]
+        raw = body.encode("utf-8")
+        for written_at in dict.fromkeys(s for s in candidates if s > 0 and s != seq):
+            if chain_hash(written_at, prev, raw, self._key) == digest:
+                return VerifyProblem(
+                    ProblemKind.REORDERED,
+                    seq,
+                    f"event {seq} holds the event written as event {written_at}: "
+                    "events were moved or renumbered",
+                )
+        if nxt[0] is not None:
+            why = "its contents were changed after it was written (its hash does not match)"
+        else:
+            why = "its hash does not match its contents, and no event links to that hash"
+        return VerifyProblem(ProblemKind.EDITED, seq, f"event {seq}: {why}")
+
+    # --- Plumbing -----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise AuditError(
+                    f"the audit log {self.path} cannot use WAL mode (journal_mode={mode})"
+                )
+            # FULL: the WAL is fsynced at every commit, so an appended event survives a
+            # crash of the machine. NORMAL: a commit is written to the WAL (the OS has it:
+            # it survives the process being killed) and fsynced at checkpoints only.
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            want = "" if self._key is None else key_id(self._key)
+            if app == 0 and version == 0 and tables == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                conn.execute("INSERT INTO meta VALUES ('key_id', ?)", (want,))
+            elif app != _APPLICATION_ID:
+                raise AuditError(
+                    f"{self.path} is not an Airlock audit log (application_id {app:#x})",
+                    reason="AUDIT_LOG_CORRUPT",
+                )
+            elif version != _SCHEMA_VERSION:
+                raise AuditError(
+                    f"the audit log {self.path} has schema version {version}; "
+                    f"this Airlock reads version {_SCHEMA_VERSION}",
+                    reason="AUDIT_LOG_CORRUPT",
+                )
+            else:
+                row = conn.execute("SELECT value FROM meta WHERE name = 'key_id'").fetchone()
+                have = None if row is None else row[0]
+                if have != want:
+                    raise AuditError(
+                        f"the audit log {self.path} was created "
+                        + ("without a key" if have == "" else f"with the key {have}")
+                        + ", but is opened "
+                        + ("without a key" if not want else f"with the key {want}"),
+                        reason="AUDIT_KEY_MISMATCH",
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _head(conn: sqlite3.Connection) -> Anchor | None:
+        row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if row is None else Anchor(seq=row[0], hash=row[1])
+
+    def _open_conn(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        if self._closed:
+            raise AuditError(f"the audit log {self.path} is closed", reason="AUDIT_LOG_CLOSED")
+        return conn
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own in one read transaction: long reads do not block."""
+        self._open_conn(self._reader)
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            yield conn
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            conn.close()
+
+    @contextlib.contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        """sqlite3 and OS errors become AuditErrors that name the file."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+            if code in _CORRUPT_CODES:
+                raise AuditError(
+                    f"the audit log {self.path} is corrupt ({err}); move it aside and "
+                    "restore a verified copy",
+                    reason="AUDIT_LOG_CORRUPT",
+                ) from None
+            raise AuditError(f"audit log {self.path}: could not {action}: {err}") from None
+        except OSError as err:
+            raise AuditError(f"audit log {self.path}: could not {action}: {err}") from None

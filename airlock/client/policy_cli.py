@@ -1,0 +1,379 @@
+"""``airlock policy``: lint, test and explain policies, without a daemon.
+
+::
+
+    airlock policy lint PATH...
+    airlock policy test PATH...
+    airlock policy explain [--policy DIR] [--json] -- COMMAND...
+
+Exit status: 0 ok, 1 problems (lint errors, failed tests, an invalid policy), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import airlock
+from airlock._errors import AirlockError
+from airlock.policy.loader import (
+    PolicyBundle,
+    PolicyError,
+    PolicyProblem,
+    iter_fixture_files,
+    load_bundle,
+    read_fixtures,
+    run_fixture,
+    run_inline_tests,
+)
+from airlock.policy.model import Analysis, SimpleCommand
+from airlock.policy.rules import RuleHit, StaticVerdict
+from airlock.types import Finding
+
+__all__ = ["default_policy_dir", "main"]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+
+def default_policy_dir() -> Path | None:
+    """``$AIRLOCK_POLICY_DIR``, else the shipped ``policies/default`` if it exists."""
+    env = os.environ.get("AIRLOCK_POLICY_DIR")
+    if env:
+        return Path(env)
+    shipped = Path(airlock.__file__).resolve().parent.parent / "policies" / "default"
+    return shipped if shipped.is_dir() else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="airlock policy",
+        description="Lint, test and explain Airlock policies (no daemon needed).",
+        epilog="Exit status: 0 ok, 1 problems found, 2 usage error.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    lint = sub.add_parser(
+        "lint",
+        help="check policy files (schema, meaning, inline tests)",
+        description="Load the policy files under PATH... as one bundle and print every problem "
+        "as file:line:column: error|warning: message (hint).",
+    )
+    lint.add_argument("paths", nargs="+", metavar="PATH", help="a policy directory or file")
+    test = sub.add_parser(
+        "test",
+        help="run the inline tests and the fixture files",
+        description="Run every rule's inline tests and every fixture file (*.sh, *.txt) under "
+        "PATH...: a `# ruleid: ID` line before a command means rule ID must fire on it, "
+        "`# ok: ID` that it must not.",
+    )
+    test.add_argument("paths", nargs="+", metavar="PATH", help="a policy directory or file")
+    test.add_argument("-v", "--verbose", action="store_true", help="also list the passing tests")
+    explain = sub.add_parser(
+        "explain",
+        help="show the command model, the rules that fire and the static verdict",
+        usage="airlock policy explain [-h] [--policy DIR] [--json] -- COMMAND...",
+        description="Parse COMMAND (its words joined by spaces into one bash command line) and "
+        "show what the policy sees and decides, without running anything.",
+    )
+    explain.add_argument(
+        "--policy",
+        metavar="DIR",
+        help="the policy directory (default: $AIRLOCK_POLICY_DIR, else the shipped "
+        "policies/default)",
+    )
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command's words"
+    )
+    explain.set_defaults(subparser=explain)
+    return parser
+
+
+def _print_problems(
+    problems: Sequence[PolicyProblem], kind: str, out: TextIO, *, sort: bool = True
+) -> None:
+    ordered = sorted(problems, key=lambda p: (p.file, p.line, p.column)) if sort else problems
+    for p in ordered:
+        where = f"{p.file}:{p.line}:{p.column}" if p.line else p.file
+        hint = f" ({p.hint})" if p.hint else ""
+        out.write(f"{where}: {kind}: {p.message}{hint}\n")
+
+
+def _lint(args: argparse.Namespace) -> int:
+    try:
+        bundle = load_bundle(args.paths)
+    except PolicyError as e:
+        _print_problems(e.problems, "error", sys.stdout)
+        _print_problems(e.warnings, "warning", sys.stdout)
+        n = len(e.problems)
+        sys.stderr.write(f"{n} error{'s' if n != 1 else ''}, {len(e.warnings)} warning(s)\n")
+        return EXIT_PROBLEMS
+    _print_problems(bundle.warnings, "warning", sys.stdout)
+    sys.stderr.write(
+        f"ok: {len(bundle.files)} file(s), {len(bundle.rules)} rule(s), "
+        f"{len(bundle.warnings)} warning(s); version {bundle.version[:12]}\n"
+    )
+    return EXIT_OK
+
+
+def _test(args: argparse.Namespace) -> int:
+    try:
+        bundle = load_bundle(args.paths, run_tests=False)
+    except PolicyError as e:
+        _print_problems(e.problems, "error", sys.stdout)
+        sys.stderr.write("the policy does not load; no tests were run\n")
+        return EXIT_PROBLEMS
+    results = run_inline_tests(bundle.rules)
+    problems: list[PolicyProblem] = []
+    fixtures = 0
+    for file in iter_fixture_files(args.paths):
+        fixtures += 1
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(PolicyProblem(file, 0, 0, f"cannot read the fixture file: {e}"))
+            continue
+        cases, found = read_fixtures(file, text)
+        problems.extend(found)
+        results.extend(run_fixture(bundle, case) for case in cases)
+    failed = [r for r in results if not r.ok]
+    for r in results if args.verbose else failed:
+        sys.stdout.write(f"{r}\n")
+    _print_problems(problems, "error", sys.stdout)
+    passed = len(results) - len(failed)
+    sys.stdout.write(
+        f"{passed} passed, {len(failed)} failed"
+        + (f", {len(problems)} error(s)" if problems else "")
+        + f" ({sum(len(r.tests) for r in bundle.rules)} inline, "
+        f"{len(results) - sum(len(r.tests) for r in bundle.rules)} from {fixtures} fixture "
+        f"file(s))\n"
+    )
+    return EXIT_PROBLEMS if failed or problems else EXIT_OK
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _command_json(i: int, c: SimpleCommand) -> dict[str, Any]:
+    return {
+        "index": i,
+        "argv0": c.argv0,
+        "name": c.name,
+        "args": list(c.args),
+        "flags": list(c.flags),
+        "positionals": list(c.positionals),
+        "redirects": [
+            {"op": r.op, "fd": r.fd, "target": r.target, "dynamic": r.dynamic} for r in c.redirects
+        ],
+        "assignments": [{"name": n, "value": v} for n, v in c.assignments],
+        "wrappers": list(c.wrappers),
+        "text": c.text,
+        "span": list(c.span),
+        "depth": c.depth,
+        "dynamic": c.dynamic,
+        "dynamic_args": c.dynamic_args,
+        "background": c.background,
+        "pipeline": c.pipeline,
+        "pipeline_position": c.pipeline_position,
+        "classification": {
+            "action": c.classification.action.name,
+            "risk": c.classification.risk.name,
+            "scope": c.classification.scope.name,
+        },
+    }
+
+
+def _finding_json(f: Finding) -> dict[str, Any]:
+    return {
+        "rule_id": f.rule_id,
+        "verdict": f.verdict.name,
+        "severity": f.severity.name,
+        "message": f.message,
+        "source": f.source.name,
+        "subcommand": f.subcommand,
+        "span": list(f.span),
+    }
+
+
+def _explain_json(
+    command: str,
+    policy: Path,
+    bundle: PolicyBundle,
+    analysis: Analysis,
+    hits: Sequence[RuleHit],
+    verdict: StaticVerdict,
+) -> dict[str, Any]:
+    cls = analysis.classification
+    return {
+        "command": command,
+        "policy": {"directory": str(policy), "version": bundle.version, "rules": len(bundle.rules)},
+        "analysis": {
+            "commands": [_command_json(i, c) for i, c in enumerate(analysis.commands)],
+            "pipelines": [list(p) for p in analysis.pipelines],
+            "findings": [_finding_json(f) for f in analysis.findings],
+            "classification": {
+                "action": cls.action.name,
+                "risk": cls.risk.name,
+                "scope": cls.scope.name,
+            },
+            "read_only": analysis.read_only,
+            "normalized": analysis.normalized,
+        },
+        "rules": [
+            {
+                "rule_id": h.rule_id,
+                "decision": h.decision.name,
+                "command": h.command,
+                "fired": h.fired,
+                "reasons": list(h.reasons),
+                "excepted_by": h.excepted_by,
+            }
+            for h in hits
+        ],
+        "verdict": verdict.verdict.name if verdict.verdict is not None else None,
+        "allowed_read_only": verdict.allowed_read_only,
+        "findings": [_finding_json(f) for f in verdict.findings],
+    }
+
+
+def _words(values: Sequence[str]) -> str:
+    return " ".join(repr(v) for v in values) if values else "-"
+
+
+def _explain_text(
+    command: str,
+    policy: Path,
+    bundle: PolicyBundle,
+    analysis: Analysis,
+    hits: Sequence[RuleHit],
+    verdict: StaticVerdict,
+) -> str:
+    lines = [f"command: {command!r}"]
+    lines.append(f"policy: {policy} ({len(bundle.rules)} rules, version {bundle.version[:12]})")
+    cls = analysis.classification
+    lines.append(
+        f"line: {len(analysis.commands)} command(s); read_only={analysis.read_only}; "
+        f"action={cls.action.name} risk={cls.risk.name} scope={cls.scope.name}"
+    )
+    if analysis.normalized:
+        lines.append("normalized:")
+        lines.extend(f"  {n}" for n in analysis.normalized.split("\n"))
+    lines.append("commands:")
+    if not analysis.commands:
+        lines.append("  (none)")
+    for i, c in enumerate(analysis.commands):
+        c_cls = c.classification
+        lines.append(f"  [{i}] {c.text!r}  span {c.span[0]}..{c.span[1]}  depth {c.depth}")
+        lines.append(f"      argv0: {c.argv0!r}  name: {c.name!r}")
+        lines.append(f"      flags: {_words(c.flags)}")
+        lines.append(f"      positionals: {_words(c.positionals)}")
+        if c.redirects:
+            redirects = " ".join(
+                repr(f"{r.fd if r.fd is not None else ''}{r.op}{r.target}") for r in c.redirects
+            )
+            lines.append(f"      redirects: {redirects}")
+        if c.assignments:
+            lines.append(f"      assignments: {_words([f'{n}={v}' for n, v in c.assignments])}")
+        if c.wrappers:
+            lines.append(f"      wrappers: {_words(c.wrappers)}")
+        marks = [
+            name
+            for name, on in (
+                ("dynamic", c.dynamic),
+                ("dynamic_args", c.dynamic_args),
+                ("background", c.background),
+            )
+            if on
+        ]
+        if c.pipeline >= 0:
+            marks.append(f"pipeline {c.pipeline} position {c.pipeline_position}")
+        if marks:
+            lines.append(f"      {', '.join(marks)}")
+        lines.append(
+            f"      classification: action={c_cls.action.name} risk={c_cls.risk.name} "
+            f"scope={c_cls.scope.name}"
+        )
+    lines.append("parser findings:")
+    if not analysis.findings:
+        lines.append("  (none)")
+    for f in analysis.findings:
+        lines.append(f"  {f.verdict.name} {f.rule_id} ({f.severity.name.lower()}): {f.message}")
+    lines.append("rules whose match holds:")
+    if not hits:
+        lines.append("  (none)")
+    for h in hits:
+        where = "line" if h.command < 0 else f"[{h.command}]"
+        status = f"excepted ({h.excepted_by})" if h.excepted_by else "fires"
+        lines.append(f"  {where} {h.rule_id}: {h.decision.name}, {status}")
+        lines.extend(f"      {r}" for r in h.reasons)
+    shown = verdict.verdict.name if verdict.verdict is not None else "none (the dry run decides)"
+    lines.append(f"static verdict: {shown}")
+    if verdict.allowed_read_only:
+        lines.append("  read-only and allowed: eligible for the read-only fast path")
+    for f in verdict.findings:
+        lines.append(
+            f"  {f.verdict.name} {f.rule_id} ({f.severity.name.lower()}, {f.source.name.lower()})"
+            f": {f.message} [{f.span[0]}..{f.span[1]}]"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _explain(args: argparse.Namespace) -> int:
+    words: list[str] = args.command
+    if words[:1] == ["--"]:
+        words = words[1:]
+    if not words:
+        args.subparser.error("a COMMAND is required, after --")
+    command = " ".join(words)
+    policy = Path(args.policy) if args.policy else default_policy_dir()
+    if policy is None:
+        sys.stderr.write(
+            "airlock policy: error: no policy directory: pass --policy DIR or set "
+            "AIRLOCK_POLICY_DIR\n"
+        )
+        return EXIT_PROBLEMS
+    try:
+        bundle = load_bundle(policy)
+    except PolicyError as e:
+        _print_problems(e.problems, "error", sys.stderr)
+        sys.stderr.write(f"airlock policy: error: the policy in {policy} does not load\n")
+        return EXIT_PROBLEMS
+    analysis = _analyzer()(command)
+    hits = bundle.explain(analysis)
+    verdict = bundle.evaluate(analysis)
+    if args.json:
+        doc = _explain_json(command, policy, bundle, analysis, hits, verdict)
+        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(_explain_text(command, policy, bundle, analysis, hits, verdict))
+    return EXIT_OK
+
+
+def _analyzer() -> Callable[[str], Analysis]:
+    from airlock.policy.shell import analyze  # the real parser, imported late (tree-sitter)
+
+    return analyze
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``airlock policy`` with ``argv`` (the words after ``policy``); return the status."""
+    try:
+        args = _parser().parse_args(list(argv) if argv is not None else None)
+        if args.action == "explain":
+            return _explain(args)
+        if args.action == "lint":
+            return _lint(args)
+        return _test(args)
+    except SystemExit as e:  # --help or a usage error
+        if e.code is None:
+            return EXIT_OK
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except (AirlockError, OSError) as e:
+        sys.stderr.write(f"airlock policy: error: {' '.join(str(e).split())}\n")
+        return EXIT_PROBLEMS

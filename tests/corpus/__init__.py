@@ -1,0 +1,1 @@
+"""The labelled command corpus (see README.md) and its reader (loader.py)."""
