@@ -300,6 +300,51 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
         dry_run_skip=pb.DryRunSkip.ValueType(v.dry_run_skip.value),
         static_analysis=_static_to_proto(v.static),
         policy_version=v.policy_version,
+        processes=[_process_to_proto(p) for p in v.processes],
+        processes_truncated=v.processes_truncated,
+    )
+
+
+def _process_to_proto(p: types.ProcessInfo) -> pb.Process:
+    msg = pb.Process(
+        pid=p.pid or 0,
+        ppid=p.ppid or 0,
+        argv=[_decode_path(a) for a in p.argv],
+        executables=[_decode_path(e) for e in p.executables],
+        cwd=_decode_path(p.cwd),
+        outlived_command=p.outlived_command,
+        killed_by_timeout=p.killed_by_timeout,
+        argv_truncated=p.argv_truncated,
+    )
+    if p.uid is not None:
+        msg.uid = p.uid
+    if p.started_s is not None:
+        msg.started.CopyFrom(_duration_to_proto(p.started_s))
+    if p.ended_s is not None:
+        msg.ended.CopyFrom(_duration_to_proto(p.ended_s))
+    if p.exit_code is not None:
+        msg.exit_code = p.exit_code
+    if p.signal is not None:
+        msg.signal = p.signal
+    return msg
+
+
+def _process_from_proto(msg: pb.Process) -> types.ProcessInfo:
+    # Paths and arguments come back as their UTF-8 text (escapes kept as written).
+    return types.ProcessInfo(
+        pid=msg.pid or None,
+        ppid=msg.ppid or None,
+        argv=tuple(a.encode() for a in msg.argv),
+        executables=tuple(e.encode() for e in msg.executables),
+        cwd=msg.cwd.encode(),
+        uid=msg.uid if msg.HasField("uid") else None,
+        started_s=_duration_from_proto(msg.started) if msg.HasField("started") else None,
+        ended_s=_duration_from_proto(msg.ended) if msg.HasField("ended") else None,
+        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
+        signal=msg.signal if msg.HasField("signal") else None,
+        outlived_command=msg.outlived_command,
+        killed_by_timeout=msg.killed_by_timeout,
+        argv_truncated=msg.argv_truncated,
     )
 
 
@@ -352,6 +397,8 @@ def validation_from_proto(msg: pb.ValidateResponse) -> types.Validation:
         dry_run_skip=_enum_from_proto(types.DryRunSkip, msg.dry_run_skip, types.DryRunSkip.NONE),
         static=_static_from_proto(msg.static_analysis),
         policy_version=msg.policy_version,
+        processes=tuple(_process_from_proto(p) for p in msg.processes),
+        processes_truncated=msg.processes_truncated,
     )
 
 

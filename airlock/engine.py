@@ -34,11 +34,13 @@ from airlock.sandbox.plan import (
     build_run,
     build_template,
 )
+from airlock.sandbox.proctrace import ProcessRecord
 from airlock.sandbox.spawner import Spawner
 from airlock.types import (
     DryRunSkip,
     Limits,
     PeerCred,
+    ProcessInfo,
     ResourceUsage,
     StaticSummary,
     Termination,
@@ -65,6 +67,8 @@ class DaemonConfig:
     warm_pool: int = 2
     # The policy directory; None: the shipped default policy.
     policy_dir: str | None = None
+    # Record every process a dry run starts (sandbox/proctrace.py).
+    trace_processes: bool = True
 
     @property
     def scratch_dir(self) -> str:
@@ -195,8 +199,11 @@ class Engine:
         spawner: Spawner,
         cgroup_host: CgroupHost,
         policy: PolicyStore,
+        *,
+        proc_connector: bool = True,
     ) -> None:
         self.config = config
+        self._proc_connector = proc_connector
         self._policy = policy
         self._spawner = spawner
         self._cgroups = cgroup_host
@@ -223,6 +230,8 @@ class Engine:
                         pids=limits.pids,
                     ),
                     host_mounts=mounts,
+                    trace_processes=self.config.trace_processes,
+                    proc_connector=self._proc_connector,
                 )
                 self._template = (mounts, template, template.key)
             return self._template[1], self._template[2]
@@ -320,6 +329,7 @@ class Engine:
             raise SandboxError(f"the sandbox could not be set up: {result.error}")
         assert result.diff is not None and result.cgroup is not None
         changes, truncated = result.diff.changes, result.diff.truncated
+        processes = tuple(_process_info(r) for r in result.processes)
 
         # 4. The verdict: the strictest of the static pass and the dry run's built-in rules.
         dynamic_verdict, dynamic_findings = builtin.judge(changes, result.termination, truncated)
@@ -338,6 +348,7 @@ class Engine:
             signal=result.signal,
             timeout_s=plan.run.timeout_s,
             workspace=plan.run.cwd,
+            processes=processes,
         ) + policy_sentence(verdict, findings)
         stats = result.cgroup
         return Validation(
@@ -375,7 +386,27 @@ class Engine:
             gid=plan.run.gid,
             static=summary_static,
             policy_version=bundle.version,
+            processes=processes,
+            processes_truncated=result.processes_truncated,
         )
+
+
+def _process_info(r: ProcessRecord) -> ProcessInfo:
+    return ProcessInfo(
+        pid=r.pid,
+        ppid=r.ppid,
+        argv=r.argv,
+        executables=r.executables,
+        cwd=r.cwd or b"",
+        uid=r.uid,
+        started_s=r.started_s,
+        ended_s=r.ended_s,
+        exit_code=r.exit_code,
+        signal=r.signal,
+        outlived_command=r.outlived_command,
+        killed_by_timeout=r.killed_by_timeout,
+        argv_truncated=r.argv_truncated,
+    )
 
 
 _MAX_NAMES = 64

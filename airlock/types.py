@@ -175,6 +175,25 @@ class ResourceUsage:
 
 
 @dataclass(frozen=True)
+class ProcessInfo:
+    """One process the command started in the sandbox (times from the command's start)."""
+
+    pid: int | None
+    ppid: int | None
+    argv: tuple[bytes, ...]
+    executables: tuple[bytes, ...] = ()
+    cwd: bytes = b""
+    uid: int | None = None
+    started_s: float | None = None
+    ended_s: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    outlived_command: bool = False
+    killed_by_timeout: bool = False
+    argv_truncated: bool = False
+
+
+@dataclass(frozen=True)
 class StaticSummary:
     """The static pass's view of a command line, as reported to clients."""
 
@@ -224,6 +243,8 @@ class Validation:
     dry_run_skip: DryRunSkip = DryRunSkip.NONE
     static: StaticSummary = field(default_factory=StaticSummary)
     policy_version: str = ""
+    processes: tuple[ProcessInfo, ...] = ()
+    processes_truncated: bool = False
 
 
 @dataclass(frozen=True)

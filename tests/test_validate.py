@@ -410,3 +410,51 @@ def test_identity_cannot_be_forged_on_the_internal_socket(daemon: Daemon) -> Non
 
     with RawClient(internal) as c, pytest.raises(PermissionDenied):
         c.validate("true", cwd="/")
+
+
+def test_process_tree_is_recorded(client: Client, workspace: Path) -> None:
+    """Every process appears: short-lived ones, a detached daemon, exit codes and signals."""
+    v = client.validate(
+        "for i in 1 2 3; do /bin/true; done; sh -c 'exit 3'; (setsid sleep 30 &); "
+        # wait (on the sandbox's own /proc) until the detached child has exec'd sleep
+        "until pgrep -x sleep >/dev/null; do :; done; "
+        "sh -c 'kill -TERM $$'; echo done",
+        cwd=str(workspace),
+        timeout=20,
+    )
+    assert v.stdout == b"done\n" and not v.processes_truncated
+    argvs = [p.argv for p in v.processes]
+    assert argvs.count((b"/bin/true",)) == 3
+    by_argv = {p.argv: p for p in v.processes}
+    assert by_argv[(b"sh", b"-c", b"exit 3")].exit_code == 3
+    killed = by_argv[(b"sh", b"-c", b"kill -TERM $$")]
+    assert killed.signal == 15 and killed.exit_code is None
+    daemon = by_argv[(b"sleep", b"30")]
+    assert daemon.outlived_command and daemon.signal == 9  # the sandbox killed it at the end
+    root = v.processes[0]
+    assert root.argv[:2] == (b"/bin/bash", b"-c") and root.ppid == 1
+    assert all(p.uid == 0 for p in v.processes)
+    assert all(p.cwd == str(workspace).encode() for p in v.processes if p.argv == (b"/bin/true",))
+    starts = [p.started_s for p in v.processes]
+    assert all(s is not None for s in starts) and starts == sorted(starts)  # type: ignore[type-var]
+
+
+def test_process_tree_marks_processes_killed_by_the_timeout(
+    client: Client, workspace: Path
+) -> None:
+    v = client.validate("sleep 30 & sleep 31", cwd=str(workspace), timeout=1)
+    assert v.termination is Termination.TIMED_OUT
+    sleeps = [p for p in v.processes if p.argv and p.argv[0] == b"sleep"]
+    assert len(sleeps) == 2 and all(p.killed_by_timeout for p in sleeps)
+
+
+def test_command_starts_with_default_signal_dispositions(client: Client, workspace: Path) -> None:
+    """Nothing the daemon or its helper ignores may leak into the command."""
+    v = client.validate(
+        "grep -E '^(SigIgn|SigBlk)' /proc/self/status; sh -c 'kill -TERM $$; echo survived'; "
+        "echo rc=$?; timeout -s TERM 0.2 sleep 5; echo timeout_rc=$?",
+        cwd=str(workspace),
+    )
+    out = v.stdout.decode()
+    assert "SigIgn:\t0000000000000000" in out and "SigBlk:\t0000000000000000" in out
+    assert "survived" not in out and "rc=143" in out and "timeout_rc=124" in out

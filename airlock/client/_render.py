@@ -329,6 +329,30 @@ def static_text(v: types.Validation) -> Text:
     return text
 
 
+def process_tree(processes: Sequence[types.ProcessInfo], truncated: bool) -> RenderableType:
+    """The processes the command started, as a tree by parent."""
+    title = f"Processes: {len(processes)}" + (" (more not shown)" if truncated else "")
+    tree = Tree(Text(title, style="bold"))
+    nodes: dict[int, Tree] = {}
+    for p in processes:
+        argv = " ".join(escape_controls(a.decode(errors="backslashreplace")) for a in p.argv)
+        label = Text(f"[{p.pid if p.pid is not None else '?'}] ", style="dim")
+        label.append(argv[:200] + ("…" if len(argv) > 200 else ""))
+        if p.signal is not None:
+            label.append(f"  killed by signal {p.signal}", style="red")
+        elif p.exit_code not in (None, 0):
+            label.append(f"  exit {p.exit_code}", style="yellow")
+        if p.outlived_command:
+            label.append("  outlived the command", style="yellow")
+        if p.killed_by_timeout:
+            label.append("  killed at the timeout", style="red")
+        parent = nodes.get(p.ppid) if p.ppid is not None else None
+        node = (parent or tree).add(label)
+        if p.pid is not None:
+            nodes[p.pid] = node
+    return tree
+
+
 def render_validation(v: types.Validation) -> RenderableType:
     """The whole report of one validation."""
     parts: list[RenderableType] = []
@@ -351,6 +375,8 @@ def render_validation(v: types.Validation) -> RenderableType:
         parts.extend(diffs(v.changes))
     elif v.sandboxed:
         parts.append(Text("Changes: none", style="bold"))
+    if v.processes:
+        parts.append(process_tree(v.processes, v.processes_truncated))
     parts.append(Text(""))
     if v.sandboxed:
         parts.append(termination_text(v))

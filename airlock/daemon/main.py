@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         help="sandboxes kept prepared ahead of requests (0: prepare each on demand)",
     )
     p.add_argument(
+        "--no-process-capture",
+        action="store_true",
+        help="do not record the processes a dry run starts (saves ~0.3 ms per exec)",
+    )
+    p.add_argument(
         "--policy-dir",
         default=None,
         help="policy directory (default: the shipped policies/default); reloaded on SIGHUP "
@@ -113,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         socket_gid=a.socket_group,
         warm_pool=max(0, a.warm_pool),
         policy_dir=a.policy_dir,
+        trace_processes=not a.no_process_capture,
         limits=limits,
     )
     return config, a.log_level

@@ -87,7 +87,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(internal)
     proxy = PeerProxy(config.socket_path, internal, mode=config.socket_mode, gid=config.socket_gid)
-    engine = Engine(config, spawner, cgroups, policy)
+    engine = Engine(config, spawner, cgroups, policy, proc_connector=support.proc_connector)
     workers = config.limits.concurrent_validations + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))
     service = SandboxService(engine, proxy, capabilities, policy)

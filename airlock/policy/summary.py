@@ -9,7 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from airlock.types import ChangeKind, FileChange, FileType, Finding, Termination, Verdict
+from airlock.types import (
+    ChangeKind,
+    FileChange,
+    FileType,
+    Finding,
+    ProcessInfo,
+    Termination,
+    Verdict,
+)
 
 __all__ = ["denied_summary", "policy_sentence", "read_only_summary", "summarize"]
 
@@ -69,6 +77,24 @@ def _ending(termination: Termination, exit_code: int, signal: int, timeout_s: fl
     return f"Was killed by signal {signal}."
 
 
+def _programs(processes: Sequence[ProcessInfo]) -> str:
+    """ "Ran 3 programs (make, cc, ld)." from the processes, the command's own shell left out."""
+    names: dict[str, None] = {}
+    for index, proc in enumerate(processes):
+        for exe in proc.executables or proc.argv[:1]:
+            name = os.path.basename(exe).decode(errors="backslashreplace")
+            if index == 0 and name in ("bash", "sh") and len(proc.executables) <= 1:
+                continue  # the `bash -c` that runs the command line
+            names.setdefault(name, None)
+    if not names:
+        return ""
+    shown = list(names)[: _LISTED * 2]
+    more = len(names) - len(shown)
+    listed = ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+    count = len(names)
+    return f" Ran {count} program{'s' if count != 1 else ''} ({listed})."
+
+
 def summarize(
     *,
     changes: Sequence[FileChange],
@@ -78,8 +104,9 @@ def summarize(
     signal: int,
     timeout_s: float,
     workspace: str,
+    processes: Sequence[ProcessInfo] = (),
 ) -> str:
-    sentences = [_ending(termination, exit_code, signal, timeout_s)]
+    sentences = [_ending(termination, exit_code, signal, timeout_s) + _programs(processes)]
     inside = [c for c in changes if c.in_workspace]
     outside = [c for c in changes if not c.in_workspace]
     if not changes:

@@ -271,3 +271,43 @@ def seccomp_notif_sizes() -> tuple[int, int, int]:
     )
     _check(result, "seccomp(SECCOMP_GET_NOTIF_SIZES)")
     return sizes.seccomp_notif, sizes.seccomp_notif_resp, sizes.seccomp_data
+
+
+# --- fanotify, for airlock.sandbox.reads (appended block) -------------------------------------
+#
+# glibc wraps both calls; Python's stdlib has neither. Reading events is a plain os.read.
+
+FAN_CLOEXEC = 0x00000001
+FAN_NONBLOCK = 0x00000002
+FAN_CLASS_NOTIF = 0x00000000
+FAN_MARK_ADD = 0x00000001
+FAN_MARK_MOUNT = 0x00000010
+FAN_MARK_FILESYSTEM = 0x00000100
+FAN_ACCESS = 0x00000001
+FAN_OPEN = 0x00000020
+FAN_OPEN_EXEC = 0x00001000
+FAN_Q_OVERFLOW = 0x00004000
+
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_init.restype = ctypes.c_int
+_libc.fanotify_mark.argtypes = [
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_uint64,
+    ctypes.c_int,
+    ctypes.c_char_p,
+]
+_libc.fanotify_mark.restype = ctypes.c_int
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    """``fanotify_init(2)``: a new notification group's descriptor. Needs CAP_SYS_ADMIN."""
+    result = int(_libc.fanotify_init(flags, event_f_flags))
+    _check(result, "fanotify_init")
+    return result
+
+
+def fanotify_mark(fd: int, flags: int, mask: int, path: str | bytes) -> None:
+    """``fanotify_mark(2)`` on an absolute ``path`` (the error names it)."""
+    result = int(_libc.fanotify_mark(fd, flags, mask, -100, _b(path)))  # -100: AT_FDCWD
+    _check(result, f"fanotify_mark {os.fsdecode(path)}")

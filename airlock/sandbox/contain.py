@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import secrets
 import select
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, mnt, net, user
+from airlock.sandbox import _wire, mnt, net, proctrace, user
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
 from airlock.sandbox.plan import RunSpec, SandboxPlan, SandboxTemplate
@@ -66,6 +67,9 @@ class SandboxResult:
     diff_s: float = 0.0
     # Whether the sandbox was prepared before the request arrived.
     warm: bool = False
+    # Every process the command started (empty when process tracing is off).
+    processes: tuple[proctrace.ProcessRecord, ...] = ()
+    processes_truncated: bool = False
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
@@ -86,9 +90,14 @@ class Prepared:
     err_r: int
     status_r: int
     setup_s: float
+    connector: socket.socket | None = None
+    trace_channel: socket.socket | None = None
 
     def close(self) -> None:
         """Kill what is left and remove the cgroup; the namespaces go with the supervisor."""
+        for sock in (self.connector, self.trace_channel):
+            if sock is not None:
+                sock.close()
         for fd in (self.spec_w, self.out_r, self.err_r, self.status_r, self.mount_ns):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -126,18 +135,38 @@ def _write_all(fd: int, data: bytes) -> None:
 # --- Inside the sandbox -----------------------------------------------------------------------
 
 
-def _command(spec_r: int, out_w: int, err_w: int, error_w: int, procs: list[int]) -> None:
+def _default_signals() -> None:
+    """Default dispositions and an empty mask: ignored signals survive fork *and* exec.
+
+    The spawner ignores SIGINT and SIGTERM (its daemon stops it); without this reset
+    every sandboxed command would inherit them ignored, and `kill`/`timeout` break.
+    """
+    for signum in range(1, signal.NSIG):
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _command(
+    spec_r: int, out_w: int, err_w: int, error_w: int, procs: list[int], trace_fd: int
+) -> None:
     """The command process: join the cgroup, wait for the spec, become the caller, exec bash.
 
     Never returns. Writing "0" to an inherited ``cgroup.procs`` descriptor moves the
     writer itself, so the command is limited from its first instruction while init
     stays outside the cgroup (its death is what kills the sandbox; the OOM killer
     must never pick it). In a warm sandbox this happens before any request exists.
+    ``trace_fd`` (-1: no tracing) is the channel over which the process tracer's
+    seccomp listener goes to the supervisor, installed right before the exec.
     """
     step = "cgroup"
     try:
         for fd in procs:
             os.write(fd, b"0")
+        if trace_fd >= 0:  # out of the way of the dup2s below
+            trace_fd = fcntl.fcntl(trace_fd, fcntl.F_DUPFD_CLOEXEC, 10)
         step = "stdio"
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDONLY)
@@ -149,14 +178,20 @@ def _command(spec_r: int, out_w: int, err_w: int, error_w: int, procs: list[int]
         user.shed_bounding_set()
         step = "spec"
         spec: RunSpec = _wire.read_fd(spec_r)
-        os.closerange(4, 1 << 16)  # defence in depth: every other fd is close-on-exec already
+        keep = 4
+        if trace_fd >= 0:
+            os.dup2(trace_fd, 4, inheritable=False)
+            keep = 5
+        os.closerange(keep, 1 << 16)  # defence in depth: every other fd is close-on-exec already
         step = "uid"
         user.become(spec.uid, spec.gid, spec.groups)
         step = "cwd"
         os.chdir(spec.cwd)
+        if trace_fd >= 0:
+            step = "trace"
+            proctrace.install(4)
         step = "exec"
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _default_signals()
         os.execve(spec.argv[0], list(spec.argv), dict(spec.env))
     except BaseException as exc:
         kind = b"cwd" if step == "cwd" else b"setup"
@@ -172,6 +207,7 @@ def _init(
     template: SandboxTemplate,
     fds: tuple[int, int, int, int],
     procs: list[int],
+    trace_fd: int,
 ) -> None:
     """Pid 1 of the sandbox. Reports the command's wait status, then exits. Never returns."""
     spec_r, status_w, out_w, err_w = fds
@@ -185,9 +221,11 @@ def _init(
         child = os.fork()
         if child == 0:
             os.close(error_r)
-            _command(spec_r, out_w, err_w, error_w, procs)
+            _command(spec_r, out_w, err_w, error_w, procs, trace_fd)
         for fd in (error_w, out_w, err_w, spec_r, *procs):
             os.close(fd)
+        if trace_fd >= 0:
+            os.close(trace_fd)  # only the command process may hand the listener over
         failure = os.read(error_r, 4096)  # empty once exec succeeded (close-on-exec)
         while True:
             pid, status = os.wait()  # reaps orphans too, as a pid 1 must
@@ -212,7 +250,16 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     # 1. A cgroup of its own for limits and accounting, created outside the sandbox.
     unique = f"{template.cgroup.name}-{os.getpid()}-{secrets.token_hex(3)}"
     cgroup = Cgroup.create(dataclasses.replace(template.cgroup, name=unique))
+    connector: socket.socket | None = None
+    trace_sup: socket.socket | None = None
+    trace_cmd: socket.socket | None = None
     try:
+        # 1b. Process tracing: the proc connector lives in the initial network namespace, so
+        #     its socket is opened before unsharing; the channel carries the seccomp listener.
+        if template.trace_processes:
+            if template.proc_connector:
+                connector = proctrace.open_connector()
+            trace_sup, trace_cmd = proctrace.channel()
         # 2. New mount, pid (for children), network, IPC and UTS namespaces.
         sc.unshare(template.namespaces)
         # 3. Nothing mounted from here on propagates to the host.
@@ -237,9 +284,15 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         if pid == 0:
             for fd in (spec_w, out_r, err_r, status_r):
                 os.close(fd)
-            _init(template, (spec_r, status_w, out_w, err_w), procs)
+            for sock in (connector, trace_sup):
+                if sock is not None:
+                    sock.close()
+            trace_fd = trace_cmd.detach() if trace_cmd is not None else -1
+            _init(template, (spec_r, status_w, out_w, err_w), procs, trace_fd)
         for fd in (spec_r, out_w, err_w, status_w, *procs):
             os.close(fd)
+        if trace_cmd is not None:
+            trace_cmd.close()
         # 7. Wait until init is set up, then hold its mount namespace: when init exits, the
         #    namespace (and its ~30 mounts) is then torn down after the result has been sent,
         #    not on the request's path.
@@ -249,6 +302,9 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
             raise OSError(f"sandbox init failed: {_status(report, None)[3]}")
         mount_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     except BaseException:
+        for sock in (connector, trace_sup, trace_cmd):
+            if sock is not None:
+                sock.close()
         cgroup.remove()
         raise
     return Prepared(
@@ -262,6 +318,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         err_r=err_r,
         status_r=status_r,
         setup_s=time.monotonic() - t0,
+        connector=connector,
+        trace_channel=trace_sup,
     )
 
 
@@ -294,6 +352,13 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
     stdout, stderr = _Capture(spec.output_bytes), _Capture(spec.output_bytes)
     status_msg = bytearray()
     forced: Termination | None = None
+    tracer: proctrace.ProcessTracer | None = None
+    if prepared.trace_channel is not None:
+        # Before the spec: the spec releases the command, whose exec the tracer must answer.
+        tracer = proctrace.ProcessTracer(
+            prepared.connector, prepared.trace_channel, prepared.init_pid, origin=started
+        )
+        prepared.connector = prepared.trace_channel = None  # the tracer owns them now
     with contextlib.suppress(BrokenPipeError):  # the command died in set-up: init says why
         _write_all(prepared.spec_w, _wire.dumps(spec))
     os.close(prepared.spec_w)
@@ -304,19 +369,28 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
     poller = select.poll()
     for fd in (out_r, err_r, status_r, cancel_fd):
         poller.register(fd, select.POLLIN)
+    if tracer is not None:
+        poller.register(tracer.fileno(), select.POLLIN)
     open_fds = {out_r, err_r, status_r}
     while open_fds:
         now = time.monotonic()
         if forced is None and now >= deadline:
             forced = Termination.TIMED_OUT
+            if tracer is not None:
+                tracer.note_timeout()
             os.kill(prepared.init_pid, signal.SIGKILL)
             deadline = now + _DRAIN_S
         elif forced is not None and now >= deadline:
             break
         for fd, _events in poller.poll(max(0.0, deadline - now) * 1000):
+            if tracer is not None and fd == tracer.fileno():
+                tracer.handle()
+                continue
             if fd == cancel_fd:
                 if forced is None:
                     forced = Termination.CANCELLED
+                    if tracer is not None:
+                        tracer.note_timeout()
                     os.kill(prepared.init_pid, signal.SIGKILL)
                     deadline = time.monotonic() + _DRAIN_S
                 poller.unregister(cancel_fd)
@@ -334,6 +408,14 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
     os.waitpid(prepared.init_pid, 0)  # returns once every process of the pid namespace is gone
     prepared.init_pid = 0
     command_s = time.monotonic() - started
+    processes: tuple[proctrace.ProcessRecord, ...] = ()
+    processes_truncated = False
+    if tracer is not None:
+        try:
+            tracer.finish()
+            processes, processes_truncated = tracer.records(), tracer.truncated
+        finally:
+            tracer.close()
 
     termination, exit_code, signum, error, error_kind = _status(bytes(status_msg), forced)
     stats = prepared.cgroup.stats()
@@ -356,6 +438,8 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         cgroup=stats,
         command_s=command_s,
         diff_s=time.monotonic() - t_diff,
+        processes=processes,
+        processes_truncated=processes_truncated,
     )
 
 

@@ -196,6 +196,10 @@ class SandboxTemplate:
     layers: tuple[Layer, ...]
     # The cgroup's limits; its name is chosen per sandbox (``CgroupSpec.name`` is a prefix).
     cgroup: CgroupSpec
+    # Record every process the command starts (seccomp notification on exec, and the
+    # proc connector for forks and exits when ``proc_connector``: see sandbox/proctrace.py).
+    trace_processes: bool = True
+    proc_connector: bool = True
 
     @property
     def key(self) -> bytes:
@@ -302,6 +306,8 @@ def build_template(
     scratch_bytes: int,
     cgroup: CgroupSpec,
     host_mounts: tuple[HostMount, ...],
+    trace_processes: bool = True,
+    proc_connector: bool = True,
 ) -> SandboxTemplate:
     """Decide every set-up step shared by this daemon's dry runs. Pure."""
     scratch = settings.scratch_dir
@@ -354,6 +360,8 @@ def build_template(
         init_setup=tuple(init_ops),
         layers=tuple(layers),
         cgroup=cgroup,
+        trace_processes=trace_processes,
+        proc_connector=proc_connector,
     )
 
 

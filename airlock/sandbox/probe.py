@@ -20,6 +20,8 @@ class HostSupport:
     seccomp: bool
     seccomp_user_notification: bool
     cgroups: CgroupHost
+    # The proc connector (process events) serves only the initial pid and user namespaces.
+    proc_connector: bool = False
 
 
 def _read(path: str) -> str:
@@ -28,6 +30,20 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+# The kernel gives its initial namespaces fixed inode numbers (PROC_USER_INIT_INO and
+# PROC_PID_INIT_INO in include/linux/proc_ns.h); /proc/1/ns may not be readable.
+_INITIAL_NS_INODES = {"user": 0xEFFFFFFD, "pid": 0xEFFFFFFC}
+
+
+def _in_initial_namespaces() -> bool:
+    try:
+        return all(
+            os.stat(f"/proc/self/ns/{ns}").st_ino == ino for ns, ino in _INITIAL_NS_INODES.items()
+        )
+    except OSError:
+        return False
 
 
 def probe(cgroups: CgroupHost) -> HostSupport:
@@ -42,4 +58,5 @@ def probe(cgroups: CgroupHost) -> HostSupport:
         seccomp="Seccomp:" in status or bool(actions),
         seccomp_user_notification="user_notif" in actions,
         cgroups=cgroups,
+        proc_connector=_in_initial_namespaces(),
     )
