@@ -253,6 +253,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     connector: socket.socket | None = None
     trace_sup: socket.socket | None = None
     trace_cmd: socket.socket | None = None
+    pid = 0
     try:
         # 1b. Process tracing: the proc connector lives in the initial network namespace, so
         #     its socket is opened before unsharing; the channel carries the seccomp listener.
@@ -305,6 +306,11 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         for sock in (connector, trace_sup, trace_cmd):
             if sock is not None:
                 sock.close()
+        if pid > 0:  # init was forked: it (and with it the sandbox) must not outlive us
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         cgroup.remove()
         raise
     return Prepared(
