@@ -302,6 +302,16 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
         policy_version=v.policy_version,
         processes=[_process_to_proto(p) for p in v.processes],
         processes_truncated=v.processes_truncated,
+        sensitive_reads=[
+            pb.SensitiveRead(
+                path=_decode_path(r.path),
+                pid=r.pid or 0,
+                argv=[_decode_path(a) for a in r.argv],
+                count=r.count,
+            )
+            for r in v.sensitive_reads
+        ],
+        sensitive_reads_incomplete=v.sensitive_reads_incomplete,
     )
 
 
@@ -399,6 +409,16 @@ def validation_from_proto(msg: pb.ValidateResponse) -> types.Validation:
         policy_version=msg.policy_version,
         processes=tuple(_process_from_proto(p) for p in msg.processes),
         processes_truncated=msg.processes_truncated,
+        sensitive_reads=tuple(
+            types.SensitiveReadInfo(
+                path=r.path.encode(),
+                pid=r.pid or None,
+                argv=tuple(a.encode() for a in r.argv),
+                count=r.count,
+            )
+            for r in msg.sensitive_reads
+        ),
+        sensitive_reads_incomplete=msg.sensitive_reads_incomplete,
     )
 
 

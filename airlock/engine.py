@@ -22,7 +22,7 @@ from airlock.policy import builtin, shell
 from airlock.policy.model import Analysis
 from airlock.policy.store import PolicyStore
 from airlock.policy.summary import denied_summary, policy_sentence, read_only_summary, summarize
-from airlock.sandbox import mnt
+from airlock.sandbox import mnt, reads
 from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.contain import SandboxResult
 from airlock.sandbox.diff import DiffOptions
@@ -42,6 +42,7 @@ from airlock.types import (
     PeerCred,
     ProcessInfo,
     ResourceUsage,
+    SensitiveReadInfo,
     StaticSummary,
     Termination,
     Timings,
@@ -260,6 +261,8 @@ class Engine:
                 exclude=(os.fsencode(self.config.state_dir),),
             ),
             settings=self._settings,
+            sensitive_globs=reads.DEFAULT_SENSITIVE_GLOBS,
+            home=_home_of(who.uid),
         )
         return SandboxPlan(template=template, run=run, template_key=key)
 
@@ -330,9 +333,23 @@ class Engine:
         assert result.diff is not None and result.cgroup is not None
         changes, truncated = result.diff.changes, result.diff.truncated
         processes = tuple(_process_info(r) for r in result.processes)
+        # The read recorder knows host pids and, when the process was still alive, its argv;
+        # the process tree knows every process's sandbox pid and exact argv.
+        by_host_pid = {r.host_pid: r for r in result.processes}
+        sensitive = tuple(
+            SensitiveReadInfo(
+                path=r.path,
+                pid=by_host_pid[r.pid].pid if r.pid in by_host_pid else None,
+                argv=by_host_pid[r.pid].argv if r.pid in by_host_pid else r.argv,
+                count=r.count,
+            )
+            for r in result.sensitive_reads
+        )
 
         # 4. The verdict: the strictest of the static pass and the dry run's built-in rules.
-        dynamic_verdict, dynamic_findings = builtin.judge(changes, result.termination, truncated)
+        dynamic_verdict, dynamic_findings = builtin.judge(
+            changes, result.termination, truncated, sensitive
+        )
         verdict = max(static.verdict or Verdict.ALLOW, dynamic_verdict)
         findings = tuple(
             sorted(
@@ -349,6 +366,7 @@ class Engine:
             timeout_s=plan.run.timeout_s,
             workspace=plan.run.cwd,
             processes=processes,
+            sensitive_reads=sensitive,
         ) + policy_sentence(verdict, findings)
         stats = result.cgroup
         return Validation(
@@ -388,7 +406,16 @@ class Engine:
             policy_version=bundle.version,
             processes=processes,
             processes_truncated=result.processes_truncated,
+            sensitive_reads=sensitive,
+            sensitive_reads_incomplete=result.sensitive_reads_incomplete,
         )
+
+
+def _home_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return ""
 
 
 def _process_info(r: ProcessRecord) -> ProcessInfo:

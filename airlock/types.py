@@ -194,6 +194,16 @@ class ProcessInfo:
 
 
 @dataclass(frozen=True)
+class SensitiveReadInfo:
+    """A sensitive file a process of the command opened."""
+
+    path: bytes
+    pid: int | None
+    argv: tuple[bytes, ...] = ()
+    count: int = 1
+
+
+@dataclass(frozen=True)
 class StaticSummary:
     """The static pass's view of a command line, as reported to clients."""
 
@@ -245,6 +255,8 @@ class Validation:
     policy_version: str = ""
     processes: tuple[ProcessInfo, ...] = ()
     processes_truncated: bool = False
+    sensitive_reads: tuple[SensitiveReadInfo, ...] = ()
+    sensitive_reads_incomplete: bool = False
 
 
 @dataclass(frozen=True)

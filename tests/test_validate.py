@@ -458,3 +458,26 @@ def test_command_starts_with_default_signal_dispositions(client: Client, workspa
     out = v.stdout.decode()
     assert "SigIgn:\t0000000000000000" in out and "SigBlk:\t0000000000000000" in out
     assert "survived" not in out and "rc=143" in out and "timeout_rc=124" in out
+
+
+def test_sensitive_reads_are_recorded(client: Client, workspace: Path) -> None:
+    (workspace / ".env").write_text("TOKEN=x\n")
+    (workspace / "notes.txt").write_text("plain\n")
+    v = client.validate(
+        # ~/.aws/credentials is created in the sandbox only (root's home is /root here)
+        "mkdir -p ~/.aws && echo k > ~/.aws/credentials; cat ~/.aws/credentials .env notes.txt "
+        "/etc/shadow > /dev/null",
+        cwd=str(workspace),
+    )
+    paths = {r.path for r in v.sensitive_reads}
+    assert {b"/root/.aws/credentials", str(workspace / ".env").encode(), b"/etc/shadow"} <= paths
+    assert str(workspace / "notes.txt").encode() not in paths
+    cat = next(r for r in v.sensitive_reads if r.path == b"/etc/shadow")
+    assert cat.argv and cat.argv[0] == b"cat" and cat.pid and cat.pid > 1
+    assert v.verdict is Verdict.ASK
+    assert "builtin.sensitive-read" in [f.rule_id for f in v.findings]
+    assert "Read /etc/shadow" in v.summary or "/etc/shadow" in v.summary
+    assert (
+        not os.path.exists("/root/.aws/credentials")
+        or os.path.getsize("/root/.aws/credentials") != 2
+    )  # the host's file (if any) was not written by the sandbox

@@ -377,6 +377,17 @@ def render_validation(v: types.Validation) -> RenderableType:
         parts.append(Text("Changes: none", style="bold"))
     if v.processes:
         parts.append(process_tree(v.processes, v.processes_truncated))
+    if v.sensitive_reads:
+        head = Text("Sensitive reads", style="bold red")
+        if v.sensitive_reads_incomplete:
+            head.append(" (may be incomplete)", style="yellow")
+        parts.append(head)
+        for r in v.sensitive_reads:
+            who = " ".join(a.decode(errors="backslashreplace") for a in r.argv[:4])
+            line = Text("  ! ", style="red")
+            line.append(escape_controls(r.path.decode(errors="backslashreplace")))
+            line.append(f"  by [{r.pid or '?'}] {escape_controls(who)}", style="dim")
+            parts.append(line)
     parts.append(Text(""))
     if v.sandboxed:
         parts.append(termination_text(v))

@@ -15,6 +15,7 @@ from airlock.types import (
     FileType,
     Finding,
     ProcessInfo,
+    SensitiveReadInfo,
     Termination,
     Verdict,
 )
@@ -105,6 +106,7 @@ def summarize(
     timeout_s: float,
     workspace: str,
     processes: Sequence[ProcessInfo] = (),
+    sensitive_reads: Sequence[SensitiveReadInfo] = (),
 ) -> str:
     sentences = [_ending(termination, exit_code, signal, timeout_s) + _programs(processes)]
     inside = [c for c in changes if c.in_workspace]
@@ -120,6 +122,12 @@ def summarize(
             sentences.append("Nothing changed outside the workspace.")
     if changes_truncated:
         sentences.append(f"Only the first {len(changes)} changes are listed.")
+    if sensitive_reads:
+        paths = list(
+            dict.fromkeys(r.path.decode(errors="backslashreplace") for r in sensitive_reads)
+        )
+        more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
+        sentences.append(f"Read {', '.join(paths[:_LISTED])}{more}.")
     return " ".join(sentences)
 
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, mnt, net, proctrace, user
+from airlock.sandbox import _wire, mnt, net, proctrace, reads, user
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
 from airlock.sandbox.plan import RunSpec, SandboxPlan, SandboxTemplate
@@ -70,6 +70,9 @@ class SandboxResult:
     # Every process the command started (empty when process tracing is off).
     processes: tuple[proctrace.ProcessRecord, ...] = ()
     processes_truncated: bool = False
+    # Opens of sensitive files (host pids); incomplete if the kernel's queue overflowed.
+    sensitive_reads: tuple[reads.SensitiveRead, ...] = ()
+    sensitive_reads_incomplete: bool = False
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
@@ -365,6 +368,12 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
             prepared.connector, prepared.trace_channel, prepared.init_pid, origin=started
         )
         prepared.connector = prepared.trace_channel = None  # the tracer owns them now
+    recorder: reads.ReadRecorder | None = None
+    if spec.sensitive_globs:
+        # Per request (the globs' "~" is the caller's home), before the spec releases the command.
+        recorder = reads.ReadRecorder(
+            reads.overlay_mounts(prepared.template.host_setup), spec.sensitive_globs, spec.home
+        )
     with contextlib.suppress(BrokenPipeError):  # the command died in set-up: init says why
         _write_all(prepared.spec_w, _wire.dumps(spec))
     os.close(prepared.spec_w)
@@ -377,6 +386,8 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         poller.register(fd, select.POLLIN)
     if tracer is not None:
         poller.register(tracer.fileno(), select.POLLIN)
+    if recorder is not None:
+        poller.register(recorder.fileno(), select.POLLIN)
     open_fds = {out_r, err_r, status_r}
     while open_fds:
         now = time.monotonic()
@@ -391,6 +402,9 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         for fd, _events in poller.poll(max(0.0, deadline - now) * 1000):
             if tracer is not None and fd == tracer.fileno():
                 tracer.handle()
+                continue
+            if recorder is not None and fd == recorder.fileno():
+                recorder.handle()
                 continue
             if fd == cancel_fd:
                 if forced is None:
@@ -422,6 +436,16 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
             processes, processes_truncated = tracer.records(), tracer.truncated
         finally:
             tracer.close()
+    sensitive: tuple[reads.SensitiveRead, ...] = ()
+    sensitive_incomplete = False
+    if recorder is not None:
+        try:
+            while recorder.handle():  # everything queued before the last process died
+                pass
+            sensitive = recorder.reads()
+            sensitive_incomplete = recorder.overflowed or recorder.dropped > 0
+        finally:
+            recorder.close()
 
     termination, exit_code, signum, error, error_kind = _status(bytes(status_msg), forced)
     stats = prepared.cgroup.stats()
@@ -446,6 +470,8 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         diff_s=time.monotonic() - t_diff,
         processes=processes,
         processes_truncated=processes_truncated,
+        sensitive_reads=sensitive,
+        sensitive_reads_incomplete=sensitive_incomplete,
     )
 
 

@@ -221,6 +221,9 @@ class RunSpec:
     timeout_s: float
     output_bytes: int
     diff: DiffOptions
+    # Opens of files matching these globs are recorded (sandbox/reads.py); "~" is ``home``.
+    sensitive_globs: tuple[str, ...] = ()
+    home: str = ""
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,8 @@ def build_run(
     output_bytes: int,
     diff_options: DiffOptions,
     settings: SandboxSettings,
+    sensitive_globs: tuple[str, ...] = (),
+    home: str = "",
 ) -> RunSpec:
     """Decide what one request runs. Pure."""
     env_dict = dict(env)
@@ -393,4 +398,6 @@ def build_run(
         timeout_s=timeout_s,
         output_bytes=output_bytes,
         diff=diff_options,
+        sensitive_globs=sensitive_globs,
+        home=home,
     )
