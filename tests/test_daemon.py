@@ -105,17 +105,18 @@ def test_concurrency_limit_refuses_instead_of_queueing(public_tmp: Path) -> None
 
 
 def test_sigterm_drains_requests_in_flight(public_tmp: Path) -> None:
+    marker = f"1.2{time.time_ns() % 10**6:06d}"  # a unique, 1.2 s sleep
     d = running_daemon(public_tmp, *SANDBOX_ARGS)
     with d as daemon:
         results: list[object] = []
 
         def run() -> None:
             with daemon.client() as c:
-                results.append(c.validate("sleep 1; echo finished", cwd="/tmp"))
+                results.append(c.validate(f"sleep {marker}; echo finished", cwd="/tmp"))
 
         t = threading.Thread(target=run)
         t.start()
-        time.sleep(0.5)
+        wait_for_process(f"^sleep {marker}")  # the call is in flight, its command running
         daemon.proc.send_signal(signal.SIGTERM)
         t.join(timeout=30)
         assert daemon.proc.wait(timeout=30) == 0
