@@ -95,12 +95,15 @@ class Prepared:
     setup_s: float
     connector: socket.socket | None = None
     trace_channel: socket.socket | None = None
+    recorder: reads.ReadRecorder | None = None
 
     def close(self) -> None:
         """Kill what is left and remove the cgroup; the namespaces go with the supervisor."""
         for sock in (self.connector, self.trace_channel):
             if sock is not None:
                 sock.close()
+        if self.recorder is not None:
+            self.recorder.close()
         for fd in (self.spec_w, self.out_r, self.err_r, self.status_r, self.mount_ns):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -439,13 +442,13 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
     sensitive: tuple[reads.SensitiveRead, ...] = ()
     sensitive_incomplete = False
     if recorder is not None:
-        try:
-            while recorder.handle():  # everything queued before the last process died
-                pass
-            sensitive = recorder.reads()
-            sensitive_incomplete = recorder.overflowed or recorder.dropped > 0
-        finally:
-            recorder.close()
+        # Closing a fanotify group waits for an SRCU grace period (10-20 ms): it is closed by
+        # Prepared.close(), after the result has been sent, not here.
+        prepared.recorder = recorder
+        while recorder.handle():  # everything queued before the last process died
+            pass
+        sensitive = recorder.reads()
+        sensitive_incomplete = recorder.overflowed or recorder.dropped > 0
 
     termination, exit_code, signum, error, error_kind = _status(bytes(status_msg), forced)
     stats = prepared.cgroup.stats()
