@@ -486,3 +486,9 @@ def test_sensitive_reads_are_recorded(client: Client, workspace: Path) -> None:
         not os.path.exists("/root/.aws/credentials")
         or os.path.getsize("/root/.aws/credentials") != 2
     )  # the host's file (if any) was not written by the sandbox
+
+
+def test_summary_names_the_programs_not_the_shell(client: Client, workspace: Path) -> None:
+    (workspace / "old.log").write_text("x\n")
+    v = client.validate("echo hi > notes.txt; rm -f old.log", cwd=str(workspace))
+    assert "Ran 1 program (rm)." in v.summary, v.summary

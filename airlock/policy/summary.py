@@ -82,10 +82,10 @@ def _programs(processes: Sequence[ProcessInfo]) -> str:
     """ "Ran 3 programs (make, cc, ld)." from the processes, the command's own shell left out."""
     names: dict[str, None] = {}
     for index, proc in enumerate(processes):
-        for exe in proc.executables or proc.argv[:1]:
+        for position, exe in enumerate(proc.executables or proc.argv[:1]):
             name = os.path.basename(exe).decode(errors="backslashreplace")
-            if index == 0 and name in ("bash", "sh") and len(proc.executables) <= 1:
-                continue  # the `bash -c` that runs the command line
+            if index == 0 and position == 0 and name in ("bash", "sh"):
+                continue  # the `bash -c` that runs the command line (it may exec the last command)
             names.setdefault(name, None)
     if not names:
         return ""
