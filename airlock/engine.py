@@ -27,6 +27,7 @@ from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.contain import SandboxResult
 from airlock.sandbox.diff import DiffOptions
 from airlock.sandbox.plan import (
+    KERNEL_TREES,
     HostMount,
     SandboxPlan,
     SandboxSettings,
@@ -53,7 +54,6 @@ from airlock.types import (
 
 __all__ = ["DaemonConfig", "Engine", "Identity", "check_request"]
 
-_KERNEL_TREES = ("/proc", "/sys", "/dev")
 _MAX_PATH = 4096
 
 
@@ -116,7 +116,7 @@ def check_request(req: ValidateRequest, limits: Limits) -> tuple[str, float]:
     cwd = posixpath.normpath(cwd)
     if cwd.startswith("//"):
         cwd = "/" + cwd.lstrip("/")
-    if any(cwd == k or cwd.startswith(k + "/") for k in _KERNEL_TREES):
+    if any(cwd == k or cwd.startswith(k + "/") for k in KERNEL_TREES):
         raise _fail("cwd", f"{cwd} is on a kernel file system, not a workspace", "INVALID_CWD")
     if not os.path.exists(cwd):
         raise _fail("cwd", f"{cwd} does not exist", "INVALID_CWD")

@@ -91,13 +91,7 @@ def test_parse_error_fails_closed(client: Client, workspace: Path) -> None:
 
 
 def test_get_policy(daemon: Daemon, client: Client) -> None:
-    with grpc.insecure_channel("unix:" + daemon.socket) as channel:
-        call = channel.unary_unary(
-            "/airlock.v1.SandboxService/GetPolicy",
-            request_serializer=pb.GetPolicyRequest.SerializeToString,
-            response_deserializer=pb.GetPolicyResponse.FromString,
-        )
-        info = call(pb.GetPolicyRequest(), timeout=10)
+    info = _policy_info(daemon.socket)
     assert info.rule_count > 50 and len(info.version) == 64
     assert info.directory.endswith("policies/default") and info.files
     assert info.last_reload_error == ""

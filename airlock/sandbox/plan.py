@@ -70,7 +70,8 @@ _PSEUDO_FS = frozenset(
         "selinuxfs",
     }
 )
-_KERNEL_TREES = ("/proc", "/sys", "/dev")
+# Kernel interfaces the sandbox replaces (never overlaid, never a workspace).
+KERNEL_TREES = ("/proc", "/sys", "/dev")
 # Characters overlayfs treats as separators in lowerdir=; such mount points are skipped.
 _OVERLAY_UNSAFE = frozenset(",:\\\n")
 
@@ -322,7 +323,7 @@ def build_template(
         m
         for m in host_mounts
         if m.fstype not in _PSEUDO_FS
-        and not any(_under(m.path, k) for k in _KERNEL_TREES)
+        and not any(_under(m.path, k) for k in KERNEL_TREES)
         and not _under(m.path, scratch)
         and not (_OVERLAY_UNSAFE & set(m.path))
     ]
