@@ -312,6 +312,42 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
             for r in v.sensitive_reads
         ],
         sensitive_reads_incomplete=v.sensitive_reads_incomplete,
+        network_attempts=[network_attempt_to_proto(a) for a in v.network_attempts],
+        network_attempts_lost=v.network_attempts_lost,
+    )
+
+
+def network_attempt_to_proto(a: types.NetworkAttemptInfo) -> pb.NetworkAttempt:
+    return pb.NetworkAttempt(
+        protocol=pb.NetworkProtocol.ValueType(a.protocol.value),
+        address=a.address,
+        port=a.port,
+        dns_name=a.dns_name,
+        dns_type=a.dns_type,
+        payload_prefix=a.payload_prefix,
+        tls_server_name=a.sni,
+        http_method=a.http_method,
+        http_host=a.http_host,
+        http_path=a.http_path,
+        bytes_sent=a.bytes_sent,
+        time=_duration_to_proto(a.time_s),
+    )
+
+
+def network_attempt_from_proto(msg: pb.NetworkAttempt) -> types.NetworkAttemptInfo:
+    return types.NetworkAttemptInfo(
+        protocol=_enum_from_proto(types.NetProtocol, msg.protocol, types.NetProtocol.TCP),
+        address=msg.address,
+        port=msg.port,
+        dns_name=msg.dns_name,
+        dns_type=msg.dns_type,
+        payload_prefix=msg.payload_prefix,
+        sni=msg.tls_server_name,
+        http_method=msg.http_method,
+        http_host=msg.http_host,
+        http_path=msg.http_path,
+        bytes_sent=msg.bytes_sent,
+        time_s=_duration_from_proto(msg.time),
     )
 
 
@@ -419,6 +455,8 @@ def validation_from_proto(msg: pb.ValidateResponse) -> types.Validation:
             for r in msg.sensitive_reads
         ),
         sensitive_reads_incomplete=msg.sensitive_reads_incomplete,
+        network_attempts=tuple(network_attempt_from_proto(a) for a in msg.network_attempts),
+        network_attempts_lost=msg.network_attempts_lost,
     )
 
 

@@ -26,6 +26,7 @@ from airlock.sandbox import mnt, reads
 from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.contain import SandboxResult
 from airlock.sandbox.diff import DiffOptions
+from airlock.sandbox.netcap import NetworkAttempt
 from airlock.sandbox.plan import (
     KERNEL_TREES,
     HostMount,
@@ -40,6 +41,7 @@ from airlock.sandbox.spawner import Spawner
 from airlock.types import (
     DryRunSkip,
     Limits,
+    NetworkAttemptInfo,
     PeerCred,
     ProcessInfo,
     ResourceUsage,
@@ -346,6 +348,8 @@ class Engine:
             for r in result.sensitive_reads
         )
 
+        network = tuple(_network_info(a) for a in result.network_attempts)
+
         # 4. The verdict: the strictest of the static pass and the dry run's built-in rules.
         dynamic_verdict, dynamic_findings = builtin.judge(
             changes, result.termination, truncated, sensitive
@@ -367,6 +371,8 @@ class Engine:
             workspace=plan.run.cwd,
             processes=processes,
             sensitive_reads=sensitive,
+            network=network,
+            network_lost=result.network_attempts_lost,
         ) + policy_sentence(verdict, findings)
         stats = result.cgroup
         return Validation(
@@ -408,6 +414,8 @@ class Engine:
             processes_truncated=result.processes_truncated,
             sensitive_reads=sensitive,
             sensitive_reads_incomplete=result.sensitive_reads_incomplete,
+            network_attempts=network,
+            network_attempts_lost=result.network_attempts_lost,
         )
 
 
@@ -433,6 +441,23 @@ def _process_info(r: ProcessRecord) -> ProcessInfo:
         outlived_command=r.outlived_command,
         killed_by_timeout=r.killed_by_timeout,
         argv_truncated=r.argv_truncated,
+    )
+
+
+def _network_info(a: NetworkAttempt) -> NetworkAttemptInfo:
+    return NetworkAttemptInfo(
+        protocol=a.protocol,
+        address=a.address,
+        port=a.port,
+        dns_name=a.dns_name,
+        dns_type=a.dns_type,
+        payload_prefix=a.payload_prefix,
+        sni=a.sni,
+        http_method=a.http_method,
+        http_host=a.http_host,
+        http_path=a.http_path,
+        bytes_sent=a.bytes_sent,
+        time_s=a.time,
     )
 
 

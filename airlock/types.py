@@ -203,6 +203,54 @@ class SensitiveReadInfo:
     count: int = 1
 
 
+class NetProtocol(enum.IntEnum):
+    DNS = 1
+    TCP = 2
+    UDP = 3
+
+
+@dataclass(frozen=True)
+class NetworkAttemptInfo:
+    """One DNS query, TCP connection or UDP datagram the command tried to send out.
+
+    Nothing left the machine: the dry run's network is a recording sinkhole.
+    """
+
+    protocol: NetProtocol
+    # The resolver for DNS; the original destination otherwise.
+    address: str
+    port: int
+    # DNS: the name asked for. TCP/UDP: the name whose (fake) answer was ``address``.
+    dns_name: str = ""
+    dns_type: str = ""
+    # The first bytes sent (at most 4 KiB); for DNS the query.
+    payload_prefix: bytes = b""
+    sni: str = ""
+    http_method: str = ""
+    http_host: str = ""
+    http_path: str = ""
+    bytes_sent: int = 0
+    # Seconds since the command started.
+    time_s: float = 0.0
+
+    @property
+    def host(self) -> str:
+        """The best name for the destination: TLS SNI, HTTP Host, DNS name, else the address."""
+        return self.sni or self.http_host.rsplit(":", 1)[0] or self.dns_name or self.address
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What a dry run did, as the effect rules see it. Paths are host paths."""
+
+    workspace: str
+    home: str
+    changes: tuple[FileChange, ...] = ()
+    processes: tuple[ProcessInfo, ...] = ()
+    network: tuple[NetworkAttemptInfo, ...] = ()
+    sensitive_reads: tuple[SensitiveReadInfo, ...] = ()
+
+
 @dataclass(frozen=True)
 class StaticSummary:
     """The static pass's view of a command line, as reported to clients."""
@@ -257,6 +305,9 @@ class Validation:
     processes_truncated: bool = False
     sensitive_reads: tuple[SensitiveReadInfo, ...] = ()
     sensitive_reads_incomplete: bool = False
+    network_attempts: tuple[NetworkAttemptInfo, ...] = ()
+    # Attempts that were made but not recorded (past the bound, or lost in a flood).
+    network_attempts_lost: int = 0
 
 
 @dataclass(frozen=True)

@@ -353,6 +353,41 @@ def process_tree(processes: Sequence[types.ProcessInfo], truncated: bool) -> Ren
     return tree
 
 
+_SHOWN_ATTEMPTS = 50
+
+
+def network_table(attempts: Sequence[types.NetworkAttemptInfo], lost: int) -> RenderableType:
+    """The network attempts of a dry run, one line each (blocked: nothing left the machine)."""
+    title = f"Network attempts: {len(attempts)} (all blocked)"
+    if lost:
+        title += f", {lost} more not recorded"
+    table = Table(title=title, title_justify="left", title_style="bold red", box=None)
+    for column in ("t", "proto", "destination", "what"):
+        table.add_column(column, style="dim" if column == "t" else None)
+    for a in attempts[:_SHOWN_ATTEMPTS]:
+        if a.protocol is types.NetProtocol.DNS:
+            dest = f"{a.address}:{a.port}"
+            what = f"{a.dns_type or '?'} {a.dns_name}"
+        else:
+            name = f" ({a.dns_name})" if a.dns_name else ""
+            dest = f"{a.address}:{a.port}{name}"
+            if a.http_method:
+                what = f"{a.http_method} {a.http_host}{a.http_path}"
+            elif a.sni:
+                what = f"TLS to {a.sni}"
+            else:
+                what = f"{human_size(a.bytes_sent)} sent"
+        table.add_row(
+            _ms(a.time_s),
+            a.protocol.name,
+            escape_controls(dest),
+            escape_controls(what[:160]),
+        )
+    if len(attempts) > _SHOWN_ATTEMPTS:
+        table.add_row("", "", f"… and {len(attempts) - _SHOWN_ATTEMPTS} more", "")
+    return table
+
+
 def render_validation(v: types.Validation) -> RenderableType:
     """The whole report of one validation."""
     parts: list[RenderableType] = []
@@ -388,6 +423,8 @@ def render_validation(v: types.Validation) -> RenderableType:
             line.append(escape_controls(r.path.decode(errors="backslashreplace")))
             line.append(f"  by [{r.pid or '?'}] {escape_controls(who)}", style="dim")
             parts.append(line)
+    if v.network_attempts or v.network_attempts_lost:
+        parts.append(network_table(v.network_attempts, v.network_attempts_lost))
     parts.append(Text(""))
     if v.sandboxed:
         parts.append(termination_text(v))

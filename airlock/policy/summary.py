@@ -14,6 +14,8 @@ from airlock.types import (
     FileChange,
     FileType,
     Finding,
+    NetProtocol,
+    NetworkAttemptInfo,
     ProcessInfo,
     SensitiveReadInfo,
     Termination,
@@ -96,6 +98,34 @@ def _programs(processes: Sequence[ProcessInfo]) -> str:
     return f" Ran {count} program{'s' if count != 1 else ''} ({listed})."
 
 
+def _network(attempts: Sequence[NetworkAttemptInfo], lost: int) -> list[str]:
+    """ "Tried to reach pypi.org:443 (blocked during the dry run)." and the lone DNS lookups."""
+    reached: dict[str, None] = {}
+    for a in attempts:
+        if a.protocol is not NetProtocol.DNS:
+            host = a.host
+            reached.setdefault(f"[{host}]:{a.port}" if ":" in host else f"{host}:{a.port}", None)
+    connected = {a.dns_name for a in attempts if a.protocol is not NetProtocol.DNS}
+    looked_up = list(
+        dict.fromkeys(
+            a.dns_name or "?"
+            for a in attempts
+            if a.protocol is NetProtocol.DNS and a.dns_name not in connected
+        )
+    )
+    sentences: list[str] = []
+    for items, template in (
+        (list(reached), "Tried to reach {} (blocked during the dry run)."),
+        (looked_up, "Looked up {} (answered with a placeholder address)."),
+    ):
+        if items:
+            more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+            sentences.append(template.format(", ".join(items[:_LISTED]) + more))
+    if lost:
+        sentences.append(f"{lost} more network attempt(s) were not recorded.")
+    return sentences
+
+
 def summarize(
     *,
     changes: Sequence[FileChange],
@@ -107,6 +137,8 @@ def summarize(
     workspace: str,
     processes: Sequence[ProcessInfo] = (),
     sensitive_reads: Sequence[SensitiveReadInfo] = (),
+    network: Sequence[NetworkAttemptInfo] = (),
+    network_lost: int = 0,
 ) -> str:
     sentences = [_ending(termination, exit_code, signal, timeout_s) + _programs(processes)]
     inside = [c for c in changes if c.in_workspace]
@@ -128,6 +160,7 @@ def summarize(
         )
         more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
         sentences.append(f"Read {', '.join(paths[:_LISTED])}{more}.")
+    sentences += _network(network, network_lost)
     return " ".join(sentences)
 
 

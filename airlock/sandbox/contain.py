@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, mnt, net, proctrace, reads, user
+from airlock.sandbox import _wire, mnt, net, netcap, proctrace, reads, user
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
 from airlock.sandbox.plan import RunSpec, SandboxPlan, SandboxTemplate
@@ -73,6 +73,10 @@ class SandboxResult:
     # Opens of sensitive files (host pids); incomplete if the kernel's queue overflowed.
     sensitive_reads: tuple[reads.SensitiveRead, ...] = ()
     sensitive_reads_incomplete: bool = False
+    # Every DNS query, TCP connection and UDP datagram the command tried to send out; how many
+    # more were not recorded (past the bound, or dropped by the kernel in a flood).
+    network_attempts: tuple[netcap.NetworkAttempt, ...] = ()
+    network_attempts_lost: int = 0
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
@@ -96,12 +100,15 @@ class Prepared:
     connector: socket.socket | None = None
     trace_channel: socket.socket | None = None
     recorder: reads.ReadRecorder | None = None
+    network: netcap.NetworkRecorder | None = None
 
     def close(self) -> None:
         """Kill what is left and remove the cgroup; the namespaces go with the supervisor."""
         for sock in (self.connector, self.trace_channel):
             if sock is not None:
                 sock.close()
+        if self.network is not None:
+            self.network.close()
         if self.recorder is not None:
             self.recorder.close()
         for fd in (self.spec_w, self.out_r, self.err_r, self.status_r, self.mount_ns):
@@ -259,6 +266,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     connector: socket.socket | None = None
     trace_sup: socket.socket | None = None
     trace_cmd: socket.socket | None = None
+    network: netcap.NetworkRecorder | None = None
     pid = 0
     try:
         # 1b. Process tracing: the proc connector lives in the initial network namespace, so
@@ -267,18 +275,24 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
             if template.proc_connector:
                 connector = proctrace.open_connector()
             trace_sup, trace_cmd = proctrace.channel()
-        # 2. New mount, pid (for children), network, IPC and UTS namespaces.
-        sc.unshare(template.namespaces)
+        # 2. New mount, network, IPC and UTS namespaces; the pid namespace comes at step 6.
+        sc.unshare(template.namespaces & ~sc.CLONE_NEWPID)
         # 3. Nothing mounted from here on propagates to the host.
         mnt.make_private()
         # 4. Scratch tmpfs, overlays over every data mount, /dev, /sys, hidden paths.
         for op in template.host_setup:
             mnt.execute_step(op)
-        # 5. Hostname and a loopback-only network.
+        # 5. Hostname and a network with only loopback. With network capture, every
+        #    destination is routed to the supervisor's recording sinkhole instead.
         sc.sethostname(template.hostname)
         net.loopback_up()
+        if template.capture_network:
+            network = netcap.install()
         # 6. Init (pid 1: /proc, pivot_root) and the command process, which joins the cgroup
         #    and waits for its run spec.
+        #    The pid namespace only now: the first process forked after it is its pid 1, and
+        #    the set-up above may run helpers (nft), which must not take that place.
+        sc.unshare(template.namespaces & sc.CLONE_NEWPID)
         procs = [
             os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
             for d in cgroup.paths
@@ -294,6 +308,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
             for sock in (connector, trace_sup):
                 if sock is not None:
                     sock.close()
+            if network is not None:
+                network.close()  # init's copies: the sinkhole is the supervisor's alone
             trace_fd = trace_cmd.detach() if trace_cmd is not None else -1
             _init(template, (spec_r, status_w, out_w, err_w), procs, trace_fd)
         for fd in (spec_r, out_w, err_w, status_w, *procs):
@@ -312,6 +328,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         for sock in (connector, trace_sup, trace_cmd):
             if sock is not None:
                 sock.close()
+        if network is not None:
+            network.close()
         if pid > 0:  # init was forked: it (and with it the sandbox) must not outlive us
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -332,6 +350,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         setup_s=time.monotonic() - t0,
         connector=connector,
         trace_channel=trace_sup,
+        network=network,
     )
 
 
@@ -377,6 +396,9 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         recorder = reads.ReadRecorder(
             reads.overlay_mounts(prepared.template.host_setup), spec.sensitive_globs, spec.home
         )
+    network = prepared.network
+    if network is not None:
+        network.origin = started  # attempt times count from the command's start
     with contextlib.suppress(BrokenPipeError):  # the command died in set-up: init says why
         _write_all(prepared.spec_w, _wire.dumps(spec))
     os.close(prepared.spec_w)
@@ -391,6 +413,8 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         poller.register(tracer.fileno(), select.POLLIN)
     if recorder is not None:
         poller.register(recorder.fileno(), select.POLLIN)
+    if network is not None:
+        poller.register(network.fileno(), select.POLLIN)
     open_fds = {out_r, err_r, status_r}
     while open_fds:
         now = time.monotonic()
@@ -402,7 +426,19 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
             deadline = now + _DRAIN_S
         elif forced is not None and now >= deadline:
             break
-        for fd, _events in poller.poll(max(0.0, deadline - now) * 1000):
+        wait_s = max(0.0, deadline - now)
+        if network is not None:
+            # An open sinkhole connection must be closed at its read deadline.
+            network_s = network.timeout()
+            if network_s is not None:
+                wait_s = min(wait_s, network_s)
+        ready = poller.poll(wait_s * 1000)
+        if network is not None and not ready:
+            network.handle()
+        for fd, _events in ready:
+            if network is not None and fd == network.fileno():
+                network.handle()
+                continue
             if tracer is not None and fd == tracer.fileno():
                 tracer.handle()
                 continue
@@ -449,6 +485,11 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
             pass
         sensitive = recorder.reads()
         sensitive_incomplete = recorder.overflowed or recorder.dropped > 0
+    attempts: tuple[netcap.NetworkAttempt, ...] = ()
+    attempts_lost = 0
+    if network is not None:
+        attempts = network.finish()  # what is still queued; closes the sinkhole
+        attempts_lost = network.dropped + network.lost
 
     termination, exit_code, signum, error, error_kind = _status(bytes(status_msg), forced)
     stats = prepared.cgroup.stats()
@@ -475,6 +516,8 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         processes_truncated=processes_truncated,
         sensitive_reads=sensitive,
         sensitive_reads_incomplete=sensitive_incomplete,
+        network_attempts=attempts,
+        network_attempts_lost=attempts_lost,
     )
 
 

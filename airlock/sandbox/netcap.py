@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import errno
 import os
 import select
@@ -44,6 +43,8 @@ import struct
 import subprocess
 import time
 from dataclasses import dataclass
+
+from airlock.types import NetProtocol
 
 __all__ = [
     "NetProtocol",
@@ -94,12 +95,6 @@ table inet airlock_netcap {{
   }}
 }}
 """
-
-
-class NetProtocol(enum.IntEnum):
-    DNS = 1
-    TCP = 2
-    UDP = 3
 
 
 @dataclass(frozen=True)
@@ -326,6 +321,29 @@ def _dns_answer(msg: bytes, query: tuple[int, int, str, int, int], address: str 
     )
 
 
+def _complete(data: bytearray) -> bool:
+    """Whether ``data`` is a whole first message: a TLS record, or an HTTP/1 request with its
+    body. The client now waits for an answer that will never come: close at once instead of
+    at the read deadline, so that a `curl` in the dry run fails fast."""
+    if len(data) >= 5 and data[0] == 0x16:
+        return len(data) >= 5 + struct.unpack_from("!H", data, 3)[0]
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0 or not parse_http(bytes(data[: head_end + 4]))[0]:
+        return False
+    length = 0
+    for header in bytes(data[:head_end]).split(b"\r\n")[1:]:
+        name, _, value = header.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return data.endswith(b"0\r\n\r\n")
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return False
+    return len(data) >= head_end + 4 + length
+
+
 # --- The recorder ---------------------------------------------------------------------------
 
 
@@ -546,7 +564,7 @@ class NetworkRecorder:
                         conn.sock.send(struct.pack("!H", len(reply)) + reply)
                 self._forget(conn)
                 return
-        if not chunk or len(conn.data) >= self.limits.payload_bytes:
+        if not chunk or len(conn.data) >= self.limits.payload_bytes or _complete(conn.data):
             self._finish(conn)
         else:
             self._update(conn)

@@ -201,6 +201,9 @@ class SandboxTemplate:
     # proc connector for forks and exits when ``proc_connector``: see sandbox/proctrace.py).
     trace_processes: bool = True
     proc_connector: bool = True
+    # Record every network attempt through a sinkhole in the sandbox's own network namespace
+    # (sandbox/netcap.py); without it the namespace has only an unroutable loopback.
+    capture_network: bool = True
 
     @property
     def key(self) -> bytes:
@@ -225,6 +228,9 @@ class RunSpec:
     # Opens of files matching these globs are recorded (sandbox/reads.py); "~" is ``home``.
     sensitive_globs: tuple[str, ...] = ()
     home: str = ""
+    # Where the supervisor saves the changes (contents and the host's state before them) for a
+    # later Apply; empty: do not keep them (sandbox/changeset.py).
+    keep_changes_dir: str = ""
 
 
 @dataclass(frozen=True)
