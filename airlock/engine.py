@@ -72,6 +72,10 @@ class DaemonConfig:
     policy_dir: str | None = None
     # Record every process a dry run starts (sandbox/proctrace.py).
     trace_processes: bool = True
+    # Record every network attempt (sandbox/netcap.py) and opens of sensitive files
+    # (sandbox/reads.py).
+    capture_network: bool = True
+    capture_reads: bool = True
 
     @property
     def scratch_dir(self) -> str:
@@ -234,6 +238,7 @@ class Engine:
                     ),
                     host_mounts=mounts,
                     trace_processes=self.config.trace_processes,
+                    capture_network=self.config.capture_network,
                     proc_connector=self._proc_connector,
                 )
                 self._template = (mounts, template, template.key)
@@ -263,7 +268,7 @@ class Engine:
                 exclude=(os.fsencode(self.config.state_dir),),
             ),
             settings=self._settings,
-            sensitive_globs=reads.DEFAULT_SENSITIVE_GLOBS,
+            sensitive_globs=reads.DEFAULT_SENSITIVE_GLOBS if self.config.capture_reads else (),
             home=_home_of(who.uid),
         )
         return SandboxPlan(template=template, run=run, template_key=key)

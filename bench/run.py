@@ -18,6 +18,10 @@ Sections (see ``docs/performance.md`` for what each one means):
 6. The spawner choice: daemon vs ``Engine.validate`` vs ``Spawner.submit`` (warm and
    cold) vs a cold sandbox forked from a single-threaded process (``bench/_direct.py``);
    and the cost of a fresh process's first write to ``cgroup.procs``.
+7. The static pass over the corpus and the read-only fast path.
+8. Effect capture: ``true`` and 1,000 x ``/bin/true`` against a daemon with full capture
+   (processes, network, sensitive reads: the default) and one with ``--no-capture``;
+   bwrap and bare bash running the same loop.
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--runs N] [--out PATH]``.
 """
@@ -65,6 +69,8 @@ COMMANDS = {
     "files_1k": "for i in {1..1000}; do echo $i > f$i; done",
 }
 FILES_10K = "for i in {1..10000}; do echo $i > f$i; done"
+# Section 8: the cost of effect capture on the command that suffers most from it.
+FORK_HEAVY = "for i in $(seq 1000); do /bin/true; done"
 REFERENCES = {
     "bash": ["bash", "-c", "true"],
     "unshare": ["unshare", "-mpinu", "--fork", "true"],
@@ -93,6 +99,8 @@ TARGETS = {
     "diff_10k_p50_ms": 150.0,
     "throughput_per_s": 100.0,
     "idle_rss_mb": 80.0,
+    "full_capture_true_p50_ms": 20.0,
+    "fork_heavy_capture_ratio": 2.0,
 }
 
 
@@ -792,6 +800,8 @@ def print_report(r: dict[str, Any]) -> None:
         print_spawner(r)
     if "cgroup_migration" in r:
         print_cgroup(r)
+    if "capture" in r:
+        print_capture(r["capture"])
 
     print(
         format_table(
@@ -829,7 +839,26 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         for name in ("true_cold", "true_cold_isolated")
         if name in r["e2e"]
     ]
+    capture: list[dict[str, Any]] = []
+    if "capture" in r:
+        full = r["capture"]["true_with"]["client_ms"]["p50"]
+        ratio = r["capture"]["fork_heavy_command_ratio"]
+        capture = [
+            {
+                "name": "Validate('true') p50 with full capture (own daemon)",
+                "goal": "<= 20 ms",
+                "measured": f"{full:.2f} ms",
+                "met": full <= TARGETS["full_capture_true_p50_ms"],
+            },
+            {
+                "name": "1,000 x /bin/true: command time with / without capture",
+                "goal": "<= 2x",
+                "measured": f"{ratio}x",
+                "met": ratio is not None and ratio <= TARGETS["fork_heavy_capture_ratio"],
+            },
+        ]
     return [
+        *capture,
         {
             "name": "Validate('true') p50, end to end, back to back",
             "goal": "<= 10 ms",
@@ -965,6 +994,13 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
         if daemon.stop() != 0:
             failures.append(f"airlockd exited with {daemon.proc.returncode}")
 
+        done = step("capture cost: 'true' and 1,000 x /bin/true, with and without capture, bwrap")
+        r["capture"] = measure_capture(base, client_runs=b.runs, heavy_runs=b.diff_runs, b=b)
+        for key in ("with", "without"):
+            pids |= set(r["capture"].pop(f"_{key}_pids"))
+        failures += r["capture"].pop("_failures")
+        done()
+
         if warm_pool_flag():
             done = step(
                 "a daemon without a warm pool (--warm-pool 0): 'true', back to back and idle"
@@ -1022,6 +1058,72 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
     }
     r["targets"] = targets(r)
     return r
+
+
+def measure_capture(base: Path, *, client_runs: int, heavy_runs: int, b: Budget) -> dict[str, Any]:
+    """Section 8: Validate with full capture (processes, network, sensitive reads: the default)
+    against a daemon started with --no-capture, in the same run, for `true` and a fork-heavy
+    loop; bwrap running the same loop as the reference. Each daemon runs alone."""
+    out: dict[str, Any] = {"_failures": []}
+    for key, flags in (("with", ()), ("without", ("--no-capture",))):
+        d = start_daemon(base / f"capture-{key}", "--policy-dir", NEUTRAL_POLICY, *flags)
+        out[f"_{key}_pids"] = sorted(d.pids)
+        try:
+            with Client(d.socket, timeout=120) as c:
+                out[f"true_{key}"] = measure_validate(c, "true", d.workspace, client_runs, b.warmup)
+                out[f"fork_heavy_{key}"] = measure_validate(
+                    c, FORK_HEAVY, d.workspace, heavy_runs, min(2, b.warmup)
+                )
+                v = c.validate(FORK_HEAVY, cwd=d.workspace, timeout=60)
+                out[f"fork_heavy_{key}"]["processes_reported"] = len(v.processes)
+        finally:
+            if d.stop() != 0:
+                out["_failures"].append(f"airlockd {' '.join(flags)} exited with an error")
+    bwrap = REFERENCES["bwrap"]
+    out["bwrap_fork_heavy"] = measure_subprocess(
+        [*bwrap[:-1], "bash", "-c", FORK_HEAVY], heavy_runs, min(2, b.warmup)
+    )
+    out["bash_fork_heavy"] = measure_subprocess(
+        ["bash", "-c", FORK_HEAVY], heavy_runs, min(2, b.warmup)
+    )
+    with_ = out["fork_heavy_with"]["daemon_ms"]["command"]["p50"]
+    without = out["fork_heavy_without"]["daemon_ms"]["command"]["p50"]
+    out["fork_heavy_command_ratio"] = round(with_ / without, 3) if without else None
+    for name in ("true_with", "true_without", "fork_heavy_with", "fork_heavy_without"):
+        if out[name]["failures"]:
+            out["_failures"].append(f"capture {name}: {out[name]['failures']} runs failed")
+    return out
+
+
+def print_capture(c: dict[str, Any]) -> None:
+    rows = []
+    for name in ("true_with", "true_without", "fork_heavy_with", "fork_heavy_without"):
+        e = c[name]
+        rows.append(
+            [
+                name.replace("_", " "),
+                ms(e["client_ms"]),
+                ms(e["client_ms"], "p90"),
+                ms(e["daemon_ms"]["command"]),
+                ms(e["daemon_ms"]["sandbox_setup"]),
+                str(e.get("processes_reported", "-")),
+            ]
+        )
+    for name in ("bwrap_fork_heavy", "bash_fork_heavy"):
+        ref = c[name]
+        if "skipped" in ref:
+            rows.append([f"ref {name} (skipped)", "-", "-", "-", "-", "-"])
+        else:
+            rows.append([f"ref {name}", ms(ref["ms"]), ms(ref["ms"], "p90"), "-", "-", "-"])
+    print(
+        format_table(
+            "8. Effect capture: full capture (default) vs --no-capture, same run; fork heavy ="
+            f" `{FORK_HEAVY}`",
+            ["series", "p50", "p90", "d.command", "d.setup", "processes"],
+            rows,
+        )
+    )
+    print(f"   fork heavy, command time with / without capture: {c['fork_heavy_command_ratio']}x")
 
 
 def run_static(b: Budget) -> dict[str, Any]:

@@ -92,6 +92,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         help="do not record the processes a dry run starts (saves ~0.3 ms per exec)",
     )
     p.add_argument(
+        "--no-network-capture",
+        action="store_true",
+        help="give dry runs an unroutable loopback-only network instead of the recording "
+        "sinkhole (attempts fail at once and are not reported)",
+    )
+    p.add_argument(
+        "--no-read-capture",
+        action="store_true",
+        help="do not record opens of sensitive files",
+    )
+    p.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="all three of --no-process-capture, --no-network-capture, --no-read-capture",
+    )
+    p.add_argument(
         "--policy-dir",
         default=None,
         help="policy directory (default: the shipped policies/default); reloaded on SIGHUP "
@@ -118,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         socket_gid=a.socket_group,
         warm_pool=max(0, a.warm_pool),
         policy_dir=a.policy_dir,
-        trace_processes=not a.no_process_capture,
+        trace_processes=not (a.no_process_capture or a.no_capture),
+        capture_network=not (a.no_network_capture or a.no_capture),
+        capture_reads=not (a.no_read_capture or a.no_capture),
         limits=limits,
     )
     return config, a.log_level

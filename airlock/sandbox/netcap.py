@@ -326,7 +326,8 @@ def _complete(data: bytearray) -> bool:
     body. The client now waits for an answer that will never come: close at once instead of
     at the read deadline, so that a `curl` in the dry run fails fast."""
     if len(data) >= 5 and data[0] == 0x16:
-        return len(data) >= 5 + struct.unpack_from("!H", data, 3)[0]
+        record_length: int = struct.unpack_from("!H", data, 3)[0]
+        return len(data) >= 5 + record_length
     head_end = data.find(b"\r\n\r\n")
     if head_end < 0 or not parse_http(bytes(data[: head_end + 4]))[0]:
         return False

@@ -318,6 +318,7 @@ def build_template(
     host_mounts: tuple[HostMount, ...],
     trace_processes: bool = True,
     proc_connector: bool = True,
+    capture_network: bool = True,
 ) -> SandboxTemplate:
     """Decide every set-up step shared by this daemon's dry runs. Pure."""
     scratch = settings.scratch_dir
@@ -372,6 +373,7 @@ def build_template(
         cgroup=cgroup,
         trace_processes=trace_processes,
         proc_connector=proc_connector,
+        capture_network=capture_network,
     )
 
 
