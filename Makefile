@@ -15,7 +15,7 @@ install: deps venv proto
 # Debian packages the tests and benchmarks need (bubblewrap is the benchmark's reference).
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in bubblewrap iproute2 util-linux nftables; do \
+	  missing=""; for p in bubblewrap iproute2 util-linux nftables libseccomp2 curl; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi

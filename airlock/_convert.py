@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from airlock import types
+from airlock import audit, types
 from airlock._errors import InvalidRequest
 from airlock.v1 import sandbox_pb2 as pb
 
@@ -134,6 +134,7 @@ def validate_request_to_proto(req: types.ValidateRequest) -> pb.ValidateRequest:
     if req.gid is not None:
         msg.gid = _checked_uint32("gid", req.gid)
     msg.force_dry_run = req.force_dry_run
+    msg.session_id = _checked_str("session_id", req.session_id)
     return msg
 
 
@@ -147,7 +148,162 @@ def validate_request_from_proto(msg: pb.ValidateRequest) -> types.ValidateReques
         uid=msg.uid if msg.HasField("uid") else None,
         gid=msg.gid if msg.HasField("gid") else None,
         force_dry_run=msg.force_dry_run,
+        session_id=msg.session_id,
     )
+
+
+# --- Execute ---------------------------------------------------------------------------
+
+
+def execute_request_to_proto(req: types.ExecuteRequest) -> pb.ExecuteRequest:
+    """Build the wire request (the same checks as :func:`validate_request_to_proto`)."""
+    v = validate_request_to_proto(req.as_validate())
+    return pb.ExecuteRequest(
+        command=v.command,
+        cwd=v.cwd,
+        env=v.env,
+        timeout=v.timeout if v.HasField("timeout") else None,
+        uid=v.uid if v.HasField("uid") else None,
+        gid=v.gid if v.HasField("gid") else None,
+        approval_token=_checked_str("approval_token", req.approval_token),
+        session_id=_checked_str("session_id", req.session_id),
+    )
+
+
+def execute_request_from_proto(msg: pb.ExecuteRequest) -> types.ExecuteRequest:
+    return types.ExecuteRequest(
+        command=msg.command,
+        cwd=msg.cwd,
+        env=tuple(sorted(msg.env.items())),
+        timeout_s=_duration_from_proto(msg.timeout) if msg.HasField("timeout") else None,
+        uid=msg.uid if msg.HasField("uid") else None,
+        gid=msg.gid if msg.HasField("gid") else None,
+        approval_token=msg.approval_token,
+        session_id=msg.session_id,
+    )
+
+
+_AUTHORIZATIONS = {
+    "USER_VERIFIED": pb.AUTHORIZATION_USER_VERIFIED,
+    "SESSION_GRANTED": pb.AUTHORIZATION_SESSION_GRANTED,
+    "POLICY_ALLOWED": pb.AUTHORIZATION_POLICY_ALLOWED,
+    "AUTO_APPROVED": pb.AUTHORIZATION_AUTO_APPROVED,
+}
+
+
+def exec_event_to_proto(e: types.ExecEvent) -> pb.ExecuteResponse:
+    if isinstance(e, types.ExecOutput):
+        return pb.ExecuteResponse(
+            output=pb.OutputChunk(
+                stream=pb.OutputStream.ValueType(e.stream),
+                data=e.data,
+                time=_duration_to_proto(e.time_s),
+            )
+        )
+    if isinstance(e, types.ProcessInfo):
+        return pb.ExecuteResponse(process=_process_to_proto(e))
+    if isinstance(e, types.ExecStarted):
+        return pb.ExecuteResponse(
+            started=pb.ExecuteStarted(
+                execution_id=e.execution_id,
+                verdict=pb.Verdict.ValueType(e.verdict.value),
+                authorization=_AUTHORIZATIONS.get(e.authorization, pb.AUTHORIZATION_UNSPECIFIED),
+                findings=[finding_to_proto(f) for f in e.findings],
+                uid=e.uid,
+                gid=e.gid,
+                policy_version=e.policy_version,
+            )
+        )
+    return pb.ExecuteResponse(
+        finished=pb.ExecuteFinished(
+            termination=pb.Termination.ValueType(e.termination.value),
+            exit_code=e.exit_code,
+            signal=e.signal,
+            wall_time=_duration_to_proto(e.wall_s),
+            resource_usage=_usage_to_proto(e.resource_usage),
+            stdout_truncated=e.stdout_truncated,
+            stderr_truncated=e.stderr_truncated,
+            stdout_bytes=e.stdout_bytes,
+            stderr_bytes=e.stderr_bytes,
+            warm=e.warm,
+        )
+    )
+
+
+def approve_response_from_proto(msg: pb.ApproveResponse) -> types.ApprovalGrant:
+    return types.ApprovalGrant(
+        approval_token=msg.approval_token,
+        approval_id=msg.approval_id,
+        expires_at=msg.expire_time.seconds + msg.expire_time.nanos / 1e9,
+        approver_uid=msg.approver_uid,
+    )
+
+
+def approve_response_to_proto(g: types.ApprovalGrant) -> pb.ApproveResponse:
+    return pb.ApproveResponse(
+        approval_token=g.approval_token,
+        approval_id=g.approval_id,
+        expire_time=_timestamp(g.expires_at),
+        approver_uid=g.approver_uid,
+    )
+
+
+def apply_response_to_proto(a: types.ApplyOutcome) -> pb.ApplyResponse:
+    return pb.ApplyResponse(
+        validation_id=a.validation_id,
+        applied_paths=[_decode_path(p) for p in a.applied_paths],
+        replayed=a.replayed,
+        bytes_written=a.bytes_written,
+        duration=_duration_to_proto(a.duration_s),
+    )
+
+
+def apply_response_from_proto(msg: pb.ApplyResponse) -> types.ApplyOutcome:
+    return types.ApplyOutcome(
+        validation_id=msg.validation_id,
+        applied_paths=tuple(p.encode() for p in msg.applied_paths),
+        replayed=msg.replayed,
+        bytes_written=msg.bytes_written,
+        duration_s=_duration_from_proto(msg.duration),
+    )
+
+
+def exec_event_from_proto(msg: pb.ExecuteResponse) -> types.ExecEvent:
+    kind = msg.WhichOneof("event")
+    if kind == "output":
+        o = msg.output
+        return types.ExecOutput(int(o.stream), _duration_from_proto(o.time), o.data)
+    if kind == "process":
+        return _process_from_proto(msg.process)
+    if kind == "started":
+        s = msg.started
+        names = {v: k for k, v in _AUTHORIZATIONS.items()}
+        return types.ExecStarted(
+            execution_id=s.execution_id,
+            verdict=_enum_from_proto(types.Verdict, s.verdict, types.Verdict.DENY),
+            authorization=names.get(s.authorization, "UNSPECIFIED"),
+            findings=tuple(finding_from_proto(f) for f in s.findings),
+            uid=s.uid,
+            gid=s.gid,
+            policy_version=s.policy_version,
+        )
+    if kind == "finished":
+        f = msg.finished
+        return types.ExecFinished(
+            termination=_enum_from_proto(
+                types.Termination, f.termination, types.Termination.EXITED
+            ),
+            exit_code=f.exit_code,
+            signal=f.signal,
+            wall_s=_duration_from_proto(f.wall_time),
+            resource_usage=_usage_from_proto(f.resource_usage),
+            stdout_truncated=f.stdout_truncated,
+            stderr_truncated=f.stderr_truncated,
+            stdout_bytes=f.stdout_bytes,
+            stderr_bytes=f.stderr_bytes,
+            warm=f.warm,
+        )
+    raise InvalidRequest("an Execute event with no content", reason="MALFORMED_RESPONSE")
 
 
 # --- Validation ------------------------------------------------------------------------
@@ -314,6 +470,8 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
         sensitive_reads_incomplete=v.sensitive_reads_incomplete,
         network_attempts=[network_attempt_to_proto(a) for a in v.network_attempts],
         network_attempts_lost=v.network_attempts_lost,
+        changes_digest=v.changes_digest,
+        changes_not_kept=v.changes_not_kept,
     )
 
 
@@ -457,6 +615,8 @@ def validation_from_proto(msg: pb.ValidateResponse) -> types.Validation:
         sensitive_reads_incomplete=msg.sensitive_reads_incomplete,
         network_attempts=tuple(network_attempt_from_proto(a) for a in msg.network_attempts),
         network_attempts_lost=msg.network_attempts_lost,
+        changes_digest=msg.changes_digest,
+        changes_not_kept=msg.changes_not_kept,
     )
 
 
@@ -554,3 +714,187 @@ def capabilities_from_proto(msg: pb.GetCapabilitiesResponse) -> types.Capabiliti
         seccomp_user_notification=msg.seccomp_user_notification,
         limits=limits_from_proto(msg.limits),
     )
+
+
+# --- Audit log -------------------------------------------------------------------------
+
+_AUDIT_PROBLEMS = {
+    audit.ProblemKind.EDITED: pb.AUDIT_PROBLEM_KIND_EDITED,
+    audit.ProblemKind.DELETED: pb.AUDIT_PROBLEM_KIND_DELETED,
+    audit.ProblemKind.REORDERED: pb.AUDIT_PROBLEM_KIND_REORDERED,
+    audit.ProblemKind.TRUNCATED: pb.AUDIT_PROBLEM_KIND_TRUNCATED,
+    audit.ProblemKind.REWRITTEN: pb.AUDIT_PROBLEM_KIND_REWRITTEN,
+}
+
+
+def _timestamp_ns(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def audit_list_request_to_proto(
+    f: audit.AuditFilter, *, page_size: int = 0, page_token: str | None = None
+) -> pb.ListAuditEventsRequest:
+    """The wire request of one page of ``AuditLog.list``-style filtering."""
+    msg = pb.ListAuditEventsRequest(
+        rule_id=_checked_str("rule_id", f.rule_id or ""),
+        session_id=_checked_str("session_id", f.session_id or ""),
+        page_size=page_size,
+        page_token=page_token or "",
+    )
+    if f.since_ns is not None:
+        msg.start_time.CopyFrom(_timestamp_ns(f.since_ns))
+    if f.until_ns is not None:
+        msg.end_time.CopyFrom(_timestamp_ns(f.until_ns))
+    if f.verdict is not None:
+        msg.verdict = pb.Verdict.ValueType(f.verdict.value)
+    if f.uid is not None:
+        msg.caller_uid = _checked_uint32("caller_uid", f.uid)
+    return msg
+
+
+def audit_list_request_from_proto(
+    msg: pb.ListAuditEventsRequest,
+) -> tuple[audit.AuditFilter, int, str | None]:
+    """The filter, the page size as sent (0: unset) and the page token (None: first page)."""
+    verdict = None
+    if msg.verdict != pb.VERDICT_UNSPECIFIED:
+        try:
+            verdict = types.Verdict(msg.verdict)
+        except ValueError:
+            raise InvalidRequest(
+                f"verdict: unknown value {msg.verdict}", reason="INVALID_VERDICT"
+            ) from None
+    f = audit.AuditFilter(
+        since_ns=msg.start_time.ToNanoseconds() if msg.HasField("start_time") else None,
+        until_ns=msg.end_time.ToNanoseconds() if msg.HasField("end_time") else None,
+        verdict=verdict,
+        rule_id=msg.rule_id or None,
+        session_id=msg.session_id or None,
+        uid=msg.caller_uid if msg.HasField("caller_uid") else None,
+    )
+    return f, msg.page_size, msg.page_token or None
+
+
+def audit_event_to_proto(s: audit.StoredEvent) -> pb.AuditEvent:
+    """A stored event as the API reports it (lossless: ``audit_event_from_proto`` inverts it)."""
+    e = s.event
+    msg = pb.AuditEvent(
+        seq=s.seq,
+        hash=s.hash,
+        prev_hash=s.prev_hash,
+        time=_timestamp_ns(e.time_ns),
+        kind=pb.AuditEventKind.ValueType(e.kind.value),
+        caller=pb.AuditCaller(uid=e.caller.uid, pid=e.caller.pid, executable=e.caller.exe),
+        command=e.command,
+        cwd=e.cwd,
+        env_sha256=e.env_sha256,
+        findings=[
+            pb.AuditFinding(rule_id=f.rule_id, verdict=pb.Verdict.ValueType(f.verdict.value))
+            for f in e.findings
+        ],
+        effects=e.effects,
+        outcome=pb.AuditOutcome(applied_paths=list(e.outcome.applied_paths), error=e.outcome.error),
+        validation_id=e.validation_id,
+        session_id=e.session_id,
+    )
+    if e.caller.gid >= 0:
+        msg.caller.gid = e.caller.gid
+    if e.verdict is not None:
+        msg.verdict = pb.Verdict.ValueType(e.verdict.value)
+    if e.approval is not None:
+        msg.approval.CopyFrom(
+            pb.AuditApproval(
+                approved=e.approval.approved,
+                authorization=pb.Authorization.ValueType(e.approval.authorization.value),
+                detail=e.approval.detail,
+            )
+        )
+    if e.outcome.exit_code is not None:
+        msg.outcome.exit_code = e.outcome.exit_code
+    return msg
+
+
+def audit_event_from_proto(msg: pb.AuditEvent) -> audit.StoredEvent:
+    """Unknown enum values read as the most consequential: kind EXECUTE, verdict DENY."""
+    approval = None
+    if msg.HasField("approval"):
+        approval = audit.Approval(
+            approved=msg.approval.approved,
+            authorization=_enum_from_proto(
+                audit.Authorization,
+                msg.approval.authorization,
+                audit.Authorization.USER_VERIFIED,
+            ),
+            detail=msg.approval.detail,
+        )
+    c = msg.caller
+    event = audit.AuditEvent(
+        kind=_enum_from_proto(audit.RpcKind, msg.kind, audit.RpcKind.EXECUTE),
+        caller=audit.Caller(
+            uid=c.uid, pid=c.pid, gid=c.gid if c.HasField("gid") else -1, exe=c.executable
+        ),
+        command=msg.command,
+        cwd=msg.cwd,
+        env_sha256=msg.env_sha256,
+        findings=tuple(
+            audit.RuleDecision(
+                rule_id=f.rule_id,
+                verdict=_enum_from_proto(types.Verdict, f.verdict, types.Verdict.DENY),
+            )
+            for f in msg.findings
+        ),
+        effects=msg.effects,
+        verdict=(
+            _enum_from_proto(types.Verdict, msg.verdict, types.Verdict.DENY)
+            if msg.HasField("verdict")
+            else None
+        ),
+        approval=approval,
+        outcome=audit.Outcome(
+            exit_code=msg.outcome.exit_code if msg.outcome.HasField("exit_code") else None,
+            applied_paths=tuple(msg.outcome.applied_paths),
+            error=msg.outcome.error,
+        ),
+        validation_id=msg.validation_id,
+        session_id=msg.session_id,
+        time_ns=msg.time.ToNanoseconds(),
+    )
+    return audit.StoredEvent(seq=msg.seq, prev_hash=msg.prev_hash, hash=msg.hash, event=event)
+
+
+def audit_page_to_proto(
+    page: list[audit.StoredEvent], next_page_token: str | None
+) -> pb.ListAuditEventsResponse:
+    return pb.ListAuditEventsResponse(
+        events=[audit_event_to_proto(s) for s in page], next_page_token=next_page_token or ""
+    )
+
+
+def verify_result_to_proto(r: audit.VerifyResult) -> pb.VerifyAuditLogResponse:
+    msg = pb.VerifyAuditLogResponse(ok=r.ok, events_checked=r.events)
+    if r.head is not None:
+        msg.head_seq, msg.head_hash = r.head.seq, r.head.hash
+    if r.problem is not None:
+        msg.problem.CopyFrom(
+            pb.AuditProblem(
+                kind=_AUDIT_PROBLEMS.get(r.problem.kind, pb.AUDIT_PROBLEM_KIND_UNSPECIFIED),
+                seq=r.problem.seq,
+                message=r.problem.detail,
+            )
+        )
+    return msg
+
+
+def verify_result_from_proto(msg: pb.VerifyAuditLogResponse) -> audit.VerifyResult:
+    """A problem of a kind this client does not know reads as EDITED; ``ok`` is kept."""
+    problem = None
+    if msg.HasField("problem") or not msg.ok:
+        problem = audit.VerifyProblem(
+            kind=_enum_from_proto(audit.ProblemKind, msg.problem.kind, audit.ProblemKind.EDITED),
+            seq=msg.problem.seq,
+            detail=msg.problem.message or "the daemon reported the audit log as not intact",
+        )
+    head = audit.Anchor(seq=msg.head_seq, hash=msg.head_hash) if msg.head_seq else None
+    return audit.VerifyResult(events=msg.events_checked, head=head, problem=problem)

@@ -11,7 +11,10 @@ same exceptions::
     ├── ResourceExhausted             (RESOURCE_EXHAUSTED: too many validations at once)
     ├── Unavailable                   (UNAVAILABLE: daemon not reachable or shutting down)
     ├── Cancelled                     (CANCELLED: the caller went away)
-    └── SandboxError                  (INTERNAL: the sandbox could not be set up or run)
+    ├── NotFound                      (NOT_FOUND: no such validation)
+    ├── FailedPrecondition            (FAILED_PRECONDITION: not in a state that allows it)
+    ├── SandboxError                  (INTERNAL: the sandbox could not be set up or run)
+    └── Conflict                      (ABORTED: the host changed since the dry run)
 
 Each error has a stable ``reason`` (UPPER_SNAKE_CASE) that clients may branch
 on, and a human ``message`` that may change between versions.
@@ -22,7 +25,10 @@ from __future__ import annotations
 __all__ = [
     "AirlockError",
     "Cancelled",
+    "Conflict",
+    "FailedPrecondition",
     "InvalidRequest",
+    "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
     "SandboxError",
@@ -74,7 +80,34 @@ class Cancelled(AirlockError):
     default_reason = "CANCELLED"
 
 
+class NotFound(AirlockError):
+    """The request names something the daemon does not know (for example a validation id)."""
+
+    default_reason = "VALIDATION_NOT_FOUND"
+
+
+class FailedPrecondition(AirlockError):
+    """The request is valid but its target is not in a state that allows it (reason says why)."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
 class SandboxError(AirlockError):
     """The sandbox could not be set up or run (fail closed: nothing ran)."""
 
     default_reason = "SANDBOX_FAILED"
+
+
+class Conflict(AirlockError):
+    """The host changed since the dry run, so Apply wrote nothing; ``paths`` names every change hit.
+
+    Pickles with its ``paths`` and ``reason`` (BaseException pickles the instance dict).
+    """
+
+    default_reason = "APPLY_CONFLICT"
+
+    def __init__(
+        self, message: str, *, paths: tuple[bytes, ...] = (), reason: str | None = None
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.paths = tuple(paths)

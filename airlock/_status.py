@@ -24,7 +24,10 @@ from grpc_status import rpc_status
 from airlock._errors import (
     AirlockError,
     Cancelled,
+    Conflict,
+    FailedPrecondition,
     InvalidRequest,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     SandboxError,
@@ -41,7 +44,10 @@ _CODE_OF_CLASS: dict[type[AirlockError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Cancelled: grpc.StatusCode.CANCELLED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     SandboxError: grpc.StatusCode.INTERNAL,
+    Conflict: grpc.StatusCode.ABORTED,
     AirlockError: grpc.StatusCode.UNKNOWN,
 }
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[AirlockError]] = {

@@ -6,6 +6,7 @@ calls :meth:`Engine.validate`, and maps :mod:`airlock._errors` to status codes.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import hashlib
 import os
@@ -14,21 +15,31 @@ import pwd
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from airlock._errors import InvalidRequest, PermissionDenied, SandboxError
+from airlock import _errors
+from airlock._errors import (
+    AirlockError,
+    FailedPrecondition,
+    InvalidRequest,
+    PermissionDenied,
+    SandboxError,
+)
+from airlock.audit.model import Authorization
 from airlock.policy import builtin, shell
 from airlock.policy.model import Analysis
 from airlock.policy.store import PolicyStore
 from airlock.policy.summary import denied_summary, policy_sentence, read_only_summary, summarize
-from airlock.sandbox import mnt, reads
+from airlock.sandbox import mnt, reads, seccomp
 from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
-from airlock.sandbox.contain import SandboxResult
+from airlock.sandbox.contain import OutputChunk, SandboxResult
 from airlock.sandbox.diff import DiffOptions
 from airlock.sandbox.netcap import NetworkAttempt
 from airlock.sandbox.plan import (
     KERNEL_TREES,
+    ApplyPlan,
+    ApplyReply,
     HostMount,
     SandboxPlan,
     SandboxSettings,
@@ -39,7 +50,13 @@ from airlock.sandbox.plan import (
 from airlock.sandbox.proctrace import ProcessRecord
 from airlock.sandbox.spawner import Spawner
 from airlock.types import (
+    ApplyOutcome,
     DryRunSkip,
+    Effects,
+    ExecFinished,
+    ExecOutput,
+    ExecStarted,
+    ExecuteRequest,
     Limits,
     NetworkAttemptInfo,
     PeerCred,
@@ -76,6 +93,12 @@ class DaemonConfig:
     # (sandbox/reads.py).
     capture_network: bool = True
     capture_reads: bool = True
+    # Keep each dry run's changes for Apply (under state_dir/changesets).
+    keep_changes: bool = True
+
+    @property
+    def changesets_dir(self) -> str:
+        return posixpath.join(self.state_dir, "changesets")
 
     @property
     def scratch_dir(self) -> str:
@@ -240,6 +263,7 @@ class Engine:
                     trace_processes=self.config.trace_processes,
                     capture_network=self.config.capture_network,
                     proc_connector=self._proc_connector,
+                    seccomp_program=seccomp.deny_program(),
                 )
                 self._template = (mounts, template, template.key)
             return self._template[1], self._template[2]
@@ -268,9 +292,13 @@ class Engine:
                 exclude=(os.fsencode(self.config.state_dir),),
             ),
             settings=self._settings,
-            sensitive_globs=reads.DEFAULT_SENSITIVE_GLOBS if self.config.capture_reads else (),
+            sensitive_globs=self._sensitive_globs() if self.config.capture_reads else (),
             home=_home_of(who.uid),
         )
+        if self.config.keep_changes:
+            run = dataclasses.replace(
+                run, keep_changes_dir=posixpath.join(self.config.changesets_dir, validation_id)
+            )
         return SandboxPlan(template=template, run=run, template_key=key)
 
     def validate(
@@ -355,10 +383,23 @@ class Engine:
 
         network = tuple(_network_info(a) for a in result.network_attempts)
 
-        # 4. The verdict: the strictest of the static pass and the dry run's built-in rules.
-        dynamic_verdict, dynamic_findings = builtin.judge(
-            changes, result.termination, truncated, sensitive
-        )
+        # 4. The verdict: the strictest of the static pass and the policy's effect rules
+        #    (a policy with none gets the built-in ones: changes outside the workspace and
+        #    sensitive reads ask); an unfinished or truncated dry run always asks.
+        if bundle.effect_rules:
+            effects = Effects(
+                workspace=plan.run.cwd,
+                home=plan.run.home,
+                changes=changes,
+                processes=processes,
+                network=network,
+                sensitive_reads=sensitive,
+            )
+            _v, incomplete = builtin.judge((), result.termination, truncated, ())
+            dynamic_findings = (*bundle.judge_effects(effects), *incomplete)
+        else:
+            _v, dynamic_findings = builtin.judge(changes, result.termination, truncated, sensitive)
+        dynamic_verdict = max((f.verdict for f in dynamic_findings), default=Verdict.ALLOW)
         verdict = max(static.verdict or Verdict.ALLOW, dynamic_verdict)
         findings = tuple(
             sorted(
@@ -421,7 +462,207 @@ class Engine:
             sensitive_reads_incomplete=result.sensitive_reads_incomplete,
             network_attempts=network,
             network_attempts_lost=result.network_attempts_lost,
+            changes_digest=result.changeset_digest,
+            changes_not_kept=result.changeset_error
+            or ("" if self.config.keep_changes else "the daemon does not keep changes"),
+            changeset_dir=plan.run.keep_changes_dir if result.changeset_digest else "",
+            changeset_bytes=result.changeset_bytes,
         )
+
+    # --- Execute ------------------------------------------------------------------------------
+
+    def authorize_execute(
+        self,
+        req: ExecuteRequest,
+        peer: PeerCred,
+        authorize: Callable[..., Authorization | None] | None,
+        execution_id: str,
+    ) -> tuple[ExecStarted, str, float, Identity]:
+        """The static pass decides whether ``req`` may run; returns its Started event.
+
+        DENY raises PermissionDenied (POLICY_DENIED, findings in the message). ASK needs an
+        approval: ``authorize`` (the state store's) checks the request's token or session
+        grant; without one, FailedPrecondition (APPROVAL_REQUIRED) carries the summary the
+        user must see.
+        """
+        cwd, timeout = check_request(req.as_validate(), self.config.limits)
+        who = resolve_identity(req.as_validate(), peer)
+        bundle = self._policy.bundle
+        analysis = shell.analyze(req.command)
+        static = bundle.evaluate(analysis)
+        verdict = static.verdict or Verdict.ALLOW
+        if verdict is Verdict.DENY:
+            raise PermissionDenied(
+                "the policy denies this command: "
+                + "; ".join(f"{f.rule_id}: {f.message}" for f in static.findings[:5]),
+                reason="POLICY_DENIED",
+            )
+        if verdict is Verdict.ASK:
+            how = None
+            if authorize is not None:
+                how = authorize(
+                    req.approval_token or None,
+                    command=req.command,
+                    cwd=cwd,
+                    policy_version=bundle.version,
+                    session_id=req.session_id,
+                    uid=who.uid,
+                )
+            if how is None:
+                raise FailedPrecondition(
+                    "the policy asks before this command runs: "
+                    + policy_sentence(Verdict.ASK, static.findings).strip()
+                    + " Validate it, have it approved (Approve), and pass the token.",
+                    reason="APPROVAL_REQUIRED",
+                )
+            authorization = how
+        elif static.allowed_read_only:
+            authorization = Authorization.AUTO_APPROVED
+        else:
+            authorization = Authorization.POLICY_ALLOWED
+        started = ExecStarted(
+            execution_id=execution_id,
+            verdict=verdict,
+            authorization=authorization.name,
+            findings=static.findings,
+            uid=who.uid,
+            gid=who.gid,
+            policy_version=bundle.version,
+        )
+        return started, cwd, timeout, who
+
+    def execute_plan(
+        self, req: ExecuteRequest, cwd: str, timeout: float, who: Identity, execution_id: str
+    ) -> SandboxPlan:
+        """The plan of one Execute: the host read-only but for ``cwd``, no network."""
+        limits = self.config.limits
+        template = build_template(
+            settings=self._settings,
+            scratch_bytes=limits.scratch_bytes,
+            cgroup=CgroupSpec(
+                host=self._cgroups,
+                group=self.config.cgroup_group,
+                name="ex",
+                memory_bytes=limits.memory_bytes,
+                pids=limits.pids,
+            ),
+            host_mounts=mnt.host_mounts(),
+            trace_processes=self.config.trace_processes,
+            proc_connector=self._proc_connector,
+            capture_network=False,
+            seccomp_program=seccomp.deny_program(),
+            writable=cwd,
+        )
+        run = build_run(
+            sandbox_id=execution_id,
+            command=req.command,
+            cwd=cwd,
+            env=req.env,
+            uid=who.uid,
+            gid=who.gid,
+            groups=who.groups,
+            timeout_s=timeout,
+            output_bytes=limits.execute_output_bytes,
+            diff_options=DiffOptions(workspace=os.fsencode(cwd)),
+            settings=self._settings,
+        )
+        return SandboxPlan(template=template, run=run, template_key=template.key)
+
+    def execute(
+        self,
+        plan: SandboxPlan,
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Iterator[ExecOutput | ProcessInfo | ExecFinished]:
+        """Run an authorized plan; yield its output as it comes, then processes, then the end."""
+        t0 = time.monotonic()
+        run = self._spawner.submit(plan, pooled="extra")
+        if on_cancel is not None:
+            on_cancel(run.cancel)
+        out_bytes = [0, 0, 0]
+        result: SandboxResult | None = None
+        for message in run.messages():
+            if isinstance(message, OutputChunk):
+                out_bytes[message.stream] += len(message.data)
+                yield ExecOutput(message.stream, message.time_s, message.data)
+            else:
+                result = message
+        assert result is not None
+        if result.error:
+            if result.error_kind == "cwd":
+                raise InvalidRequest(
+                    f"cwd: uid {plan.run.uid} cannot enter {plan.run.cwd}: {result.error}",
+                    reason="CWD_NOT_ACCESSIBLE",
+                )
+            raise SandboxError(f"the sandbox could not be set up: {result.error}")
+        for record in result.processes:
+            yield _process_info(record)
+        stats = result.cgroup
+        assert stats is not None
+        yield ExecFinished(
+            termination=result.termination,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            wall_s=time.monotonic() - t0,
+            resource_usage=ResourceUsage(
+                peak_memory_bytes=stats.peak_memory_bytes,
+                cpu_time_s=stats.cpu_time_s,
+                memory_limit_hit=stats.oom_kills > 0,
+                pids_limit_hit=stats.pids_limit_hit,
+            ),
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
+            stdout_bytes=out_bytes[1],
+            stderr_bytes=out_bytes[2],
+            warm=result.warm,
+        )
+
+    # --- Apply ---------------------------------------------------------------------------------
+
+    def _sensitive_globs(self) -> tuple[str, ...]:
+        """The policy's ``sensitive_paths``; the built-in list when it names none."""
+        return self._policy.bundle.sensitive_globs or reads.DEFAULT_SENSITIVE_GLOBS
+
+    def apply_changeset(self, changeset_dir: str, uid: int, gid: int) -> ApplyOutcome:
+        """Write a kept changeset to the host as ``uid``/``gid`` (a fresh supervisor does it).
+
+        Raises what Apply raised: Conflict (nothing written), PermissionDenied, ...; a
+        commit that stopped part way raises an AirlockError with ``partial`` set.
+        """
+        groups = _groups_of(uid, gid)
+        run = self._spawner.submit(ApplyPlan(changeset_dir, uid, gid, groups), pooled=False)
+        reply: ApplyReply = run.result()
+        if reply.error_class:
+            cls = getattr(_errors, reply.error_class, AirlockError)
+            if not (isinstance(cls, type) and issubclass(cls, AirlockError)):
+                cls = AirlockError
+            if cls is _errors.Conflict:
+                raise _errors.Conflict(reply.message, paths=reply.paths, reason=reply.reason)
+            raise cls(reply.message, reason=reply.reason or None)
+        result = reply.result
+        if not result.complete:
+            error = AirlockError(
+                f"Apply stopped part way at {b', '.join(result.failed).decode(errors='replace')}"
+                f": {result.error}; applied {len(result.applied)} path(s), not applied "
+                f"{len(result.not_applied)}",
+                reason="APPLY_INCOMPLETE",
+            )
+            error.partial = result.applied  # type: ignore[attr-defined]
+            raise error
+        return ApplyOutcome(
+            validation_id="",
+            applied_paths=tuple(result.applied),
+            bytes_written=result.bytes_written,
+            duration_s=result.duration_s,
+        )
+
+
+def _groups_of(uid: int, gid: int) -> tuple[int, ...]:
+    """The supplementary groups of ``uid`` (as the dry run used them), with ``gid``."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return (gid,)
+    return tuple(sorted(set(os.getgrouplist(name, gid))))
 
 
 def _home_of(uid: int) -> str:

@@ -118,6 +118,7 @@ class ValidateRequest:
     uid: int | None = None
     gid: int | None = None
     force_dry_run: bool = False
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,101 @@ class Validation:
     network_attempts: tuple[NetworkAttemptInfo, ...] = ()
     # Attempts that were made but not recorded (past the bound, or lost in a flood).
     network_attempts_lost: int = 0
+    # The dry run's changes are kept for Apply (until they expire); their digest, which an
+    # approval binds to. Not kept: "" and why in changes_not_kept.
+    changes_digest: str = ""
+    changes_not_kept: str = ""
+    # Internal (not sent to clients): where they are kept, and how many bytes.
+    changeset_dir: str = ""
+    changeset_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ExecuteRequest:
+    """A checked Execute request: a command to run for real, and what authorizes it."""
+
+    command: str
+    cwd: str
+    env: tuple[tuple[str, str], ...]
+    timeout_s: float | None = None
+    uid: int | None = None
+    gid: int | None = None
+    # An approval token from Approve, needed when the policy asks about the command.
+    approval_token: str = ""
+    # The caller's session: a SESSION approval covers matching commands in it.
+    session_id: str = ""
+
+    def as_validate(self) -> ValidateRequest:
+        return ValidateRequest(
+            command=self.command,
+            cwd=self.cwd,
+            env=self.env,
+            timeout_s=self.timeout_s,
+            uid=self.uid,
+            gid=self.gid,
+        )
+
+
+@dataclass(frozen=True)
+class ExecStarted:
+    """The command passed the policy and is starting."""
+
+    execution_id: str
+    verdict: Verdict
+    # How it was authorized: "POLICY_ALLOWED", "AUTO_APPROVED", "USER_VERIFIED", "SESSION_GRANTED".
+    authorization: str
+    findings: tuple[Finding, ...] = ()
+    uid: int = 0
+    gid: int = 0
+    policy_version: str = ""
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    """A chunk of output, in the order it was read."""
+
+    stream: int  # 1 stdout, 2 stderr
+    time_s: float  # since the command started
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExecFinished:
+    termination: Termination
+    exit_code: int
+    signal: int
+    wall_s: float
+    resource_usage: ResourceUsage
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    # Whether the sandbox was prepared before the request arrived.
+    warm: bool = False
+
+
+ExecEvent = ExecStarted | ExecOutput | ProcessInfo | ExecFinished
+
+
+@dataclass(frozen=True)
+class ApprovalGrant:
+    """What Approve returns: the token (shown once) and its bounds."""
+
+    approval_token: str
+    approval_id: str
+    expires_at: float  # seconds since the epoch
+    approver_uid: int
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """What Apply wrote (or, replayed, what the first Apply of the validation wrote)."""
+
+    validation_id: str
+    applied_paths: tuple[bytes, ...]
+    replayed: bool = False
+    bytes_written: int = 0
+    duration_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -320,6 +416,8 @@ class Limits:
     pids: int = 1024
     scratch_bytes: int = 512 * 1024**2
     output_bytes: int = 1024**2
+    # Execute streams its output instead of keeping it: a larger cap per stream.
+    execute_output_bytes: int = 1024**3
     command_bytes: int = 128 * 1024
     concurrent_validations: int = 16
     changes: int = 10_000

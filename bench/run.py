@@ -22,6 +22,8 @@ Sections (see ``docs/performance.md`` for what each one means):
 8. Effect capture: ``true`` and 1,000 x ``/bin/true`` against a daemon with full capture
    (processes, network, sensitive reads: the default) and one with ``--no-capture``;
    bwrap and bare bash running the same loop.
+9. Execute and Apply (``bench/execute.py``): Execute("true") against bash and bwrap,
+   stdout streaming rate, Apply of 1,000 created files.
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--runs N] [--out PATH]``.
 """
@@ -1185,9 +1187,27 @@ def main() -> int:
     b = budget(a.quick, a.runs)
     r = run(b, a.quick)
     r["static"] = run_static(b)
+    sys.path.insert(0, str(HERE))
+    import execute  # bench/execute.py
+
+    done = step("Execute and Apply (bench/execute.py)")
+    r["execute"] = execute.measure(30, 3, 1) if a.quick else execute.measure(b.runs, 10, 3)
+    done()
     r["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     print_report(r)
     print_static(r["static"])
+    print()
+    execute.print_report(r["execute"])
+    print(
+        format_table(
+            "   Targets (Execute, streaming, Apply)",
+            ["target", "goal", "measured", "met"],
+            [
+                [x["name"], x["goal"], x["measured"], "yes" if x["met"] else "NO"]
+                for x in r["execute"]["targets"]
+            ],
+        )
+    )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -12,16 +12,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock import types
 from airlock._convert import (
+    apply_response_from_proto,
+    approve_response_from_proto,
+    audit_event_from_proto,
+    audit_list_request_to_proto,
     capabilities_from_proto,
+    exec_event_from_proto,
+    execute_request_to_proto,
     validate_request_to_proto,
     validation_from_proto,
+    verify_result_from_proto,
 )
 from airlock._errors import Unavailable
 from airlock._status import from_rpc_error
+from airlock.audit import Anchor, AuditFilter, StoredEvent, VerifyResult, parse_anchor
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
 
-__all__ = ["DEFAULT_SOCKET_PATH", "SERVICE_NAME", "Client", "default_socket_path"]
+__all__ = ["DEFAULT_SOCKET_PATH", "SERVICE_NAME", "Client", "ExecStream", "default_socket_path"]
 
 DEFAULT_SOCKET_PATH = "/run/airlock/airlock.sock"
 SERVICE_NAME = "airlock.v1.SandboxService"
@@ -36,6 +44,24 @@ _T = TypeVar("_T")
 def default_socket_path() -> str:
     """``$AIRLOCK_SOCKET`` if set and non-empty, else ``/run/airlock/airlock.sock``."""
     return os.environ.get("AIRLOCK_SOCKET") or DEFAULT_SOCKET_PATH
+
+
+class ExecStream:
+    """The events of one Execute call; iterate it once. ``cancel()`` kills the command."""
+
+    def __init__(self, call: Any, target: str) -> None:
+        self._call = call
+        self._target = target
+
+    def __iter__(self) -> Iterator[types.ExecEvent]:
+        try:
+            for message in self._call:
+                yield exec_event_from_proto(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, target=self._target) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 class Client:
@@ -95,6 +121,7 @@ class Client:
         uid: int | None = None,
         gid: int | None = None,
         force_dry_run: bool = False,
+        session_id: str = "",
     ) -> pb.ValidateResponse:
         """Like :meth:`validate`, but return the response message as it came."""
         req = types.ValidateRequest(
@@ -105,6 +132,7 @@ class Client:
             uid=uid,
             gid=gid,
             force_dry_run=force_dry_run,
+            session_id=session_id,
         )
         response: pb.ValidateResponse = self._call(
             self._stub.Validate, validate_request_to_proto(req)
@@ -121,6 +149,7 @@ class Client:
         uid: int | None = None,
         gid: int | None = None,
         force_dry_run: bool = False,
+        session_id: str = "",
     ) -> types.Validation:
         """Judge ``bash -c command``: the static pass, then a dry run in a throwaway sandbox.
 
@@ -139,8 +168,65 @@ class Client:
                 uid=uid,
                 gid=gid,
                 force_dry_run=force_dry_run,
+                session_id=session_id,
             )
         )
+
+    def execute(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        approval_token: str = "",
+        session_id: str = "",
+    ) -> ExecStream:
+        """Run ``bash -c command`` for real; iterate the result for its events, in order.
+
+        The first event is :class:`~airlock.types.ExecStarted`, the last
+        :class:`~airlock.types.ExecFinished`; in between come
+        :class:`~airlock.types.ExecOutput` chunks, then the processes it started.
+        Only ``cwd`` is writable. A command the policy asks about needs
+        ``approval_token`` (from :meth:`approve`) or a session grant; otherwise the
+        iteration raises :class:`airlock.FailedPrecondition` before anything runs.
+        ``cancel()`` on the stream kills the command's whole process tree.
+        """
+        req = types.ExecuteRequest(
+            command=command,
+            cwd=os.path.abspath("." if cwd is None else cwd),
+            env=tuple(sorted((env or {}).items())),
+            timeout_s=timeout,
+            uid=uid,
+            gid=gid,
+            approval_token=approval_token,
+            session_id=session_id,
+        )
+        if self._closed:
+            raise Unavailable("the client is closed", reason="CLIENT_CLOSED")
+        call = self._stub.Execute(execute_request_to_proto(req), timeout=self.timeout)
+        return ExecStream(call, self.socket_path)
+
+    def approve(self, validation_id: str, *, session: bool = False) -> types.ApprovalGrant:
+        """Approve a validation the policy asked about (once, or for the session)."""
+        scope = pb.APPROVAL_SCOPE_SESSION if session else pb.APPROVAL_SCOPE_ONCE
+        response: pb.ApproveResponse = self._call(
+            self._stub.Approve, pb.ApproveRequest(validation_id=validation_id, scope=scope)
+        )
+        return approve_response_from_proto(response)
+
+    def apply(self, validation_id: str) -> types.ApplyOutcome:
+        """Write exactly the dry run's changes of ``validation_id`` to the host."""
+        response: pb.ApplyResponse = self._call(
+            self._stub.Apply, pb.ApplyRequest(validation_id=validation_id)
+        )
+        return apply_response_from_proto(response)
+
+    def discard(self, validation_id: str) -> None:
+        """Drop the changes ``validation_id`` kept for Apply."""
+        self._call(self._stub.Discard, pb.DiscardRequest(validation_id=validation_id))
 
     def capabilities_raw(self) -> pb.GetCapabilitiesResponse:
         """Like :meth:`capabilities`, but return the response message as it came."""
@@ -163,3 +249,66 @@ class Client:
         response = self._call(self._health.Check, request)
         serving: bool = response.status == health_pb2.HealthCheckResponse.SERVING
         return serving
+
+    # --- The audit log (root only) ------------------------------------------------------------
+
+    def list_audit_events_raw(
+        self,
+        filter: AuditFilter | None = None,
+        *,
+        page_size: int = 0,
+        page_token: str | None = None,
+    ) -> pb.ListAuditEventsResponse:
+        """Like :meth:`list_audit_events`, but return the response message as it came."""
+        request = audit_list_request_to_proto(
+            filter or AuditFilter(), page_size=page_size, page_token=page_token
+        )
+        response: pb.ListAuditEventsResponse = self._call(self._stub.ListAuditEvents, request)
+        return response
+
+    def list_audit_events(
+        self,
+        filter: AuditFilter | None = None,
+        *,
+        page_size: int = 0,
+        page_token: str | None = None,
+    ) -> tuple[list[StoredEvent], str | None]:
+        """One page of the audit log's events that match ``filter``, oldest first.
+
+        Returns the page and the token of the next one (None after the last page); pass
+        it back with the same filter. ``page_size`` 0 means the daemon's default (100);
+        at most 1000 come at once. Only root may list: others get
+        :class:`airlock.PermissionDenied` (reason ``AUDIT_NOT_ALLOWED``).
+        """
+        response = self.list_audit_events_raw(filter, page_size=page_size, page_token=page_token)
+        page = [audit_event_from_proto(e) for e in response.events]
+        return page, response.next_page_token or None
+
+    def audit_events(
+        self, filter: AuditFilter | None = None, *, page_size: int = 1000
+    ) -> Iterator[StoredEvent]:
+        """Every event that matches ``filter``, oldest first, fetched a page at a time."""
+        token: str | None = None
+        while True:
+            page, token = self.list_audit_events(filter, page_size=page_size, page_token=token)
+            yield from page
+            if token is None:
+                return
+
+    def verify_audit_log_raw(self, anchor: Anchor | str | None = None) -> pb.VerifyAuditLogResponse:
+        """Like :meth:`verify_audit_log`, but return the response message as it came."""
+        if isinstance(anchor, str):
+            anchor = parse_anchor(anchor)  # refused here, before the call, if malformed
+        text = "" if anchor is None else str(anchor)
+        response: pb.VerifyAuditLogResponse = self._call(
+            self._stub.VerifyAuditLog, pb.VerifyAuditLogRequest(anchor=text)
+        )
+        return response
+
+    def verify_audit_log(self, anchor: Anchor | str | None = None) -> VerifyResult:
+        """Have the daemon walk its audit log's hash chain; the first problem, if any.
+
+        ``anchor`` (``SEQ:HASH``, an earlier head kept elsewhere) also catches events
+        removed from the end and a chain rewritten up to it. Only root may verify.
+        """
+        return verify_result_from_proto(self.verify_audit_log_raw(anchor))

@@ -8,6 +8,7 @@ report or drive the terminal.
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from airlock import types
+from airlock.audit import StoredEvent, VerifyResult
 
 __all__ = [
     "change_label",
@@ -30,6 +32,8 @@ __all__ = [
     "findings_table",
     "human_size",
     "output_panel",
+    "render_audit_events",
+    "render_audit_verify",
     "render_capabilities",
     "render_validation",
     "termination_text",
@@ -475,3 +479,64 @@ def render_capabilities(c: types.Capabilities) -> RenderableType:
     for key, value in rows:
         table.add_row(key, value if isinstance(value, Text) else Text(escape_controls(value)))
     return table
+
+
+# --- the audit log ------------------------------------------------------------------
+
+
+def _audit_time(time_ns: int) -> str:
+    """Local time to the second (the log keeps nanoseconds since the epoch, UTC)."""
+    return datetime.datetime.fromtimestamp(time_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_audit_events(events: Sequence[StoredEvent]) -> Table:
+    """A compact table of audit events: one line each, long rules and commands cut."""
+    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    table.add_column("seq", justify="right", no_wrap=True)
+    table.add_column("time", no_wrap=True)
+    table.add_column("call", no_wrap=True)
+    table.add_column("uid", justify="right", no_wrap=True)
+    table.add_column("caller", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    # Only these two give up width when the terminal is narrow; their cells never wrap.
+    table.add_column("rules", max_width=40)
+    table.add_column("command", ratio=1, min_width=24)
+    for stored in events:
+        e = stored.event
+        c = e.caller
+        caller = f"{os.path.basename(c.exe) or '?'}[{c.pid}]"
+        rules = ", ".join(dict.fromkeys(f.rule_id for f in e.findings))
+        table.add_row(
+            str(stored.seq),
+            _audit_time(e.time_ns),
+            e.kind.name.lower(),
+            str(c.uid),
+            Text(escape_controls(caller)),
+            verdict_text(e.verdict) if e.verdict is not None else Text("-", style="dim"),
+            Text(escape_controls(rules), no_wrap=True, overflow="ellipsis"),
+            Text(escape_controls(_shorten(e.command, 80)), no_wrap=True, overflow="ellipsis"),
+        )
+    return table
+
+
+def render_audit_verify(result: VerifyResult) -> Text:
+    """The outcome of verifying the audit log, and the head to keep as an anchor."""
+    head = f"{result.head.seq}:{result.head.hash}" if result.head else ""
+    problem = result.problem
+    if problem is None:
+        text = Text("OK", style="bold green")
+        text.append(f": {result.events} event{'s' if result.events != 1 else ''}, chain intact.")
+        if head:
+            text.append(f"\nhead {head}", style="dim")
+            text.append("\n(keep it elsewhere; `airlock audit verify --anchor` it later)", "dim")
+        return text
+    text = Text("PROBLEM", style="bold red")
+    text.append(f": {problem.kind.name} at event {problem.seq}: ")
+    text.append(escape_controls(problem.detail))
+    intact = f"{result.events} event{'s' if result.events != 1 else ''} before it intact"
+    text.append(f"\n{intact}" + (f" (last intact {head})" if head else ""), style="dim")
+    return text

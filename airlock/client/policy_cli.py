@@ -4,7 +4,7 @@
 
     airlock policy lint PATH...
     airlock policy test PATH...
-    airlock policy explain [--policy DIR] [--json] -- COMMAND...
+    airlock policy explain [--policy DIR] [--json] [--effects FILE] [-- COMMAND...]
 
 Exit status: 0 ok, 1 problems (lint errors, failed tests, an invalid policy), 2 usage error.
 """
@@ -27,13 +27,14 @@ from airlock.policy.loader import (
     PolicyProblem,
     iter_fixture_files,
     load_bundle,
+    read_effects_file,
     read_fixtures,
     run_fixture,
     run_inline_tests,
 )
 from airlock.policy.model import Analysis, SimpleCommand
 from airlock.policy.rules import RuleHit, StaticVerdict
-from airlock.types import Finding
+from airlock.types import Effects, Finding, Verdict
 
 __all__ = ["default_policy_dir", "main"]
 
@@ -77,9 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain",
         help="show the command model, the rules that fire and the static verdict",
-        usage="airlock policy explain [-h] [--policy DIR] [--json] -- COMMAND...",
+        usage="airlock policy explain [-h] [--policy DIR] [--json] [--effects FILE] "
+        "[-- COMMAND...]",
         description="Parse COMMAND (its words joined by spaces into one bash command line) and "
-        "show what the policy sees and decides, without running anything.",
+        "show what the policy sees and decides, without running anything. With --effects, "
+        "also judge the dry-run effects FILE describes with the policy's effect rules.",
     )
     explain.add_argument(
         "--policy",
@@ -88,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         "policies/default)",
     )
     explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.add_argument(
+        "--effects",
+        metavar="FILE",
+        help="a YAML file describing a dry run's effects (files, programs, network, "
+        "sensitive_reads: the format of an effect rule's inline test entry), judged with "
+        "the effect rules",
+    )
     explain.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command's words"
     )
@@ -116,10 +126,16 @@ def _lint(args: argparse.Namespace) -> int:
         return EXIT_PROBLEMS
     _print_problems(bundle.warnings, "warning", sys.stdout)
     sys.stderr.write(
-        f"ok: {len(bundle.files)} file(s), {len(bundle.rules)} rule(s), "
+        f"ok: {len(bundle.files)} file(s), {_rule_count(bundle)}, "
         f"{len(bundle.warnings)} warning(s); version {bundle.version[:12]}\n"
     )
     return EXIT_OK
+
+
+def _rule_count(bundle: PolicyBundle) -> str:
+    n = len(bundle.rules) + len(bundle.effect_rules)
+    effect = f" ({len(bundle.effect_rules)} effect)" if bundle.effect_rules else ""
+    return f"{n} rule(s){effect}"
 
 
 def _test(args: argparse.Namespace) -> int:
@@ -129,7 +145,9 @@ def _test(args: argparse.Namespace) -> int:
         _print_problems(e.problems, "error", sys.stdout)
         sys.stderr.write("the policy does not load; no tests were run\n")
         return EXIT_PROBLEMS
-    results = run_inline_tests(bundle.rules)
+    results = run_inline_tests((*bundle.rules, *bundle.effect_rules))
+    inline = sum(len(r.tests) for r in bundle.rules)
+    inline += sum(len(r.tests) for r in bundle.effect_rules)
     problems: list[PolicyProblem] = []
     fixtures = 0
     for file in iter_fixture_files(args.paths):
@@ -150,9 +168,7 @@ def _test(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"{passed} passed, {len(failed)} failed"
         + (f", {len(problems)} error(s)" if problems else "")
-        + f" ({sum(len(r.tests) for r in bundle.rules)} inline, "
-        f"{len(results) - sum(len(r.tests) for r in bundle.rules)} from {fixtures} fixture "
-        f"file(s))\n"
+        + f" ({inline} inline, {len(results) - inline} from {fixtures} fixture file(s))\n"
     )
     return EXIT_PROBLEMS if failed or problems else EXIT_OK
 
@@ -324,12 +340,53 @@ def _explain_text(
     return "\n".join(lines) + "\n"
 
 
+def _effects_json(effects: Effects, findings: Sequence[Finding]) -> dict[str, Any]:
+    verdict = max((f.verdict for f in findings), default=Verdict.ALLOW)
+    return {
+        "workspace": effects.workspace,
+        "home": effects.home,
+        "changes": [
+            {"path": os.fsdecode(c.path), "kind": c.kind.name, "in_workspace": c.in_workspace}
+            for c in effects.changes
+        ],
+        "processes": [[os.fsdecode(a) for a in p.argv] for p in effects.processes],
+        "network": [
+            {"protocol": a.protocol.name, "address": a.address, "port": a.port, "host": a.host}
+            for a in effects.network
+        ],
+        "sensitive_reads": [os.fsdecode(r.path) for r in effects.sensitive_reads],
+        "findings": [_finding_json(f) for f in findings],
+        "verdict": verdict.name,
+    }
+
+
+def _effects_text(path: str, effects: Effects, findings: Sequence[Finding]) -> str:
+    lines = [f"effects: {path} (workspace {effects.workspace}, home {effects.home})"]
+    for c in effects.changes:
+        where = "workspace" if c.in_workspace else "outside the workspace"
+        lines.append(f"  change: {os.fsdecode(c.path)} {c.kind.name.lower()} ({where})")
+    for p in effects.processes:
+        lines.append(f"  process: {_words([os.fsdecode(a) for a in p.argv])}")
+    for a in effects.network:
+        lines.append(f"  network: {a.protocol.name.lower()} {a.host} {a.address}:{a.port}")
+    for r in effects.sensitive_reads:
+        lines.append(f"  sensitive read: {os.fsdecode(r.path)}")
+    lines.append("effect rules that fire:")
+    if not findings:
+        lines.append("  (none)")
+    for f in findings:
+        lines.append(f"  {f.verdict.name} {f.rule_id} ({f.severity.name.lower()}): {f.message}")
+    verdict = max((f.verdict for f in findings), default=Verdict.ALLOW)
+    lines.append(f"effect verdict: {verdict.name}")
+    return "\n".join(lines) + "\n"
+
+
 def _explain(args: argparse.Namespace) -> int:
     words: list[str] = args.command
     if words[:1] == ["--"]:
         words = words[1:]
-    if not words:
-        args.subparser.error("a COMMAND is required, after --")
+    if not words and not args.effects:
+        args.subparser.error("a COMMAND is required, after -- (or --effects FILE)")
     command = " ".join(words)
     policy = Path(args.policy) if args.policy else default_policy_dir()
     if policy is None:
@@ -344,14 +401,35 @@ def _explain(args: argparse.Namespace) -> int:
         _print_problems(e.problems, "error", sys.stderr)
         sys.stderr.write(f"airlock policy: error: the policy in {policy} does not load\n")
         return EXIT_PROBLEMS
-    analysis = _analyzer()(command)
-    hits = bundle.explain(analysis)
-    verdict = bundle.evaluate(analysis)
-    if args.json:
+    effects: Effects | None = None
+    if args.effects:
+        try:
+            effects = read_effects_file(args.effects)
+        except PolicyError as e:
+            _print_problems(e.problems, "error", sys.stderr)
+            sys.stderr.write(f"airlock policy: error: cannot read the effects in {args.effects}\n")
+            return EXIT_PROBLEMS
+    doc: dict[str, Any] = {}
+    text = ""
+    if words:
+        analysis = _analyzer()(command)
+        hits = bundle.explain(analysis)
+        verdict = bundle.evaluate(analysis)
         doc = _explain_json(command, policy, bundle, analysis, hits, verdict)
+        text = _explain_text(command, policy, bundle, analysis, hits, verdict)
+    else:
+        doc["policy"] = {"directory": str(policy), "version": bundle.version}
+        doc["policy"]["rules"] = len(bundle.rules)
+        text = f"policy: {policy} ({_rule_count(bundle)}, version {bundle.version[:12]})\n"
+    doc["policy"]["effect_rules"] = len(bundle.effect_rules)
+    if effects is not None:
+        findings = bundle.judge_effects(effects)
+        doc["effects"] = _effects_json(effects, findings)
+        text += _effects_text(args.effects, effects, findings)
+    if args.json:
         sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     else:
-        sys.stdout.write(_explain_text(command, policy, bundle, analysis, hits, verdict))
+        sys.stdout.write(text)
     return EXIT_OK
 
 

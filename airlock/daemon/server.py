@@ -18,7 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from airlock._errors import AirlockError
 from airlock._version import __version__
+from airlock.audit import AuditLog
 from airlock.daemon._peer import PeerProxy
 from airlock.daemon.service import SandboxService, handler
 from airlock.engine import DaemonConfig, Engine
@@ -27,8 +29,10 @@ from airlock.policy.store import PolicyStore, default_policy_dir
 from airlock.sandbox import cgroup
 from airlock.sandbox.probe import probe
 from airlock.sandbox.spawner import Spawner
+from airlock.state import StateStore
 from airlock.types import Capabilities
 from airlock.v1 import sandbox_pb2 as pb
+from airlock.workflow import Workflow
 
 __all__ = ["serve"]
 
@@ -62,6 +66,23 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
         _log.error("the policy is invalid; not starting", extra={"error": str(exc)})
         return 1
 
+    # 2b. The audit log: a daemon that cannot record its decisions must not make any.
+    try:
+        audit = AuditLog.in_state_dir(config.state_dir)
+        head = audit.head()
+    except (AirlockError, OSError) as exc:
+        _log.error(
+            "the audit log cannot be opened; not starting",
+            extra={
+                "state_dir": config.state_dir,
+                "reason": getattr(exc, "reason", "OS_ERROR"),
+                "error": str(exc),
+            },
+        )
+        return 1
+    # The head at start and at stop, in the daemon's log: anchors for `airlock audit verify`.
+    _log.info("audit log open", extra={"path": audit.path, "head": str(head or "")})
+
     # 3. Cgroups: find them, and sweep what a crashed daemon with this state dir left.
     cgroups = cgroup.detect()
     swept = cgroup.sweep(cgroups, config.cgroup_group)
@@ -88,9 +109,14 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
         os.unlink(internal)
     proxy = PeerProxy(config.socket_path, internal, mode=config.socket_mode, gid=config.socket_gid)
     engine = Engine(config, spawner, cgroups, policy, proc_connector=support.proc_connector)
+    # Validations, approvals and kept changes survive a restart; an apply a crash cut
+    # short is flagged, never retried.
+    state = StateStore.in_state_dir(config.state_dir)
+    workflow = Workflow(state, os.path.join(config.state_dir, "changesets"), engine.apply_changeset)
+    workflow.recover()
     workers = config.limits.concurrent_validations + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))
-    service = SandboxService(engine, proxy, capabilities, policy)
+    service = SandboxService(engine, proxy, capabilities, policy, workflow, audit=audit)
     server.add_generic_rpc_handlers((handler(service),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -103,6 +129,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     except OSError as exc:
         _log.error("cannot listen", extra={"socket": config.socket_path, "error": str(exc)})
         spawner.stop()
+        audit.close()
         return 1
     server.start()
     proxy.start()
@@ -144,8 +171,21 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     proxy.close()
     spawner.stop()
     cgroup.remove_group(cgroups, config.cgroup_group)
+    state.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(internal)
+    _close_audit(audit)
     lock.close()
     _log.info("stopped")
     return 0
+
+
+def _close_audit(audit: AuditLog) -> None:
+    """Close the log (every call has ended), leaving its head in the daemon's log."""
+    try:
+        head = audit.head()
+    except AirlockError as exc:
+        _log.error("cannot read the audit log's head", extra={"error": str(exc)})
+        head = None
+    audit.close()
+    _log.info("audit log closed", extra={"path": audit.path, "head": str(head or "")})

@@ -5,9 +5,15 @@ names starting with ``.`` are skipped) is one policy file. Loading is all or
 nothing: the files are parsed with their line/column marks, validated against
 ``data/policy.schema.json``, checked for meaning (unknown lists and macros,
 duplicate ids, invalid regexes and dates, ...), compiled, and finally every
-rule's inline ``tests`` are run with the real parser. Any problem rejects the
-bundle with a :class:`PolicyError` that lists every problem as
+rule's inline ``tests`` are run (static rules with the real parser, effect rules
+on the synthetic effects their tests describe). Any problem rejects the bundle
+with a :class:`PolicyError` that lists every problem as
 ``file:line:column: message (hint)``.
+
+A rule is either *static* (``match:``, judged on the command line: :mod:`rules`)
+or an *effect rule* (``effect:``, judged on what the dry run did: :mod:`effects`).
+The bundle keeps them apart: :attr:`PolicyBundle.rules` are the static rules,
+:attr:`PolicyBundle.effect_rules` the others.
 
 Also here, for ``airlock policy test``: :func:`run_inline_tests`,
 :func:`read_fixtures` and :func:`run_fixture`.
@@ -31,6 +37,14 @@ import jsonschema
 import yaml
 
 from airlock._errors import InvalidRequest
+from airlock.policy.effects import (
+    EffectCompiler,
+    EffectRule,
+    EffectTest,
+    check_effect_test,
+    judge_effects,
+    synthetic_effects,
+)
 from airlock.policy.model import Analysis
 from airlock.policy.rules import (
     DECISIONS,
@@ -46,6 +60,7 @@ from airlock.policy.rules import (
     RuleTest,
     StaticVerdict,
 )
+from airlock.types import Effects, Finding
 
 __all__ = [
     "MAX_DEPTH",
@@ -58,6 +73,7 @@ __all__ = [
     "collect_files",
     "iter_fixture_files",
     "load_bundle",
+    "read_effects_file",
     "read_fixtures",
     "run_fixture",
     "run_inline_tests",
@@ -115,8 +131,12 @@ class PolicyBundle:
 
     version: str  # sha256 hex of the sorted (path, bytes) of all files
     files: tuple[str, ...]
-    rules: tuple[Rule, ...]
+    rules: tuple[Rule, ...]  # the static rules (``match:``)
     warnings: tuple[PolicyProblem, ...] = ()
+    effect_rules: tuple[EffectRule, ...] = ()  # the rules judged on a dry run (``effect:``)
+    # The union of every file's ``sensitive_paths`` (sorted, deduplicated, lists resolved):
+    # what the dry run's file-open recorder watches. Empty when no file sets it.
+    sensitive_globs: tuple[str, ...] = ()
     _ruleset: RuleSet = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,8 +150,22 @@ class PolicyBundle:
         """Every rule whose match holds on ``analysis``, with the reasons."""
         return self._ruleset.explain(analysis, today=today)
 
+    def judge_effects(self, effects: Effects, *, today: date | None = None) -> tuple[Finding, ...]:
+        """One DYNAMIC finding per effect rule that fires on ``effects``, strictest first.
+
+        ``today`` is accepted for symmetry with :meth:`evaluate`; effect rules have no
+        exceptions, so no date changes the result. Pure and thread-safe."""
+        return judge_effects(self.effect_rules, effects)
+
     def rule(self, rule_id: str) -> Rule | None:
+        """The static rule ``rule_id`` (None for an effect rule or an unknown id)."""
         for r in self.rules:
+            if r.id == rule_id:
+                return r
+        return None
+
+    def effect_rule(self, rule_id: str) -> EffectRule | None:
+        for r in self.effect_rules:
             if r.id == rule_id:
                 return r
         return None
@@ -372,6 +406,26 @@ _TYPE_NAMES = {
 }
 
 
+_NOT_ALLOWED = {
+    "match": (
+        "a rule has either `match:` (a static rule) or `effect:` (an effect rule), not both",
+        "split it into two rules with their own ids",
+    ),
+    "exceptions": (
+        "an effect rule has no `exceptions:`",
+        "narrow the effect instead: files.not_paths, sensitive_reads.not_paths or "
+        "network.not_hosts",
+    ),
+}
+
+
+def _literal(value: Any) -> str:
+    """A YAML scalar as a policy author would write it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f"did you mean {close[0]!r}? " if close else ""
@@ -421,9 +475,12 @@ class _Problems:
         self.add(path, message, hint, offset=offset)
 
 
-def _schema_problems(doc: _Doc, problems: _Problems) -> bool:
-    """Validate one document against the schema; True when it is valid."""
-    errors = sorted(_validator().iter_errors(doc.value), key=lambda e: list(map(str, e.path)))
+def _schema_problems(
+    doc: _Doc, problems: _Problems, validator: jsonschema.protocols.Validator | None = None
+) -> bool:
+    """Validate one document against the schema (default: a policy file); True when valid."""
+    validator = validator or _validator()
+    errors = sorted(validator.iter_errors(doc.value), key=lambda e: list(map(str, e.path)))
     for e in errors:
         path: JsonPath = (doc.file, *e.absolute_path)
         where = _describe(tuple(e.absolute_path))
@@ -444,12 +501,31 @@ def _schema_problems(doc: _Doc, problems: _Problems) -> bool:
         elif v == "required":
             for k in expected:
                 if k not in instance:
-                    problems.add(path, f"missing required key {k!r} in {where}", "")
+                    hint = (
+                        "a rule has `match:` (a static rule, judged on the command line) or "
+                        "`effect:` (an effect rule, judged on what the dry run did)"
+                        if k == "match"
+                        else ""
+                    )
+                    problems.add(path, f"missing required key {k!r} in {where}", hint)
         elif v == "type":
-            wanted = _TYPE_NAMES.get(str(expected), str(expected))
+            if isinstance(expected, list):
+                wanted = " or ".join(_TYPE_NAMES.get(str(x), str(x)) for x in expected)
+            else:
+                wanted = _TYPE_NAMES.get(str(expected), str(expected))
             hint = ""
+            in_tests = "tests" in e.absolute_path
             if expected == "string" and isinstance(instance, dict):
-                hint = "quote it: in a plain YAML string, ': ' starts a mapping"
+                hint = "quote it: in a plain YAML string, ': ' starts a mapping" + (
+                    " (a static rule's tests are command lines; effects are for effect rules)"
+                    if in_tests
+                    else ""
+                )
+            elif expected == "object" and in_tests and isinstance(instance, str):
+                hint = (
+                    "an effect rule's tests are effects (files, programs, network, "
+                    "sensitive_reads), not command lines"
+                )
             elif expected == "string" and not isinstance(instance, list):
                 hint = (
                     "quote it: YAML reads unquoted yes/no/on/off/true/false as booleans, "
@@ -466,10 +542,14 @@ def _schema_problems(doc: _Doc, problems: _Problems) -> bool:
         elif v == "enum":
             choices = [str(c) for c in expected]
             if isinstance(instance, str):
+                hint = _did_you_mean(instance, choices).strip()
+                if instance == "allow" and e.absolute_path[-1] == "decision":
+                    hint = (
+                        "an effect rule asks or denies: a dry run that no rule objects to is "
+                        "ALLOW already, and an allow could not cancel another rule's ask"
+                    )
                 problems.add(
-                    path,
-                    f"{where}: {instance!r} is not one of {', '.join(choices)}",
-                    _did_you_mean(instance, choices).strip(),
+                    path, f"{where}: {instance!r} is not one of {', '.join(choices)}", hint
                 )
             else:
                 problems.add(
@@ -479,7 +559,16 @@ def _schema_problems(doc: _Doc, problems: _Problems) -> bool:
                 )
         elif v == "const":
             hint = "this engine reads policy format version 1" if where == "version" else ""
-            problems.add(path, f"{where}: must be {expected!r}, found {instance!r}", hint)
+            problems.add(
+                path, f"{where}: must be {_literal(expected)}, found {_literal(instance)}", hint
+            )
+        elif v == "not":
+            # The schema's way of saying "not this key here" (see the rule's if/then).
+            last = e.absolute_path[-1] if e.absolute_path else ""
+            message, hint = _NOT_ALLOWED.get(
+                str(last), (f"{where} is not allowed here", "remove it")
+            )
+            problems.add(path, message, hint, key=True)
         elif v == "pattern":
             last = e.absolute_path[-1] if e.absolute_path else ""
             if last == "id":
@@ -664,6 +753,82 @@ def _parse_date(text: str, path: JsonPath, problems: _Problems) -> date | None:
         return None
 
 
+def _check_id(rule_id: str, path: JsonPath, ctx: _Context, problems: _Problems) -> None:
+    """Rule ids are unique across the bundle, static and effect rules alike."""
+    if rule_id in ctx.rule_ids:
+        problems.add(
+            (*path, "id"),
+            f"duplicate rule id {rule_id!r} (first defined at "
+            f"{_at(problems, ctx.rule_ids[rule_id], key=False)})",
+            "rule ids are unique across the bundle; rename one",
+        )
+    else:
+        ctx.rule_ids[rule_id] = (*path, "id")
+
+
+def _effect_test_text(entry: Any) -> str:
+    """An inline test entry as one line of YAML flow style, for reports."""
+    text: str = yaml.safe_dump(
+        entry, default_flow_style=True, sort_keys=False, width=1 << 30, allow_unicode=True
+    )
+    return text.strip().removesuffix("...").strip()
+
+
+def _compile_effect_rule(
+    doc: _Doc,
+    index: int,
+    raw: dict[str, Any],
+    layer: Layer,
+    effects: EffectCompiler,
+    ctx: _Context,
+    problems: _Problems,
+) -> EffectRule | None:
+    path: JsonPath = (doc.file, "rules", index)
+    before = len(problems.errors)
+    rule_id: str = raw["id"]
+    _check_id(rule_id, path, ctx, problems)
+    matcher = effects.effect(raw["effect"], (*path, "effect"))
+    tests: list[EffectTest] = []
+    for key, expect in (("match", True), ("not_match", False)):
+        for j, entry in enumerate(raw.get("tests", {}).get(key, ())):
+            tpath: JsonPath = (*path, "tests", key, j)
+            synthetic = synthetic_effects(entry, tpath, problems.report)
+            _file, line, column = problems.where(tpath)
+            tests.append(
+                EffectTest(synthetic, _effect_test_text(entry), expect, doc.file, line, column)
+            )
+    if len(problems.errors) > before:
+        return None
+    return EffectRule(
+        id=rule_id,
+        title=raw["title"],
+        description=raw["description"],
+        decision=DECISIONS[raw["decision"]],
+        severity=SEVERITIES[raw["severity"]],
+        matcher=matcher,
+        layer=layer,
+        file=doc.file,
+        line=doc.values.get(path[1:], (0, 0))[0],
+        references=tuple(raw.get("references", ())),
+        tags=tuple(raw.get("tags", ())),
+        tests=tuple(tests),
+    )
+
+
+def _sensitive_globs(
+    docs: Sequence[_Doc], effects: EffectCompiler, problems: _Problems
+) -> tuple[str, ...]:
+    """The union of every file's ``sensitive_paths``, lists resolved, sorted."""
+    found: set[str] = set()
+    for doc in docs:
+        patterns = doc.value.get("sensitive_paths")
+        if patterns is None:
+            continue
+        for _label, pats in effects.path_patterns(patterns, (doc.file, "sensitive_paths")):
+            found.update(pats)
+    return tuple(sorted(found))
+
+
 def _compile_rule(
     doc: _Doc,
     index: int,
@@ -677,15 +842,7 @@ def _compile_rule(
     path: JsonPath = (doc.file, "rules", index)
     before = len(problems.errors)
     rule_id: str = raw["id"]
-    if rule_id in ctx.rule_ids:
-        problems.add(
-            (*path, "id"),
-            f"duplicate rule id {rule_id!r} (first defined at "
-            f"{_at(problems, ctx.rule_ids[rule_id], key=False)})",
-            "rule ids are unique across the bundle; rename one",
-        )
-    else:
-        ctx.rule_ids[rule_id] = (*path, "id")
+    _check_id(rule_id, path, ctx, problems)
     matcher = compiler.match(raw["match"], (*path, "match"))
     decision = DECISIONS[raw["decision"]]
     if matcher.line_only and raw["decision"] == "allow":
@@ -816,8 +973,28 @@ def _check(rule: Rule, command: str, expect_fire: bool, analyze: Analyzer, today
     return f"it fired ({reasons})"
 
 
-def run_inline_tests(rules: Iterable[Rule], *, analyze: Analyzer | None = None) -> list[TestResult]:
-    """Run every rule's inline tests, with the real parser unless ``analyze`` is given.
+def _effect_results(rule: EffectRule) -> list[TestResult]:
+    return [
+        TestResult(
+            test.file or rule.file,
+            test.line or rule.line,
+            test.column or 1,
+            rule.id,
+            test.text,
+            test.expect_fire,
+            not (detail := check_effect_test(rule, test)),
+            detail,
+        )
+        for test in rule.tests
+    ]
+
+
+def run_inline_tests(
+    rules: Iterable[Rule | EffectRule], *, analyze: Analyzer | None = None
+) -> list[TestResult]:
+    """Run every rule's inline tests: static rules' with the real parser unless
+    ``analyze`` is given, effect rules' on the synthetic effects of their entries
+    (the entry, as YAML flow text, is the result's ``command``).
 
     Every exception counts as in force, whatever its expiry date, so that whether a
     bundle loads never depends on the date (``airlock policy lint`` warns about
@@ -825,6 +1002,9 @@ def run_inline_tests(rules: Iterable[Rule], *, analyze: Analyzer | None = None) 
     results: list[TestResult] = []
     analyzer: Analyzer | None = analyze
     for rule in rules:
+        if isinstance(rule, EffectRule):
+            results.extend(_effect_results(rule))
+            continue
         for test in rule.tests:
             if analyzer is None:
                 analyzer = _default_analyzer()
@@ -919,19 +1099,28 @@ def load_bundle(
     for doc in docs:
         _collect_definitions(doc, ctx, problems)
     compiler = Compiler(ctx.lists, ctx.macros, problems.report)
+    effects = EffectCompiler(compiler, problems.report)
     for name, (mpath, _raw) in ctx.macros.items():
         compiler.macro(name, mpath)
     rules: list[Rule] = []
+    effect_rules: list[EffectRule] = []
     for doc in docs:
         layer = Layer(doc.value.get("layer", "project"))
         for i, raw in enumerate(doc.value.get("rules", ())):
+            if "effect" in raw:
+                effect_rule = _compile_effect_rule(doc, i, raw, layer, effects, ctx, problems)
+                if effect_rule is not None:
+                    effect_rules.append(effect_rule)
+                continue
             rule = _compile_rule(doc, i, raw, layer, compiler, ctx, problems, day)
             if rule is not None:
                 rules.append(rule)
+    sensitive = _sensitive_globs(docs, effects, problems)
     _unused(ctx, compiler, problems)
 
     if run_tests and not problems.errors:
         problems.errors.extend(_inline_test_problems(rules, analyze))
+        problems.errors.extend(_inline_test_problems(effect_rules, analyze))
     if problems.errors:
         raise PolicyError(sorted(problems.errors, key=_order), problems.warnings)
     return PolicyBundle(
@@ -939,13 +1128,17 @@ def load_bundle(
         files=tuple(f for f, _rel in found),
         rules=tuple(rules),
         warnings=tuple(sorted(problems.warnings, key=_order)),
+        effect_rules=tuple(effect_rules),
+        sensitive_globs=sensitive,
     )
 
 
-def _inline_test_problems(rules: Sequence[Rule], analyze: Analyzer | None) -> list[PolicyProblem]:
+def _inline_test_problems(
+    rules: Sequence[Rule] | Sequence[EffectRule], analyze: Analyzer | None
+) -> list[PolicyProblem]:
     if not any(r.tests for r in rules):
         return []
-    if analyze is None:
+    if analyze is None and not any(isinstance(r, EffectRule) for r in rules):
         try:
             analyze = _default_analyzer()
         except ImportError as e:
@@ -965,7 +1158,7 @@ def _inline_test_problems(rules: Sequence[Rule], analyze: Analyzer | None) -> li
                     result.column,
                     f"inline test failed: rule {result.rule_id!r} should {want} on "
                     f"{result.command!r}, but {result.detail}",
-                    "fix the rule's match, or the test",
+                    "fix the rule's match (or effect), or the test",
                 )
             )
     return out
@@ -983,6 +1176,53 @@ def _unused(ctx: _Context, compiler: Compiler, problems: _Problems) -> None:
     for name, (path, _raw) in ctx.macros.items():
         if name not in compiler.used_macros:
             problems.add(path, f"macro {name!r} is never used", "", key=True, warning=True)
+
+
+# --------------------------------------------------------------------------- effects files
+
+
+@functools.cache
+def _effects_validator() -> jsonschema.protocols.Validator:
+    schema = _schema()
+    sub_schema = {"$schema": schema["$schema"], "$defs": schema["$defs"]}
+    sub_schema["$ref"] = "#/$defs/effectTest"
+    validator: jsonschema.protocols.Validator = jsonschema.validators.validator_for(schema)(
+        sub_schema
+    )
+    return validator
+
+
+def read_effects_file(path: StrPath) -> Effects:
+    """The effects a YAML file describes, in the format of an effect rule's inline test
+    entry (``files``, ``programs``, ``network``, ``sensitive_reads``; ``~`` is
+    /home/user, relative paths are in /workspace), for ``airlock policy explain
+    --effects``. Raises :class:`PolicyError` with file:line:column problems."""
+    file = os.fspath(path)
+    problems = _Problems()
+    effects: Effects | None = None
+    data = _read(file, problems)
+    text = _decode(file, data, problems) if data is not None else None
+    if text is not None:
+        try:
+            doc = _compose(text, file) if text.strip() else _Doc(file, {})
+        except yaml.YAMLError as e:
+            yp = _yaml_error(e, text)
+            problems.errors.append(PolicyProblem(file, yp.line, yp.column, yp.message, yp.hint))
+        except _YamlProblem as yp:
+            problems.errors.append(PolicyProblem(file, yp.line, yp.column, yp.message, yp.hint))
+        else:
+            problems.docs[file] = doc
+            if not isinstance(doc.value, dict):
+                problems.add(
+                    (file,),
+                    f"an effects file is a mapping, found {_kind(doc.value)}",
+                    "give any of: files, programs, network, sensitive_reads",
+                )
+            elif _schema_problems(doc, problems, _effects_validator()):
+                effects = synthetic_effects(doc.value, (file,), problems.report)
+    if problems.errors or effects is None:
+        raise PolicyError(sorted(problems.errors, key=_order))
+    return effects
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -1050,6 +1290,12 @@ def run_fixture(
         )
 
     if bundle.rule(case.rule_id) is None:
+        if bundle.effect_rule(case.rule_id) is not None:
+            return result(
+                False,
+                f"{case.rule_id!r} is an effect rule: it judges a dry run, not a command line; "
+                "test it with inline tests",
+            )
         return result(False, f"the bundle has no rule {case.rule_id!r}")
     try:
         analysis = analyzer(case.command)

@@ -32,16 +32,25 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, mnt, net, netcap, proctrace, reads, user
+from airlock.sandbox import _wire, mnt, net, netcap, proctrace, reads, seccomp, user
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
-from airlock.sandbox.plan import RunSpec, SandboxPlan, SandboxTemplate
+from airlock.sandbox.plan import ApplyPlan, ApplyReply, RunSpec, SandboxPlan, SandboxTemplate
 from airlock.types import Termination
 
-__all__ = ["Prepared", "SandboxResult", "prepare", "run", "serve_request", "serve_warm"]
+__all__ = [
+    "OutputChunk",
+    "Prepared",
+    "SandboxResult",
+    "prepare",
+    "run",
+    "serve_request",
+    "serve_warm",
+]
 
 _READ_CHUNK = 65536
 # After the command ends, how long stray output may keep its pipes open (it cannot: the pid
@@ -77,10 +86,24 @@ class SandboxResult:
     # more were not recorded (past the bound, or dropped by the kernel in a flood).
     network_attempts: tuple[netcap.NetworkAttempt, ...] = ()
     network_attempts_lost: int = 0
+    # The changes kept for Apply (RunSpec.keep_changes_dir): the manifest's digest and the
+    # bytes kept; or why they could not be kept.
+    changeset_digest: str = ""
+    changeset_bytes: int = 0
+    changeset_error: str = ""
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
     error_kind: str = ""
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Execute: a piece of the command's output, sent as soon as it was read."""
+
+    stream: int  # 1 stdout, 2 stderr
+    time_s: float  # since the command started
+    data: bytes
 
 
 @dataclass
@@ -124,19 +147,31 @@ class Prepared:
 
 
 class _Capture:
-    """One output stream, kept up to a limit and drained past it."""
+    """One output stream, kept up to a limit and drained past it.
 
-    def __init__(self, limit: int) -> None:
+    With ``emit`` (Execute), chunks are handed on as they come instead of kept.
+    """
+
+    def __init__(self, limit: int, stream: int, emit: Callable[[OutputChunk], None] | None) -> None:
         self.limit = limit
+        self.stream = stream
+        self.emit = emit
         self.data = bytearray()
+        self.seen = 0
         self.truncated = False
 
-    def feed(self, chunk: bytes) -> None:
-        room = self.limit - len(self.data)
+    def feed(self, chunk: bytes, time_s: float) -> None:
+        room = self.limit - self.seen
         if len(chunk) > room:
             self.truncated = True
             chunk = chunk[: max(room, 0)]
-        self.data += chunk
+        self.seen += len(chunk)
+        if not chunk:
+            return
+        if self.emit is not None:
+            self.emit(OutputChunk(self.stream, time_s, chunk))
+        else:
+            self.data += chunk
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -163,7 +198,13 @@ def _default_signals() -> None:
 
 
 def _command(
-    spec_r: int, out_w: int, err_w: int, error_w: int, procs: list[int], trace_fd: int
+    spec_r: int,
+    out_w: int,
+    err_w: int,
+    error_w: int,
+    procs: list[int],
+    trace_fd: int,
+    seccomp_program: bytes,
 ) -> None:
     """The command process: join the cgroup, wait for the spec, become the caller, exec bash.
 
@@ -200,6 +241,9 @@ def _command(
         user.become(spec.uid, spec.gid, spec.groups)
         step = "cwd"
         os.chdir(spec.cwd)
+        if seccomp_program:
+            step = "seccomp"
+            seccomp.install(seccomp_program)
         if trace_fd >= 0:
             step = "trace"
             proctrace.install(4)
@@ -234,7 +278,7 @@ def _init(
         child = os.fork()
         if child == 0:
             os.close(error_r)
-            _command(spec_r, out_w, err_w, error_w, procs, trace_fd)
+            _command(spec_r, out_w, err_w, error_w, procs, trace_fd, template.seccomp_program)
         for fd in (error_w, out_w, err_w, spec_r, *procs):
             os.close(fd)
         if trace_fd >= 0:
@@ -373,14 +417,22 @@ def _status(
     return Termination.EXITED, -1, 0, "the sandbox's init died without a report", "setup"
 
 
-def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
+def run(
+    prepared: Prepared,
+    spec: RunSpec,
+    cancel_fd: int,
+    emit: Callable[[OutputChunk], None] | None = None,
+) -> SandboxResult:
     """Hand ``spec`` to the waiting command; watch output, deadline and cancellation.
 
     ``cancel_fd`` becomes readable (data or EOF) when the caller gives up; the
-    whole process tree is then killed. The caller must ``prepared.close()`` after.
+    whole process tree is then killed. With ``emit`` (Execute), output goes there
+    as it is read instead of into the result. The caller must ``prepared.close()``
+    after.
     """
     started = time.monotonic()
-    stdout, stderr = _Capture(spec.output_bytes), _Capture(spec.output_bytes)
+    stdout = _Capture(spec.output_bytes, 1, emit)
+    stderr = _Capture(spec.output_bytes, 2, emit)
     status_msg = bytearray()
     forced: Termination | None = None
     tracer: proctrace.ProcessTracer | None = None
@@ -461,7 +513,15 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
             elif fd == status_r:
                 status_msg += chunk
             else:
-                streams[fd].feed(chunk)
+                try:
+                    streams[fd].feed(chunk, time.monotonic() - started)
+                except OSError:  # the caller is gone (Execute): as good as a cancellation
+                    emit = None
+                    stdout.emit = stderr.emit = None
+                    if forced is None:
+                        forced = Termination.CANCELLED
+                        os.kill(prepared.init_pid, signal.SIGKILL)
+                        deadline = time.monotonic() + _DRAIN_S
     with contextlib.suppress(ProcessLookupError):
         os.kill(prepared.init_pid, signal.SIGKILL)
     os.waitpid(prepared.init_pid, 0)  # returns once every process of the pid namespace is gone
@@ -497,9 +557,28 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         termination = Termination.OUT_OF_MEMORY
     if error:
         return SandboxResult(error=error, error_kind=error_kind, stderr=bytes(stderr.data))
-    # The diff of the upper layers, read from outside the sandbox's root.
+    # The diff of the upper layers, read from outside the sandbox's root (Execute has none).
     t_diff = time.monotonic()
-    diff = compute_changes(prepared.template.layers, spec.diff)
+    if prepared.template.writable:
+        diff = DiffResult(changes=(), truncated=False, scratch_bytes=0)
+    else:
+        diff = compute_changes(prepared.template.layers, spec.diff)
+    changeset_digest, changeset_bytes, changeset_error = "", 0, ""
+    if spec.keep_changes_dir and diff.changes:
+        # Kept while the sandbox's upper layers still exist; Apply writes exactly this.
+        from airlock import _errors
+        from airlock.sandbox import changeset
+
+        try:
+            manifest = changeset.save(
+                prepared.template.layers,
+                diff,
+                spec.keep_changes_dir,
+                quota_bytes=spec.keep_changes_bytes,
+            )
+            changeset_digest, changeset_bytes = manifest.digest, manifest.content_bytes
+        except (_errors.AirlockError, OSError) as exc:
+            changeset_error = str(exc)
     return SandboxResult(
         termination=termination,
         exit_code=exit_code,
@@ -518,17 +597,47 @@ def run(prepared: Prepared, spec: RunSpec, cancel_fd: int) -> SandboxResult:
         sensitive_reads_incomplete=sensitive_incomplete,
         network_attempts=attempts,
         network_attempts_lost=attempts_lost,
+        changeset_digest=changeset_digest,
+        changeset_bytes=changeset_bytes,
+        changeset_error=changeset_error,
     )
+
+
+def _apply(plan: ApplyPlan) -> ApplyReply:
+    """Open the changeset as root, become its user (unless root), write it to the host."""
+    from airlock import _errors
+    from airlock.apply import apply, open_changeset
+
+    try:
+        with open_changeset(plan.changeset_dir) as changeset:
+            if plan.uid != 0:
+                user.become(plan.uid, plan.gid, plan.groups)
+            return ApplyReply(result=apply(changeset))
+    except _errors.AirlockError as exc:
+        return ApplyReply(
+            error_class=type(exc).__name__,
+            message=exc.message,
+            reason=exc.reason,
+            paths=tuple(getattr(exc, "paths", ())),
+        )
+    except Exception as exc:
+        return ApplyReply(error_class="AirlockError", message=f"{type(exc).__name__}: {exc}")
 
 
 def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
     """Read a plan from ``sock``, run it (in ``prepared`` if it fits), send the result back."""
     try:
-        plan: SandboxPlan = _wire.recv(sock)
+        plan: SandboxPlan | ApplyPlan = _wire.recv(sock)
     except (OSError, EOFError):
         if prepared is not None:
             prepared.close()
         return  # the daemon went away before sending a plan
+    if isinstance(plan, ApplyPlan):
+        if prepared is not None:
+            prepared.close()
+        with contextlib.suppress(OSError):
+            _wire.send(sock, _apply(plan))
+        return
     warm = prepared is not None and prepared.key == plan.template_key
     try:
         if not warm:
@@ -536,7 +645,13 @@ def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
                 prepared.close()  # built from an older template: throw it away
             prepared = prepare(plan.template, plan.template_key)
         assert prepared is not None
-        result = run(prepared, plan.run, sock.fileno())
+        emit = None
+        if plan.template.writable:  # Execute: stream the output as it comes
+
+            def emit(chunk: OutputChunk) -> None:
+                _wire.send(sock, chunk)
+
+        result = run(prepared, plan.run, sock.fileno(), emit)
         result = dataclasses.replace(result, warm=warm, setup_s=0.0 if warm else prepared.setup_s)
     except Exception as exc:
         result = SandboxResult(error=f"{type(exc).__name__}: {exc}", error_kind="setup")

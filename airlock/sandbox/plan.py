@@ -14,6 +14,7 @@ import pickle
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.cgroup import CgroupSpec
@@ -204,6 +205,12 @@ class SandboxTemplate:
     # Record every network attempt through a sinkhole in the sandbox's own network namespace
     # (sandbox/netcap.py); without it the namespace has only an unroutable loopback.
     capture_network: bool = True
+    # Classic BPF denying the system calls no command needs (sandbox/seccomp.py); empty: none.
+    seccomp_program: bytes = b""
+    # Execute only: the one host directory the command may change (bound read-write); every
+    # other file system is a read-only bind, /tmp and /var/tmp are private and empty. Empty:
+    # a dry run, where every file system is an overlay whose changes are thrown away.
+    writable: str = ""
 
     @property
     def key(self) -> bytes:
@@ -231,6 +238,30 @@ class RunSpec:
     # Where the supervisor saves the changes (contents and the host's state before them) for a
     # later Apply; empty: do not keep them (sandbox/changeset.py).
     keep_changes_dir: str = ""
+    keep_changes_bytes: int = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """Apply: write a kept changeset to the host as its validation's user (sandbox/contain.py)."""
+
+    changeset_dir: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    # Never a warm sandbox's key: an apply always goes to a fresh supervisor.
+    template_key: bytes = b""
+
+
+@dataclass(frozen=True)
+class ApplyReply:
+    """What the apply supervisor sends back: the result, or the error to raise."""
+
+    result: Any = None  # airlock.apply.ApplyResult
+    error_class: str = ""  # the name of an airlock._errors class
+    message: str = ""
+    reason: str = ""
+    paths: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -284,6 +315,26 @@ def _under(path: str, root: str) -> bool:
 # --- Building ---------------------------------------------------------------------------------
 
 
+_PRIVATE_TMP = ("/tmp", "/var/tmp")
+
+
+def _writable_ops(root: str, writable: str) -> list[MountOp]:
+    """Execute: private, empty /tmp and /var/tmp, then the workspace bound read-write on top.
+
+    A workspace below a private tmp needs its mount point made inside that tmpfs.
+    """
+    ops: list[MountOp] = []
+    for tmp in _PRIVATE_TMP:
+        ops.append(Tmpfs(root + tmp, "mode=1777,size=256m", sc.MS_NOSUID | sc.MS_NODEV))
+        if _under(writable, tmp) and writable != tmp:
+            path = tmp
+            for part in writable[len(tmp) + 1 :].split("/"):
+                path = f"{path}/{part}"
+                ops.append(Mkdir(root + path, 0o755))
+    ops.append(Bind(writable, root + writable, readonly=False))
+    return ops
+
+
 def _dev_ops(root: str) -> list[MountOp]:
     dev = root + "/dev"
     ops: list[MountOp] = [Tmpfs(dev, "mode=755,size=64k", sc.MS_NOSUID)]
@@ -319,8 +370,11 @@ def build_template(
     trace_processes: bool = True,
     proc_connector: bool = True,
     capture_network: bool = True,
+    seccomp_program: bytes = b"",
+    writable: str = "",
 ) -> SandboxTemplate:
-    """Decide every set-up step shared by this daemon's dry runs. Pure."""
+    """Decide every set-up step shared by this daemon's dry runs (or, with ``writable``, of
+    an Execute in that directory). Pure."""
     scratch = settings.scratch_dir
     root = f"{scratch}/root"
     ops: list[MountOp] = [Tmpfs(scratch, f"mode=700,size={scratch_bytes}")]
@@ -338,16 +392,21 @@ def build_template(
     for index, mount in enumerate(data_mounts):
         target = root if mount.path == "/" else root + mount.path
         upper, work = f"{scratch}/u{index}", f"{scratch}/w{index}"
-        if not mount.is_dir:  # a bind-mounted file: visible, read-only, not diffed
+        if not mount.is_dir or writable:  # a bind-mounted file, or Execute: read-only
             ops.append(Bind(mount.path, target))
             continue
         ops += [Mkdir(upper, mount.mode, mount.uid, mount.gid), Mkdir(work, 0o700)]
         ops.append(Overlay(target, mount.path, upper, work))
         layers.append(Layer(os.fsencode(mount.path), os.fsencode(upper), os.fsencode(mount.path)))
 
+    if writable:
+        ops += _writable_ops(root, writable)
     ops += _dev_ops(root)
     ops.append(Sysfs(root + "/sys"))
     for hidden in settings.hidden_paths:
+        hidden_by_tmp = any(_under(hidden, tmp) for tmp in _PRIVATE_TMP)
+        if writable and hidden_by_tmp and not _under(hidden, writable):
+            continue  # Execute's private tmp already hides it
         ops.append(
             Tmpfs(root + hidden, "mode=755,size=4k", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY)
         )
@@ -374,6 +433,8 @@ def build_template(
         trace_processes=trace_processes,
         proc_connector=proc_connector,
         capture_network=capture_network,
+        seccomp_program=seccomp_program,
+        writable=writable,
     )
 
 

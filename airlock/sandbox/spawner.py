@@ -35,17 +35,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from airlock._errors import Cancelled, SandboxError, Unavailable
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import _wire
+from airlock.sandbox.contain import OutputChunk
 
 __all__ = ["Run", "Spawner", "main"]
 
 _KEY_BYTES = 32
 _MAX_IDLE_S = 30.0
+# Extra templates kept warm at once (Execute: one per recently used workspace).
+_MAX_EXTRAS = 4
 _TICK_S = 1.0
 # A template is a few KiB; SEQPACKET messages are bounded by the socket buffer (~208 KiB).
 _MAX_CONTROL = 200 * 1024
@@ -61,40 +65,88 @@ class _Warm:
     born: float
 
 
+@dataclass
+class _Extra:
+    """A template announced for one kind of request (Execute in one workspace).
+
+    It gets ``size`` warm sandboxes like the main one, while in use."""
+
+    template: Any
+    used: float
+    ready: list[_Warm]
+
+
 class _Pool:
+    """Warm sandboxes: ``size`` of the main (dry-run) template and of each recent extra."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.template: Any = None
         self.key = b""
         self.ready: list[_Warm] = []
+        # Extra templates (Execute's, one per workspace), most recently used last.
+        self.extras: dict[bytes, _Extra] = {}
 
     def retire(self, warm: _Warm) -> None:
         warm.sock.close()  # EOF: the warm supervisor tears its sandbox down and exits
+
+    def all_warm(self) -> list[_Warm]:
+        return self.ready + [w for e in self.extras.values() for w in e.ready]
 
     def set_template(self, template: Any, key: bytes) -> None:
         for warm in self.ready:
             self.retire(warm)
         self.ready = []
         self.template, self.key = template, key
+        if template is None:
+            for key_ in list(self.extras):
+                self.drop_extra(key_)
+
+    def touch_extra(self, key: bytes, body: bytes) -> None:
+        """An extra template is in use: keep sandboxes of it warm (the body is unpickled
+        only the first time). The least recently used beyond ``_MAX_EXTRAS`` is dropped."""
+        extra = self.extras.pop(key, None)
+        if extra is None:
+            extra = _Extra(_wire.loads(body[8:]), time.monotonic(), [])
+        extra.used = time.monotonic()
+        self.extras[key] = extra
+        while len(self.extras) > _MAX_EXTRAS:
+            self.drop_extra(next(iter(self.extras)))
+
+    def drop_extra(self, key: bytes) -> None:
+        extra = self.extras.pop(key)
+        for warm in extra.ready:
+            self.retire(warm)
+
+    def _fork_warm(self, control: socket.socket, template: Any, key: bytes) -> _Warm:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            ours.close()
+            for warm in self.all_warm():
+                warm.sock.close()
+            _child(_serve_warm, template, key, theirs)
+        theirs.close()
+        return _Warm(pid, ours, time.monotonic())
 
     def refill(self, control: socket.socket) -> None:
         while self.template is not None and len(self.ready) < self.size:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
-            if pid == 0:
-                control.close()
-                ours.close()
-                for warm in self.ready:
-                    warm.sock.close()
-                _child(_serve_warm, self.template, self.key, theirs)
-            theirs.close()
-            self.ready.append(_Warm(pid, ours, time.monotonic()))
+            self.ready.append(self._fork_warm(control, self.template, self.key))
+        for key, extra in self.extras.items():
+            while len(extra.ready) < self.size:
+                extra.ready.append(self._fork_warm(control, extra.template, key))
 
     def take(self, key: bytes) -> _Warm | None:
-        if key != self.key:
+        extra = self.extras.get(key)
+        if key == self.key:
+            ready = self.ready
+        elif extra is not None:
+            ready = extra.ready
+        else:
             return None
-        while self.ready:
-            warm = self.ready.pop(0)
+        while ready:
+            warm = ready.pop(0)
             if _alive(warm.sock):
                 return warm
             self.retire(warm)
@@ -109,6 +161,13 @@ class _Pool:
             else:
                 keep.append(warm)
         self.ready = keep
+        for key, extra in list(self.extras.items()):
+            if now - extra.used > _MAX_IDLE_S:
+                self.drop_extra(key)  # not used for a while: no longer kept warm
+            else:
+                for warm in [w for w in extra.ready if not _alive(w.sock)]:
+                    extra.ready.remove(warm)
+                    self.retire(warm)
 
 
 def _alive(sock: socket.socket) -> bool:
@@ -175,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if kind == b"T":
             template = _wire.loads(body[_KEY_BYTES + 8 :])
             pool.set_template(template, body[:_KEY_BYTES])
+        elif kind == b"X":
+            pool.touch_extra(body[:_KEY_BYTES], body[_KEY_BYTES:])
         elif kind == b"R" and fds:
             warm = pool.take(body[:_KEY_BYTES])
             if warm is not None:
@@ -188,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 pid = os.fork()
                 if pid == 0:
                     control.close()
-                    for w in pool.ready:
+                    for w in pool.all_warm():
                         w.sock.close()
                     _child(_serve_cold, fds[0])
         for fd in fds:
@@ -213,13 +274,28 @@ class Run:
 
     def result(self) -> Any:
         try:
+            return self._recv()
+        finally:
+            self._sock.close()
+
+    def messages(self) -> Iterator[Any]:
+        """Execute: every message the supervisor sends (output chunks), the result last."""
+        try:
+            while True:
+                message = self._recv()
+                yield message
+                if not isinstance(message, OutputChunk):
+                    return
+        finally:
+            self._sock.close()
+
+    def _recv(self) -> Any:
+        try:
             return _wire.recv(self._sock)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             if self._cancelled:
                 raise Cancelled("the request was cancelled; the sandbox was torn down") from None
             raise SandboxError(f"the sandbox supervisor failed: {exc}") from None
-        finally:
-            self._sock.close()
 
 
 class Spawner:
@@ -231,6 +307,7 @@ class Spawner:
         self._proc: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._announced = b""
+        self._extra_bodies: dict[bytes, bytes] = {}
 
     def start(self) -> None:
         """Exec the helper. Call before any gRPC thread exists, and again to restart it."""
@@ -256,8 +333,14 @@ class Spawner:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def submit(self, plan: Any) -> Run:
-        """Hand a plan to a (warm or new) supervisor; returns at once."""
+    def submit(self, plan: Any, *, pooled: bool | str = True) -> Run:
+        """Hand a plan to a (warm or new) supervisor; returns at once.
+
+        ``pooled=True``: the plan's template is the pool's main one (dry runs).
+        ``pooled="extra"``: one of a few extra templates kept warm while in use (Execute,
+        per workspace); the first request of one is served cold. ``pooled=False``: no
+        template (Apply), always a fresh supervisor.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with self._lock:
@@ -265,12 +348,23 @@ class Spawner:
                     self.start()  # exec (not fork) from a threaded process is safe
                 assert self._control is not None
                 key: bytes = plan.template_key
-                if key != self._announced:
+                if pooled is True and key != self._announced:
                     body = _wire.dumps(plan.template)
                     if len(body) + 1 + len(key) > _MAX_CONTROL:
                         raise SandboxError(f"the sandbox template is too large ({len(body)} B)")
                     self._control.send(b"T" + key + body)
                     self._announced = key
+                elif pooled == "extra":
+                    body = self._extra_bodies.get(key) or _wire.dumps(plan.template)
+                    if len(body) + 1 + len(key) > _MAX_CONTROL:
+                        raise SandboxError(f"the sandbox template is too large ({len(body)} B)")
+                    self._extra_bodies = {
+                        **{k: v for k, v in self._extra_bodies.items() if k != key},
+                        key: body,
+                    }
+                    while len(self._extra_bodies) > _MAX_EXTRAS:
+                        del self._extra_bodies[next(iter(self._extra_bodies))]
+                    self._control.send(b"X" + key + body)
                 self._control.sendmsg(
                     [b"R" + key],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],

@@ -1,0 +1,182 @@
+"""``airlock run``, ``apply``, ``discard`` and ``approve``: acting on a verdict.
+
+``run`` is for CI: it streams the command's output live and exits with its exit
+code (128 + N for signal N); a command the policy denies exits 126 and one it asks
+about exits 125, each after printing why (for an ask, the dry run's summary and the
+``airlock approve`` line that would let it through).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from airlock import types
+from airlock._errors import AirlockError, FailedPrecondition, PermissionDenied
+from airlock.client._client import Client
+from airlock.client._render import escape_controls, render_validation
+
+__all__ = ["ACTIONS", "EXIT_ASKED", "EXIT_DENIED", "add_parsers", "offer_apply"]
+
+EXIT_DENIED = 126
+EXIT_ASKED = 125
+
+Action = Callable[[argparse.Namespace, Console, Console], int]
+
+
+def add_parsers(sub: Any, socket: argparse.ArgumentParser, seconds: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        parents=[socket],
+        help="run a command for real (only --cwd writable), streaming its output",
+        usage="airlock run [-h] [--socket PATH] [--cwd DIR] [--timeout S] [--clean-env]"
+        " [--token T] [--session ID] -- COMMAND...",
+        description="Run COMMAND for real under the policy: only DIR is writable, no network, "
+        "no privileges. Exits with the command's status; 126 if the policy denies it, 125 if "
+        "it asks (approve first, then pass --token or use a session).",
+    )
+    run.add_argument("--cwd", metavar="DIR", help="the directory to run in (default: .)")
+    run.add_argument("--timeout", metavar="S", type=seconds, help="time limit in seconds")
+    run.add_argument("--clean-env", action="store_true", help="send no environment")
+    run.add_argument("--token", default="", help="an approval token from `airlock approve`")
+    run.add_argument("--session", default="", metavar="ID", help="the caller's session id")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
+    run.set_defaults(subparser=run)
+
+    apply = sub.add_parser(
+        "apply", parents=[socket], help="write a validation's dry-run changes to the host"
+    )
+    apply.add_argument("validation_id", metavar="ID")
+    discard = sub.add_parser("discard", parents=[socket], help="drop the changes a validation kept")
+    discard.add_argument("validation_id", metavar="ID")
+    approve = sub.add_parser(
+        "approve", parents=[socket], help="approve a validation the policy asked about"
+    )
+    approve.add_argument("validation_id", metavar="ID")
+    approve.add_argument(
+        "--session",
+        action="store_true",
+        help="approve the same command in the same session until it ends (default: once)",
+    )
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from airlock.client.cli import _environment  # the one place the environment is read
+
+    command = " ".join(args.command)
+    env = {} if args.clean_env else _environment(err)
+    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
+    with Client(args.socket) as client:
+        try:
+            for event in client.execute(
+                command,
+                cwd=args.cwd,
+                env=env,
+                timeout=args.timeout,
+                approval_token=args.token,
+                session_id=args.session,
+            ):
+                if isinstance(event, types.ExecOutput):
+                    target = stdout if event.stream == 1 else stderr
+                    target.write(event.data)
+                    target.flush()
+                elif isinstance(event, types.ExecFinished):
+                    return _exit_status(event, err)
+        except PermissionDenied as e:
+            if e.reason != "POLICY_DENIED":
+                raise
+            err.print(f"airlock: denied: {escape_controls(e.message)}", markup=False)
+            return EXIT_DENIED
+        except FailedPrecondition as e:
+            if e.reason != "APPROVAL_REQUIRED":
+                raise
+            # Show what it would do (a dry run), and how to let it through.
+            v = client.validate(command, cwd=args.cwd, env=env, session_id=args.session)
+            err.print(render_validation(v))
+            err.print(
+                f"airlock: the policy asks before this runs. To allow it once:\n"
+                f"  airlock approve {v.validation_id}   (then: airlock run --token TOKEN -- ...)",
+                markup=False,
+            )
+            return EXIT_ASKED
+    err.print("airlock: error: the daemon ended the stream without a result", markup=False)
+    return 1
+
+
+def _exit_status(end: types.ExecFinished, err: Console) -> int:
+    if end.termination is types.Termination.EXITED:
+        return end.exit_code
+    what = {
+        types.Termination.SIGNALED: f"was killed by signal {end.signal}",
+        types.Termination.TIMED_OUT: "timed out; its process tree was killed",
+        types.Termination.OUT_OF_MEMORY: "was killed for exceeding the memory limit",
+        types.Termination.CANCELLED: "was cancelled",
+    }.get(end.termination, end.termination.name.lower())
+    err.print(f"airlock: the command {what}", markup=False)
+    return 128 + (end.signal or 9)
+
+
+def _apply(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with Client(args.socket) as client:
+        result = client.apply(args.validation_id)
+    verb = "Already applied" if result.replayed else "Applied"
+    out.print(f"{verb}: {len(result.applied_paths)} path(s).", markup=False)
+    for path in result.applied_paths:
+        out.print(f"  {escape_controls(path.decode(errors='backslashreplace'))}", markup=False)
+    return 0
+
+
+def _discard(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with Client(args.socket) as client:
+        client.discard(args.validation_id)
+    out.print("Discarded.", markup=False)
+    return 0
+
+
+def _approve(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with Client(args.socket) as client:
+        grant = client.approve(args.validation_id, session=args.session)
+    # The token alone on stdout, so that `TOKEN=$(airlock approve ID)` works.
+    print(grant.approval_token)
+    err.print(
+        f"approved ({'for the session' if args.session else 'once'}); the token above is shown "
+        "only now",
+        markup=False,
+    )
+    return 0
+
+
+def offer_apply(client: Client, v: types.Validation, out: Console) -> None:
+    """In a terminal, after a validation: "Apply these changes? [y/N]" (approving an ask)."""
+    if not v.changes_digest or v.verdict is types.Verdict.DENY:
+        return
+    question = "Approve and apply these changes? [y/N] "
+    if v.verdict is types.Verdict.ALLOW:
+        question = "Apply these changes? [y/N] "
+    try:
+        answer = input(question)
+    except EOFError:
+        return
+    if answer.strip().lower() not in ("y", "yes"):
+        out.print(f"Not applied. Later: airlock apply {v.validation_id}", markup=False)
+        return
+    try:
+        if v.verdict is types.Verdict.ASK:
+            client.approve(v.validation_id)
+        result = client.apply(v.validation_id)
+    except AirlockError as e:
+        out.print(f"Not applied: {escape_controls(str(e))}", markup=False)
+        return
+    out.print(f"Applied {len(result.applied_paths)} path(s).", markup=False)
+
+
+ACTIONS: dict[str, Action] = {
+    "run": _run,
+    "apply": _apply,
+    "discard": _discard,
+    "approve": _approve,
+}

@@ -1,0 +1,1012 @@
+"""Changesets: a dry run's file changes, kept so that Apply writes exactly what was reviewed.
+
+:func:`save` runs in the supervisor (root, in the sandbox's private mount namespace,
+where each overlay's lower is the live host directory) right after
+:func:`airlock.sandbox.diff.compute_changes`. For every change of the diff it records
+the host's state *before* (read from the lower) and the dry run's state *after* (read
+from the upper), and copies the new content of created and modified regular files. It
+stores nothing else: a path the diff does not list is never written by Apply.
+:func:`airlock.apply.apply` later checks the before states against the host and
+writes the after states.
+
+On disk, ``dest`` (created 0700) holds two files:
+
+``content``
+    The new content of every created or modified regular file, one after the
+    other; each change names its ``offset`` and ``size`` in it.
+``manifest.json``
+    Canonical JSON (sorted keys, no spaces, ASCII): its SHA-256 is
+    :attr:`Manifest.digest`, what an approval binds to. Format, version 1::
+
+        {"format": "airlock.changeset", "version": 1,
+         "created_ns": <time.time_ns() when saving began>,
+         "content_bytes": <size of the content file>,
+         "changes": [{"path": P, "kind": K, "before": S, "after": S}, ...]}
+
+    ``P`` is the host path: its bytes decoded as UTF-8 with ``surrogateescape``
+    (JSON escapes the lone surrogates), so any byte string round-trips. ``K`` is a
+    :class:`~airlock.types.ChangeKind` name. Changes are sorted by path components
+    (parents before children). Each state ``S`` is ``{"type": T}`` with ``T`` a
+    :class:`~airlock.types.FileType` name; ``NONE`` (absent) has no other key.
+    Present entries add ``mode`` (permission bits), ``uid`` and ``gid``, and:
+
+    * a regular file: ``size``; ``sha256`` of its content when the change replaces
+      or deletes it (before) or writes it (after); ``offset`` in ``content`` (after,
+      when the change writes content; metadata-only changes carry none);
+    * a symbolic link: ``target`` (encoded like ``P``);
+    * ``OTHER``: ``fmt`` (the ``S_IFMT`` bits) and ``rdev``; only FIFOs and sockets
+      can be an after state;
+    * a directory the change deletes or replaces (before): ``tree``, the
+      ``sha256`` and ``entries`` count of :func:`tree_digest`;
+    * every before state: ``ino``, ``mtime_ns`` and ``ctime_ns``, the identity
+      Apply falls back to for a file it may not read.
+
+Directory deletions are verified with a digest of the whole subtree (every entry's
+relative path, type, permission bits, owner, inode number; for non-directories also
+size, mtime, ctime and link target or device), at most ``max_tree_entries``
+entries per changeset: past that, :func:`save` refuses. A subtree that holds a mount
+point is refused too (Apply never crosses file systems).
+
+Refusals: a truncated diff (``CHANGES_TRUNCATED``: a partial changeset must never be
+applied); more than ``quota_bytes`` of content plus manifest (``CHANGESET_QUOTA``);
+a device node, or a change to ``/`` itself (``CHANGESET_UNSUPPORTED``); a lower that
+no longer matches the diff (:class:`~airlock.Conflict`: the host changed during the
+dry run). A refused or failed save removes ``dest``.
+
+Nothing is fsync'ed: a crash leaves a changeset that fails verification (manifest
+syntax or digest, content hashes), never one that applies other content. Every
+path is opened relative to directory descriptors with ``O_NOFOLLOW``, so no
+symbolic link in the upper or the (live) lower is ever followed.
+
+Stdlib only: this runs in the small root helper process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from airlock._errors import (
+    AirlockError,
+    Conflict,
+    InvalidRequest,
+    ResourceExhausted,
+    SandboxError,
+)
+from airlock.sandbox.diff import DiffResult, Layer
+from airlock.types import ChangeKind, FileChange, FileType
+
+__all__ = [
+    "CONTENT_NAME",
+    "FORMAT",
+    "MANIFEST_NAME",
+    "VERSION",
+    "ChangeRecord",
+    "DirCursor",
+    "EntryState",
+    "Manifest",
+    "Tree",
+    "TreeScan",
+    "components",
+    "load",
+    "read_manifest",
+    "save",
+    "tree_digest",
+]
+
+FORMAT = "airlock.changeset"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CONTENT_NAME = "content"
+MAX_TREE_ENTRIES = 1_000_000
+# Deeper subtrees are refused: each level of a walk holds one open directory.
+MAX_DEPTH = 256
+# A manifest larger than this is not read (10,000 changes take a few MiB).
+_MAX_MANIFEST = 256 * 1024 * 1024
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CHUNK = 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TYPES = {stat.S_IFREG: FileType.REGULAR, stat.S_IFDIR: FileType.DIRECTORY}
+_TYPES[stat.S_IFLNK] = FileType.SYMLINK
+# The special files Apply can create without privilege.
+APPLICABLE_OTHER = frozenset({stat.S_IFIFO, stat.S_IFSOCK})
+
+
+def file_type(mode: int) -> FileType:
+    """The :class:`FileType` of an ``st_mode``."""
+    return _TYPES.get(stat.S_IFMT(mode), FileType.OTHER)
+
+
+def components(path: bytes) -> tuple[bytes, ...]:
+    """An absolute path's components: the sort key that puts parents before children."""
+    return tuple(part for part in path.split(b"/") if part)
+
+
+# --- The manifest ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The digest of a directory's whole subtree (see :func:`tree_digest`)."""
+
+    sha256: str
+    entries: int
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """One path's state: the host's before the change, or the dry run's after it.
+
+    ``file_type`` NONE means absent (every other field is then unused). Which of the
+    optional fields are set is described in the module docstring.
+    """
+
+    file_type: FileType
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    sha256: str = ""
+    target: bytes = b""
+    fmt: int = 0
+    rdev: int = 0
+    tree: Tree | None = None
+    offset: int | None = None
+    ino: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    @property
+    def exists(self) -> bool:
+        return self.file_type is not FileType.NONE
+
+
+_ABSENT = EntryState(FileType.NONE)
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    """One change: its host path, its kind, the host's state before and the dry run's after."""
+
+    path: bytes
+    kind: ChangeKind
+    before: EntryState
+    after: EntryState
+
+    @property
+    def writes_content(self) -> bool:
+        """Whether Apply writes new content (from the ``content`` file) at this path."""
+        return self.after.file_type is FileType.REGULAR and self.after.offset is not None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A changeset's manifest: every change, with its before and after states."""
+
+    changes: tuple[ChangeRecord, ...]
+    content_bytes: int
+    created_ns: int
+    version: int = VERSION
+
+    def to_json(self) -> bytes:
+        """The canonical JSON bytes (what :attr:`digest` hashes)."""
+        return _dumps(_manifest_json(self))
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the canonical manifest: what an approval binds to.
+
+        The manifest holds the content's hashes, so this covers the content too.
+        """
+        return hashlib.sha256(self.to_json()).hexdigest()
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _state_json(state: EntryState) -> dict[str, object]:
+    out: dict[str, object] = {"type": state.file_type.name}
+    if not state.exists:
+        return out
+    out.update(mode=state.mode, uid=state.uid, gid=state.gid)
+    if state.file_type is FileType.REGULAR:
+        out["size"] = state.size
+    if state.sha256:
+        out["sha256"] = state.sha256
+    if state.file_type is FileType.SYMLINK:
+        out["target"] = _text(state.target)
+    if state.file_type is FileType.OTHER:
+        out.update(fmt=state.fmt, rdev=state.rdev)
+    if state.tree is not None:
+        out["tree"] = {"sha256": state.tree.sha256, "entries": state.tree.entries}
+    if state.offset is not None:
+        out["offset"] = state.offset
+    if state.ino:
+        out.update(ino=state.ino, mtime_ns=state.mtime_ns, ctime_ns=state.ctime_ns)
+    return out
+
+
+def _manifest_json(manifest: Manifest) -> dict[str, object]:
+    return {
+        "format": FORMAT,
+        "version": manifest.version,
+        "created_ns": manifest.created_ns,
+        "content_bytes": manifest.content_bytes,
+        "changes": [
+            {
+                "path": _text(change.path),
+                "kind": change.kind.name,
+                "before": _state_json(change.before),
+                "after": _state_json(change.after),
+            }
+            for change in manifest.changes
+        ],
+    }
+
+
+def _bad(what: str) -> InvalidRequest:
+    return InvalidRequest(f"the changeset is not valid: {what}", reason="CHANGESET_INVALID")
+
+
+def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = obj.get(key, default)
+    if type(value) is not int or value < 0:
+        raise _bad(f"{key} must be a non-negative integer")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise _bad(f"{key} must be a string")
+    return value
+
+
+def _dict(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(f"{what} must be an object")
+    return value
+
+
+def _state_from(obj: object) -> EntryState:
+    data = _dict(obj, "a state")
+    try:
+        ftype = FileType[_str(data, "type")]
+    except KeyError:
+        raise _bad("unknown file type") from None
+    if ftype is FileType.NONE:
+        return _ABSENT
+    tree = None
+    if "tree" in data:
+        tree_data = _dict(data["tree"], "tree")
+        tree = Tree(_str(tree_data, "sha256"), _int(tree_data, "entries"))
+    offset = _int(data, "offset") if "offset" in data else None
+    try:
+        target = _raw(_str(data, "target", ""))
+    except UnicodeEncodeError:
+        raise _bad("a link target is not encoded as the format says") from None
+    return EntryState(
+        file_type=ftype,
+        mode=_int(data, "mode"),
+        uid=_int(data, "uid"),
+        gid=_int(data, "gid"),
+        size=_int(data, "size", 0),
+        sha256=_str(data, "sha256", ""),
+        target=target,
+        fmt=_int(data, "fmt", 0),
+        rdev=_int(data, "rdev", 0),
+        tree=tree,
+        offset=offset,
+        ino=_int(data, "ino", 0),
+        mtime_ns=_int(data, "mtime_ns", 0),
+        ctime_ns=_int(data, "ctime_ns", 0),
+    )
+
+
+def _manifest_from(raw: bytes) -> Manifest:
+    try:
+        data = _dict(json.loads(raw), "the manifest")
+    except (ValueError, RecursionError):
+        raise _bad("the manifest is not JSON") from None
+    if data.get("format") != FORMAT:
+        raise _bad("not an Airlock changeset manifest")
+    if data.get("version") != VERSION:
+        raise _bad(f"unsupported manifest version {data.get('version')!r}")
+    changes = data.get("changes")
+    if not isinstance(changes, list):
+        raise _bad("changes must be a list")
+    records = []
+    for item in changes:
+        entry = _dict(item, "a change")
+        try:
+            kind = ChangeKind[_str(entry, "kind")]
+            path = _raw(_str(entry, "path"))
+        except KeyError:
+            raise _bad("unknown change kind") from None
+        except UnicodeEncodeError:
+            raise _bad("a path is not encoded as the format says") from None
+        records.append(
+            ChangeRecord(
+                path, kind, _state_from(entry.get("before")), _state_from(entry.get("after"))
+            )
+        )
+    manifest = Manifest(
+        changes=tuple(records),
+        content_bytes=_int(data, "content_bytes"),
+        created_ns=_int(data, "created_ns"),
+    )
+    if manifest.to_json() != raw:
+        # Also catches unknown keys, and keys a state of its type does not have.
+        raise _bad("the manifest is not in canonical form")
+    _check(manifest)
+    return manifest
+
+
+def _check(manifest: Manifest) -> None:
+    """The rules every manifest obeys; :func:`airlock.apply.apply` relies on them."""
+    seen: dict[tuple[bytes, ...], ChangeRecord] = {}
+    previous: tuple[bytes, ...] = ()
+    for change in manifest.changes:
+        path = change.path
+        comps = components(path)
+        if (
+            not path.startswith(b"/")
+            or b"\0" in path
+            or not comps
+            or any(part in (b".", b"..") for part in comps)
+            or b"/".join((b"", *comps)) != path
+        ):
+            raise _bad(f"the path {path!r} is not a normalized absolute path")
+        if comps <= previous:
+            raise _bad("changes are not sorted by path, or a path repeats")
+        previous = comps
+        before, after, kind = change.before, change.after, change.kind
+        if kind is ChangeKind.CREATED:
+            ok = not before.exists and after.exists
+        elif kind is ChangeKind.DELETED:
+            ok = before.exists and not after.exists
+        elif kind is ChangeKind.METADATA_CHANGED:
+            ok = before.exists and after.file_type is before.file_type
+        else:  # MODIFIED: new content, target or device, or another type
+            same_dir = before.file_type is after.file_type is FileType.DIRECTORY
+            ok = before.exists and after.exists and not same_dir
+        if not ok:
+            raise _bad(f"{kind.name} does not fit the states of {path!r}")
+        for state in (before, after):
+            if state.mode > 0o7777 or state.uid >= 1 << 32 or state.gid >= 1 << 32:
+                raise _bad(f"a mode or owner of {path!r} is out of range")
+            if state.sha256 and not _SHA256.fullmatch(state.sha256):
+                raise _bad(f"a hash of {path!r} is malformed")
+            if state.tree is not None and not _SHA256.fullmatch(state.tree.sha256):
+                raise _bad(f"the tree digest of {path!r} is malformed")
+        replaces = kind in (ChangeKind.MODIFIED, ChangeKind.DELETED)
+        if replaces and before.file_type is FileType.REGULAR and not before.sha256:
+            raise _bad(f"the replaced content of {path!r} has no hash")
+        needs_tree = replaces and after.file_type is not FileType.DIRECTORY
+        if needs_tree and before.file_type is FileType.DIRECTORY and before.tree is None:
+            raise _bad(f"the removed directory {path!r} has no tree digest")
+        writes = after.file_type is FileType.REGULAR and kind is not ChangeKind.METADATA_CHANGED
+        if writes != (after.offset is not None):
+            raise _bad(f"the content of {path!r} is missing or not expected")
+        if after.offset is not None:
+            if not _SHA256.fullmatch(after.sha256):
+                raise _bad(f"the new content of {path!r} has no hash")
+            if after.offset + after.size > manifest.content_bytes:
+                raise _bad(f"the new content of {path!r} lies outside the content file")
+        if after.file_type is FileType.OTHER and after.fmt not in APPLICABLE_OTHER:
+            raise _bad(f"{path!r} would be a device node")
+        # The nearest listed ancestor must be a directory afterwards; below a directory the
+        # changeset creates, nothing can exist before.
+        for depth in range(len(comps) - 1, 0, -1):
+            parent = seen.get(comps[:depth])
+            if parent is None:
+                continue
+            if parent.after.file_type is not FileType.DIRECTORY:
+                raise _bad(f"{path!r} lies below a path that is not a directory afterwards")
+            if parent.before.file_type is not FileType.DIRECTORY and before.exists:
+                raise _bad(f"{path!r} lies below a new directory but existed before")
+            break
+        seen[comps] = change
+
+
+def read_manifest(dir_fd: int) -> Manifest:
+    """Read and check the manifest of the changeset directory open as ``dir_fd``.
+
+    Raises :class:`airlock.InvalidRequest` (``CHANGESET_INVALID``) if it is
+    malformed, not canonical, or breaks a rule Apply relies on.
+    """
+    try:
+        fd = os.open(MANIFEST_NAME, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _bad(f"cannot open its manifest: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > _MAX_MANIFEST:
+            raise _bad("the manifest is too large")
+        raw = _read_exact(fd, size + 1)
+    finally:
+        os.close(fd)
+    return _manifest_from(raw)
+
+
+def load(dest: str) -> Manifest:
+    """Read and check the manifest of the changeset saved in ``dest``."""
+    try:
+        dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _bad(f"cannot open {dest!r}: {exc.strerror}") from None
+    try:
+        return read_manifest(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- Walking without following links ----------------------------------------------------------
+
+
+class DirCursor:
+    """Opens directories by path components below a root, never following a symbolic link.
+
+    Keeps the chain of the last path open, so walking paths in component order opens
+    each directory once. A directory the caller may search but not read is opened
+    ``O_PATH`` (usable as a ``dir_fd``, not for listing or fsync). After a failed
+    :meth:`open`, :attr:`reached` is how many components could be opened.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self._fds = [root_fd]  # owned
+        self._names: list[bytes] = []
+        self.reached = 0
+
+    def open(self, comps: Sequence[bytes]) -> int:
+        names, fds = self._names, self._fds
+        common = 0
+        limit = min(len(names), len(comps))
+        while common < limit and names[common] == comps[common]:
+            common += 1
+        while len(names) > common:
+            names.pop()
+            os.close(fds.pop())
+        self.reached = common
+        for name in comps[common:]:
+            fd = open_dir(name, fds[-1])
+            names.append(name)
+            fds.append(fd)
+            self.reached = len(names)
+            self.opened(tuple(names), fd)
+        return fds[-1]
+
+    def opened(self, comps: tuple[bytes, ...], fd: int) -> None:
+        """Called for every directory newly opened; subclasses check identities here."""
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+        self._names = []
+
+
+def open_dir(name: bytes, dir_fd: int) -> int:
+    """Open a directory entry that must be a directory and not a link (else ENOTDIR/ELOOP)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(name, _PATH_DIR_FLAGS, dir_fd=dir_fd)
+
+
+def lstat_at(name: bytes, dir_fd: int) -> os.stat_result | None:
+    """``lstat`` relative to a directory; None if the entry does not exist."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    while size > 0:
+        chunk = os.read(fd, min(size, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def hash_file(name: bytes, dir_fd: int, expect: os.stat_result) -> str | None:
+    """SHA-256 of a regular file's content; None if it is no longer the inode ``expect``."""
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (
+            expect.st_dev,
+            expect.st_ino,
+        ):
+            return None
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class TreeScan:
+    """A subtree's digest and what stood in the way of deleting it.
+
+    ``problems`` holds (relative path, what) pairs: ``"mount"`` (another file system
+    below), ``"deep"`` (deeper than :data:`MAX_DEPTH`), ``"limit"`` (more entries
+    than allowed; the digest is then partial), ``"unreadable"``, and with
+    ``check_removable`` also ``"not writable"`` and ``"sticky"``.
+    """
+
+    tree: Tree
+    problems: tuple[tuple[bytes, str], ...]
+
+
+def _field(value: bytes) -> bytes:
+    return len(value).to_bytes(4, "big") + value
+
+
+def _entry_line(rel: bytes, st: os.stat_result, target: bytes) -> bytes:
+    mode = st.st_mode
+    fields = [f"{stat.S_IFMT(mode):o}:{stat.S_IMODE(mode):o}:{st.st_uid}:{st.st_gid}:{st.st_ino}"]
+    if not stat.S_ISDIR(mode):
+        fields.append(f":{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_rdev}")
+    return _field(rel) + _field("".join(fields).encode()) + _field(target)
+
+
+def tree_digest(
+    dir_fd: int,
+    name: bytes,
+    *,
+    max_entries: int = MAX_TREE_ENTRIES,
+    check_removable: bool = False,
+) -> TreeScan:
+    """Digest the subtree of the directory ``name`` (relative to ``dir_fd``), without links.
+
+    Every entry (the directory itself included) contributes its relative path, type,
+    permission bits, owner and inode number, and for a non-directory also its size,
+    mtime, ctime, device number and link target: any change in the subtree, even a
+    same-size rewrite, changes the digest. Entries are visited in byte order of their
+    names, depth first. Other file systems are not entered. With ``check_removable``,
+    each directory is also checked for what deleting its entries takes (write and
+    search permission, the sticky bit) for the calling process.
+    """
+    digest = hashlib.sha256()
+    problems: list[tuple[bytes, str]] = []
+    euid = os.geteuid()
+    try:
+        root = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        return TreeScan(Tree(digest.hexdigest(), 0), ((b"", "unreadable"),))
+    count = 0
+    stack: list[tuple[int, bytes, list[tuple[bytes, os.stat_result]]]] = []
+    try:
+        root_st = os.fstat(root)
+        dev = root_st.st_dev
+        digest.update(_entry_line(b"", root_st, b""))
+        pending: tuple[int, bytes, os.stat_result] | None = (root, b"", root_st)
+        while True:
+            if pending is not None:
+                fd, rel, dir_st = pending
+                pending = None
+                entries: list[tuple[bytes, os.stat_result]] = []
+                try:
+                    with os.scandir(fd) as it:
+                        for entry in it:
+                            entries.append(
+                                (os.fsencode(entry.name), entry.stat(follow_symlinks=False))
+                            )
+                except PermissionError:
+                    problems.append((rel, "unreadable"))
+                entries.sort(key=lambda item: item[0], reverse=True)  # popped from the end
+                if check_removable:
+                    _check_removable(fd, rel, dir_st, entries, euid, problems)
+                stack.append((fd, rel, entries))
+            if not stack:
+                break
+            fd, rel, entries = stack[-1]
+            if not entries:
+                os.close(fd)
+                stack.pop()
+                continue
+            if count >= max_entries:
+                problems.append((rel, "limit"))
+                break
+            child, st = entries.pop()
+            count += 1
+            child_rel = rel + b"/" + child if rel else child
+            target = b""
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(child, dir_fd=fd)
+            digest.update(_entry_line(child_rel, st, target))
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if st.st_dev != dev:
+                problems.append((child_rel, "mount"))
+            elif len(stack) >= MAX_DEPTH:
+                problems.append((child_rel, "deep"))
+            else:
+                try:
+                    pending = (os.open(child, _DIR_FLAGS, dir_fd=fd), child_rel, st)
+                except PermissionError:
+                    problems.append((child_rel, "unreadable"))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    return TreeScan(Tree(digest.hexdigest(), count), tuple(problems))
+
+
+def _check_removable(
+    fd: int,
+    rel: bytes,
+    dir_st: os.stat_result,
+    entries: list[tuple[bytes, os.stat_result]],
+    euid: int,
+    problems: list[tuple[bytes, str]],
+) -> None:
+    if not os.access(b".", os.W_OK | os.X_OK, dir_fd=fd):
+        problems.append((rel, "not writable"))
+    elif dir_st.st_mode & stat.S_ISVTX and euid not in (0, dir_st.st_uid):
+        for child, st in entries:
+            if st.st_uid != euid:
+                problems.append((rel + b"/" + child if rel else child, "sticky"))
+
+
+# --- Saving -------------------------------------------------------------------------------------
+
+
+def save(
+    layers: Sequence[Layer],
+    diff: DiffResult,
+    dest: str,
+    *,
+    quota_bytes: int,
+    max_tree_entries: int = MAX_TREE_ENTRIES,
+) -> Manifest:
+    """Save what Apply needs to write ``diff``'s changes to the host into ``dest``.
+
+    ``dest`` must not exist; its parent must. See the module docstring for what is
+    saved and refused. Raises :class:`airlock.InvalidRequest`,
+    :class:`airlock.ResourceExhausted`, :class:`airlock.Conflict` or
+    :class:`airlock.SandboxError`; ``dest`` is then gone.
+    """
+    if diff.truncated:
+        raise InvalidRequest(
+            "the dry run's change list is incomplete: it cannot be kept for Apply",
+            reason="CHANGES_TRUNCATED",
+        )
+    try:
+        os.mkdir(dest, 0o700)
+    except OSError as exc:
+        raise SandboxError(
+            f"cannot create the changeset directory {dest!r}: {exc.strerror}",
+            reason="CHANGESET_FAILED",
+        ) from exc
+    saver: _Saver | None = None
+    try:
+        os.chmod(dest, 0o700)  # whatever the umask
+        saver = _Saver(layers, quota_bytes, max_tree_entries)
+        return saver.save(diff.changes, dest)
+    except AirlockError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    except OSError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(
+                f"no space left to keep the changes: {exc}", reason="CHANGESET_QUOTA"
+            ) from exc
+        raise SandboxError(f"cannot save the changes: {exc}", reason="CHANGESET_FAILED") from exc
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    finally:
+        if saver is not None:
+            saver.close()
+
+
+class _LayerFds:
+    """One overlay's upper and lower, open, with a cursor on each."""
+
+    def __init__(self, layer: Layer) -> None:
+        host = layer.host_path.rstrip(b"/")
+        self.prefix = host + b"/"
+        self.host = host or b"/"
+        self.upper = DirCursor(os.open(layer.upper, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        try:
+            self.lower = DirCursor(os.open(layer.lower, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        except BaseException:
+            self.upper.close()
+            raise
+
+    def close(self) -> None:
+        self.upper.close()
+        self.lower.close()
+
+
+class _Saver:
+    def __init__(self, layers: Sequence[Layer], quota_bytes: int, max_tree_entries: int) -> None:
+        self.layers: list[_LayerFds] = []
+        self.quota = quota_bytes
+        self.tree_budget = max_tree_entries
+        self.content_fd = -1
+        self.content_bytes = 0
+        self.copy_range = True
+        self.conflicts: list[tuple[bytes, str]] = []
+        try:
+            # Longest host path first: a path belongs to the innermost mount that holds it.
+            for layer in sorted(layers, key=lambda lay: len(lay.host_path), reverse=True):
+                self.layers.append(_LayerFds(layer))
+        except OSError as exc:
+            self.close()
+            raise SandboxError(
+                f"cannot open an overlay layer: {exc}", reason="CHANGESET_FAILED"
+            ) from exc
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+        self.layers = []
+        if self.content_fd >= 0:
+            os.close(self.content_fd)
+            self.content_fd = -1
+
+    def _layer(self, path: bytes) -> tuple[_LayerFds, tuple[bytes, ...]]:
+        for layer in self.layers:
+            if path.startswith(layer.prefix) or path == layer.host:
+                return layer, components(path[len(layer.host) :])
+        raise SandboxError(f"{path!r} lies in no overlay", reason="CHANGESET_FAILED")
+
+    def save(self, changes: Sequence[FileChange], dest: str) -> Manifest:
+        created_ns = time.time_ns()
+        dir_fd = os.open(dest, _DIR_FLAGS)
+        try:
+            self.content_fd = os.open(
+                CONTENT_NAME,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dir_fd,
+            )
+            records = [
+                self._record(change) for change in sorted(changes, key=lambda c: components(c.path))
+            ]
+            if self.conflicts:
+                raise Conflict(
+                    "the host changed during the dry run: "
+                    + "; ".join(f"{p.decode(errors='replace')} {why}" for p, why in self.conflicts),
+                    paths=tuple(p for p, _ in self.conflicts),
+                )
+            manifest = Manifest(tuple(records), self.content_bytes, created_ns)
+            _check(manifest)  # what Apply will insist on
+            raw = manifest.to_json()
+            self._charge(len(raw))
+            fd = os.open(
+                MANIFEST_NAME,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dir_fd,
+            )
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            return manifest
+        finally:
+            os.close(dir_fd)
+
+    def _charge(self, size: int) -> None:
+        self.quota -= size
+        if self.quota < 0:
+            raise ResourceExhausted(
+                "the changes are larger than the space allowed for keeping them",
+                reason="CHANGESET_QUOTA",
+            )
+
+    def _record(self, change: FileChange) -> ChangeRecord:
+        path = change.path
+        if path == b"/":
+            raise InvalidRequest(
+                "a change to / itself cannot be applied", reason="CHANGESET_UNSUPPORTED"
+            )
+        layer, comps = self._layer(path)
+        if not comps:
+            return self._root(change, layer)
+        parent, name = comps[:-1], comps[-1]
+        try:
+            lower_fd: int | None = layer.lower.open(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            lower_fd = None  # below a directory the command created
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            lower_fd = None
+        before = self._before(change, lower_fd, name)
+        after = self._after(change, layer.upper.open(parent), name)
+        return ChangeRecord(path, change.kind, before, after)
+
+    def _root(self, change: FileChange, layer: _LayerFds) -> ChangeRecord:
+        """A layer's root (a mount point): the diff reports only its mode or owner changing."""
+        if change.kind is not ChangeKind.METADATA_CHANGED:
+            raise SandboxError(f"unexpected change to {change.path!r}", reason="CHANGESET_FAILED")
+        lower, upper = os.fstat(layer.lower.open(())), os.fstat(layer.upper.open(()))
+        before = EntryState(
+            FileType.DIRECTORY,
+            mode=stat.S_IMODE(lower.st_mode),
+            uid=lower.st_uid,
+            gid=lower.st_gid,
+            ino=lower.st_ino,
+            mtime_ns=lower.st_mtime_ns,
+            ctime_ns=lower.st_ctime_ns,
+        )
+        if change.mode_before is not None and before.mode != change.mode_before:
+            self._mismatch(change.path, "had its mode changed")
+        after = EntryState(
+            FileType.DIRECTORY,
+            mode=stat.S_IMODE(upper.st_mode),
+            uid=upper.st_uid,
+            gid=upper.st_gid,
+        )
+        return ChangeRecord(change.path, change.kind, before, after)
+
+    def _mismatch(self, path: bytes, why: str) -> EntryState:
+        self.conflicts.append((path, why))
+        return _ABSENT
+
+    def _before(self, change: FileChange, dir_fd: int | None, name: bytes) -> EntryState:
+        st = lstat_at(name, dir_fd) if dir_fd is not None else None
+        path, kind = change.path, change.kind
+        ftype = file_type(st.st_mode) if st is not None else FileType.NONE
+        if ftype is not change.previous_file_type:
+            return self._mismatch(path, f"was a {ftype.name.lower()}")
+        if st is None or dir_fd is None:
+            return _ABSENT
+        mode = stat.S_IMODE(st.st_mode)
+        if change.mode_before is not None and mode != change.mode_before:
+            return self._mismatch(path, "had its mode changed")
+        sized = ftype is not FileType.DIRECTORY and change.size_before is not None
+        if sized and st.st_size != change.size_before:
+            return self._mismatch(path, "changed size")
+        replaced = kind in (ChangeKind.MODIFIED, ChangeKind.DELETED)
+        sha256 = ""
+        if ftype is FileType.REGULAR and replaced:
+            sha256 = hash_file(name, dir_fd, st) or ""
+            if not sha256:
+                return self._mismatch(path, "was replaced")
+        target = os.readlink(name, dir_fd=dir_fd) if ftype is FileType.SYMLINK else b""
+        tree = None
+        removed = kind is ChangeKind.DELETED or change.file_type is not FileType.DIRECTORY
+        if ftype is FileType.DIRECTORY and replaced and removed:
+            tree = self._tree(path, dir_fd, name)
+        return EntryState(
+            file_type=ftype,
+            mode=mode,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size if ftype is FileType.REGULAR else 0,
+            sha256=sha256,
+            target=target,
+            fmt=stat.S_IFMT(st.st_mode) if ftype is FileType.OTHER else 0,
+            rdev=st.st_rdev if ftype is FileType.OTHER else 0,
+            tree=tree,
+            ino=st.st_ino,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def _tree(self, path: bytes, dir_fd: int, name: bytes) -> Tree:
+        scan = tree_digest(dir_fd, name, max_entries=self.tree_budget)
+        self.tree_budget -= scan.tree.entries
+        for rel, what in scan.problems:
+            where = path + b"/" + rel if rel else path
+            if what == "limit":
+                raise ResourceExhausted(
+                    f"the deleted directory {path!r} holds too many entries to verify later",
+                    reason="CHANGESET_TREE_LIMIT",
+                )
+            raise InvalidRequest(
+                f"the deleted directory {path!r} cannot be verified: {where!r} is {what}",
+                reason="CHANGESET_UNSUPPORTED",
+            )
+        return scan.tree
+
+    def _after(self, change: FileChange, dir_fd: int, name: bytes) -> EntryState:
+        if change.kind is ChangeKind.DELETED:
+            return _ABSENT
+        path = change.path
+        st = lstat_at(name, dir_fd)
+        if st is None or file_type(st.st_mode) is not change.file_type:
+            raise SandboxError(f"the upper layer lost {path!r}", reason="CHANGESET_FAILED")
+        mode = stat.S_IMODE(st.st_mode)
+        if change.mode_after is not None and mode != change.mode_after:
+            raise SandboxError(f"the upper layer changed {path!r}", reason="CHANGESET_FAILED")
+        state = EntryState(change.file_type, mode=mode, uid=st.st_uid, gid=st.st_gid)
+        ftype = change.file_type
+        if ftype is FileType.SYMLINK:
+            target = os.readlink(name, dir_fd=dir_fd)
+            return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid, target=target)
+        if ftype is FileType.OTHER:
+            fmt = stat.S_IFMT(st.st_mode)
+            if fmt not in APPLICABLE_OTHER:
+                raise InvalidRequest(
+                    f"{path!r} would be a device node, which Apply cannot create",
+                    reason="CHANGESET_UNSUPPORTED",
+                )
+            return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid, fmt=fmt)
+        if ftype is not FileType.REGULAR:
+            return state
+        if change.kind is ChangeKind.METADATA_CHANGED:
+            return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid, size=st.st_size)
+        sha256 = change.sha256_after
+        if not _SHA256.fullmatch(sha256) or st.st_size != change.size_after:
+            raise SandboxError(
+                f"the new content of {path!r} could not be read", reason="CHANGESET_FAILED"
+            )
+        offset = self.content_bytes
+        self._charge(st.st_size)
+        self._copy(name, dir_fd, st.st_size, path)
+        self.content_bytes += st.st_size
+        return EntryState(
+            ftype,
+            mode=mode,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            sha256=sha256,
+            offset=offset,
+        )
+
+    def _copy(self, name: bytes, dir_fd: int, size: int, path: bytes) -> None:
+        """Append ``size`` bytes of an upper file to the content file, in the kernel."""
+        src = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        try:
+            left = size
+            while left > 0:
+                if self.copy_range:
+                    try:
+                        done = os.copy_file_range(src, self.content_fd, left)
+                    except OSError as exc:
+                        if exc.errno not in _NO_COPY_RANGE:
+                            raise
+                        self.copy_range = False  # across file systems: sendfile instead
+                        continue
+                else:
+                    done = os.sendfile(self.content_fd, src, None, left)
+                if done <= 0:
+                    raise SandboxError(
+                        f"the new content of {path!r} shrank", reason="CHANGESET_FAILED"
+                    )
+                left -= done
+        finally:
+            os.close(src)
+
+
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})

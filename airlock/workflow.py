@@ -1,0 +1,247 @@
+"""The workflow after a verdict: record it, approve it, apply or discard its changes.
+
+The engine judges and runs; this module remembers. It binds the durable state store
+(``airlock.state``: validations, approvals, apply results in SQLite) to the kept
+dry-run changes (``sandbox/changeset.py``, one directory per validation under the
+state directory) and to the privileged step that writes them to the host
+(``apply.py``, run by a supervisor of the spawner as the validation's own user).
+
+Every method takes the caller's kernel credentials and leaves the ownership checks
+to the state store (only the validation's user, or root, may act on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+
+from airlock._errors import AirlockError, SandboxError
+from airlock.audit.model import Authorization
+from airlock.state import (
+    ApplyDone,
+    ApprovalScope,
+    NewValidation,
+    StateStore,
+    ValidationRecord,
+)
+from airlock.types import (
+    ApplyOutcome,
+    ApprovalGrant,
+    PeerCred,
+    ValidateRequest,
+    Validation,
+    Verdict,
+)
+
+__all__ = ["Workflow"]
+
+_SWEEP_EVERY_S = 30.0
+
+
+class Workflow:
+    """Validations, approvals and changesets of one daemon. Thread-safe."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        changesets_dir: str,
+        apply_changeset: Callable[[str, int, int], ApplyOutcome] | None = None,
+    ) -> None:
+        self.state = state
+        self.changesets_dir = changesets_dir
+        # (changeset dir, uid, gid) -> what was written; runs as that user. None: Apply
+        # is not available (the daemon does not keep changes).
+        self._apply = apply_changeset
+        self._last_sweep = 0.0
+        self._sweep_lock = threading.Lock()
+        os.makedirs(changesets_dir, mode=0o700, exist_ok=True)
+
+    # --- Validate -----------------------------------------------------------------------------
+
+    def changeset_dir(self, validation_id: str) -> str:
+        """Where the dry run of ``validation_id`` keeps its changes for Apply."""
+        if not validation_id.isalnum():
+            raise ValueError(f"not a validation id: {validation_id!r}")
+        return os.path.join(self.changesets_dir, validation_id)
+
+    def record(
+        self,
+        v: Validation,
+        req: ValidateRequest,
+        peer: PeerCred,
+        *,
+        cwd: str,
+        env_sha256: str,
+        diff_hash: str,
+        changeset_dir: str,
+        changeset_bytes: int,
+    ) -> ValidationRecord:
+        """Remember a validation (durable on return), so it can be approved and applied."""
+        self.sweep()
+        auth = None
+        if v.verdict is Verdict.ALLOW:
+            auth = Authorization.AUTO_APPROVED if not v.sandboxed else Authorization.POLICY_ALLOWED
+        try:
+            return self.state.record_validation(
+                NewValidation(
+                    validation_id=v.validation_id,
+                    command=req.command,
+                    cwd=cwd,
+                    uid=v.uid,
+                    gid=v.gid,
+                    verdict=v.verdict,
+                    env_sha256=env_sha256,
+                    caller_pid=peer.pid,
+                    session_id=req.session_id,
+                    policy_version=v.policy_version,
+                    diff_hash=diff_hash,
+                    summary=v.summary,
+                    changeset_dir=changeset_dir,
+                    changeset_bytes=changeset_bytes,
+                    auth_context=auth,
+                )
+            )
+        except BaseException:
+            _remove(changeset_dir)  # not recorded: nobody could ever apply or discard it
+            raise
+
+    # --- Approve ------------------------------------------------------------------------------
+
+    def approve(self, validation_id: str, scope: ApprovalScope, peer: PeerCred) -> ApprovalGrant:
+        token, approval = self.state.approve(validation_id, scope, approver_uid=peer.uid)
+        return ApprovalGrant(
+            approval_token=token,
+            approval_id=approval.approval_id,
+            expires_at=approval.expires_at,
+            approver_uid=approval.approver_uid,
+        )
+
+    def authorize(
+        self,
+        token: str | None,
+        *,
+        command: str,
+        cwd: str,
+        policy_version: str,
+        session_id: str,
+        uid: int,
+    ) -> Authorization | None:
+        """For Execute: the approval covering this exact command, or None (it must ask)."""
+        return self.state.authorize(
+            token,
+            command=command,
+            cwd=cwd,
+            policy_version=policy_version,
+            session_id=session_id,
+            uid=uid,
+        )
+
+    # --- Apply and Discard --------------------------------------------------------------------
+
+    def apply(self, validation_id: str, peer: PeerCred) -> tuple[ApplyOutcome, ValidationRecord]:
+        """Write the validation's kept changes to the host, exactly once."""
+        if self._apply is None:
+            raise SandboxError("this daemon does not keep dry-run changes", reason="NO_CHANGESETS")
+        begun = self.state.begin_apply(validation_id, uid=peer.uid)
+        if isinstance(begun, ApplyDone):
+            first = _outcome_from_json(begun.result_json)
+            return (
+                ApplyOutcome(
+                    validation_id=validation_id,
+                    applied_paths=first.applied_paths,
+                    replayed=True,
+                    bytes_written=first.bytes_written,
+                    duration_s=first.duration_s,
+                ),
+                begun.record,
+            )
+        record = begun
+        try:
+            if not record.changeset_dir:
+                outcome = ApplyOutcome(validation_id=validation_id, applied_paths=())
+            else:
+                t0 = time.monotonic()
+                outcome = self._apply(record.changeset_dir, record.uid, record.gid)
+                outcome = ApplyOutcome(
+                    validation_id=validation_id,
+                    applied_paths=outcome.applied_paths,
+                    bytes_written=outcome.bytes_written,
+                    duration_s=time.monotonic() - t0,
+                )
+        except AirlockError as exc:
+            if getattr(exc, "partial", None):
+                # Something was written before the failure: final, never retried.
+                self.state.finish_apply(validation_id, json.dumps({"error": exc.message}))
+            else:
+                self.state.abort_apply(validation_id, exc.reason)
+            raise
+        except BaseException as exc:
+            self.state.abort_apply(validation_id, type(exc).__name__)
+            raise
+        done = self.state.finish_apply(validation_id, _outcome_to_json(outcome))
+        _remove(done.changeset_dir)
+        return outcome, done
+
+    def discard(self, validation_id: str, peer: PeerCred) -> ValidationRecord:
+        record = self.state.discard(validation_id, uid=peer.uid)
+        _remove(record.changeset_dir)
+        return record
+
+    def sweep(self) -> None:
+        """Expire validations past their time to live and delete their changes (throttled)."""
+        now = time.monotonic()
+        if now - self._last_sweep < _SWEEP_EVERY_S or not self._sweep_lock.acquire(False):
+            return
+        try:
+            self._last_sweep = now
+            for record in self.state.expire():
+                _remove(record.changeset_dir)
+        finally:
+            self._sweep_lock.release()
+
+    def recover(self) -> None:
+        """At start-up: flag applies a crash interrupted; delete changesets nobody owns."""
+        self.state.recover()
+        self._last_sweep = 0.0
+        self.sweep()
+        for name in os.listdir(self.changesets_dir):
+            path = os.path.join(self.changesets_dir, name)
+            try:
+                state = self.state.get(name).state.name
+            except AirlockError:
+                state = "UNKNOWN"
+            if state in ("UNKNOWN", "APPLIED", "DISCARDED", "EXPIRED"):
+                _remove(path)
+
+
+def _remove(path: str) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
+
+
+def _outcome_to_json(o: ApplyOutcome) -> str:
+    return json.dumps(
+        {
+            "applied_paths": [p.decode("utf-8", "surrogateescape") for p in o.applied_paths],
+            "bytes_written": o.bytes_written,
+            "duration_s": o.duration_s,
+        }
+    )
+
+
+def _outcome_from_json(text: str) -> ApplyOutcome:
+    data = json.loads(text)
+    return ApplyOutcome(
+        validation_id="",
+        applied_paths=tuple(
+            p.encode("utf-8", "surrogateescape") for p in data.get("applied_paths", ())
+        ),
+        bytes_written=int(data.get("bytes_written", 0)),
+        duration_s=float(data.get("duration_s", 0.0)),
+    )
