@@ -30,6 +30,9 @@ from .test_daemon import wait_for_process
 
 pytestmark = needs_root
 DAEMON_ARGS = NEUTRAL_POLICY
+# The system's interpreter: Execute's /tmp is private, so a venv under /tmp (a CI clone) is not
+# visible to the command.
+PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
 def run(client: Client, command: str, cwd: Path, **kw: object) -> list[ExecEvent]:
@@ -134,7 +137,7 @@ def test_no_network(client: Client, workspace: Path) -> None:
             "    except OSError as e:\n"
             "        print('failed', e.errno)\n"
         )
-        events = run(client, f"{sys.executable} -c {shlex.quote(code)}", workspace)
+        events = run(client, f"{PY} -c {shlex.quote(code)}", workspace)
         out = output(events, 1).decode().split("\n")
         assert out[:2] == ["failed 111", "failed 101"], output(events, 2)  # refused, unreachable
         with pytest.raises(TimeoutError):
@@ -146,7 +149,7 @@ def test_no_network(client: Client, workspace: Path) -> None:
 def test_timeout_and_memory_limit(client: Client, workspace: Path) -> None:
     end = finished(run(client, "sleep 30 & sleep 30", workspace, timeout=1))
     assert end.termination is Termination.TIMED_OUT
-    hog = f"{sys.executable} -c 'x = bytearray(600 * 1024 * 1024); print(len(x))'"
+    hog = f"{PY} -c 'x = bytearray(600 * 1024 * 1024); print(len(x))'"
     end = finished(run(client, hog, workspace))
     assert end.termination is Termination.OUT_OF_MEMORY and end.resource_usage.memory_limit_hit
 
