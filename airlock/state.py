@@ -1029,7 +1029,11 @@ class StateStore:
             (validation_id,),
         ).fetchone()
         if row is None:
-            raise NotFound(f"no validation {validation_id!r}", reason="VALIDATION_NOT_FOUND")
+            raise NotFound(
+                f"no validation {validation_id!r} is kept: the id is unknown, or its validation "
+                "left nothing to approve or apply (allowed or denied with no changes)",
+                reason="VALIDATION_NOT_FOUND",
+            )
         return _validation(row)
 
     def _applying(

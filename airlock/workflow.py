@@ -80,9 +80,15 @@ class Workflow:
         diff_hash: str,
         changeset_dir: str,
         changeset_bytes: int,
-    ) -> ValidationRecord:
-        """Remember a validation (durable on return), so it can be approved and applied."""
+    ) -> ValidationRecord | None:
+        """Remember a validation (durable on return), so it can be approved and applied.
+
+        One that leaves nothing to approve or apply (ALLOW or DENY with no kept changes) is
+        not kept: that saves the common case a transaction and an fsync; the audit log has it.
+        """
         self.sweep()
+        if v.verdict is not Verdict.ASK and not changeset_dir:
+            return None
         auth = None
         if v.verdict is Verdict.ALLOW:
             auth = Authorization.AUTO_APPROVED if not v.sandboxed else Authorization.POLICY_ALLOWED

@@ -35,8 +35,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from airlock import _errors
+from airlock.apply import apply, open_changeset
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, mnt, net, netcap, proctrace, reads, seccomp, user
+from airlock.sandbox import _wire, changeset, mnt, net, netcap, proctrace, reads, seccomp, user
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
 from airlock.sandbox.plan import ApplyPlan, ApplyReply, RunSpec, SandboxPlan, SandboxTemplate
@@ -566,9 +568,6 @@ def run(
     changeset_digest, changeset_bytes, changeset_error = "", 0, ""
     if spec.keep_changes_dir and diff.changes:
         # Kept while the sandbox's upper layers still exist; Apply writes exactly this.
-        from airlock import _errors
-        from airlock.sandbox import changeset
-
         try:
             manifest = changeset.save(
                 prepared.template.layers,
@@ -605,9 +604,6 @@ def run(
 
 def _apply(plan: ApplyPlan) -> ApplyReply:
     """Open the changeset as root, become its user (unless root), write it to the host."""
-    from airlock import _errors
-    from airlock.apply import apply, open_changeset
-
     try:
         with open_changeset(plan.changeset_dir) as changeset:
             if plan.uid != 0:
