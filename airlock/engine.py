@@ -93,8 +93,9 @@ class DaemonConfig:
     # (sandbox/reads.py).
     capture_network: bool = True
     capture_reads: bool = True
-    # Keep each dry run's changes for Apply (under state_dir/changesets).
+    # Keep each dry run's changes for Apply (under state_dir/changesets), up to this many.
     keep_changes: bool = True
+    keep_changes_max: int = 2000
 
     @property
     def changesets_dir(self) -> str:
@@ -297,7 +298,9 @@ class Engine:
         )
         if self.config.keep_changes:
             run = dataclasses.replace(
-                run, keep_changes_dir=posixpath.join(self.config.changesets_dir, validation_id)
+                run,
+                keep_changes_dir=posixpath.join(self.config.changesets_dir, validation_id),
+                keep_changes_max=self.config.keep_changes_max,
             )
         return SandboxPlan(template=template, run=run, template_key=key)
 

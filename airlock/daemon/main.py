@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         help="do not record the processes a dry run starts (saves ~0.3 ms per exec)",
     )
     p.add_argument(
+        "--keep-changes-max",
+        type=int,
+        default=DaemonConfig.keep_changes_max,
+        metavar="N",
+        help="keep a dry run's changes for Apply only up to N changes (0: never keep them)",
+    )
+    p.add_argument(
         "--no-network-capture",
         action="store_true",
         help="give dry runs an unroutable loopback-only network instead of the recording "
@@ -137,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         trace_processes=not (a.no_process_capture or a.no_capture),
         capture_network=not (a.no_network_capture or a.no_capture),
         capture_reads=not (a.no_read_capture or a.no_capture),
+        keep_changes=a.keep_changes_max > 0,
+        keep_changes_max=max(a.keep_changes_max, 0),
         limits=limits,
     )
     return config, a.log_level

@@ -566,7 +566,12 @@ def run(
     else:
         diff = compute_changes(prepared.template.layers, spec.diff)
     changeset_digest, changeset_bytes, changeset_error = "", 0, ""
-    if spec.keep_changes_dir and diff.changes:
+    if spec.keep_changes_dir and len(diff.changes) > spec.keep_changes_max:
+        changeset_error = (
+            f"{len(diff.changes)} changes are more than the {spec.keep_changes_max} a dry run "
+            "keeps for Apply; run the command with Execute instead"
+        )
+    elif spec.keep_changes_dir and diff.changes:
         # Kept while the sandbox's upper layers still exist; Apply writes exactly this.
         try:
             manifest = changeset.save(

@@ -239,6 +239,9 @@ class RunSpec:
     # later Apply; empty: do not keep them (sandbox/changeset.py).
     keep_changes_dir: str = ""
     keep_changes_bytes: int = 256 * 1024**2
+    # Past this many changes they are not kept: saving costs ~40 ms per 1,000 on the
+    # request's path, and such runs are better repeated with Execute than reviewed.
+    keep_changes_max: int = 2000
 
 
 @dataclass(frozen=True)
