@@ -212,13 +212,13 @@ def test_every_decision_and_action_is_in_the_audit_log(client: Client, tmp_path:
 def test_runs_with_too_many_changes_keep_none(public_tmp: Path) -> None:
     ws = public_tmp / "many"
     ws.mkdir()
-    with running_daemon(public_tmp / "d", *SANDBOX_ARGS, "--keep-changes-max", "5") as d:
-        with d.client() as c:
-            v = c.validate("for i in 1 2 3 4 5 6; do echo $i > f$i; done", cwd=str(ws))
-            assert len(v.changes) == 6 and not v.changes_digest
-            assert "more than the 5" in v.changes_not_kept
-            assert not list((Path(d.state_dir) / "changesets").iterdir())
-            with pytest.raises(NotFound):
-                c.apply(v.validation_id)
-            small = c.validate("echo 1 > one", cwd=str(ws))
-            assert small.changes_digest
+    args = (*SANDBOX_ARGS, "--keep-changes-max", "5")
+    with running_daemon(public_tmp / "d", *args) as d, d.client() as c:
+        v = c.validate("for i in 1 2 3 4 5 6; do echo $i > f$i; done", cwd=str(ws))
+        assert len(v.changes) == 6 and not v.changes_digest
+        assert "more than the 5" in v.changes_not_kept
+        assert not list((Path(d.state_dir) / "changesets").iterdir())
+        with pytest.raises(NotFound):
+            c.apply(v.validation_id)
+        small = c.validate("echo 1 > one", cwd=str(ws))
+        assert small.changes_digest
