@@ -244,28 +244,36 @@ class Engine:
         self._lock = threading.Lock()
         self._template: tuple[tuple[HostMount, ...], SandboxTemplate, bytes] | None = None
 
+    def _build_template(
+        self, mounts: tuple[HostMount, ...], *, name: str, writable: str = ""
+    ) -> SandboxTemplate:
+        """A template from this daemon's settings: a dry run's, or (``writable``) Execute's."""
+        limits = self.config.limits
+        return build_template(
+            settings=self._settings,
+            scratch_bytes=limits.scratch_bytes,
+            cgroup=CgroupSpec(
+                host=self._cgroups,
+                group=self.config.cgroup_group,
+                name=name,
+                memory_bytes=limits.memory_bytes,
+                pids=limits.pids,
+            ),
+            host_mounts=mounts,
+            trace_processes=self.config.trace_processes,
+            # Execute has no network at all; a dry run's is a recording sinkhole.
+            capture_network=self.config.capture_network and not writable,
+            proc_connector=self._proc_connector,
+            seccomp_program=seccomp.deny_program(),
+            writable=writable,
+        )
+
     def template(self) -> tuple[SandboxTemplate, bytes]:
         """The template for the host as it is now; rebuilt only when its mounts change."""
         mounts = mnt.host_mounts()
         with self._lock:
             if self._template is None or self._template[0] != mounts:
-                limits = self.config.limits
-                template = build_template(
-                    settings=self._settings,
-                    scratch_bytes=limits.scratch_bytes,
-                    cgroup=CgroupSpec(
-                        host=self._cgroups,
-                        group=self.config.cgroup_group,
-                        name="sb",
-                        memory_bytes=limits.memory_bytes,
-                        pids=limits.pids,
-                    ),
-                    host_mounts=mounts,
-                    trace_processes=self.config.trace_processes,
-                    capture_network=self.config.capture_network,
-                    proc_connector=self._proc_connector,
-                    seccomp_program=seccomp.deny_program(),
-                )
+                template = self._build_template(mounts, name="sb")
                 self._template = (mounts, template, template.key)
             return self._template[1], self._template[2]
 
@@ -539,23 +547,7 @@ class Engine:
     ) -> SandboxPlan:
         """The plan of one Execute: the host read-only but for ``cwd``, no network."""
         limits = self.config.limits
-        template = build_template(
-            settings=self._settings,
-            scratch_bytes=limits.scratch_bytes,
-            cgroup=CgroupSpec(
-                host=self._cgroups,
-                group=self.config.cgroup_group,
-                name="ex",
-                memory_bytes=limits.memory_bytes,
-                pids=limits.pids,
-            ),
-            host_mounts=mnt.host_mounts(),
-            trace_processes=self.config.trace_processes,
-            proc_connector=self._proc_connector,
-            capture_network=False,
-            seccomp_program=seccomp.deny_program(),
-            writable=cwd,
-        )
+        template = self._build_template(mnt.host_mounts(), name="ex", writable=cwd)
         run = build_run(
             sandbox_id=execution_id,
             command=req.command,

@@ -66,6 +66,14 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
         self._capabilities = capabilities
         self._slots = threading.BoundedSemaphore(capabilities.limits.concurrent_validations)
 
+    def _take_slot(self) -> None:
+        """One of the sandboxes the daemon runs at once (dry runs and Executes share them)."""
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"the daemon is running its maximum of "
+                f"{self._capabilities.limits.concurrent_validations} sandboxes; retry later"
+            )
+
     def _peer(self, context: grpc.ServicerContext) -> PeerCred:
         peer = self._proxy.peer_of(context.peer())
         if peer is None:
@@ -89,11 +97,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             log.update(uid=peer.uid, pid=peer.pid)
             # The caller's executable, read now: by the end of the dry run it may be gone.
             caller = _audit.caller_of(peer)
-            if not self._slots.acquire(blocking=False):
-                raise ResourceExhausted(
-                    f"the daemon is running its maximum of "
-                    f"{self._capabilities.limits.concurrent_validations} validations; retry later"
-                )
+            self._take_slot()
             try:
                 req = _convert.validate_request_from_proto(request)
                 result = self._engine.validate(req, peer, on_cancel, validation_id)
@@ -156,11 +160,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             caller = _audit.caller_of(peer)
             log.update(uid=peer.uid, pid=peer.pid)
             req = _convert.execute_request_from_proto(request)
-            if not self._slots.acquire(blocking=False):  # before a ONCE token is used up
-                raise ResourceExhausted(
-                    f"the daemon is running its maximum of "
-                    f"{self._capabilities.limits.concurrent_validations} sandboxes; retry later"
-                )
+            self._take_slot()  # before a ONCE token is used up
             finished: ExecFinished | None = None
             try:
                 try:

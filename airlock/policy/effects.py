@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from typing import Any, NamedTuple
 
+from airlock._globs import glob_regex
 from airlock.policy.rules import Compiler, Globs, JsonPath, Layer
 from airlock.types import (
     ChangeKind,
@@ -177,29 +178,6 @@ def path_glob_problem(pattern: str) -> tuple[str, str] | None:
     return None
 
 
-def _translate(raw: bytes) -> bytes:
-    """The regex of a path glob (airlock.sandbox.reads' syntax)."""
-    out: list[bytes] = []
-    i = 0
-    while i < len(raw):
-        if raw.startswith(b"**/", i):
-            out.append(b"(?:[^/]*/)*")
-            i += 3
-        elif raw.startswith(b"**", i):
-            out.append(b".*")
-            i += 2
-        elif raw[i : i + 1] == b"*":
-            out.append(b"[^/]*")
-            i += 1
-        elif raw[i : i + 1] == b"?":
-            out.append(b"[^/]")
-            i += 1
-        else:
-            out.append(re.escape(raw[i : i + 1]))
-            i += 1
-    return b"".join(out)
-
-
 @dataclass(frozen=True)
 class _PathGlob:
     label: str  # what the policy wrote: the pattern, or "$list"
@@ -223,13 +201,13 @@ def _compile_path_glob(label: str, pattern: str) -> _PathGlob:
         anchor, body = _ANYWHERE, pattern
     raw = os.fsencode(body)
     if anchor == _ANYWHERE:
-        full = re.compile(b"(?:.*/)?" + _translate(raw), re.DOTALL)
+        full = re.compile(b"(?:.*/)?" + glob_regex(raw), re.DOTALL)
         return _PathGlob(label, pattern, anchor, b"", None, full, _needle(raw))
     m = _WILD.search(raw)
     if m is None:
         return _PathGlob(label, pattern, anchor, raw, None, None)
     literal, wild = raw[: m.start()], raw[m.start() :]
-    rest = re.compile(_translate(wild), re.DOTALL)
+    rest = re.compile(glob_regex(wild), re.DOTALL)
     return _PathGlob(label, pattern, anchor, literal, rest, None, _needle(wild))
 
 

@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from airlock._globs import glob_regex
 from airlock.sandbox import _syscalls as sc
 
 __all__ = [
@@ -112,24 +113,7 @@ def _glob_regex(pattern: str, home: str) -> bytes:
         pattern = home.rstrip("/") + pattern[1:]
     anywhere = not pattern.startswith("/")
     out = [b"(?:.*/)?" if anywhere else b""]
-    raw = os.fsencode(pattern)
-    i = 0
-    while i < len(raw):
-        if raw.startswith(b"**/", i):
-            out.append(b"(?:[^/]*/)*")
-            i += 3
-        elif raw.startswith(b"**", i):
-            out.append(b".*")
-            i += 2
-        elif raw[i : i + 1] == b"*":
-            out.append(b"[^/]*")
-            i += 1
-        elif raw[i : i + 1] == b"?":
-            out.append(b"[^/]")
-            i += 1
-        else:
-            out.append(re.escape(raw[i : i + 1]))
-            i += 1
+    out.append(glob_regex(os.fsencode(pattern)))
     return b"".join(out)
 
 
