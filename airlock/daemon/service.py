@@ -8,7 +8,7 @@ import posixpath
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -91,7 +91,6 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             if not context.add_callback(callback):
                 callback()  # the call has already ended
 
-        error: AirlockError
         try:
             peer = self._peer(context)
             log.update(uid=peer.uid, pid=peer.pid)
@@ -130,31 +129,13 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 },
             )
             return _convert.validation_to_proto(result)
-        except AirlockError as exc:
-            error = exc
-        except Exception:
-            _log.exception("internal error", extra=log)
-            error = AirlockError(
-                f"internal error in the daemon (validation_id {validation_id}); see its log",
-                reason="INTERNAL",
-            )
-        _log.info(
-            "rejected",
-            extra={
-                **log,
-                "code": status_code_of(error).name,
-                "reason": error.reason,
-                "error": error.message,
-            },
-        )
-        context.abort_with_status(to_rpc_status(error))
-        raise AssertionError("unreachable")  # abort_with_status raises
+        except Exception as exc:
+            _abort(context, exc, log, f"validation_id {validation_id}")
 
     def Execute(self, request: pb.ExecuteRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         """Stream the events of one Execute; errors before the start abort the call."""
         execution_id = uuid.uuid4().hex
         log: dict[str, Any] = {"execution_id": execution_id}
-        error: AirlockError
         try:
             peer = self._peer(context)
             caller = _audit.caller_of(peer)
@@ -238,40 +219,20 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 },
             )
             return
-        except AirlockError as exc:
-            error = exc
-        except Exception:
-            _log.exception("internal error", extra=log)
-            error = AirlockError(
-                f"internal error in the daemon (execution_id {execution_id}); see its log",
-                reason="INTERNAL",
-            )
-        _log.info(
-            "rejected",
-            extra={**log, "code": status_code_of(error).name, "reason": error.reason},
-        )
-        context.abort_with_status(to_rpc_status(error))
+        except Exception as exc:
+            _abort(context, exc, log, f"execution_id {execution_id}")
 
     def _unary(
         self, context: grpc.ServicerContext, what: str, call: Callable[[PeerCred], Any]
     ) -> Any:
-        """Run ``call`` for the caller; map errors to a status, never a traceback."""
-        error: AirlockError
-        try:
+        """Run ``call`` for the caller (the workflow RPCs); errors become a status."""
+
+        def run() -> Any:
             if self._workflow is None:
                 raise AirlockError("this daemon keeps no workflow state", reason="NO_STATE")
             return call(self._peer(context))
-        except AirlockError as exc:
-            error = exc
-        except Exception:
-            _log.exception("internal error", extra={"rpc": what})
-            error = AirlockError(f"internal error in the daemon ({what}); see its log")
-        _log.info(
-            "rejected",
-            extra={"rpc": what, "code": status_code_of(error).name, "reason": error.reason},
-        )
-        context.abort_with_status(to_rpc_status(error))
-        raise AssertionError("unreachable")
+
+        return self._answer(what, context, run)
 
     def Approve(self, request: pb.ApproveRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         def call(peer: PeerCred) -> Any:
@@ -457,27 +418,35 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
     def _answer(self, rpc: str, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
         """The response of ``call``, or the call aborted with its error's status."""
-        error: AirlockError
         try:
             return call()
-        except AirlockError as exc:
-            error = exc
-        except Exception:
-            _log.exception("internal error", extra={"rpc": rpc})
-            error = AirlockError(
-                f"internal error in the daemon ({rpc}); see its log", reason="INTERNAL"
-            )
-        _log.info(
-            "rejected",
-            extra={
-                "rpc": rpc,
-                "code": status_code_of(error).name,
-                "reason": error.reason,
-                "error": error.message,
-            },
+        except Exception as exc:
+            _abort(context, exc, {"rpc": rpc}, rpc)
+
+
+def _abort(
+    context: grpc.ServicerContext, exc: Exception, log: dict[str, Any], where: str
+) -> NoReturn:
+    """End the call with ``exc``'s status: an AirlockError as it is, anything else as INTERNAL
+    (its traceback goes to the daemon's log, never to the client)."""
+    if isinstance(exc, AirlockError):
+        error = exc
+    else:
+        _log.error("internal error", exc_info=exc, extra=log)
+        error = AirlockError(
+            f"internal error in the daemon ({where}); see its log", reason="INTERNAL"
         )
-        context.abort_with_status(to_rpc_status(error))
-        raise AssertionError("unreachable")  # abort_with_status raises
+    _log.info(
+        "rejected",
+        extra={
+            **log,
+            "code": status_code_of(error).name,
+            "reason": error.reason,
+            "error": error.message,
+        },
+    )
+    context.abort_with_status(to_rpc_status(error))
+    raise AssertionError("unreachable")  # abort_with_status raises
 
 
 def _on_cancel(context: grpc.ServicerContext, callback: Callable[[], None]) -> None:
