@@ -8,7 +8,7 @@ SOCKET  ?= /run/airlock/airlock.sock
 STATE   ?= /var/lib/airlock
 NODE_BIN := node_modules/.bin
 
-.PHONY: install deps venv proto test run bench lint clean
+.PHONY: install deps venv proto lock dist test run bench lint clean install-service uninstall-service
 
 install: deps venv proto
 
@@ -20,20 +20,40 @@ deps:
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
 
-venv: $(BIN)/airlockd
+# Exactly the lock: every package pinned and hash-checked (requirements-dev.txt holds the runtime
+# set of requirements.txt plus the dev, test and build tools), then Airlock itself, editable,
+# built with the locked setuptools. Nothing here asks a registry for "the newest".
+venv: $(VENV)/.installed
 
-$(BIN)/airlockd: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
 
+# Refresh the lock on purpose: the newest versions pyproject.toml allows, with their hashes.
+LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --upgrade --quiet --custom-compile-command "make lock"
+lock: venv
+	$(LOCK) -o requirements.txt
+	$(LOCK) --extra dev -o requirements-dev.txt
+	npm install --package-lock-only --silent
+	@echo "lock refreshed: review 'git diff', then 'make install' and 'make test'"
+
+# The generated code is committed (a wheel from a clean checkout needs it); this regenerates it
+# with the locked grpcio-tools, and CI fails if that changes anything.
 proto: venv
 	mkdir -p $(GEN)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto \
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
 	  $(PROTO)/*.proto
 	touch $(GEN)/__init__.py
+
+# A wheel and an sdist in dist/, built with the locked build tools (no download at build time).
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
 
 test: install
 	$(BIN)/pytest tests
@@ -48,8 +68,40 @@ lint: install
 	$(BIN)/ruff check airlock tests bench
 	$(BIN)/ruff format --check airlock tests bench
 	$(BIN)/mypy airlock
-	@if [ ! -x $(NODE_BIN)/buf ]; then npm install --no-save --silent @bufbuild/buf@1; fi
+	@if [ ! -x $(NODE_BIN)/buf ]; then npm ci --silent --no-audit --no-fund; fi
 	$(NODE_BIN)/buf lint
 
+# The daemon as a systemd service (README.md, "Running as a service"): the unit with ExecStart set
+# to AIRLOCKD, the tmpfiles.d entry, and the example configuration unless one is there already
+# (an operator's file is never overwritten). DESTDIR=DIR installs under DIR and starts nothing.
+AIRLOCKD ?= $(CURDIR)/$(BIN)/airlockd
+DESTDIR  ?=
+UNIT     := /etc/systemd/system/airlockd.service
+TMPFILES := /etc/tmpfiles.d/airlock.conf
+CONFIG   := /etc/airlock/airlockd.toml
+SYSTEMD_RUNNING = [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]
+
+install-service:
+	@test -x "$(AIRLOCKD)" || { echo "$(AIRLOCKD) is not executable: run 'make install' first, or pass AIRLOCKD=PATH" >&2; exit 1; }
+	install -d -m 0755 $(dir $(DESTDIR)$(UNIT)) $(dir $(DESTDIR)$(TMPFILES)) $(dir $(DESTDIR)$(CONFIG))
+	sed 's|^ExecStart=.*|ExecStart=$(AIRLOCKD) --config $(CONFIG)|' packaging/systemd/airlockd.service > $(DESTDIR)$(UNIT).tmp
+	chmod 0644 $(DESTDIR)$(UNIT).tmp && mv $(DESTDIR)$(UNIT).tmp $(DESTDIR)$(UNIT)
+	install -m 0644 packaging/tmpfiles.d/airlock.conf $(DESTDIR)$(TMPFILES)
+	@if [ -e $(DESTDIR)$(CONFIG) ]; then echo "kept the existing $(DESTDIR)$(CONFIG) (compare: packaging/airlockd.toml)"; \
+	else echo "install -m 0644 packaging/airlockd.toml $(DESTDIR)$(CONFIG)"; install -m 0644 packaging/airlockd.toml $(DESTDIR)$(CONFIG); fi
+	if command -v systemd-tmpfiles >/dev/null; then systemd-tmpfiles --create $(if $(DESTDIR),--root=$(DESTDIR)) $(notdir $(TMPFILES)); \
+	else install -d -m 0755 $(DESTDIR)/run/airlock; fi
+	@if $(SYSTEMD_RUNNING); then echo "systemctl daemon-reload && systemctl enable --now airlockd"; \
+	  systemctl daemon-reload && systemctl enable --now airlockd; \
+	else echo "systemd is not running here$(if $(DESTDIR), (or DESTDIR is set)); to start the daemon on a system where it runs: systemctl daemon-reload && systemctl enable --now airlockd"; fi
+
+# Stops and disables the service, removes the unit and the tmpfiles.d entry. Keeps the
+# configuration, the state (audit log, audit key, state store) and the journal's logs.
+uninstall-service:
+	-@if $(SYSTEMD_RUNNING); then echo "systemctl disable --now airlockd"; systemctl disable --now airlockd; fi
+	rm -f $(DESTDIR)$(UNIT) $(DESTDIR)$(TMPFILES)
+	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
+	@echo "kept: $(CONFIG) (configuration), $(STATE) (audit log, audit key, state store, kept changes; or the configuration's state-dir), the journal's logs (journalctl -u airlockd). Delete them yourself if you mean to."
+
 clean:
-	rm -rf $(VENV) $(GEN) node_modules .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) dist build node_modules .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -1,6 +1,6 @@
 """Effect rules, measured: how long ``PolicyBundle.judge_effects`` takes on a large dry run.
 
-The bundle is the shipped ``policies/default`` (its effect rules) plus generated effect
+The bundle is the shipped ``airlock/policy/default`` (its effect rules) plus generated effect
 rules shaped like real ones, up to ``--rules`` effect rules in all: path globs with a
 literal prefix (``/opt/vendorN/**``, ``~/.config/toolN/**``), globs that match a file
 name at any depth (``secretsN.yaml``), a few that must scan every path (``*.keyN``),
@@ -44,7 +44,7 @@ from airlock.types import (  # noqa: E402
     ProcessInfo,
 )
 
-POLICY_DIR = ROOT / "policies" / "default"
+POLICY_DIR = ROOT / "airlock" / "policy" / "default"
 HOME = "/home/dev"
 WORKSPACE = "/home/dev/project"
 

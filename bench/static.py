@@ -1,6 +1,6 @@
 """The static pass, measured: quality on the labelled corpus and latency per command.
 
-Reports, over ``tests/corpus`` with the shipped ``policies/default``:
+Reports, over ``tests/corpus`` with the shipped ``airlock/policy/default``:
 
 * quality: detection rate (dangerous commands that get at least their labelled
   decision), deny precision (static denies that are labelled dangerous), false-ask
@@ -42,7 +42,7 @@ from airlock.policy.model import Analysis  # noqa: E402
 from airlock.policy.shell import analyze  # noqa: E402
 from tests.corpus.loader import Entry, evaluate, load_corpus, score  # noqa: E402
 
-POLICY_DIR = ROOT / "policies" / "default"
+POLICY_DIR = ROOT / "airlock" / "policy" / "default"
 
 # Real command names, so that generated rules indexed by name are actually evaluated.
 # fmt: off

@@ -16,7 +16,14 @@ from airlock import Conflict, FailedPrecondition, NotFound, PermissionDenied
 from airlock.client import Client
 from airlock.types import Verdict
 
-from .conftest import NEUTRAL_POLICY, SANDBOX_ARGS, needs_root, public_dir, running_daemon
+from .conftest import (
+    NEUTRAL_POLICY,
+    SANDBOX_ARGS,
+    needs_root,
+    public_dir,
+    run_client_as,
+    running_daemon,
+)
 from .test_validate import tree_digest
 
 pytestmark = needs_root
@@ -151,24 +158,17 @@ def test_an_asked_validation_needs_approval_and_survives_a_restart(tmp_path: Pat
 
 
 def test_only_the_validations_user_may_apply(client: Client, public_tmp: Path) -> None:
-    import subprocess
-    import sys
 
     ws = public_tmp / "ws"
     ws.mkdir()
     v = client.validate("echo mine > mine.txt", cwd=str(ws))
-    script = (
-        "import os, grpc, grpc_status.rpc_status, google.rpc.error_details_pb2, encodings.idna\n"
-        "from airlock.client import Client\n"
-        "from airlock import AirlockError\n"
-        "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+    proc = run_client_as(
         f"with Client({client.socket_path!r}) as c:\n"
         "    try:\n"
         f"        c.apply({v.validation_id!r}); print('applied')\n"
         "    except AirlockError as e:\n"
         "        print(type(e).__name__, e.reason)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
     assert proc.stdout.split() == [PermissionDenied.__name__, "NOT_YOUR_VALIDATION"], proc.stderr
     assert not (ws / "mine.txt").exists()
 

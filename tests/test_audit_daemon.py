@@ -15,7 +15,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,6 +54,7 @@ from .conftest import (
     Daemon,
     needs_root,
     public_dir,
+    run_client_as,
     running_daemon,
     start_daemon,
 )
@@ -441,14 +441,7 @@ def test_the_daemon_does_not_start_without_its_audit_log(public_tmp: Path, damag
 
 
 def test_only_root_may_list_or_verify(daemon: Daemon, client: Client) -> None:
-    # The venv's interpreter lives under /root, which uid 65534 cannot read: import as root,
-    # then drop to 65534 before connecting (SO_PEERCRED records the credentials at connect).
-    script = (
-        "import json, os\n"
-        "import grpc, grpc_status.rpc_status, google.rpc.error_details_pb2, encodings.idna\n"
-        "from airlock.client import Client\n"
-        "from airlock import AirlockError\n"
-        "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+    proc = run_client_as(
         "out = {'pid': os.getpid()}\n"
         f"with Client({daemon.socket!r}) as c:\n"
         "    out['validation_id'] = c.validate('echo nobody', cwd='/tmp').validation_id\n"
@@ -458,9 +451,6 @@ def test_only_root_may_list_or_verify(daemon: Daemon, client: Client) -> None:
         "        except AirlockError as e:\n"
         "            out[name] = [type(e).__name__, e.reason]\n"
         "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", timeout=60
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

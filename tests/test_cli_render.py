@@ -414,6 +414,14 @@ def test_cli_validate_json_is_the_canonical_mapping(
     assert doc["timings"]["total"] == "0.015300s"
 
 
+def test_cli_validate_quiet_prints_only_the_id(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", "--socket", daemon.socket, "-q", "--", "true"]) == 4
+    assert capsys.readouterr().out == "val-1\n"
+    assert main(["validate", "--socket", daemon.socket, "-q", "--json", "--", "true"]) == 2
+
+
 def test_cli_capabilities_and_health(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["capabilities", "--socket", daemon.socket]) == 0
     assert "9.9.9" in capsys.readouterr().out

@@ -30,7 +30,7 @@ from tests.corpus.loader import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-POLICY_DIR = REPO / "policies" / "default"
+POLICY_DIR = REPO / "airlock" / "policy" / "default"
 MAX_FALSE_ASK_RATE = 0.02
 MIN_ENTRIES = 300
 

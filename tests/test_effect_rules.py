@@ -48,7 +48,7 @@ from airlock.types import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_POLICY = ROOT / "policies" / "default"
+DEFAULT_POLICY = ROOT / "airlock" / "policy" / "default"
 NEUTRAL_POLICY = ROOT / "tests" / "data" / "neutral-policy"
 HOME = "/home/me"
 WS = "/home/me/proj"

@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 
 from airlock._errors import InvalidRequest
+from airlock.policy import loader
 from airlock.policy.loader import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -707,7 +708,42 @@ def test_deeply_nested_yaml(tmp_path: Path) -> None:
         load_bundle(tmp_path, run_tests=False)
     [p] = info.value.problems
     assert f"nesting too deep (more than {MAX_DEPTH} levels)" in p.message
-    assert p.line == 2
+    assert (p.line, p.column) == (2, 4 + MAX_DEPTH)  # the first bracket past the limit
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "{a: " * 1000 + "1" + "}" * 1000,  # flow mappings
+        "- " + "[" * 1000 + "]" * 1000,  # inside a block sequence
+        "\n" + "".join(" " * i + f"k{i}:\n" for i in range(1000)) + " " * 1000 + "v",  # block
+    ],
+    ids=["flow-mapping", "in-sequence", "block-mapping"],
+)
+def test_deep_nesting_has_our_own_message(tmp_path: Path, value: str) -> None:
+    """Whatever nests too deep gets the loader's message, never the YAML library's."""
+    (tmp_path / "p.yaml").write_text("version: 1\nx: " + value + "\n")
+    with pytest.raises(PolicyError) as info:
+        load_bundle(tmp_path, run_tests=False)
+    [p] = info.value.problems
+    assert p.message == f"nesting too deep (more than {MAX_DEPTH} levels)"
+
+
+def test_brackets_in_text_are_not_nesting(tmp_path: Path) -> None:
+    """Brackets in comments, quoted, plain and block scalars are text, not flow collections."""
+    many = "[" * (MAX_DEPTH + 10)
+    (tmp_path / "p.yaml").write_text(
+        f"version: 1  # {many}\n"
+        f"a: '{many}'\n"
+        f'b: "{many}\\" {many}"\n'
+        f"c: x{many}\n"
+        f"d: |\n  {many}\n  more {many}\n"
+        f"e: ['c[', \"d{{\", {{f: [g]}}]\n"
+    )
+    doc = loader._compose((tmp_path / "p.yaml").read_text(), "p.yaml")
+    assert doc.value["a"] == many and doc.value["c"] == "x" + many
+    assert doc.value["d"] == f"{many}\nmore {many}\n"
+    assert doc.value["e"] == ["c[", "d{", {"f": ["g"]}]
 
 
 def test_huge_file(tmp_path: Path) -> None:

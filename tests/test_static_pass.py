@@ -97,7 +97,7 @@ def test_parse_error_fails_closed(client: Client, workspace: Path) -> None:
 def test_get_policy(daemon: Daemon, client: Client) -> None:
     info = _policy_info(daemon.socket)
     assert info.rule_count > 50 and len(info.version) == 64
-    assert info.directory.endswith("policies/default") and info.files
+    assert info.directory.endswith("airlock/policy/default") and info.files
     assert info.last_reload_error == ""
     assert client.validate("true", cwd="/tmp").policy_version == info.version
 

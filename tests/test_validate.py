@@ -18,7 +18,7 @@ from airlock import Cancelled, InvalidRequest, PermissionDenied
 from airlock.client import Client
 from airlock.types import ChangeKind, FileType, Termination, Verdict
 
-from .conftest import NEUTRAL_POLICY, Daemon, needs_root
+from .conftest import NEUTRAL_POLICY, Daemon, needs_root, run_client_as
 
 pytestmark = needs_root
 # These tests are about the sandbox and the daemon: every command must reach the dry run.
@@ -290,14 +290,7 @@ def test_non_root_caller_runs_as_itself(daemon: Daemon, public_tmp: Path) -> Non
     ws = tmp_path / "nobody-ws"
     ws.mkdir()
     os.chown(ws, 65534, 65534)
-    # The venv's interpreter lives under /root, which uid 65534 cannot read: import as root,
-    # then drop to 65534 before connecting (SO_PEERCRED records the credentials at connect).
-    script = (
-        "import json, os, sys\n"
-        "import grpc, grpc_status.rpc_status, google.rpc.error_details_pb2, encodings.idna\n"
-        "from airlock.client import Client\n"
-        "from airlock import AirlockError\n"
-        "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+    proc = run_client_as(
         f"with Client({daemon.socket!r}) as c:\n"
         f"    v = c.validate('id -u; cat {secret}; touch mine', cwd={str(ws)!r})\n"
         "    out = {'stdout': v.stdout.decode(), 'stderr': v.stderr.decode(), 'uid': v.uid,\n"
@@ -307,13 +300,6 @@ def test_non_root_caller_runs_as_itself(daemon: Daemon, public_tmp: Path) -> Non
         "    except AirlockError as e:\n"
         "        out['escalate'] = type(e).__name__\n"
         "print(json.dumps(out))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     import json

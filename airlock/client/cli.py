@@ -2,7 +2,7 @@
 
 ::
 
-    airlock validate [--socket PATH] [--cwd DIR] [--timeout S] [--json] [--clean-env]
+    airlock validate [--socket PATH] [--cwd DIR] [--timeout S] [--json | -q] [--clean-env]
                      [--force-dry-run] -- COMMAND...     (in a terminal: offers to apply)
     airlock run [--cwd DIR] [--timeout S] [--token T] [--session ID] -- COMMAND...
                      (exits with the command's status; 126 denied, 125 asked)
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "validate",
         parents=[socket],
         help="dry-run a command and print the verdict",
-        usage="airlock validate [-h] [--socket PATH] [--cwd DIR] [--timeout S] [--json]"
+        usage="airlock validate [-h] [--socket PATH] [--cwd DIR] [--timeout S] [--json | -q]"
         " [--clean-env] [--force-dry-run] -- COMMAND...",
         description="Dry-run COMMAND (its words joined by spaces into one bash command line) "
         "in a throwaway sandbox and report what it did and the verdict.",
@@ -117,7 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--timeout", metavar="S", type=_seconds, help="the command's time limit in seconds"
     )
-    validate.add_argument("--json", action="store_true", help="print the response as protobuf JSON")
+    shown = validate.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the response as protobuf JSON")
+    shown.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the validation id (for `airlock apply` and `approve`); the exit "
+        "status still gives the verdict",
+    )
     validate.add_argument(
         "--clean-env",
         action="store_true",
@@ -185,6 +193,8 @@ def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
         validation = validation_from_proto(response)
         if args.json:
             _print_json(response)
+        elif args.quiet:
+            sys.stdout.write(f"{validation.validation_id}\n")
         else:
             out.print(render_validation(validation))
             if sys.stdin.isatty() and sys.stdout.isatty():

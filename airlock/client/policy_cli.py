@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import airlock
 from airlock._errors import AirlockError
+from airlock.policy import store
 from airlock.policy.loader import (
     PolicyBundle,
     PolicyError,
@@ -44,11 +44,11 @@ EXIT_USAGE = 2
 
 
 def default_policy_dir() -> Path | None:
-    """``$AIRLOCK_POLICY_DIR``, else the shipped ``policies/default`` if it exists."""
+    """``$AIRLOCK_POLICY_DIR``, else the shipped default policy if it is installed."""
     env = os.environ.get("AIRLOCK_POLICY_DIR")
     if env:
         return Path(env)
-    shipped = Path(airlock.__file__).resolve().parent.parent / "policies" / "default"
+    shipped = store.default_policy_dir()
     return shipped if shipped.is_dir() else None
 
 
@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     test.add_argument("paths", nargs="+", metavar="PATH", help="a policy directory or file")
     test.add_argument("-v", "--verbose", action="store_true", help="also list the passing tests")
+    sub.add_parser(
+        "path",
+        help="print where the shipped default policy is installed",
+        description="Print the directory of the default policy installed with this package "
+        "(the daemon's policy when it is given no --policy-dir); copy it to start a layer.",
+    )
     explain = sub.add_parser(
         "explain",
         help="show the command model, the rules that fire and the static verdict",
@@ -87,8 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--policy",
         metavar="DIR",
-        help="the policy directory (default: $AIRLOCK_POLICY_DIR, else the shipped "
-        "policies/default)",
+        help="the policy directory (default: $AIRLOCK_POLICY_DIR, else the shipped default policy)",
     )
     explain.add_argument("--json", action="store_true", help="print JSON")
     explain.add_argument(
@@ -443,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``airlock policy`` with ``argv`` (the words after ``policy``); return the status."""
     try:
         args = _parser().parse_args(list(argv) if argv is not None else None)
+        if args.action == "path":
+            sys.stdout.write(f"{store.default_policy_dir()}\n")
+            return EXIT_OK
         if args.action == "explain":
             return _explain(args)
         if args.action == "lint":

@@ -230,8 +230,104 @@ def _scalar(event: yaml.ScalarEvent) -> Any:
         raise _YamlProblem(*_pos(event.start_mark), f"invalid value {event.value!r}: {e}") from e
 
 
+def _check_flow_depth(text: str) -> None:
+    """Refuse flow collections (``[ ]``, ``{ }``) nested deeper than MAX_DEPTH.
+
+    This runs before any YAML parser sees the text: a parser scans a whole flow collection ahead
+    of the events it yields, and libyaml has a nesting limit (and a message) of its own that
+    changes between versions, so the composer's depth check alone cannot be the first to fire.
+    Block nesting needs no such scan: its events arrive line by line and the composer bounds it.
+    The scan knows just enough YAML to find where flow collections open: comments, quoted
+    scalars, block scalars (``|``, ``>``) and plain scalars (``a[0]`` is text, not a sequence).
+    """
+    depth = 0
+    node_start = True  # the next character may start a node
+    block_indent = -1  # inside a block scalar: the indentation of the line that opened it
+    line, line_start, i, n = 1, 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line, line_start, i = line + 1, i + 1, i + 1
+            node_start = True
+            if block_indent >= 0 and depth == 0:  # skip the block scalar's lines
+                while i < n:
+                    end = text.find("\n", i)
+                    end = n if end < 0 else end
+                    body = text[i:end]
+                    if body.strip() and len(body) - len(body.lstrip(" ")) <= block_indent:
+                        break
+                    line, line_start, i = line + 1, end + 1, end + 1
+                block_indent = -1
+            continue
+        if c in " \t\r":
+            i += 1
+            continue
+        if c == "#" and (i == line_start or text[i - 1] in " \t"):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if node_start and c in "'\"":  # a quoted scalar, possibly over several lines
+            j = i + 1
+            while j < n:
+                if text[j] == "\\" and c == '"':
+                    j += 2
+                    continue
+                if text[j] == c:
+                    if c == "'" and j + 1 < n and text[j + 1] == "'":
+                        j += 2
+                        continue
+                    break
+                j += 1
+            line += text.count("\n", i, j)
+            if "\n" in text[i:j]:
+                line_start = text.rfind("\n", i, j) + 1
+            i, node_start = j + 1, False
+            continue
+        if c in "[{" and (node_start or depth):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _YamlProblem(
+                    line,
+                    i - line_start + 1,
+                    f"nesting too deep (more than {MAX_DEPTH} levels)",
+                    "a policy file needs only a few levels",
+                )
+            i, node_start = i + 1, True
+            continue
+        if c in "]}" and depth:
+            depth -= 1
+            i, node_start = i + 1, False
+            continue
+        if c in ",?" and depth:
+            i, node_start = i + 1, True
+            continue
+        if c in "|>" and node_start and not depth:
+            indent = text[line_start:i]
+            block_indent = len(indent) - len(indent.lstrip(" "))
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if c in ":-?" and (i + 1 >= n or text[i + 1] in " \t\r\n" or (depth and c == ":")):
+            i, node_start = i + 1, True  # a key's value, or a sequence entry, starts next
+            continue
+        if c in "!&" and node_start:  # a tag or an anchor before the node
+            while i < n and text[i] not in " \t\r\n":
+                i += 1
+            continue
+        # Plain text: up to the next indicator that can end it.
+        i, node_start = i + 1, False
+        stops = ",[]{}" if depth else ""
+        while i < n and text[i] not in "\n" + stops:
+            if text[i] == ":" and (i + 1 >= n or text[i + 1] in " \t\r\n" or depth):
+                break
+            if text[i] == "#" and text[i - 1] in " \t":
+                break
+            i += 1
+
+
 def _compose(text: str, file: str) -> _Doc:
     """Build plain values from the YAML event stream, iteratively (no recursion)."""
+    _check_flow_depth(text)
     doc = _Doc(file)
     # Each frame: [container, path, pending key or None]
     stack: list[list[Any]] = []

@@ -26,8 +26,8 @@ _log = logging.getLogger("airlock.policy")
 
 
 def default_policy_dir() -> Path:
-    """The shipped default policy (``policies/default`` next to the package)."""
-    return Path(__file__).resolve().parent.parent.parent / "policies" / "default"
+    """The shipped default policy: package data, ``airlock/policy/default``."""
+    return Path(__file__).resolve().parent / "default"
 
 
 def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
