@@ -1,6 +1,6 @@
 """Frozen dataclasses and enums: Airlock's inside representation.
 
-Protobuf messages exist only at the edge; ``airlock._convert`` is the one module
+Protobuf messages exist only at the edge; ``airlock.api.convert`` is the one module
 that converts between them and these types. The sandbox, policy and engine code
 see only these.
 """

@@ -37,7 +37,8 @@ import time
 import uuid
 from typing import Any
 
-from airlock.engine import DaemonConfig, Engine, check_request, resolve_identity
+from airlock.core.config import DaemonConfig
+from airlock.core.engine import Engine, check_request, resolve_identity
 from airlock.policy.store import PolicyStore
 from airlock.sandbox import _wire, cgroup, contain
 from airlock.sandbox.cgroup import Cgroup, CgroupSpec

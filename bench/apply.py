@@ -28,7 +28,7 @@ import time
 
 from _stats import format_table, ms, summarize
 
-from airlock.apply import apply
+from airlock.sandbox.apply import apply
 from airlock.sandbox.changeset import save
 from airlock.sandbox.diff import DiffOptions, Layer, compute_changes
 

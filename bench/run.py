@@ -54,9 +54,9 @@ import psutil
 from _stats import format_table, ms, summarize
 
 import airlock
-from airlock import _convert
+from airlock.api import convert
 from airlock.client import Client
-from airlock.engine import DaemonConfig
+from airlock.core.config import DaemonConfig
 from airlock.sandbox import cgroup
 from airlock.types import DryRunSkip, Validation
 from airlock.v1 import sandbox_pb2 as pb
@@ -278,7 +278,7 @@ def conversion_costs(v: Validation, reps: int = 5) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         return round(statistics.median(times) * 1000, 2)
 
-    msg = _convert.validation_to_proto(v)
+    msg = convert.validation_to_proto(v)
     wire = msg.SerializeToString()
     pickled = pickle.dumps(v.changes, protocol=pickle.HIGHEST_PROTOCOL)
     return {
@@ -286,10 +286,10 @@ def conversion_costs(v: Validation, reps: int = 5) -> dict[str, Any]:
         "response_bytes": len(wire),
         "pickle_bytes": len(pickled),
         "ms": {
-            "validation_to_proto": best(lambda: _convert.validation_to_proto(v)),
+            "validation_to_proto": best(lambda: convert.validation_to_proto(v)),
             "SerializeToString": best(msg.SerializeToString),
             "FromString": best(lambda: pb.ValidateResponse.FromString(wire)),
-            "validation_from_proto": best(lambda: _convert.validation_from_proto(msg)),
+            "validation_from_proto": best(lambda: convert.validation_from_proto(msg)),
             "pickle.dumps(changes)": best(
                 lambda: pickle.dumps(v.changes, protocol=pickle.HIGHEST_PROTOCOL)
             ),

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from airlock import InvalidRequest, PermissionDenied, Unavailable, _convert
+from airlock import InvalidRequest, PermissionDenied, Unavailable
+from airlock.api import convert as _convert
 from airlock.audit import (
     KEY_FILE,
     LOG_FILE,
@@ -548,7 +549,7 @@ def test_cli_audit_export_verifies_externally(
 def test_rendering_is_compact_and_escapes_controls() -> None:
     from rich.console import Console
 
-    from airlock.client import _render
+    from airlock.cli import render as _render
 
     def text(renderable: object) -> str:
         out = io.StringIO()

@@ -33,10 +33,10 @@ from airlock._errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from airlock._status import status_code_of
-from airlock.apply import ApplyResult, apply, open_changeset
+from airlock.api.status import status_code_of
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import mnt
+from airlock.sandbox.apply import ApplyResult, apply, open_changeset
 from airlock.sandbox.changeset import Manifest, load, save
 from airlock.sandbox.diff import DiffOptions, Layer, compute_changes
 from airlock.types import ChangeKind, FileChange

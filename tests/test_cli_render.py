@@ -16,12 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rich.console import Console, RenderableType
 
 from airlock import types as T
-from airlock._convert import capabilities_to_proto, validation_to_proto
 from airlock._errors import AirlockError, InvalidRequest, Unavailable
-from airlock._status import to_rpc_status
+from airlock.api.convert import capabilities_to_proto, validation_to_proto
+from airlock.api.status import to_rpc_status
+from airlock.cli import render as R
+from airlock.cli.main import main
 from airlock.client import Client, default_socket_path
-from airlock.client import _render as R
-from airlock.client.cli import main
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
 

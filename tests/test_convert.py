@@ -17,7 +17,6 @@ from google.rpc import error_details_pb2, status_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airlock import _convert as conv
 from airlock import types
 from airlock._errors import (
     AirlockError,
@@ -28,7 +27,8 @@ from airlock._errors import (
     SandboxError,
     Unavailable,
 )
-from airlock._status import DOMAIN, from_rpc_error, status_code_of, to_rpc_status
+from airlock.api import convert as conv
+from airlock.api.status import DOMAIN, from_rpc_error, status_code_of, to_rpc_status
 from airlock.client import Client
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc

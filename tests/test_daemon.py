@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from airlock import AirlockError, ResourceExhausted
 from airlock.client import Client
-from airlock.engine import DaemonConfig
+from airlock.core.config import DaemonConfig
 from airlock.types import CgroupVersion, Termination, Verdict
 
 from .conftest import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from airlock.client.cli import main
+from airlock.cli.main import main
 from airlock.policy.effects import (
     ChangeScope,
     PathGlobs,

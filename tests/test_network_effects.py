@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from airlock import _convert
+from airlock.api import convert
 from airlock.client import Client
 from airlock.types import NetProtocol, Verdict
 
@@ -65,7 +65,7 @@ def test_dns_tcp_and_udp_attempts_are_recorded_with_their_payload(
     # Times count from the command's start and follow the order of the attempts.
     assert 0 <= dns.time_s <= tcp.time_s <= udp.time_s < 30
     # The attempts survive the trip through protobuf.
-    back = _convert.validation_from_proto(_convert.validation_to_proto(v))
+    back = convert.validation_from_proto(convert.validation_to_proto(v))
     assert back.network_attempts == v.network_attempts
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from airlock.client.cli import main
+from airlock.cli.main import main
 from airlock.policy.loader import load_bundle
 
 GOOD = """\
@@ -120,7 +120,7 @@ def test_lint_broken_files_never_traceback(tmp_path: Path) -> None:
     (tmp_path / "tabs.yaml").write_text("version: 1\nrules:\n\t- id: x\n")
     (tmp_path / "big.yml").write_text("#" * (2 * 1024 * 1024))
     done = subprocess.run(
-        [sys.executable, "-m", "airlock.client.cli", "policy", "lint", str(tmp_path)],
+        [sys.executable, "-m", "airlock.cli.main", "policy", "lint", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,

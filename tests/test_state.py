@@ -32,9 +32,9 @@ from airlock._errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from airlock._status import status_code_of
+from airlock.api.status import status_code_of
 from airlock.audit import AuditLog
-from airlock.state import (
+from airlock.core.state import (
     STATE_FILE,
     ApplyDone,
     ApprovalScope,
@@ -845,7 +845,7 @@ def test_tokens_are_not_stored_in_clear(store: StateStore, db: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import sys
-    from airlock.state import ApprovalScope, NewValidation, StateStore
+    from airlock.core.state import ApprovalScope, NewValidation, StateStore
     from airlock.types import Verdict
 
     store = StateStore(sys.argv[1])

@@ -11,7 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock import types
-from airlock._convert import (
+from airlock._errors import Unavailable
+from airlock.api.convert import (
     apply_response_from_proto,
     approve_response_from_proto,
     audit_event_from_proto,
@@ -23,8 +24,7 @@ from airlock._convert import (
     validation_from_proto,
     verify_result_from_proto,
 )
-from airlock._errors import Unavailable
-from airlock._status import from_rpc_error
+from airlock.api.status import from_rpc_error
 from airlock.audit import Anchor, AuditFilter, StoredEvent, VerifyResult, parse_anchor
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc

@@ -9,8 +9,8 @@ import re
 import sys
 
 from airlock._version import __version__
+from airlock.core.config import DaemonConfig
 from airlock.daemon import _log
-from airlock.engine import DaemonConfig
 from airlock.types import Limits
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

@@ -21,18 +21,19 @@ from grpc_reflection.v1alpha import reflection
 from airlock._errors import AirlockError
 from airlock._version import __version__
 from airlock.audit import AuditLog
+from airlock.core.config import DaemonConfig
+from airlock.core.engine import Engine
+from airlock.core.state import StateStore
+from airlock.core.workflow import Workflow
 from airlock.daemon._peer import PeerProxy
 from airlock.daemon.service import SandboxService, handler
-from airlock.engine import DaemonConfig, Engine
 from airlock.policy.loader import PolicyError
 from airlock.policy.store import PolicyStore, default_policy_dir
 from airlock.sandbox import cgroup
 from airlock.sandbox.probe import probe
 from airlock.sandbox.spawner import Spawner
-from airlock.state import StateStore
 from airlock.types import Capabilities
 from airlock.v1 import sandbox_pb2 as pb
-from airlock.workflow import Workflow
 
 __all__ = ["serve"]
 

@@ -13,7 +13,6 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from airlock import _convert
 from airlock._errors import (
     AirlockError,
     FailedPrecondition,
@@ -21,7 +20,8 @@ from airlock._errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from airlock._status import status_code_of, to_rpc_status
+from airlock.api import convert
+from airlock.api.status import status_code_of, to_rpc_status
 from airlock.audit import (
     MAX_PAGE_SIZE,
     Approval,
@@ -31,15 +31,15 @@ from airlock.audit import (
     env_sha256,
     parse_anchor,
 )
-from airlock.daemon import _audit
+from airlock.core import _audit
+from airlock.core.engine import Engine
+from airlock.core.state import ApprovalScope
+from airlock.core.workflow import Workflow
 from airlock.daemon._peer import PeerProxy
-from airlock.engine import Engine
 from airlock.policy.store import PolicyStore
-from airlock.state import ApprovalScope
 from airlock.types import Capabilities, ExecFinished, PeerCred, Verdict
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
-from airlock.workflow import Workflow
 
 __all__ = ["SandboxService", "handler"]
 
@@ -98,7 +98,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             caller = _audit.caller_of(peer)
             self._take_slot()
             try:
-                req = _convert.validate_request_from_proto(request)
+                req = convert.validate_request_from_proto(request)
                 result = self._engine.validate(req, peer, on_cancel, validation_id)
             finally:
                 self._slots.release()
@@ -128,7 +128,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                     "warm": result.timings.warm,
                 },
             )
-            return _convert.validation_to_proto(result)
+            return convert.validation_to_proto(result)
         except Exception as exc:
             _abort(context, exc, log, f"validation_id {validation_id}")
 
@@ -140,7 +140,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             peer = self._peer(context)
             caller = _audit.caller_of(peer)
             log.update(uid=peer.uid, pid=peer.pid)
-            req = _convert.execute_request_from_proto(request)
+            req = convert.execute_request_from_proto(request)
             self._take_slot()  # before a ONCE token is used up
             finished: ExecFinished | None = None
             try:
@@ -193,7 +193,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 # Two events: the decision before anything runs (so a command never runs
                 # unrecorded, even if the daemon dies), the outcome after.
                 _audit.record(self._audit, event(None, "starting"))
-                yield _convert.exec_event_to_proto(started)
+                yield convert.exec_event_to_proto(started)
                 for item in self._engine.execute(plan, lambda cb: _on_cancel(context, cb)):
                     if isinstance(item, ExecFinished):
                         finished = item
@@ -207,7 +207,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                                 f"{item.wall_s:.3f} s",
                             ),
                         )
-                    yield _convert.exec_event_to_proto(item)
+                    yield convert.exec_event_to_proto(item)
             finally:
                 self._slots.release()
             _log.info(
@@ -270,7 +270,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 "approved",
                 extra={"validation_id": request.validation_id, "uid": peer.uid},
             )
-            return _convert.approve_response_to_proto(grant)
+            return convert.approve_response_to_proto(grant)
 
         return self._unary(context, "Approve", call)
 
@@ -329,7 +329,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                     "replayed": outcome.replayed,
                 },
             )
-            return _convert.apply_response_to_proto(outcome)
+            return convert.apply_response_to_proto(outcome)
 
         return self._unary(context, "Apply", call)
 
@@ -356,10 +356,10 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     def GetCapabilities(  # noqa: N802
         self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> Any:
-        return _convert.capabilities_to_proto(self._capabilities)
+        return convert.capabilities_to_proto(self._capabilities)
 
     def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return _convert.policy_to_proto(self._policy.info())
+        return convert.policy_to_proto(self._policy.info())
 
     # --- The audit log --------------------------------------------------------------------
 
@@ -378,7 +378,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     ) -> Any:
         def call() -> Any:
             self._audit_reader(context)
-            audit_filter, page_size, page_token = _convert.audit_list_request_from_proto(request)
+            audit_filter, page_size, page_token = convert.audit_list_request_from_proto(request)
             if page_size < 0:
                 raise InvalidRequest(
                     f"page_size must not be negative, not {page_size}",
@@ -387,7 +387,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
             # AIP-158: unset means the default, above the maximum means the maximum.
             page_size = min(page_size or _AUDIT_PAGE_SIZE, MAX_PAGE_SIZE)
             page, token = self._audit.list(audit_filter, page_size, page_token)
-            return _convert.audit_page_to_proto(page, token)
+            return convert.audit_page_to_proto(page, token)
 
         return self._answer("ListAuditEvents", context, call)
 
@@ -412,7 +412,7 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                     "problem_seq": problem.seq if problem else 0,
                 },
             )
-            return _convert.verify_result_to_proto(result)
+            return convert.verify_result_to_proto(result)
 
         return self._answer("VerifyAuditLog", context, call)
 

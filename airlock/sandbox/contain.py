@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from airlock import _errors
-from airlock.apply import apply, open_changeset
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import _wire, changeset, mnt, net, netcap, proctrace, reads, seccomp, user
+from airlock.sandbox.apply import apply, open_changeset
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import DiffResult, compute_changes
 from airlock.sandbox.plan import ApplyPlan, ApplyReply, RunSpec, SandboxPlan, SandboxTemplate

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from airlock._errors import AirlockError, SandboxError
 from airlock.audit.model import Authorization
-from airlock.state import (
+from airlock.core.state import (
     ApplyDone,
     ApprovalScope,
     NewValidation,

@@ -13,7 +13,7 @@
                        [--uid N] [--limit N] [--json]          (root only, as are the next two)
     airlock audit verify [--anchor SEQ:HASH] [--json]          (exit 0 intact, 1 problem)
     airlock audit export --jsonl [FILE]
-    airlock policy lint|test|explain ...   (no daemon needed; see airlock.client.policy_cli)
+    airlock policy lint|test|explain ...   (no daemon needed; see airlock.cli.policy)
 
 Exit status: 0 allow (or healthy), 3 ask, 4 deny, 1 error, 2 usage error.
 """
@@ -35,14 +35,14 @@ from google.protobuf.message import Message
 from rich.console import Console
 
 from airlock import types
-from airlock._convert import (
+from airlock._errors import AirlockError
+from airlock._version import __version__
+from airlock.api.convert import (
     audit_event_from_proto,
     capabilities_from_proto,
     validation_from_proto,
     verify_result_from_proto,
 )
-from airlock._errors import AirlockError
-from airlock._version import __version__
 from airlock.audit import (
     MAX_PAGE_SIZE,
     Anchor,
@@ -51,15 +51,16 @@ from airlock.audit import (
     encode_event,
     parse_anchor,
 )
-from airlock.client import _workflow_cli
-from airlock.client._client import DEFAULT_SOCKET_PATH, Client
-from airlock.client._render import (
+from airlock.cli import workflow as _workflow_cli
+from airlock.cli._env import environment
+from airlock.cli.render import (
     escape_controls,
     render_audit_events,
     render_audit_verify,
     render_capabilities,
     render_validation,
 )
+from airlock.client import DEFAULT_SOCKET_PATH, Client
 
 __all__ = ["EXIT_ASK", "EXIT_DENY", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -151,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("health", parents=[socket], help="check that the daemon is serving")
     _workflow_cli.add_parsers(sub, socket, _seconds)
     _add_audit_parser(sub, socket)
-    # Listed for --help only: main() hands "policy ..." to airlock.client.policy_cli.
+    # Listed for --help only: main() hands "policy ..." to airlock.cli.policy.
     sub.add_parser("policy", help="lint, test and explain policies (no daemon needed)")
     return parser
 
@@ -160,28 +161,9 @@ def _print_json(msg: Message) -> None:
     sys.stdout.write(json_format.MessageToJson(msg) + "\n")
 
 
-def _environment(err: Console) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for key, value in os.environ.items():
-        try:
-            key.encode("utf-8")
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # os.environ holds undecodable bytes as surrogates; the API carries UTF-8.
-            err.print(
-                f"airlock: warning: not passing {key.encode('utf-8', 'backslashreplace')!r}:"
-                " not valid UTF-8",
-                markup=False,
-                highlight=False,
-            )
-            continue
-        env[key] = value
-    return env
-
-
 def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
     command = " ".join(args.command)
-    env = {} if args.clean_env else _environment(err)
+    env = {} if args.clean_env else environment(err)
     with Client(args.socket) as client:
         response = client.validate_raw(
             command,
@@ -436,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     given = list(argv) if argv is not None else sys.argv[1:]
     if given[:1] == ["policy"]:
-        from airlock.client.policy_cli import main as policy_main
+        from airlock.cli.policy import main as policy_main
 
         return policy_main(given[1:])
     parser = _parser()

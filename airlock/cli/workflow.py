@@ -17,8 +17,9 @@ from rich.console import Console
 
 from airlock import types
 from airlock._errors import AirlockError, FailedPrecondition, PermissionDenied
-from airlock.client._client import Client
-from airlock.client._render import escape_controls, render_validation
+from airlock.cli._env import environment
+from airlock.cli.render import escape_controls, render_validation
+from airlock.client import Client
 
 __all__ = ["ACTIONS", "EXIT_ASKED", "EXIT_DENIED", "add_parsers", "offer_apply"]
 
@@ -65,10 +66,8 @@ def add_parsers(sub: Any, socket: argparse.ArgumentParser, seconds: Any) -> None
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from airlock.client.cli import _environment  # the one place the environment is read
-
     command = " ".join(args.command)
-    env = {} if args.clean_env else _environment(err)
+    env = {} if args.clean_env else environment(err)
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     with Client(args.socket) as client:
         try:

@@ -1,14 +1,14 @@
 """The engine: check a request, resolve who runs it, plan, dry-run, judge.
 
-It knows nothing of gRPC: the daemon converts protobuf to ``airlock.types``,
-calls :meth:`Engine.validate`, and maps :mod:`airlock._errors` to status codes.
+It knows nothing of gRPC: the daemon converts protobuf to ``airlock.types``
+(:mod:`airlock.api.convert`), calls the application (:mod:`airlock.core`), and maps
+:mod:`airlock._errors` to status codes (:mod:`airlock.api.status`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import grp
-import hashlib
 import os
 import posixpath
 import pwd
@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from airlock import _errors
 from airlock._errors import (
@@ -27,6 +27,7 @@ from airlock._errors import (
     SandboxError,
 )
 from airlock.audit.model import Authorization
+from airlock.core.config import DaemonConfig
 from airlock.policy import builtin, shell
 from airlock.policy.model import Analysis
 from airlock.policy.store import PolicyStore
@@ -71,45 +72,9 @@ from airlock.types import (
     Verdict,
 )
 
-__all__ = ["DaemonConfig", "Engine", "Identity", "check_request"]
+__all__ = ["Engine", "Identity", "check_request"]
 
 _MAX_PATH = 4096
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    socket_path: str = "/run/airlock/airlock.sock"
-    state_dir: str = "/var/lib/airlock"
-    socket_mode: int = 0o660
-    socket_gid: int | None = None
-    limits: Limits = field(default_factory=Limits)
-    # Sandboxes the spawner keeps prepared ahead of requests (0: prepare on demand).
-    warm_pool: int = 2
-    # The policy directory; None: the shipped default policy.
-    policy_dir: str | None = None
-    # Record every process a dry run starts (sandbox/proctrace.py).
-    trace_processes: bool = True
-    # Record every network attempt (sandbox/netcap.py) and opens of sensitive files
-    # (sandbox/reads.py).
-    capture_network: bool = True
-    capture_reads: bool = True
-    # Keep each dry run's changes for Apply (under state_dir/changesets), up to this many.
-    keep_changes: bool = True
-    keep_changes_max: int = 2000
-
-    @property
-    def changesets_dir(self) -> str:
-        return posixpath.join(self.state_dir, "changesets")
-
-    @property
-    def scratch_dir(self) -> str:
-        return posixpath.join(self.state_dir, "scratch")
-
-    @property
-    def cgroup_group(self) -> str:
-        """One cgroup parent per state directory, so two daemons never sweep each other."""
-        digest = hashlib.sha256(os.fsencode(os.path.realpath(self.state_dir))).hexdigest()
-        return f"airlock-{digest[:12]}"
 
 
 @dataclass(frozen=True)
