@@ -109,7 +109,8 @@ def start_daemon(base: Path, *args: str, env: dict[str, str] | None = None) -> D
     log_path = base / "daemon.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [AIRLOCKD, "--socket", sock, "--state-dir", state, *args],
+            # --config: never the machine's /etc/airlock/airlockd.toml (a later --config wins).
+            [AIRLOCKD, "--config", os.devnull, "--socket", sock, "--state-dir", state, *args],
             stdout=log,
             stderr=log,
             env=env or {**os.environ},

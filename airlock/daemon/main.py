@@ -1,19 +1,37 @@
-"""``airlockd``: the Airlock daemon's command line."""
+"""``airlockd``: the Airlock daemon's command line and configuration file.
+
+Every option but ``--config`` and ``--print-config`` is also a key of the TOML
+configuration file, named as the option without its dashes and taking the same values
+(``--memory-limit 2G`` is ``memory-limit = "2G"``, ``--no-capture`` is
+``no-capture = true``). Precedence: built-in default < configuration file < option
+given on the command line. The file is ``--config FILE``, else
+``/etc/airlock/airlockd.toml`` when it exists; ``packaging/airlockd.toml`` lists every
+key with its default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import grp
 import logging
+import os
 import re
 import sys
+import tomllib
+from collections.abc import Callable
 
 from airlock._version import __version__
 from airlock.core.config import DaemonConfig
 from airlock.daemon import _log
 from airlock.types import Limits
 
+DEFAULT_CONFIG = "/etc/airlock/airlockd.toml"
+
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file and key."""
 
 
 def _size(text: str) -> int:
@@ -39,92 +57,245 @@ def _group(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no such group: {text}") from None
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (example: 0660)")
+    return mode
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (true or false)")
+    return text.lower() == "true"
+
+
+# The TOML types each kind of option accepts; the value then goes through the option's
+# own conversion (str() of it), so the file takes exactly what the command line takes.
+_TOML_TYPES: dict[Callable[[str], object] | None, tuple[type, ...]] = {
+    None: (str,),
+    int: (int,),
+    _positive: (int, float),
+    _size: (str, int),
+    _group: (str, int),
+    _mode: (str,),
+    _boolean: (bool,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
+    """The parser, and its settings (the options a configuration file may set) by key."""
     d = Limits()
-    p = argparse.ArgumentParser(prog="airlockd", description="The Airlock daemon.")
-    p.add_argument("--socket", default="/run/airlock/airlock.sock", help="public Unix socket")
-    p.add_argument("--state-dir", default="/var/lib/airlock", help="private state directory")
-    p.add_argument(
-        "--socket-mode",
-        type=lambda s: int(s, 8),
-        default=0o660,
-        help="socket permissions, octal (default 0660)",
+    p = argparse.ArgumentParser(
+        prog="airlockd",
+        description="The Airlock daemon.",
+        epilog="Every option but --config and --print-config is also a key of the "
+        'configuration file, spelled without the dashes (memory-limit = "2G", '
+        "no-capture = true). An option given here wins over the file.",
     )
     p.add_argument(
-        "--socket-group", type=_group, default=None, help="group allowed to connect (name or gid)"
+        "--config",
+        metavar="FILE",
+        help=f"TOML configuration file (default: {DEFAULT_CONFIG} if it exists)",
     )
     p.add_argument(
-        "--default-timeout",
-        type=_positive,
-        default=d.default_timeout_s,
-        help="seconds, when a request sets none",
-    )
-    p.add_argument(
-        "--max-timeout",
-        type=_positive,
-        default=d.max_timeout_s,
-        help="the largest timeout a request may ask for, seconds",
-    )
-    p.add_argument("--memory-limit", type=_size, default=d.memory_bytes)
-    p.add_argument("--pids-limit", type=int, default=d.pids)
-    p.add_argument(
-        "--scratch-size",
-        type=_size,
-        default=d.scratch_bytes,
-        help="size of the copy-on-write layer of a sandbox",
-    )
-    p.add_argument(
-        "--output-limit",
-        type=_size,
-        default=d.output_bytes,
-        help="bytes kept of stdout and of stderr",
-    )
-    p.add_argument("--max-concurrent", type=int, default=d.concurrent_validations)
-    p.add_argument(
-        "--warm-pool",
-        type=int,
-        default=DaemonConfig.warm_pool,
-        help="sandboxes kept prepared ahead of requests (0: prepare each on demand)",
-    )
-    p.add_argument(
-        "--no-process-capture",
+        "--print-config",
         action="store_true",
-        help="do not record the processes a dry run starts (saves ~0.3 ms per exec)",
+        help="print the effective configuration as TOML and exit",
     )
-    p.add_argument(
-        "--keep-changes-max",
-        type=int,
-        default=DaemonConfig.keep_changes_max,
-        metavar="N",
-        help="keep a dry run's changes for Apply only up to N changes (0: never keep them)",
-    )
-    p.add_argument(
-        "--no-network-capture",
-        action="store_true",
-        help="give dry runs an unroutable loopback-only network instead of the recording "
-        "sinkhole (attempts fail at once and are not reported)",
-    )
-    p.add_argument(
-        "--no-read-capture",
-        action="store_true",
-        help="do not record opens of sensitive files",
-    )
-    p.add_argument(
-        "--no-capture",
-        action="store_true",
-        help="all three of --no-process-capture, --no-network-capture, --no-read-capture",
-    )
-    p.add_argument(
-        "--policy-dir",
-        default=None,
-        help="policy directory (default: the shipped policies/default); reloaded on SIGHUP "
-        "and when a file changes",
-    )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"airlockd {__version__}")
+    s = p.add_argument_group("settings (each also a configuration file key)")
+
+    def switch(flag: str, help: str) -> argparse.Action:
+        # --no-x[=true|false]: "=false" undoes a configuration file's "no-x = true".
+        return s.add_argument(
+            flag, nargs="?", const=True, default=False, type=_boolean, metavar="BOOL", help=help
+        )
+
+    settings = [
+        s.add_argument("--socket", default="/run/airlock/airlock.sock", help="public Unix socket"),
+        s.add_argument("--state-dir", default="/var/lib/airlock", help="private state directory"),
+        s.add_argument(
+            "--socket-mode",
+            type=_mode,
+            default=0o660,
+            help="socket permissions, octal (default 0660)",
+        ),
+        s.add_argument(
+            "--socket-group",
+            type=_group,
+            default=None,
+            help="group allowed to connect (name or gid)",
+        ),
+        s.add_argument(
+            "--default-timeout",
+            type=_positive,
+            default=d.default_timeout_s,
+            help="seconds, when a request sets none",
+        ),
+        s.add_argument(
+            "--max-timeout",
+            type=_positive,
+            default=d.max_timeout_s,
+            help="the largest timeout a request may ask for, seconds",
+        ),
+        s.add_argument("--memory-limit", type=_size, default=d.memory_bytes),
+        s.add_argument("--pids-limit", type=int, default=d.pids),
+        s.add_argument(
+            "--scratch-size",
+            type=_size,
+            default=d.scratch_bytes,
+            help="size of the copy-on-write layer of a sandbox",
+        ),
+        s.add_argument(
+            "--output-limit",
+            type=_size,
+            default=d.output_bytes,
+            help="bytes kept of stdout and of stderr",
+        ),
+        s.add_argument("--max-concurrent", type=int, default=d.concurrent_validations),
+        s.add_argument(
+            "--warm-pool",
+            type=int,
+            default=DaemonConfig.warm_pool,
+            help="sandboxes kept prepared ahead of requests (0: prepare each on demand)",
+        ),
+        s.add_argument(
+            "--keep-changes-max",
+            type=int,
+            default=DaemonConfig.keep_changes_max,
+            metavar="N",
+            help="keep a dry run's changes for Apply only up to N changes (0: never keep them)",
+        ),
+        switch(
+            "--no-process-capture",
+            "do not record the processes a dry run starts (saves ~0.3 ms per exec)",
+        ),
+        switch(
+            "--no-network-capture",
+            "give dry runs an unroutable loopback-only network instead of the recording "
+            "sinkhole (attempts fail at once and are not reported)",
+        ),
+        switch("--no-read-capture", "do not record opens of sensitive files"),
+        switch(
+            "--no-capture",
+            "all three of --no-process-capture, --no-network-capture, --no-read-capture",
+        ),
+        s.add_argument(
+            "--policy-dir",
+            default=None,
+            help="policy directory (default: the shipped airlock/policy/default); reloaded on "
+            "SIGHUP and when a file changes",
+        ),
+        s.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        ),
+    ]
+    return p, {a.option_strings[0].removeprefix("--"): a for a in settings}
+
+
+def load_config(path: str, settings: dict[str, argparse.Action]) -> dict[str, object]:
+    """The settings a configuration file sets, converted, by option dest."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, object] = {}
+    for key, raw in table.items():
+        action = settings.get(key)
+        if action is None:
+            known = ", ".join(settings)
+            raise ConfigError(f"{path}: unknown key {key!r} (the keys are: {known})")
+        convert = action.type if callable(action.type) else None
+        accepted = _TOML_TYPES[convert]
+        if isinstance(raw, bool) != (bool in accepted) or not isinstance(raw, accepted):
+            wanted = " or ".join(_TYPE_NAMES[t] for t in accepted)
+            raise ConfigError(f"{path}: {key}: expected {wanted}, not {type(raw).__name__} {raw!r}")
+        try:
+            value = raw if convert is None or isinstance(raw, bool) else convert(str(raw))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise ConfigError(f"{path}: {key}: {value!r} is not one of {choices}")
+        values[action.dest] = value
+    return values
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(action: argparse.Action, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if action.type is _size and isinstance(value, int):
+        for unit in ("G", "M", "K"):
+            scale = _UNITS[unit.lower()]
+            if value and value % scale == 0:
+                return f'"{value // scale}{unit}"'
+        return str(value)
+    if action.type is _mode and isinstance(value, int):
+        return f'"{value:04o}"'
+    if isinstance(value, str):
+        return _toml_string(value)
+    return repr(value)  # int, float (30.0, inf): valid TOML as written
+
+
+def render_config(
+    args: argparse.Namespace, settings: dict[str, argparse.Action], source: str | None
+) -> str:
+    """The effective configuration as TOML: every key, usable as a configuration file."""
+    lines = [
+        "# airlockd's effective configuration (airlockd --print-config): built-in defaults,",
+        f"# then {source or 'no configuration file'}, then the command line.",
+    ]
+    for key, action in settings.items():
+        value = getattr(args, action.dest)
+        if value is None:
+            lines.append(f"# {key} is not set")  # TOML has no null
+        else:
+            lines.append(f"{key} = {_toml_value(action, value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _load(argv: list[str] | None) -> tuple[DaemonConfig, str, str | None]:
+    """(configuration, log level, the configuration file read or None); exits on errors."""
+    p, settings = _parser()
     a = p.parse_args(argv)
+    path: str | None = a.config
+    if path is None and os.path.exists(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    if path is not None:
+        try:
+            p.set_defaults(**load_config(path, settings))
+        except ConfigError as exc:
+            p.exit(2, f"airlockd: error: {exc}\n")
+        a = p.parse_args(argv)  # again: the options given win over the file's values
     if a.default_timeout > a.max_timeout:
-        p.error("--default-timeout must not exceed --max-timeout")
+        where = f" (configuration file: {path})" if path else ""
+        p.error(
+            f"default-timeout ({a.default_timeout:g}) must not exceed "
+            f"max-timeout ({a.max_timeout:g}){where}"
+        )
+    if a.print_config:
+        sys.stdout.write(render_config(a, settings, path))
+        p.exit(0)
     limits = Limits(
         default_timeout_s=a.default_timeout,
         max_timeout_s=a.max_timeout,
@@ -148,12 +319,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
         keep_changes_max=max(a.keep_changes_max, 0),
         limits=limits,
     )
-    return config, a.log_level
+    return config, a.log_level, path
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DaemonConfig, str]:
+    """The daemon's configuration and log level from the command line and the file.
+
+    Exits (status 2) on a bad option or configuration file, and (status 0) after
+    ``--print-config``, ``--help`` or ``--version``.
+    """
+    config, level, _ = _load(argv)
+    return config, level
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, level = parse_args(argv)
+    config, level, path = _load(argv)
     _log.setup(level)
+    logging.getLogger("airlock.daemon").info("configuration", extra={"file": path or ""})
     from airlock.daemon.server import serve  # after logging, so import errors are logged too
 
     try:
