@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import time
 import uuid
@@ -518,6 +519,8 @@ def test_cli_audit_export_verifies_externally(
     written = run_cli(daemon, "audit", "export", "--jsonl", str(out))
     assert written.returncode == 0, written.stderr
     data = out.read_bytes()
+    # Root only, like the log: not readable by anyone else, even with a permissive umask.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
     # Byte for byte what the log itself exports (the daemon is idle meanwhile).
     with open_log(daemon.state_dir) as log:
         direct = io.BytesIO()

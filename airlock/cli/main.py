@@ -379,7 +379,9 @@ def _audit_export(args: argparse.Namespace, out: Console, err: Console) -> int:
         tmp = f"{path}.{os.getpid()}.tmp"
         count = 0
         try:
-            with open(tmp, "xb") as f:
+            # 0600 from the first byte: the log holds every user's commands (root only).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 for stored in client.audit_events():
                     f.write(_jsonl_line(stored))
                     count += 1
