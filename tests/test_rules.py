@@ -18,13 +18,13 @@ import jsonschema
 import pytest
 
 from airlock._errors import InvalidRequest
-from airlock.policy import loader
 from airlock.policy.loader import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
     PolicyBundle,
     PolicyError,
     PolicyProblem,
+    _yaml,
     load_bundle,
     read_fixtures,
 )
@@ -740,7 +740,7 @@ def test_brackets_in_text_are_not_nesting(tmp_path: Path) -> None:
         f"d: |\n  {many}\n  more {many}\n"
         f"e: ['c[', \"d{{\", {{f: [g]}}]\n"
     )
-    doc = loader._compose((tmp_path / "p.yaml").read_text(), "p.yaml")
+    doc = _yaml._compose((tmp_path / "p.yaml").read_text(), "p.yaml")
     assert doc.value["a"] == many and doc.value["c"] == "x" + many
     assert doc.value["d"] == f"{many}\nmore {many}\n"
     assert doc.value["e"] == ["c[", "d{", {"f": ["g"]}]

@@ -1,0 +1,277 @@
+"""The analysis under construction: simple commands, redirects, jobs and findings.
+
+:class:`_Draft` holds what a walk has found so far (the commands, the pipelines, the
+findings, the strings still to parse); the walker (:mod:`._walker`) and the unwrapper
+(:mod:`._unwrap`) add to it, and :mod:`._analyze` turns it into the frozen model
+(:mod:`airlock.policy.model`). Also here: the ids of the parser's own findings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from airlock.policy.shell._words import _dec, _encode, _Word
+from airlock.types import Finding, FindingSource, Severity, Verdict
+
+PARSE_ERROR: Final = "parse.error"
+PARSE_TOO_DEEP: Final = "parse.too-deep"
+PARSE_TOO_LARGE: Final = "parse.too-large"
+PARSE_INTERNAL_ERROR: Final = "parse.internal-error"
+DYNAMIC_COMMAND_NAME: Final = "dynamic.command-name"
+DYNAMIC_EVAL: Final = "dynamic.eval"
+DYNAMIC_SHELL_STRING: Final = "dynamic.shell-string"
+DECODE_TO_SHELL: Final = "decode-to-shell"
+
+_RULES: Final[dict[str, tuple[Verdict, Severity]]] = {
+    PARSE_ERROR: (Verdict.ASK, Severity.MEDIUM),
+    PARSE_TOO_DEEP: (Verdict.ASK, Severity.MEDIUM),
+    PARSE_TOO_LARGE: (Verdict.ASK, Severity.MEDIUM),
+    PARSE_INTERNAL_ERROR: (Verdict.ASK, Severity.HIGH),
+    DYNAMIC_COMMAND_NAME: (Verdict.ASK, Severity.MEDIUM),
+    DYNAMIC_EVAL: (Verdict.ASK, Severity.HIGH),
+    DYNAMIC_SHELL_STRING: (Verdict.ASK, Severity.HIGH),
+    DECODE_TO_SHELL: (Verdict.DENY, Severity.CRITICAL),
+}
+# At most this many findings per rule id: the verdict is the same, the list stays readable.
+_MAX_FINDINGS_PER_RULE: Final = 16
+_WRITE_OPS: Final = frozenset({">", ">>", ">|", "&>", "&>>", "<>"})
+
+
+@dataclass(slots=True)
+class _Redir:
+    op: str
+    fd: int | None
+    target: str
+    dynamic: bool
+    word: _Word | None = None
+    body: str = ""
+    body_dynamic: bool = False
+    body_span: tuple[int, int] = (0, 0)
+    heredoc: bool = False
+
+    @property
+    def writes(self) -> bool:
+        return self.op in _WRITE_OPS
+
+
+@dataclass(slots=True)
+class _Job:
+    """One string to parse: the line itself, or a string found in it (bash -c, eval, ...)."""
+
+    data: bytes
+    outer_span: tuple[int, int] | None
+    depth: int
+    wrappers: tuple[str, ...]
+    background: bool
+
+
+@dataclass
+class _Cmd:
+    """A simple command under construction (becomes a model.SimpleCommand)."""
+
+    words: list[_Word]
+    assignments: list[tuple[str, str]]
+    redirects: list[_Redir]
+    wrappers: tuple[str, ...]
+    job: _Job
+    nspan: tuple[int, int]  # span in the job's data
+    pid: int
+    pos: int
+    background: bool
+    depth: int
+    own_end: int = -1  # words[1:own_end] are this command's own arguments (wrappers)
+    excluded: tuple[tuple[int, int], ...] = ()  # word ranges run by find -exec
+    is_wrapper: bool = False
+    dynamic_args_extra: bool = False
+    reads_stdin: bool = False
+    flags: tuple[str, ...] = ()
+    positionals: tuple[str, ...] = ()
+    own: list[str] | None = None  # own_args(), once computed
+    dynamic_args: bool = False  # set by finish()
+    argv0: str = field(init=False)
+    name: str = field(init=False)  # basename of argv0, unless that part is dynamic
+    dynamic: bool = field(init=False)  # argv0 is not a literal
+
+    def __post_init__(self) -> None:
+        if not self.words:
+            self.argv0 = self.name = ""
+            self.dynamic = False
+            return
+        w = self.words[0]
+        self.argv0 = self.name = w.value
+        self.dynamic = w.dynamic or w.procsub or w.glob or w.brace
+        slash = w.value.rfind("/")
+        if 0 <= slash < len(w.value) - 1 and not any(k in "XP" for k in w.kinds[slash + 1 :]):
+            self.name = w.value[slash + 1 :]
+
+    @property
+    def args(self) -> list[str]:
+        return [w.value for w in self.words[1:]]
+
+    def own_args(self) -> list[str]:
+        """Its own arguments: not the command a wrapper runs, nor find's -exec commands.
+
+        Cached: call it only once own_end and excluded are final (in finish())."""
+        if self.own is not None:
+            return self.own
+        end = len(self.words) if self.own_end < 0 else self.own_end
+        if not self.excluded:
+            self.own = [w.value for w in self.words[1:end]]
+        else:
+            self.own = [
+                self.words[i].value
+                for i in range(1, end)
+                if not any(a <= i < b for a, b in self.excluded)
+            ]
+        return self.own
+
+
+def _split_flags(
+    args: Sequence[str], style: str, with_value: frozenset[str]
+) -> tuple[list[str], list[str]]:
+    """Flags (clusters split, long ones without =value) and positionals; none after --."""
+    flags: list[str] = []
+    positionals: list[str] = []
+    ended = False
+    for index, arg in enumerate(args):
+        if ended:
+            positionals.append(arg)
+            continue
+        if arg == "--":
+            ended = True
+            continue
+        if len(arg) < 2 or arg[0] != "-":
+            if style == "bundled_first_arg" and index == 0 and arg.isalpha():
+                flags.extend("-" + c for c in arg)
+                continue
+            positionals.append(arg)
+            continue
+        if arg.startswith("--") or style == "single_dash":
+            flags.append(arg.split("=", 1)[0])
+        elif arg[1:].isdigit():
+            flags.append(arg)
+        else:
+            for i in range(1, len(arg)):
+                flag = "-" + arg[i]
+                flags.append(flag)
+                if flag in with_value:
+                    break  # the rest of the word is the option's value
+    return flags, positionals
+
+
+class _Limit(Exception):
+    """Raised to stop extracting when max_commands is reached."""
+
+
+class _Draft:
+    """The analysis so far: its limits, the commands, pipelines and findings found, and
+    the jobs (strings to parse) still to walk."""
+
+    def __init__(
+        self,
+        source: str,
+        data: bytes,
+        max_depth: int,
+        max_bytes: int,
+        max_commands: int,
+        max_parse_seconds: float,
+    ):
+        self.source = source
+        self.max_parse_seconds = max_parse_seconds
+        self.deadline = time.monotonic() + max_parse_seconds
+        self.data = data
+        self.max_depth = max_depth
+        self.max_bytes = max_bytes
+        self.max_commands = max_commands
+        self.commands: list[_Cmd] = []
+        self.findings: list[Finding] = []
+        self.finding_counts: dict[str, int] = {}
+        self.pipes: list[list[_Cmd]] = []
+        self.jobs: list[_Job] = []
+        self.bytes_parsed = 0
+        self.decode_checks: list[tuple[_Cmd, _Word, str]] = []
+
+    # -- findings --------------------------------------------------------------------------
+
+    def finding(self, rule: str, message: str, span: tuple[int, int], subcommand: str) -> None:
+        count = self.finding_counts.get(rule, 0)
+        if count >= _MAX_FINDINGS_PER_RULE:
+            return
+        self.finding_counts[rule] = count + 1
+        verdict, severity = _RULES[rule]
+        self.findings.append(
+            Finding(
+                rule_id=rule,
+                verdict=verdict,
+                severity=severity,
+                message=message,
+                source=FindingSource.STATIC,
+                subcommand=subcommand,
+                span=span,
+            )
+        )
+
+    def finding_at(self, rule: str, message: str, job: _Job, span: tuple[int, int]) -> None:
+        """A finding on ``span`` of ``job``'s text, reported where it is in the line."""
+        real = self.real_span(job, span)
+        self.finding(rule, message, real, self.real_text(real))
+
+    def real_span(self, job: _Job, span: tuple[int, int]) -> tuple[int, int]:
+        """Where ``span`` of ``job`` is in the line: a nested job's outermost word or body."""
+        return job.outer_span if job.outer_span is not None else span
+
+    def real_text(self, span: tuple[int, int]) -> str:
+        return _dec(self.data[span[0] : span[1]])
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def queue(self, cmd: _Cmd, text: str, span: tuple[int, int], label: str, what: str) -> None:
+        """Parse ``text`` (a string the command runs as a command line) as its own job."""
+        self.queue_job(cmd.job, text, span, (*cmd.wrappers, label), cmd.background, what)
+
+    def queue_job(
+        self,
+        job: _Job,
+        text: str,
+        span: tuple[int, int],
+        wrappers: tuple[str, ...],
+        background: bool,
+        what: str,
+    ) -> None:
+        if job.depth + 1 > self.max_depth:
+            self.finding_at(
+                PARSE_TOO_DEEP,
+                f"Command lines are nested more than {self.max_depth} levels deep "
+                f"({what} inside {what}...); the innermost ones were not analysed.",
+                job,
+                span,
+            )
+            return
+        data = _encode(text)
+        if self.bytes_parsed + len(data) > self.max_bytes:
+            self.finding_at(
+                PARSE_TOO_LARGE,
+                f"The command lines nested in this one add up to more than {self.max_bytes} "
+                "bytes; the rest were not analysed.",
+                job,
+                span,
+            )
+            return
+        self.jobs.append(_Job(data, self.real_span(job, span), job.depth + 1, wrappers, background))
+
+    # -- commands --------------------------------------------------------------------------
+
+    def add(self, cmd: _Cmd) -> None:
+        if len(self.commands) >= self.max_commands:
+            raise _Limit
+        self.commands.append(cmd)
+        if cmd.pid >= 0:
+            self.pipes[cmd.pid].append(cmd)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return f"`{text}`" if len(text) <= limit else f"`{text[: limit - 3]}...`"
