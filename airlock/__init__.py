@@ -1,9 +1,9 @@
 """Airlock: judge shell commands by a static pass and a measured dry run.
 
 The public surface is small: :class:`airlock.client.Client` talks to the daemon,
-the exceptions below are raised on both sides, and ``airlock.types`` holds the
-frozen dataclasses results come back as. Everything in a module whose name
-starts with an underscore is private.
+the exceptions below are raised on both sides (``Reason`` lists their reasons), and
+``airlock.types`` holds the frozen dataclasses results come back as. Everything in a
+module whose name starts with an underscore is private.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from airlock._errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
     SandboxError,
     Unavailable,
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "PermissionDenied",
+    "Reason",
     "ResourceExhausted",
     "SandboxError",
     "Unavailable",

@@ -100,16 +100,22 @@ class CgroupVersion(enum.IntEnum):
 
 @dataclass(frozen=True)
 class PeerCred:
-    """Who is calling, as the kernel reported it for the Unix socket (SO_PEERCRED)."""
+    """Who is calling, as the kernel reported it when the connection was accepted.
+
+    ``pid``, ``uid`` and ``gid`` from SO_PEERCRED, ``groups`` (the supplementary groups) from
+    SO_PEERGROUPS: all four are the connecting process's at ``connect(2)``, captured once and
+    never looked up again by pid (a pid can be reused by another process).
+    """
 
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class ValidateRequest:
-    """A checked request: every field has been validated by ``airlock.engine``."""
+    """A Validate request as the client sent it; ``airlock.core.request.check`` checks it."""
 
     command: str
     cwd: str
@@ -153,6 +159,9 @@ class FileChange:
     binary: bool = False
     diff_truncated: bool = False
     entries_deleted: int = 0
+    # The caller may not read this file's content (the new, or the old it replaces): no diff
+    # and no hash of what it may not read are given, and the change is not kept for Apply.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,7 +329,7 @@ class Validation:
 
 @dataclass(frozen=True)
 class ExecuteRequest:
-    """A checked Execute request: a command to run for real, and what authorizes it."""
+    """An Execute request as sent: a command to run for real, and what authorizes it."""
 
     command: str
     cwd: str
@@ -383,6 +392,11 @@ class ExecFinished:
 
 
 ExecEvent = ExecStarted | ExecOutput | ProcessInfo | ExecFinished
+
+
+class ApprovalScope(enum.IntEnum):
+    ONCE = 1  # one Execute or one Apply of this validation
+    SESSION = 2  # the same command, cwd and policy version, for the rest of the session
 
 
 @dataclass(frozen=True)

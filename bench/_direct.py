@@ -38,7 +38,8 @@ import uuid
 from typing import Any
 
 from airlock.core.config import DaemonConfig
-from airlock.core.engine import Engine, check_request, resolve_identity
+from airlock.core.engine import Engine
+from airlock.core.request import check
 from airlock.policy.store import PolicyStore
 from airlock.sandbox import _wire, cgroup, contain
 from airlock.sandbox.cgroup import Cgroup, CgroupSpec
@@ -99,14 +100,13 @@ class Worker:
             spawner.start()
         self.engine = Engine(self.config, self.warm, self.host, PolicyStore(NEUTRAL_POLICY))
         self.peer = PeerCred(pid=os.getpid(), uid=0, gid=0)
-        self.request = ValidateRequest(command=_COMMAND, cwd=cwd, env=(), timeout_s=30.0)
-        self.cwd, self.timeout = check_request(self.request, self.config.limits)
-        self.who = resolve_identity(self.request, self.peer)
+        request = ValidateRequest(command=_COMMAND, cwd=cwd, env=(), timeout_s=30.0)
+        self.request = check(request, self.peer, self.config.limits)
         self.failures: list[str] = []
 
     def _plan(self) -> tuple[SandboxPlan, float]:
         t0 = time.perf_counter()
-        plan = self.engine.plan(self.request, self.cwd, self.timeout, self.who, uuid.uuid4().hex)
+        plan = self.engine.plan(self.request, uuid.uuid4().hex)
         return plan, time.perf_counter() - t0
 
     def _check(self, result: Any, mode: str) -> None:
@@ -144,7 +144,7 @@ class Worker:
         times, warm_runs = [], 0
         for _ in range(runs):
             t0 = time.perf_counter()
-            validation = self.engine.validate(self.request, self.peer)
+            validation = self.engine.validate(self.request, uuid.uuid4().hex)
             times.append(time.perf_counter() - t0)
             warm_runs += bool(getattr(validation.timings, "warm", False))
             self._check(validation, "engine")

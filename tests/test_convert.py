@@ -73,6 +73,7 @@ CHANGES = st.builds(
     binary=st.booleans(),
     diff_truncated=st.booleans(),
     entries_deleted=UINT64,
+    unreadable=st.booleans(),
 )
 
 FINDINGS = st.builds(

@@ -230,6 +230,15 @@ def exec_event_to_proto(e: types.ExecEvent) -> pb.ExecuteResponse:
     )
 
 
+def approve_request_from_proto(msg: pb.ApproveRequest) -> tuple[str, types.ApprovalScope]:
+    """The validation id and the scope (which must be set: ONCE or SESSION)."""
+    if msg.scope not in (pb.APPROVAL_SCOPE_ONCE, pb.APPROVAL_SCOPE_SESSION):
+        raise InvalidRequest(
+            "scope: must be APPROVAL_SCOPE_ONCE or APPROVAL_SCOPE_SESSION", reason="INVALID_SCOPE"
+        )
+    return msg.validation_id, types.ApprovalScope(int(msg.scope))
+
+
 def approve_response_from_proto(msg: pb.ApproveResponse) -> types.ApprovalGrant:
     return types.ApprovalGrant(
         approval_token=msg.approval_token,
@@ -347,6 +356,7 @@ def change_to_proto(c: types.FileChange) -> pb.FileChange:
         binary=c.binary,
         diff_truncated=c.diff_truncated,
         entries_deleted=c.entries_deleted,
+        unreadable=c.unreadable,
     )
     if not _is_utf8(c.path):
         msg.raw_path = c.path
@@ -386,6 +396,7 @@ def change_from_proto(msg: pb.FileChange) -> types.FileChange:
         binary=msg.binary,
         diff_truncated=msg.diff_truncated,
         entries_deleted=msg.entries_deleted,
+        unreadable=msg.unreadable,
     )
 
 

@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 
 from airlock._errors import (
     AirlockError,
+    ApplyIncomplete,
     Cancelled,
     Conflict,
     FailedPrecondition,
@@ -48,10 +49,13 @@ _CODE_OF_CLASS: dict[type[AirlockError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     SandboxError: grpc.StatusCode.INTERNAL,
     Conflict: grpc.StatusCode.ABORTED,
+    ApplyIncomplete: grpc.StatusCode.UNKNOWN,
     AirlockError: grpc.StatusCode.UNKNOWN,
 }
+# The class a client raises for a code: the most general one mapped to it (not a subclass that
+# shares its base's code, such as ApplyIncomplete, whose data the status does not carry).
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[AirlockError]] = {
-    code: cls for cls, code in _CODE_OF_CLASS.items()
+    code: cls for cls, code in _CODE_OF_CLASS.items() if _CODE_OF_CLASS.get(cls.__mro__[1]) != code
 }
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO
 
-from airlock._errors import AirlockError, InvalidRequest
+from airlock import _sqlite
+from airlock._errors import AirlockError, InvalidRequest, Reason
 from airlock.audit.canonical import (
     GENESIS_HASH,
     MalformedEvent,
@@ -71,9 +72,7 @@ MAX_PAGE_SIZE = 1000
 KEY_BYTES = 32
 _APPLICATION_ID = 0x41415544  # "AAUD" in the database header
 _SCHEMA_VERSION = 1
-_BUSY_TIMEOUT_S = 30.0
 _MOVED_WINDOW = 1000  # verify tries this many seqs either side of an event that moved
-_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -106,7 +105,7 @@ _DECODER = json.JSONDecoder()
 class AuditError(AirlockError):
     """The audit log cannot be read or written (reason says why)."""
 
-    default_reason = "AUDIT_LOG_FAILED"
+    default_reason = Reason.AUDIT_LOG_FAILED
 
 
 def caller_of(peer: PeerCred) -> Caller:
@@ -379,20 +378,31 @@ class AuditLog:
     ) -> None:
         self.path = os.fspath(path)
         self._key = key
-        self._fsync = fsync
         self._write_lock = threading.Lock()  # held while committing
         self._queue_lock = threading.Lock()
         self._queue: builtins.list[_Pending] = []  # appends waiting for the next commit
         self._read_lock = threading.Lock()
         self._closed = False
         self._last: Anchor | None = None
-        with self._guard("open"):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-            self._writer = self._connect()
+        # FULL: the WAL is fsynced at every commit, so an appended event survives a crash of
+        # the machine; NORMAL: only the process being killed (see _sqlite.Database.connect).
+        self._db = _sqlite.Database(
+            path=self.path,
+            noun="audit log",
+            error=AuditError,
+            corrupt_reason=Reason.AUDIT_LOG_CORRUPT,
+            corrupt_advice="move it aside and restore a verified copy",
+            application_id=_APPLICATION_ID,
+            schema_version=_SCHEMA_VERSION,
+            schema=_SCHEMA,
+            synchronous="FULL" if fsync else "NORMAL",
+        )
+        with self._db.guard("open"):
+            self._db.create_file()
+            self._writer = self._db.connect()
             try:
                 self._setup(self._writer)
-                self._reader = self._connect()
+                self._reader = self._db.connect()
                 self._last = self._head(self._reader)
             except BaseException:
                 self._writer.close()
@@ -457,16 +467,8 @@ class AuditLog:
     def _commit(self, batch: builtins.list[_Pending]) -> None:
         """Write a batch of pending appends in one transaction; mark each done."""
         try:
-            with self._guard("append"):
-                conn = self._open_conn(self._writer)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._insert(conn, batch)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
+            with self._db.guard("append"), _sqlite.immediate(self._open_conn(self._writer)) as conn:
+                self._insert(conn, batch)
         except AuditError as err:
             for p in batch:
                 p.stored, p.error = [], err
@@ -522,7 +524,7 @@ class AuditLog:
 
     def head(self) -> Anchor | None:
         """The last event's sequence number and hash: the anchor to keep elsewhere."""
-        with self._read_lock, self._guard("read the head"):
+        with self._read_lock, self._db.guard("read the head"):
             return self._head(self._open_conn(self._reader))
 
     def list(
@@ -567,7 +569,7 @@ class AuditLog:
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        with self._read_lock, self._guard("list events"):
+        with self._read_lock, self._db.guard("list events"):
             conn = self._open_conn(self._reader)
             conn.execute("BEGIN")
             try:
@@ -637,7 +639,7 @@ class AuditLog:
         stored canonical bytes, so an external verifier can recompute every hash.
         """
         count = 0
-        with self._guard("export"), self._snapshot() as conn:
+        with self._db.guard("export"), self._snapshot() as conn:
             cursor = conn.execute("SELECT seq, prev_hash, hash, body FROM events ORDER BY seq")
             for seq, prev, digest, body in cursor:
                 line = f'{{"event":{body},"hash":"{digest}","prev_hash":"{prev}","seq":{seq}}}\n'
@@ -655,7 +657,7 @@ class AuditLog:
         whole chain, without the key) is invisible to the chain alone: pass an
         ``anchor`` (an earlier :meth:`head`, kept elsewhere) to catch it.
         """
-        with self._guard("verify"), self._snapshot() as conn:
+        with self._db.guard("verify"), self._snapshot() as conn:
             walk = _Walk(conn, self._key, anchor)
             problem = walk.run()
             if walk.mismatch is not None:
@@ -693,66 +695,22 @@ class AuditLog:
 
     # --- Plumbing -----------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise AuditError(
-                    f"the audit log {self.path} cannot use WAL mode (journal_mode={mode})"
-                )
-            # FULL: the WAL is fsynced at every commit, so an appended event survives a
-            # crash of the machine. NORMAL: a commit is written to the WAL (the OS has it:
-            # it survives the process being killed) and fsynced at checkpoints only.
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     def _setup(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            app = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            want = "" if self._key is None else key_id(self._key)
-            if app == 0 and version == 0 and tables == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        want = "" if self._key is None else key_id(self._key)
+        with _sqlite.immediate(conn):
+            if self._db.check_schema(conn):
                 conn.execute("INSERT INTO meta VALUES ('key_id', ?)", (want,))
-            elif app != _APPLICATION_ID:
+                return
+            row = conn.execute("SELECT value FROM meta WHERE name = 'key_id'").fetchone()
+            have = None if row is None else row[0]
+            if have != want:
                 raise AuditError(
-                    f"{self.path} is not an Airlock audit log (application_id {app:#x})",
-                    reason="AUDIT_LOG_CORRUPT",
+                    f"the audit log {self.path} was created "
+                    + ("without a key" if have == "" else f"with the key {have}")
+                    + ", but is opened "
+                    + ("without a key" if not want else f"with the key {want}"),
+                    reason="AUDIT_KEY_MISMATCH",
                 )
-            elif version != _SCHEMA_VERSION:
-                raise AuditError(
-                    f"the audit log {self.path} has schema version {version}; "
-                    f"this Airlock reads version {_SCHEMA_VERSION}",
-                    reason="AUDIT_LOG_CORRUPT",
-                )
-            else:
-                row = conn.execute("SELECT value FROM meta WHERE name = 'key_id'").fetchone()
-                have = None if row is None else row[0]
-                if have != want:
-                    raise AuditError(
-                        f"the audit log {self.path} was created "
-                        + ("without a key" if have == "" else f"with the key {have}")
-                        + ", but is opened "
-                        + ("without a key" if not want else f"with the key {want}"),
-                        reason="AUDIT_KEY_MISMATCH",
-                    )
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _head(conn: sqlite3.Connection) -> Anchor | None:
@@ -768,7 +726,7 @@ class AuditLog:
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A connection of its own in one read transaction: long reads do not block."""
         self._open_conn(self._reader)
-        conn = self._connect()
+        conn = self._db.connect()
         try:
             conn.execute("BEGIN")
             yield conn
@@ -776,20 +734,3 @@ class AuditLog:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             conn.close()
-
-    @contextlib.contextmanager
-    def _guard(self, action: str) -> Iterator[None]:
-        """sqlite3 and OS errors become AuditErrors that name the file."""
-        try:
-            yield
-        except sqlite3.Error as err:
-            code = getattr(err, "sqlite_errorcode", 0) & 0xFF
-            if code in _CORRUPT_CODES:
-                raise AuditError(
-                    f"the audit log {self.path} is corrupt ({err}); move it aside and "
-                    "restore a verified copy",
-                    reason="AUDIT_LOG_CORRUPT",
-                ) from None
-            raise AuditError(f"audit log {self.path}: could not {action}: {err}") from None
-        except OSError as err:
-            raise AuditError(f"audit log {self.path}: could not {action}: {err}") from None

@@ -179,6 +179,8 @@ def _change_details(c: types.FileChange) -> list[str]:
         details.append("binary")
     if c.diff_truncated:
         details.append("diff truncated")
+    if c.unreadable:
+        details.append("content not readable by the caller: not shown")
     return details
 
 

@@ -11,12 +11,12 @@ protobuf, and never an environment's values: only its hash (``env_sha256``). Rea
 caller with :func:`caller_of` when the call arrives, before the work: the caller's pid
 may be gone (or reused) by the time the answer is ready.
 
-Usage in a servicer::
+Usage (``airlock.core.service`` is the one user)::
 
     caller = caller_of(peer)                    # first, while the caller surely runs
-    result = engine.validate(req, peer, ...)
+    result = engine.validate(req, validation_id)
     record(audit_log, validate_event(caller, req, result))   # raises Unavailable
-    return convert(result)
+    return result
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from airlock.audit import (
     path_text,
     rule_decisions,
 )
-from airlock.audit import env_sha256 as hash_env
-from airlock.types import DryRunSkip, Finding, Termination, ValidateRequest, Validation, Verdict
+from airlock.core.request import CheckedRequest
+from airlock.core.state import ValidationRecord
+from airlock.types import DryRunSkip, Finding, Termination, Validation, Verdict
 
 __all__ = [
     "apply_event",
@@ -119,7 +120,7 @@ def effects_text(v: Validation) -> str:
     return f"{v.summary}\n{'; '.join(facts)}"
 
 
-def validate_event(caller: Caller, req: ValidateRequest, v: Validation) -> AuditEvent:
+def validate_event(caller: Caller, req: CheckedRequest, v: Validation) -> AuditEvent:
     """The event of a Validate that reached verdict ``v.verdict``.
 
     Nothing ran on the host, so the outcome is empty (the dry run's exit code is in
@@ -130,7 +131,7 @@ def validate_event(caller: Caller, req: ValidateRequest, v: Validation) -> Audit
         caller=caller,
         command=req.command,
         cwd=req.cwd,
-        env_sha256=hash_env(req.env),
+        env_sha256=req.env_sha256,
         findings=rule_decisions(v.findings),
         effects=effects_text(v),
         verdict=v.verdict,
@@ -139,133 +140,92 @@ def validate_event(caller: Caller, req: ValidateRequest, v: Validation) -> Audit
     )
 
 
-def approve_event(
-    caller: Caller,
-    *,
-    validation_id: str,
-    approval: Approval,
-    command: str = "",
-    cwd: str = "",
-    env_sha256: str = "",
-    verdict: Verdict | None = None,
-    findings: Iterable[Finding] = (),
-    session_id: str = "",
-    detail: str = "",
-    error: str = "",
-) -> AuditEvent:
-    """The event of an Approve: ``approval`` says whether and why (its ``detail``: who).
-
-    ``command``, ``cwd``, ``env_sha256`` and ``verdict`` are the approved validation's.
-    ``detail`` is extra context for ``effects`` (for example the scope and expiry of
-    the grant). ``error`` is the reason of a refused approval ("" if it was given).
-    """
+def approve_event(caller: Caller, record: ValidationRecord, approval: Approval) -> AuditEvent:
+    """The event of an Approve of ``record``: ``approval`` says why (its ``detail``: who)."""
     return AuditEvent(
         kind=RpcKind.APPROVE,
         caller=caller,
-        command=command,
-        cwd=cwd,
-        env_sha256=env_sha256,
-        findings=rule_decisions(findings),
-        effects=detail,
-        verdict=verdict,
+        command=record.command,
+        cwd=record.cwd,
+        env_sha256=record.env_sha256,
+        verdict=record.verdict,
         approval=approval,
-        outcome=Outcome(error=error),
-        validation_id=validation_id,
-        session_id=session_id,
+        validation_id=record.validation_id,
+        session_id=record.session_id,
     )
 
 
 def apply_event(
     caller: Caller,
+    record: ValidationRecord,
     *,
-    validation_id: str,
     applied_paths: Iterable[bytes],
-    command: str = "",
-    cwd: str = "",
-    env_sha256: str = "",
-    verdict: Verdict | None = None,
     approval: Approval | None = None,
     effects: str = "",
-    session_id: str = "",
     error: str = "",
 ) -> AuditEvent:
-    """The event of an Apply: the host paths written (``applied_paths``, in order).
+    """The event of an Apply of ``record``: the host paths written (in order).
 
-    ``approval`` is the one the apply used (None: the verdict was ALLOW). On failure,
-    ``error`` is the reason and ``applied_paths`` what was written before it (if any).
+    ``approval`` is the one the apply used. On failure, ``error`` is the reason and
+    ``applied_paths`` what was written before it (if any).
     """
     return AuditEvent(
         kind=RpcKind.APPLY,
         caller=caller,
-        command=command,
-        cwd=cwd,
-        env_sha256=env_sha256,
+        command=record.command,
+        cwd=record.cwd,
+        env_sha256=record.env_sha256,
         effects=effects,
-        verdict=verdict,
+        verdict=record.verdict,
         approval=approval,
         outcome=Outcome(applied_paths=tuple(path_text(p) for p in applied_paths), error=error),
-        validation_id=validation_id,
-        session_id=session_id,
+        validation_id=record.validation_id,
+        session_id=record.session_id,
     )
 
 
-def discard_event(
-    caller: Caller,
-    *,
-    validation_id: str,
-    command: str = "",
-    cwd: str = "",
-    verdict: Verdict | None = None,
-    effects: str = "",
-    session_id: str = "",
-    error: str = "",
-) -> AuditEvent:
-    """The event of a Discard of validation ``validation_id`` (``error``: why it was refused)."""
+def discard_event(caller: Caller, record: ValidationRecord) -> AuditEvent:
+    """The event of a Discard of ``record``."""
     return AuditEvent(
         kind=RpcKind.DISCARD,
         caller=caller,
-        command=command,
-        cwd=cwd,
-        effects=effects,
-        verdict=verdict,
-        outcome=Outcome(error=error),
-        validation_id=validation_id,
-        session_id=session_id,
+        command=record.command,
+        cwd=record.cwd,
+        verdict=record.verdict,
+        validation_id=record.validation_id,
+        session_id=record.session_id,
     )
 
 
 def execute_event(
     caller: Caller,
+    req: CheckedRequest,
     *,
-    command: str,
-    cwd: str,
-    env: Iterable[tuple[str, str]],
     verdict: Verdict | None,
     findings: Iterable[Finding] = (),
     approval: Approval | None = None,
     exit_code: int | None = None,
     effects: str = "",
     execution_id: str = "",
-    session_id: str = "",
     error: str = "",
 ) -> AuditEvent:
-    """The event of an Execute: the command run on the host and how it ended.
+    """The event of an Execute of ``req``: the command run on the host and how it ended.
 
-    ``env`` is the command's environment (only its hash is kept). ``exit_code`` is
-    None if the command never started (``error`` then says why). ``execution_id``
-    goes in the event's ``validation_id`` field (the id the call reported).
+    ``exit_code`` is None if the command never started (``error`` then says why).
+    ``execution_id`` goes in the event's ``validation_id`` field (the id the call
+    reported).
     """
     return AuditEvent(
         kind=RpcKind.EXECUTE,
         caller=caller,
-        command=command,
-        cwd=cwd,
-        env_sha256=hash_env(env),
+        command=req.command,
+        cwd=req.cwd,
+        env_sha256=req.env_sha256,
         findings=rule_decisions(findings),
         effects=effects,
         verdict=verdict,
         approval=approval,
         outcome=Outcome(exit_code=exit_code, error=error),
         validation_id=execution_id,
-        session_id=session_id,
+        session_id=req.session_id,
     )

@@ -32,6 +32,11 @@ class DaemonConfig:
     # Keep each dry run's changes for Apply (under state_dir/changesets), up to this many.
     keep_changes: bool = True
     keep_changes_max: int = 2000
+    # Connections on the public socket: in all, per non-root uid (root keeps the last eighth
+    # of max_connections for itself), and how long one may stay silent before its first call.
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    first_request_timeout_s: float = 10.0
 
     @property
     def changesets_dir(self) -> str:

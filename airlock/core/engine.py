@@ -1,33 +1,25 @@
-"""The engine: check a request, resolve who runs it, plan, dry-run, judge.
+"""The engine: plan, dry-run and judge a checked request; run one for real.
 
-It knows nothing of gRPC: the daemon converts protobuf to ``airlock.types``
-(:mod:`airlock.api.convert`), calls the application (:mod:`airlock.core`), and maps
-:mod:`airlock._errors` to status codes (:mod:`airlock.api.status`).
+It takes a :class:`~airlock.core.request.CheckedRequest` (checked once, by
+:mod:`airlock.core.request`) and knows nothing of gRPC, of the workflow or of the audit
+log: :mod:`airlock.core.service` calls it, once per RPC, between the two.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import grp
 import os
 import posixpath
 import pwd
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from airlock import _errors
-from airlock._errors import (
-    AirlockError,
-    FailedPrecondition,
-    InvalidRequest,
-    PermissionDenied,
-    SandboxError,
-)
-from airlock.audit.model import Authorization
+from airlock._errors import InvalidRequest, SandboxError
 from airlock.core.config import DaemonConfig
+from airlock.core.request import CheckedRequest
 from airlock.policy import builtin, shell
 from airlock.policy.model import Analysis
 from airlock.policy.store import PolicyStore
@@ -38,10 +30,10 @@ from airlock.sandbox.contain import OutputChunk, SandboxResult
 from airlock.sandbox.diff import DiffOptions
 from airlock.sandbox.netcap import NetworkAttempt
 from airlock.sandbox.plan import (
-    KERNEL_TREES,
     ApplyPlan,
     ApplyReply,
     HostMount,
+    RunSpec,
     SandboxPlan,
     SandboxSettings,
     SandboxTemplate,
@@ -56,134 +48,30 @@ from airlock.types import (
     Effects,
     ExecFinished,
     ExecOutput,
-    ExecStarted,
-    ExecuteRequest,
-    Limits,
+    Finding,
     NetworkAttemptInfo,
-    PeerCred,
     ProcessInfo,
     ResourceUsage,
     SensitiveReadInfo,
     StaticSummary,
     Termination,
     Timings,
-    ValidateRequest,
     Validation,
     Verdict,
 )
 
-__all__ = ["Engine", "Identity", "check_request"]
-
-_MAX_PATH = 4096
+__all__ = ["Engine", "StaticDecision"]
 
 
 @dataclass(frozen=True)
-class Identity:
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
+class StaticDecision:
+    """The static pass's verdict on a command line: all that an Execute is judged on."""
 
-
-def _fail(field_name: str, why: str, reason: str = "INVALID_ARGUMENT") -> InvalidRequest:
-    return InvalidRequest(f"{field_name}: {why}", reason=reason)
-
-
-def check_request(req: ValidateRequest, limits: Limits) -> tuple[str, float]:
-    """Reject malformed input with a message naming the field; return (cwd, timeout)."""
-    command = req.command
-    if not command.strip():
-        raise _fail("command", "must not be empty", "INVALID_COMMAND")
-    if "\0" in command:
-        raise _fail("command", "contains a NUL byte", "INVALID_COMMAND")
-    size = len(command.encode("utf-8", errors="surrogatepass"))
-    if size > limits.command_bytes:
-        raise _fail(
-            "command", f"is {size} bytes; the limit is {limits.command_bytes}", "COMMAND_TOO_LARGE"
-        )
-
-    cwd = req.cwd
-    if not cwd:
-        raise _fail("cwd", "is required (an absolute path of an existing directory)", "INVALID_CWD")
-    if "\0" in cwd or len(cwd) > _MAX_PATH:
-        raise _fail("cwd", "is not a valid path", "INVALID_CWD")
-    if not cwd.startswith("/"):
-        raise _fail("cwd", f"must be an absolute path, got {cwd!r}", "INVALID_CWD")
-    cwd = posixpath.normpath(cwd)
-    if cwd.startswith("//"):
-        cwd = "/" + cwd.lstrip("/")
-    if any(cwd == k or cwd.startswith(k + "/") for k in KERNEL_TREES):
-        raise _fail("cwd", f"{cwd} is on a kernel file system, not a workspace", "INVALID_CWD")
-    if not os.path.exists(cwd):
-        raise _fail("cwd", f"{cwd} does not exist", "INVALID_CWD")
-    if not os.path.isdir(cwd):
-        raise _fail("cwd", f"{cwd} is not a directory", "INVALID_CWD")
-
-    env_size = 0
-    for key, value in req.env:
-        if not key:
-            raise _fail("env", "has an empty variable name", "INVALID_ENV")
-        if "=" in key or "\0" in key:
-            raise _fail("env", f"variable name {key!r} contains '=' or a NUL byte", "INVALID_ENV")
-        if "\0" in value:
-            raise _fail("env", f"the value of {key} contains a NUL byte", "INVALID_ENV")
-        env_size += len(key.encode()) + len(value.encode()) + 2
-    if env_size > limits.env_bytes:
-        raise _fail("env", f"is {env_size} bytes; the limit is {limits.env_bytes}", "INVALID_ENV")
-
-    timeout = req.timeout_s
-    if timeout is None or timeout == 0:
-        timeout = limits.default_timeout_s
-    elif timeout < 0:
-        raise _fail("timeout", f"must not be negative, got {timeout:g} s", "INVALID_TIMEOUT")
-    elif timeout > limits.max_timeout_s:
-        raise _fail(
-            "timeout",
-            f"{timeout:g} s is above the daemon's maximum of {limits.max_timeout_s:g} s",
-            "INVALID_TIMEOUT",
-        )
-    return cwd, timeout
-
-
-def _caller_groups(peer: PeerCred) -> tuple[int, ...]:
-    """The caller process's own supplementary groups: never more than it has."""
-    try:
-        with open(f"/proc/{peer.pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return tuple(sorted({int(g) for g in line.split()[1:]} | {peer.gid}))
-    except (OSError, ValueError):
-        pass
-    return (peer.gid,)
-
-
-def resolve_identity(req: ValidateRequest, peer: PeerCred) -> Identity:
-    """Run as the caller; only a root caller may name another uid or gid."""
-    if peer.uid != 0:
-        if req.uid is not None and req.uid != peer.uid:
-            raise PermissionDenied(
-                f"uid: only root may run commands as another user (you are uid {peer.uid})",
-                reason="UID_NOT_ALLOWED",
-            )
-        if req.gid is not None and req.gid != peer.gid:
-            raise PermissionDenied(
-                f"gid: only root may run commands as another group (you are gid {peer.gid})",
-                reason="UID_NOT_ALLOWED",
-            )
-        return Identity(peer.uid, peer.gid, _caller_groups(peer))
-    if req.uid is None:
-        gid = peer.gid if req.gid is None else req.gid
-        return Identity(peer.uid, gid, _caller_groups(peer) if gid == peer.gid else (gid,))
-    try:
-        entry = pwd.getpwuid(req.uid)
-    except KeyError:
-        raise _fail("uid", f"no user has id {req.uid}", "UNKNOWN_USER") from None
-    gid = entry.pw_gid if req.gid is None else req.gid
-    if req.gid is not None:
-        try:
-            grp.getgrgid(req.gid)
-        except KeyError:
-            raise _fail("gid", f"no group has id {req.gid}", "UNKNOWN_GROUP") from None
-    return Identity(req.uid, gid, tuple(sorted(set(os.getgrouplist(entry.pw_name, gid)))))
+    verdict: Verdict
+    findings: tuple[Finding, ...]
+    policy_version: str
+    # A read-only line the policy allows (AUTO_APPROVED rather than POLICY_ALLOWED).
+    read_only: bool
 
 
 class Engine:
@@ -204,10 +92,21 @@ class Engine:
         self._spawner = spawner
         self._cgroups = cgroup_host
         self._settings = SandboxSettings(
-            scratch_dir=config.scratch_dir, hidden_paths=(config.state_dir,)
+            scratch_dir=config.scratch_dir,
+            hidden_paths=(config.state_dir,),
+            protected_paths=self.protected_paths,
         )
         self._lock = threading.Lock()
         self._template: tuple[tuple[HostMount, ...], SandboxTemplate, bytes] | None = None
+
+    @property
+    def protected_paths(self) -> tuple[str, ...]:
+        """What no sandbox may reach read-write: the daemon's socket and its state directory.
+
+        An Execute whose cwd contains one is refused (``core.request.check``); the
+        supervisor checks again as it binds the workspace (``sandbox.mnt``).
+        """
+        return (self.config.socket_path, self.config.state_dir)
 
     def _build_template(
         self, mounts: tuple[HostMount, ...], *, name: str, writable: str = ""
@@ -242,32 +141,23 @@ class Engine:
                 self._template = (mounts, template, template.key)
             return self._template[1], self._template[2]
 
-    def plan(
-        self, req: ValidateRequest, cwd: str, timeout: float, who: Identity, validation_id: str
-    ) -> SandboxPlan:
+    def plan(self, req: CheckedRequest, validation_id: str) -> SandboxPlan:
         """The plan of one dry run for a checked request."""
         limits = self.config.limits
         template, key = self.template()
-        run = build_run(
-            sandbox_id=validation_id,
-            command=req.command,
-            cwd=cwd,
-            env=req.env,
-            uid=who.uid,
-            gid=who.gid,
-            groups=who.groups,
-            timeout_s=timeout,
-            output_bytes=limits.output_bytes,
-            diff_options=DiffOptions(
-                workspace=os.fsencode(cwd),
+        run = self._run(
+            req,
+            validation_id,
+            limits.output_bytes,
+            DiffOptions(
+                workspace=os.fsencode(req.cwd),
                 max_changes=limits.changes,
                 diff_file_bytes=limits.diff_file_bytes,
                 diff_total_bytes=limits.diff_total_bytes,
                 exclude=(os.fsencode(self.config.state_dir),),
             ),
-            settings=self._settings,
             sensitive_globs=self._sensitive_globs() if self.config.capture_reads else (),
-            home=_home_of(who.uid),
+            home=_home_of(req.uid),
         )
         if self.config.keep_changes:
             run = dataclasses.replace(
@@ -279,19 +169,15 @@ class Engine:
 
     def validate(
         self,
-        req: ValidateRequest,
-        peer: PeerCred,
+        req: CheckedRequest,
+        validation_id: str,
         on_cancel: Callable[[Callable[[], None]], object] | None = None,
-        validation_id: str | None = None,
     ) -> Validation:
-        """Judge ``req`` for ``peer``: the static pass, then (unless it settles it) the dry run.
+        """Judge ``req``: the static pass, then (unless it settles it) the dry run.
 
         ``on_cancel`` registers the dry run's tear-down callback with the caller.
         """
         t0 = time.monotonic()
-        validation_id = validation_id or uuid.uuid4().hex
-        cwd, timeout = check_request(req, self.config.limits)
-        who = resolve_identity(req, peer)
 
         # 1. The static pass: parse, model, rules. One bundle judges the whole validation.
         bundle = self._policy.bundle
@@ -310,8 +196,8 @@ class Engine:
                 termination=Termination.EXITED,
                 exit_code=-1,
                 timings=Timings(static_analysis_s=t_static - t0, total_s=time.monotonic() - t0),
-                uid=who.uid,
-                gid=who.gid,
+                uid=req.uid,
+                gid=req.gid,
                 dry_run_skip=skip,
                 static=summary_static,
                 policy_version=bundle.version,
@@ -327,7 +213,7 @@ class Engine:
             )
 
         # 3. The dry run.
-        plan = self.plan(req, cwd, timeout, who, validation_id)
+        plan = self.plan(req, validation_id)
         t_plan = time.monotonic()
         run = self._spawner.submit(plan)
         if on_cancel is not None:
@@ -447,86 +333,55 @@ class Engine:
 
     # --- Execute ------------------------------------------------------------------------------
 
-    def authorize_execute(
-        self,
-        req: ExecuteRequest,
-        peer: PeerCred,
-        authorize: Callable[..., Authorization | None] | None,
-        execution_id: str,
-    ) -> tuple[ExecStarted, str, float, Identity]:
-        """The static pass decides whether ``req`` may run; returns its Started event.
-
-        DENY raises PermissionDenied (POLICY_DENIED, findings in the message). ASK needs an
-        approval: ``authorize`` (the state store's) checks the request's token or session
-        grant; without one, FailedPrecondition (APPROVAL_REQUIRED) carries the summary the
-        user must see.
-        """
-        cwd, timeout = check_request(req.as_validate(), self.config.limits)
-        who = resolve_identity(req.as_validate(), peer)
+    def static_decision(self, req: CheckedRequest) -> StaticDecision:
+        """The static pass alone: whether ``req`` may run for real, is asked about, or denied."""
         bundle = self._policy.bundle
-        analysis = shell.analyze(req.command)
-        static = bundle.evaluate(analysis)
-        verdict = static.verdict or Verdict.ALLOW
-        if verdict is Verdict.DENY:
-            raise PermissionDenied(
-                "the policy denies this command: "
-                + "; ".join(f"{f.rule_id}: {f.message}" for f in static.findings[:5]),
-                reason="POLICY_DENIED",
-            )
-        if verdict is Verdict.ASK:
-            how = None
-            if authorize is not None:
-                how = authorize(
-                    req.approval_token or None,
-                    command=req.command,
-                    cwd=cwd,
-                    policy_version=bundle.version,
-                    session_id=req.session_id,
-                    uid=who.uid,
-                )
-            if how is None:
-                raise FailedPrecondition(
-                    "the policy asks before this command runs: "
-                    + policy_sentence(Verdict.ASK, static.findings).strip()
-                    + " Validate it, have it approved (Approve), and pass the token.",
-                    reason="APPROVAL_REQUIRED",
-                )
-            authorization = how
-        elif static.allowed_read_only:
-            authorization = Authorization.AUTO_APPROVED
-        else:
-            authorization = Authorization.POLICY_ALLOWED
-        started = ExecStarted(
-            execution_id=execution_id,
-            verdict=verdict,
-            authorization=authorization.name,
+        static = bundle.evaluate(shell.analyze(req.command))
+        return StaticDecision(
+            verdict=static.verdict or Verdict.ALLOW,
             findings=static.findings,
-            uid=who.uid,
-            gid=who.gid,
             policy_version=bundle.version,
+            read_only=static.allowed_read_only,
         )
-        return started, cwd, timeout, who
 
-    def execute_plan(
-        self, req: ExecuteRequest, cwd: str, timeout: float, who: Identity, execution_id: str
-    ) -> SandboxPlan:
-        """The plan of one Execute: the host read-only but for ``cwd``, no network."""
+    def execute_plan(self, req: CheckedRequest, execution_id: str) -> SandboxPlan:
+        """The plan of one Execute: the host read-only but for the workspace, no network."""
         limits = self.config.limits
-        template = self._build_template(mnt.host_mounts(), name="ex", writable=cwd)
-        run = build_run(
-            sandbox_id=execution_id,
-            command=req.command,
-            cwd=cwd,
-            env=req.env,
-            uid=who.uid,
-            gid=who.gid,
-            groups=who.groups,
-            timeout_s=timeout,
-            output_bytes=limits.execute_output_bytes,
-            diff_options=DiffOptions(workspace=os.fsencode(cwd)),
-            settings=self._settings,
+        template = self._build_template(mnt.host_mounts(), name="ex", writable=req.cwd)
+        run = self._run(
+            req,
+            execution_id,
+            limits.execute_output_bytes,
+            DiffOptions(workspace=os.fsencode(req.cwd)),
         )
         return SandboxPlan(template=template, run=run, template_key=template.key)
+
+    def _run(
+        self,
+        req: CheckedRequest,
+        sandbox_id: str,
+        output_bytes: int,
+        diff_options: DiffOptions,
+        *,
+        sensitive_globs: tuple[str, ...] = (),
+        home: str = "",
+    ) -> RunSpec:
+        """What one sandbox runs for ``req``: its command, as its identity, in its workspace."""
+        return build_run(
+            sandbox_id=sandbox_id,
+            command=req.command,
+            cwd=req.cwd,
+            env=req.env,
+            uid=req.uid,
+            gid=req.gid,
+            groups=req.groups,
+            timeout_s=req.timeout_s,
+            output_bytes=output_bytes,
+            diff_options=diff_options,
+            settings=self._settings,
+            sensitive_globs=sensitive_globs,
+            home=home,
+        )
 
     def execute(
         self,
@@ -586,28 +441,21 @@ class Engine:
         """Write a kept changeset to the host as ``uid``/``gid`` (a fresh supervisor does it).
 
         Raises what Apply raised: Conflict (nothing written), PermissionDenied, ...; a
-        commit that stopped part way raises an AirlockError with ``partial`` set.
+        commit that stopped part way raises ApplyIncomplete (its ``partial`` was written).
         """
         groups = _groups_of(uid, gid)
         run = self._spawner.submit(ApplyPlan(changeset_dir, uid, gid, groups), pooled=False)
         reply: ApplyReply = run.result()
-        if reply.error_class:
-            cls = getattr(_errors, reply.error_class, AirlockError)
-            if not (isinstance(cls, type) and issubclass(cls, AirlockError)):
-                cls = AirlockError
-            if cls is _errors.Conflict:
-                raise _errors.Conflict(reply.message, paths=reply.paths, reason=reply.reason)
-            raise cls(reply.message, reason=reply.reason or None)
+        if reply.error is not None:
+            raise _errors.error_from_data(reply.error)
         result = reply.result
         if not result.complete:
-            error = AirlockError(
+            raise _errors.ApplyIncomplete(
                 f"Apply stopped part way at {b', '.join(result.failed).decode(errors='replace')}"
                 f": {result.error}; applied {len(result.applied)} path(s), not applied "
                 f"{len(result.not_applied)}",
-                reason="APPLY_INCOMPLETE",
+                partial=tuple(result.applied),
             )
-            error.partial = result.applied  # type: ignore[attr-defined]
-            raise error
         return ApplyOutcome(
             validation_id="",
             applied_paths=tuple(result.applied),

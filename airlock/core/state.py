@@ -78,16 +78,18 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from airlock import _sqlite
 from airlock._errors import (
     AirlockError,
     FailedPrecondition,
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
 )
 from airlock.audit.model import Authorization
-from airlock.types import Verdict
+from airlock.types import ApprovalScope, Verdict
 
 __all__ = [
     "DEFAULT_QUOTA_BYTES",
@@ -112,8 +114,6 @@ DEFAULT_QUOTA_BYTES = 2 * 1024**3
 TOKEN_BYTES = 32
 _APPLICATION_ID = 0x41535441  # "ASTA" in the database header
 _SCHEMA_VERSION = 1
-_BUSY_TIMEOUT_S = 30.0
-_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
 _MAX_ID_CHARS = 256
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -133,11 +133,6 @@ class ValidationState(enum.StrEnum):
     APPLY_INTERRUPTED = "APPLY_INTERRUPTED"  # the daemon stopped mid-apply: check the host
     DISCARDED = "DISCARDED"  # its changes were dropped (final)
     EXPIRED = "EXPIRED"  # its time to live passed; changes dropped (final)
-
-
-class ApprovalScope(enum.IntEnum):
-    ONCE = 1  # one Execute or one Apply of this validation
-    SESSION = 2  # the same command, cwd and policy version, for the rest of the session
 
 
 # States whose changeset is still on disk (they count against the quota).
@@ -205,7 +200,7 @@ CREATE INDEX approvals_grant ON approvals (session_id, command, cwd);
 class StateError(AirlockError):
     """The state store cannot be read or written (reason says why)."""
 
-    default_reason = "STATE_STORE_FAILED"
+    default_reason = Reason.STATE_STORE_FAILED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -468,12 +463,26 @@ class StateStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
-        with self._guard("open"):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-            self._conn = self._connect()
+        # FULL: the WAL is fsynced at every commit, so a change survives a crash of the
+        # machine, not only of the daemon.
+        self._db = _sqlite.Database(
+            path=self.path,
+            noun="state store",
+            error=StateError,
+            corrupt_reason=Reason.STATE_STORE_CORRUPT,
+            corrupt_advice="move it aside (pending validations in it are lost)",
+            application_id=_APPLICATION_ID,
+            schema_version=_SCHEMA_VERSION,
+            schema=_SCHEMA,
+            synchronous="FULL",
+            foreign_keys=True,
+        )
+        with self._db.guard("open"):
+            self._db.create_file()
+            self._conn = self._db.connect()
             try:
-                self._setup(self._conn)
+                with _sqlite.immediate(self._conn):
+                    self._db.check_schema(self._conn)
             except BaseException:
                 self._conn.close()
                 raise
@@ -1109,54 +1118,6 @@ class StateStore:
             reason="APPROVAL_REQUIRED",
         )
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StateError(
-                    f"the state store {self.path} cannot use WAL mode (journal_mode={mode})"
-                )
-            # FULL: the WAL is fsynced at every commit, so a change survives a crash of
-            # the machine, not only of the daemon.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            app = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app == 0 and version == 0 and tables == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            elif app != _APPLICATION_ID:
-                raise StateError(
-                    f"{self.path} is not an Airlock state store (application_id {app:#x})",
-                    reason="STATE_STORE_CORRUPT",
-                )
-            elif version != _SCHEMA_VERSION:
-                raise StateError(
-                    f"the state store {self.path} has schema version {version}; "
-                    f"this Airlock reads version {_SCHEMA_VERSION}",
-                    reason="STATE_STORE_CORRUPT",
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-
     def _open_conn(self) -> sqlite3.Connection:
         if self._closed:
             raise StateError(f"the state store {self.path} is closed", reason="STATE_STORE_CLOSED")
@@ -1164,7 +1125,7 @@ class StateStore:
 
     @contextlib.contextmanager
     def _read(self, action: str) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._guard(action):
+        with self._lock, self._db.guard(action):
             yield self._open_conn()
 
     @contextlib.contextmanager
@@ -1173,30 +1134,5 @@ class StateStore:
 
         An error raised inside (a refusal) rolls back, so a refused call changes nothing.
         """
-        with self._lock, self._guard(action):
-            conn = self._open_conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextlib.contextmanager
-    def _guard(self, action: str) -> Iterator[None]:
-        """sqlite3 and OS errors become StateErrors that name the file."""
-        try:
-            yield
-        except sqlite3.Error as err:
-            code = getattr(err, "sqlite_errorcode", 0) & 0xFF
-            if code in _CORRUPT_CODES:
-                raise StateError(
-                    f"the state store {self.path} is corrupt ({err}); move it aside "
-                    "(pending validations in it are lost)",
-                    reason="STATE_STORE_CORRUPT",
-                ) from None
-            raise StateError(f"state store {self.path}: could not {action}: {err}") from None
-        except OSError as err:
-            raise StateError(f"state store {self.path}: could not {action}: {err}") from None
+        with self._lock, self._db.guard(action), _sqlite.immediate(self._open_conn()) as conn:
+            yield conn

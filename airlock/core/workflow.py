@@ -3,11 +3,13 @@
 The engine judges and runs; this module remembers. It binds the durable state store
 (``airlock.state``: validations, approvals, apply results in SQLite) to the kept
 dry-run changes (``sandbox/changeset.py``, one directory per validation under the
-state directory) and to the privileged step that writes them to the host
-(``apply.py``, run by a supervisor of the spawner as the validation's own user).
+state directory). The step that writes them to the host (``Engine.apply_changeset``:
+``sandbox/apply.py``, run by a supervisor of the spawner as the validation's own user)
+is handed to :meth:`Workflow.apply` by its one caller, ``airlock.core.service``.
 
-Every method takes the caller's kernel credentials and leaves the ownership checks
-to the state store (only the validation's user, or root, may act on it).
+Every method takes the caller's kernel credentials (a checked request carries them) and
+leaves the ownership checks to the state store (only the validation's user, or root, may
+act on it).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from airlock._errors import AirlockError, SandboxError
+from airlock._errors import AirlockError
 from airlock.audit.model import Authorization
+from airlock.core.request import CheckedRequest
 from airlock.core.state import (
     ApplyDone,
     ApprovalScope,
@@ -29,14 +32,7 @@ from airlock.core.state import (
     StateStore,
     ValidationRecord,
 )
-from airlock.types import (
-    ApplyOutcome,
-    ApprovalGrant,
-    PeerCred,
-    ValidateRequest,
-    Validation,
-    Verdict,
-)
+from airlock.types import ApplyOutcome, ApprovalGrant, PeerCred, Validation, Verdict
 
 __all__ = ["Workflow"]
 
@@ -46,17 +42,9 @@ _SWEEP_EVERY_S = 30.0
 class Workflow:
     """Validations, approvals and changesets of one daemon. Thread-safe."""
 
-    def __init__(
-        self,
-        state: StateStore,
-        changesets_dir: str,
-        apply_changeset: Callable[[str, int, int], ApplyOutcome] | None = None,
-    ) -> None:
+    def __init__(self, state: StateStore, changesets_dir: str) -> None:
         self.state = state
         self.changesets_dir = changesets_dir
-        # (changeset dir, uid, gid) -> what was written; runs as that user. None: Apply
-        # is not available (the daemon does not keep changes).
-        self._apply = apply_changeset
         self._last_sweep = 0.0
         self._sweep_lock = threading.Lock()
         os.makedirs(changesets_dir, mode=0o700, exist_ok=True)
@@ -69,25 +57,14 @@ class Workflow:
             raise ValueError(f"not a validation id: {validation_id!r}")
         return os.path.join(self.changesets_dir, validation_id)
 
-    def record(
-        self,
-        v: Validation,
-        req: ValidateRequest,
-        peer: PeerCred,
-        *,
-        cwd: str,
-        env_sha256: str,
-        diff_hash: str,
-        changeset_dir: str,
-        changeset_bytes: int,
-    ) -> ValidationRecord | None:
-        """Remember a validation (durable on return), so it can be approved and applied.
+    def record(self, v: Validation, req: CheckedRequest) -> ValidationRecord | None:
+        """Remember validation ``v`` of ``req`` (durable on return), to approve and apply it.
 
         One that leaves nothing to approve or apply (ALLOW or DENY with no kept changes) is
         not kept: that saves the common case a transaction and an fsync; the audit log has it.
         """
         self.sweep()
-        if v.verdict is not Verdict.ASK and not changeset_dir:
+        if v.verdict is not Verdict.ASK and not v.changeset_dir:
             return None
         auth = None
         if v.verdict is Verdict.ALLOW:
@@ -97,62 +74,66 @@ class Workflow:
                 NewValidation(
                     validation_id=v.validation_id,
                     command=req.command,
-                    cwd=cwd,
-                    uid=v.uid,
-                    gid=v.gid,
+                    cwd=req.cwd,
+                    uid=req.uid,
+                    gid=req.gid,
                     verdict=v.verdict,
-                    env_sha256=env_sha256,
-                    caller_pid=peer.pid,
+                    env_sha256=req.env_sha256,
+                    caller_pid=req.caller.pid,
                     session_id=req.session_id,
                     policy_version=v.policy_version,
-                    diff_hash=diff_hash,
+                    diff_hash=v.changes_digest,
                     summary=v.summary,
-                    changeset_dir=changeset_dir,
-                    changeset_bytes=changeset_bytes,
+                    changeset_dir=v.changeset_dir,
+                    changeset_bytes=v.changeset_bytes,
                     auth_context=auth,
                 )
             )
         except BaseException:
-            _remove(changeset_dir)  # not recorded: nobody could ever apply or discard it
+            _remove(v.changeset_dir)  # not recorded: nobody could ever apply or discard it
             raise
 
     # --- Approve ------------------------------------------------------------------------------
 
-    def approve(self, validation_id: str, scope: ApprovalScope, peer: PeerCred) -> ApprovalGrant:
+    def approve(
+        self, validation_id: str, scope: ApprovalScope, peer: PeerCred
+    ) -> tuple[ApprovalGrant, ValidationRecord]:
+        """Approve a validation: the grant (its token is shown once) and what it approved."""
         token, approval = self.state.approve(validation_id, scope, approver_uid=peer.uid)
-        return ApprovalGrant(
+        grant = ApprovalGrant(
             approval_token=token,
             approval_id=approval.approval_id,
             expires_at=approval.expires_at,
             approver_uid=approval.approver_uid,
         )
+        return grant, self.state.get(validation_id)
 
-    def authorize(
-        self,
-        token: str | None,
-        *,
-        command: str,
-        cwd: str,
-        policy_version: str,
-        session_id: str,
-        uid: int,
-    ) -> Authorization | None:
-        """For Execute: the approval covering this exact command, or None (it must ask)."""
+    def authorize(self, req: CheckedRequest, policy_version: str) -> Authorization | None:
+        """For Execute: the approval covering exactly ``req``, or None (it must ask).
+
+        A ONCE token is used up here.
+        """
         return self.state.authorize(
-            token,
-            command=command,
-            cwd=cwd,
+            req.approval_token or None,
+            command=req.command,
+            cwd=req.cwd,
             policy_version=policy_version,
-            session_id=session_id,
-            uid=uid,
+            session_id=req.session_id,
+            uid=req.uid,
         )
 
     # --- Apply and Discard --------------------------------------------------------------------
 
-    def apply(self, validation_id: str, peer: PeerCred) -> tuple[ApplyOutcome, ValidationRecord]:
-        """Write the validation's kept changes to the host, exactly once."""
-        if self._apply is None:
-            raise SandboxError("this daemon does not keep dry-run changes", reason="NO_CHANGESETS")
+    def apply(
+        self,
+        validation_id: str,
+        peer: PeerCred,
+        write: Callable[[str, int, int], ApplyOutcome],
+    ) -> tuple[ApplyOutcome, ValidationRecord]:
+        """Write the validation's kept changes to the host with ``write``, exactly once.
+
+        ``write(changeset_dir, uid, gid)`` writes them as that user and says what it wrote.
+        """
         begun = self.state.begin_apply(validation_id, uid=peer.uid)
         if isinstance(begun, ApplyDone):
             first = _outcome_from_json(begun.result_json)
@@ -172,7 +153,7 @@ class Workflow:
                 outcome = ApplyOutcome(validation_id=validation_id, applied_paths=())
             else:
                 t0 = time.monotonic()
-                outcome = self._apply(record.changeset_dir, record.uid, record.gid)
+                outcome = write(record.changeset_dir, record.uid, record.gid)
                 outcome = ApplyOutcome(
                     validation_id=validation_id,
                     applied_paths=outcome.applied_paths,
@@ -192,6 +173,12 @@ class Workflow:
         done = self.state.finish_apply(validation_id, _outcome_to_json(outcome))
         _remove(done.changeset_dir)
         return outcome, done
+
+    def find(self, validation_id: str) -> ValidationRecord | None:
+        """The validation ``validation_id``; None if there is none (or it cannot be read)."""
+        with contextlib.suppress(AirlockError):
+            return self.state.get(validation_id)
+        return None
 
     def discard(self, validation_id: str, peer: PeerCred) -> ValidationRecord:
         record = self.state.discard(validation_id, uid=peer.uid)

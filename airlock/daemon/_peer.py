@@ -7,40 +7,95 @@ internal socket (in a root-only 0700 directory). Each relay connection is bound
 to a unique abstract address, which gRPC reports as the call's peer
 (``unix-abstract:airlock-peer-...``); the servicer maps it back to the
 credentials. A caller cannot forge it: only root can reach the internal socket.
+
+The whole identity (pid, uid, gid from SO_PEERCRED, supplementary groups from
+SO_PEERGROUPS) is read once, at accept: both are the connecting process's
+credentials at ``connect(2)``, and nothing is ever looked up again by pid.
+
+Connections are bounded so that no caller can lock others out: at most
+``per_uid`` open connections per non-root uid, and non-root callers together
+never take the last ``root_reserve`` of ``max_connections``. A connection past
+its limit is relayed (up to ``max_refused`` at once, each for at most
+``refused_linger_s``) to a second server at ``refused_path`` that answers every
+call RESOURCE_EXHAUSTED with the reason, instead of a bare closed socket; it
+never reaches the real server. A connection that sends nothing
+within ``first_request_s`` is closed (callers connect when they make a call).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 
 from airlock.types import PeerCred
 
-__all__ = ["PeerProxy"]
+__all__ = ["ConnectionLimits", "PeerProxy"]
 
 _log = logging.getLogger("airlock.daemon")
 _ABSTRACT_PREFIX = "unix-abstract:"
 _CHUNK = 256 * 1024
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python
+_GID = struct.calcsize("I")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections the public socket holds, and for how long an idle one."""
+
+    max_connections: int = 512
+    per_uid: int = 64  # open at once, for each non-root uid
+    root_reserve: int = 64  # of max_connections, only root may use these
+    max_refused: int = 16  # over-limit connections kept to answer with the reason
+    refused_linger_s: float = 5.0
+    first_request_s: float = 10.0  # a connection that sends nothing for this long is closed
+
+
+def _peergroups(conn: socket.socket) -> tuple[int, ...]:
+    """The supplementary groups of the process that connected, as they were at connect."""
+    size = 64 * _GID
+    while True:
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 65536 * _GID:  # NGROUPS_MAX
+                size *= 16
+                continue
+            raise
+        return tuple(sorted(set(struct.unpack(f"{len(raw) // _GID}I", raw))))
 
 
 def _peercred(conn: socket.socket) -> PeerCred:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid=pid, uid=uid, gid=gid)
+    return PeerCred(pid=pid, uid=uid, gid=gid, groups=_peergroups(conn))
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: socket.socket, dst: socket.socket, first_within: float | None = None) -> None:
+    """Copy ``src`` to ``dst`` until EOF; with ``first_within``, give up if ``src`` sends
+    nothing that soon (both sockets are then shut down)."""
     try:
+        if first_within is not None:
+            src.settimeout(first_within)
+            data = src.recv(_CHUNK)
+            src.settimeout(None)
+            if not data:
+                return
+            dst.sendall(data)
         while True:
             data = src.recv(_CHUNK)
             if not data:
                 break
             dst.sendall(data)
+    except TimeoutError:
+        with contextlib.suppress(OSError):
+            src.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:
@@ -56,16 +111,20 @@ class PeerProxy:
         public_path: str,
         internal_path: str,
         *,
+        refused_path: str | None = None,
         mode: int,
         gid: int | None,
-        max_connections: int = 512,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._public_path = public_path
         self._internal_path = internal_path
+        self._refused_path = refused_path
         self._mode = mode
         self._gid = gid
-        self._max = max_connections
+        self._limits = limits or ConnectionLimits()
         self._peers: dict[str, PeerCred] = {}
+        self._refused: dict[str, str] = {}  # relay name -> why its calls are refused
+        self._open_by_uid: dict[int, int] = {}
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -106,6 +165,35 @@ class PeerProxy:
         with self._lock:
             return self._peers.get(grpc_peer[len(_ABSTRACT_PREFIX) :])
 
+    def refusal_of(self, grpc_peer: str) -> str | None:
+        """Why calls on this connection are refused (it is over its uid's limit), or None."""
+        with self._lock:
+            return self._refused.get(grpc_peer[len(_ABSTRACT_PREFIX) :])
+
+    def _admit(self, cred: PeerCred) -> str | None:
+        """Count a new connection of ``cred``; None if it may be served, else why not.
+
+        Called with the lock held. A refused connection is not counted."""
+        lim = self._limits
+        total = sum(self._open_by_uid.values())
+        mine = self._open_by_uid.get(cred.uid, 0)
+        why = None
+        if total >= lim.max_connections:
+            why = f"the daemon holds its maximum of {lim.max_connections} connections"
+        elif cred.uid != 0 and mine >= lim.per_uid:
+            why = (
+                f"uid {cred.uid} already has {mine} connections open, the most one user may "
+                "have; close idle clients and retry"
+            )
+        elif cred.uid != 0 and total >= lim.max_connections - lim.root_reserve:
+            why = (
+                f"the daemon holds {total} connections; the last {lim.root_reserve} of "
+                f"{lim.max_connections} are kept for root"
+            )
+        if why is None:
+            self._open_by_uid[cred.uid] = mine + 1
+        return why
+
     def _accept_loop(self) -> None:
         assert self._listener is not None
         while True:
@@ -120,19 +208,37 @@ class PeerProxy:
                 conn.close()
 
     def _relay(self, conn: socket.socket) -> None:
-        with self._lock:
-            if len(self._conns) >= self._max:
-                conn.close()
-                return
         cred = _peercred(conn)
+        with self._lock:
+            refused = self._admit(cred)
+            if refused is not None and (
+                self._refused_path is None or len(self._refused) >= self._limits.max_refused
+            ):
+                conn.close()  # too many refusals in flight to answer this one too
+                _log.warning("connection refused", extra={"uid": cred.uid, "why": refused})
+                return
         name = self._prefix + secrets.token_hex(8)
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        upstream.bind("\0" + name)
-        upstream.connect(self._internal_path)
+        try:
+            upstream.bind("\0" + name)
+            upstream.connect(self._internal_path if refused is None else str(self._refused_path))
+        except OSError:
+            upstream.close()
+            with self._lock:
+                if refused is None:
+                    self._open_by_uid[cred.uid] -= 1
+            raise
         with self._lock:
             self._peers[name] = cred
+            if refused is not None:
+                self._refused[name] = refused
             self._conns.update((conn, upstream))
-        to_server = threading.Thread(target=_pump, args=(conn, upstream), daemon=True)
+        if refused is not None:
+            _log.warning("connection refused", extra={"uid": cred.uid, "why": refused})
+            threading.Timer(self._limits.refused_linger_s, _hang_up, (conn,)).start()
+        to_server = threading.Thread(
+            target=_pump, args=(conn, upstream, self._limits.first_request_s), daemon=True
+        )
         to_server.start()
 
         def back() -> None:
@@ -140,6 +246,10 @@ class PeerProxy:
             to_server.join()
             with self._lock:
                 self._peers.pop(name, None)
+                if self._refused.pop(name, None) is None:
+                    self._open_by_uid[cred.uid] -= 1
+                    if not self._open_by_uid[cred.uid]:
+                        del self._open_by_uid[cred.uid]
                 self._conns.difference_update((conn, upstream))
             conn.close()
             upstream.close()
@@ -163,3 +273,8 @@ class PeerProxy:
         for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
+
+
+def _hang_up(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)

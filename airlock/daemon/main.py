@@ -48,6 +48,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
 def _group(text: str) -> int:
     if text.isdigit():
         return int(text)
@@ -78,6 +85,7 @@ def _boolean(text: str) -> bool:
 _TOML_TYPES: dict[Callable[[str], object] | None, tuple[type, ...]] = {
     None: (str,),
     int: (int,),
+    _count: (int,),
     _positive: (int, float),
     _size: (str, int),
     _group: (str, int),
@@ -158,6 +166,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
             help="bytes kept of stdout and of stderr",
         ),
         s.add_argument("--max-concurrent", type=int, default=d.concurrent_validations),
+        s.add_argument(
+            "--max-connections",
+            type=_count,
+            default=DaemonConfig.max_connections,
+            help="connections the public socket holds at once (the last eighth are root's)",
+        ),
+        s.add_argument(
+            "--max-connections-per-uid",
+            type=_count,
+            default=DaemonConfig.max_connections_per_uid,
+            help="connections one non-root user may hold at once",
+        ),
+        s.add_argument(
+            "--first-request-timeout",
+            type=_positive,
+            default=DaemonConfig.first_request_timeout_s,
+            help="seconds a new connection may stay silent before it is closed",
+        ),
         s.add_argument(
             "--warm-pool",
             type=int,
@@ -317,6 +343,9 @@ def _load(argv: list[str] | None) -> tuple[DaemonConfig, str, str | None]:
         capture_reads=not (a.no_read_capture or a.no_capture),
         keep_changes=a.keep_changes_max > 0,
         keep_changes_max=max(a.keep_changes_max, 0),
+        max_connections=a.max_connections,
+        max_connections_per_uid=a.max_connections_per_uid,
+        first_request_timeout_s=a.first_request_timeout,
         limits=limits,
     )
     return config, a.log_level, path

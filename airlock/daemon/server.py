@@ -23,10 +23,11 @@ from airlock._version import __version__
 from airlock.audit import AuditLog
 from airlock.core.config import DaemonConfig
 from airlock.core.engine import Engine
+from airlock.core.service import Service
 from airlock.core.state import StateStore
 from airlock.core.workflow import Workflow
-from airlock.daemon._peer import PeerProxy
-from airlock.daemon.service import SandboxService, handler
+from airlock.daemon._peer import ConnectionLimits, PeerProxy
+from airlock.daemon.service import SandboxService, handler, refusals
 from airlock.policy.loader import PolicyError
 from airlock.policy.store import PolicyStore, default_policy_dir
 from airlock.sandbox import cgroup
@@ -106,25 +107,44 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
 
     # 5. The gRPC server on a root-only internal socket, fronted by the identity relay.
     internal = os.path.join(private, "grpc.sock")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(internal)
-    proxy = PeerProxy(config.socket_path, internal, mode=config.socket_mode, gid=config.socket_gid)
+    # Connections past their uid's limit are relayed to a second, tiny server that answers
+    # every call RESOURCE_EXHAUSTED with the reason: they never reach the real one.
+    refused = os.path.join(private, "refused.sock")
+    for path in (internal, refused):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    proxy = PeerProxy(
+        config.socket_path,
+        internal,
+        refused_path=refused,
+        mode=config.socket_mode,
+        gid=config.socket_gid,
+        limits=ConnectionLimits(
+            max_connections=config.max_connections,
+            per_uid=config.max_connections_per_uid,
+            root_reserve=config.max_connections // 8,
+            first_request_s=config.first_request_timeout_s,
+        ),
+    )
     engine = Engine(config, spawner, cgroups, policy, proc_connector=support.proc_connector)
     # Validations, approvals and kept changes survive a restart; an apply a crash cut
     # short is flagged, never retried.
     state = StateStore.in_state_dir(config.state_dir)
-    workflow = Workflow(state, os.path.join(config.state_dir, "changesets"), engine.apply_changeset)
+    workflow = Workflow(state, config.changesets_dir)
     workflow.recover()
     workers = config.limits.concurrent_validations + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"))
-    service = SandboxService(engine, proxy, capabilities, policy, workflow, audit=audit)
-    server.add_generic_rpc_handlers((handler(service),))
+    app = Service(engine, workflow, audit, policy, capabilities)
+    server.add_generic_rpc_handlers((handler(SandboxService(app, proxy)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     server.add_insecure_port("unix:" + internal)
+    refuser = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="refuse"))
+    refuser.add_generic_rpc_handlers((refusals(proxy),))
+    refuser.add_insecure_port("unix:" + refused)
     try:
         proxy.bind()
     except OSError as exc:
@@ -133,6 +153,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
         audit.close()
         return 1
     server.start()
+    refuser.start()
     proxy.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -168,13 +189,15 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     _log.info("draining")
     health_servicer.enter_graceful_shutdown()
     proxy.stop_accepting()
+    refuser.stop(grace=None)
     server.stop(grace=config.limits.max_timeout_s + 30).wait()
     proxy.close()
     spawner.stop()
     cgroup.remove_group(cgroups, config.cgroup_group)
     state.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(internal)
+    for path in (internal, refused):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     _close_audit(audit)
     lock.close()
     _log.info("stopped")

@@ -344,3 +344,88 @@ def renameat2(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: i
 def syncfs(fd: int) -> None:
     """``syncfs(2)``: write out everything of the file system that holds ``fd``."""
     _check(int(_libc.syncfs(fd)), "syncfs")
+
+
+# --- File-system credentials and openat2, for reading as the caller (appended block) ----------
+#
+# The diff and the changeset read file content with the caller's rights
+# (airlock.sandbox.diff.CallerFiles). setfsuid, setfsgid and the raw setgroups syscall change
+# the calling thread's credentials only (glibc's setgroups() would change every thread's), and
+# an fsuid other than 0 takes the file-system capabilities (CAP_DAC_OVERRIDE, ...) out of the
+# effective set until it is 0 again, unless SECBIT_NO_SETUID_FIXUP is set. openat2 resolves a
+# whole relative path with the thread's credentials (search permission on every directory),
+# refusing symbolic links, ".." and other mounts.
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+SECBIT_NO_SETUID_FIXUP = 0x04
+
+_PR_GET_SECUREBITS = 27
+_OPENAT2 = 437  # the same number on every architecture
+_SETGROUPS = {"x86_64": 116, "aarch64": 159}
+
+_libc.setfsuid.argtypes = [ctypes.c_uint32]
+_libc.setfsuid.restype = ctypes.c_int
+_libc.setfsgid.argtypes = [ctypes.c_uint32]
+_libc.setfsgid.restype = ctypes.c_int
+
+
+class OpenHow(ctypes.Structure):
+    """``struct open_how`` of ``openat2(2)``: flags, mode (0 unless creating) and resolve."""
+
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def setfsuid(uid: int) -> int:
+    """Set this thread's file-system uid; returns the previous one.
+
+    It reports no error: a refused change leaves the fsuid as it was, which the next
+    call's result shows.
+    """
+    return int(_libc.setfsuid(uid))
+
+
+def setfsgid(gid: int) -> int:
+    """Set this thread's file-system gid; returns the previous one (see :func:`setfsuid`)."""
+    return int(_libc.setfsgid(gid))
+
+
+def setgroups_thread(groups: tuple[int, ...] | list[int]) -> None:
+    """Set this thread's supplementary groups only (the raw syscall, not glibc's broadcast)."""
+    try:
+        number = _SETGROUPS[platform.machine()]
+    except KeyError:
+        raise OSError(38, f"setgroups: unsupported architecture {platform.machine()}") from None
+    array = (ctypes.c_uint32 * max(len(groups), 1))(*groups)
+    result = _libc.syscall(ctypes.c_long(number), ctypes.c_size_t(len(groups)), ctypes.byref(array))
+    _check(int(result), "setgroups")
+
+
+def securebits() -> int:
+    """This thread's securebits (``PR_GET_SECUREBITS``)."""
+    result = _prctl(_PR_GET_SECUREBITS)
+    _check(result, "prctl(PR_GET_SECUREBITS)")
+    return result
+
+
+def openat2(dir_fd: int, path: bytes, how: OpenHow) -> int:
+    """``openat2(2)``: open ``path`` relative to ``dir_fd`` as ``how`` says; a new descriptor."""
+    result = int(
+        _libc.syscall(
+            ctypes.c_long(_OPENAT2),
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return result

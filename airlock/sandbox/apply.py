@@ -80,6 +80,7 @@ from airlock._errors import (
     Conflict,
     InvalidRequest,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
 )
 from airlock.sandbox import _syscalls as sc
@@ -179,7 +180,7 @@ def open_changeset(changeset_dir: str) -> Changeset:
     except OSError as exc:
         raise InvalidRequest(
             f"cannot open the changeset {changeset_dir!r}: {exc.strerror}",
-            reason="CHANGESET_INVALID",
+            reason=Reason.CHANGESET_INVALID,
         ) from None
     try:
         manifest = read_manifest(dir_fd)
@@ -189,7 +190,8 @@ def open_changeset(changeset_dir: str) -> Changeset:
             )
         except OSError as exc:
             raise InvalidRequest(
-                f"cannot open the changeset's content: {exc.strerror}", reason="CHANGESET_INVALID"
+                f"cannot open the changeset's content: {exc.strerror}",
+                reason=Reason.CHANGESET_INVALID,
             ) from None
     finally:
         os.close(dir_fd)
@@ -198,7 +200,7 @@ def open_changeset(changeset_dir: str) -> Changeset:
         os.close(content_fd)
         raise InvalidRequest(
             "the changeset's content does not have the size its manifest says",
-            reason="CHANGESET_CORRUPT",
+            reason=Reason.CHANGESET_CORRUPT,
         )
     return Changeset(manifest, content_fd)
 
@@ -332,17 +334,17 @@ def _error(exc: BaseException, path: bytes) -> AirlockError:
     if isinstance(exc, _Stale):
         return Conflict(f"{where} changed on the host during Apply", paths=(path,))
     if isinstance(exc, _Ownership):
-        return PermissionDenied(f"{where}: {exc}", reason="APPLY_OWNERSHIP")
+        return PermissionDenied(f"{where}: {exc}", reason=Reason.APPLY_OWNERSHIP)
     if isinstance(exc, OSError):
         text = f"{where}: {exc.strerror or exc}"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return PermissionDenied(text, reason="APPLY_PERMISSION")
+            return PermissionDenied(text, reason=Reason.APPLY_PERMISSION)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ResourceExhausted(text, reason="APPLY_NO_SPACE")
+            return ResourceExhausted(text, reason=Reason.APPLY_NO_SPACE)
         if exc.errno == errno.EEXIST:
             return Conflict(f"{where} appeared on the host during Apply", paths=(path,))
-        return AirlockError(text, reason="APPLY_FAILED")
-    return AirlockError(f"{where}: {exc}", reason="APPLY_FAILED")
+        return AirlockError(text, reason=Reason.APPLY_FAILED)
+    return AirlockError(f"{where}: {exc}", reason=Reason.APPLY_FAILED)
 
 
 def _listing(items: list[tuple[bytes, str]]) -> str:
@@ -402,7 +404,7 @@ class _Applier:
                 except OSError as exc:
                     where = _show(op.parent[: cursor.reached + 1])
                     if exc.errno == errno.EACCES:
-                        denied.append((rec.path, f"cannot search {where}", "APPLY_PERMISSION"))
+                        denied.append((rec.path, f"cannot search {where}", Reason.APPLY_PERMISSION))
                     elif exc.errno == errno.ENOENT:
                         conflicts.append((rec.path, f"{where} no longer exists"))
                     else:
@@ -414,7 +416,7 @@ class _Applier:
                 try:
                     why = self._differs(op, st, pfd, denied)
                 except PermissionError as exc:
-                    denied.append((rec.path, f"cannot be checked: {exc}", "APPLY_PERMISSION"))
+                    denied.append((rec.path, f"cannot be checked: {exc}", Reason.APPLY_PERMISSION))
                     continue
                 except OSError as exc:  # it changed while being looked at
                     why = f"changed while being checked ({exc.strerror})"
@@ -435,9 +437,12 @@ class _Applier:
             )
         if denied:
             reasons = {reason for _, _, reason in denied}
+            worst = Reason.APPLY_PERMISSION
+            if worst not in reasons:
+                worst = Reason.APPLY_OWNERSHIP
             raise PermissionDenied(
                 "nothing was written: " + _listing([(p, why) for p, why, _ in denied]),
-                reason="APPLY_PERMISSION" if "APPLY_PERMISSION" in reasons else "APPLY_OWNERSHIP",
+                reason=worst,
             )
 
     def _verify_content(self, op: _Op, kept: int) -> int:
@@ -459,7 +464,7 @@ class _Applier:
         if left or digest.hexdigest() != after.sha256:
             raise InvalidRequest(
                 f"the saved content of {op.rec.path!r} does not match its hash",
-                reason="CHANGESET_CORRUPT",
+                reason=Reason.CHANGESET_CORRUPT,
             )
         if not keep:
             return 0
@@ -513,7 +518,7 @@ class _Applier:
                 )
                 if what in ("unreadable", "not writable", "sticky"):
                     denied.append(
-                        (op.rec.path, f"cannot remove {where}: {what}", "APPLY_PERMISSION")
+                        (op.rec.path, f"cannot remove {where}: {what}", Reason.APPLY_PERMISSION)
                     )
                     blocked = blocked or what == "unreadable"
             if not blocked and scan.tree != before.tree:
@@ -542,26 +547,30 @@ class _Applier:
         writable, parent_st = parent
         if rec.kind is not ChangeKind.METADATA_CHANGED:
             if not writable:
-                denied.append((rec.path, f"cannot write {_show(op.parent)}", "APPLY_PERMISSION"))
+                denied.append(
+                    (rec.path, f"cannot write {_show(op.parent)}", Reason.APPLY_PERMISSION)
+                )
             elif (
                 st is not None
                 and parent_st.st_mode & stat.S_ISVTX
                 and self.euid not in (0, st.st_uid, parent_st.st_uid)
             ):
                 denied.append(
-                    (rec.path, "is another user's in a sticky directory", "APPLY_PERMISSION")
+                    (rec.path, "is another user's in a sticky directory", Reason.APPLY_PERMISSION)
                 )
             if after.exists and not self.root and after.uid != self.euid:
-                denied.append((rec.path, f"would be owned by uid {after.uid}", "APPLY_OWNERSHIP"))
+                denied.append(
+                    (rec.path, f"would be owned by uid {after.uid}", Reason.APPLY_OWNERSHIP)
+                )
             return
         if self.root or st is None:
             return
         if st.st_uid != self.euid:
-            denied.append((rec.path, f"is owned by uid {st.st_uid}", "APPLY_PERMISSION"))
+            denied.append((rec.path, f"is owned by uid {st.st_uid}", Reason.APPLY_PERMISSION))
         elif after.uid != st.st_uid:
-            denied.append((rec.path, f"would be owned by uid {after.uid}", "APPLY_OWNERSHIP"))
+            denied.append((rec.path, f"would be owned by uid {after.uid}", Reason.APPLY_OWNERSHIP))
         elif after.gid != st.st_gid and after.gid not in self.groups:
-            denied.append((rec.path, f"would be in group {after.gid}", "APPLY_OWNERSHIP"))
+            denied.append((rec.path, f"would be in group {after.gid}", Reason.APPLY_OWNERSHIP))
 
     # -- 2. prepare ----------------------------------------------------------------------------
 

@@ -47,8 +47,16 @@ size, mtime, ctime and link target or device), at most ``max_tree_entries``
 entries per changeset: past that, :func:`save` refuses. A subtree that holds a mount
 point is refused too (Apply never crosses file systems).
 
+Content is read with the caller's rights (:class:`~airlock.sandbox.diff.CallerFiles`):
+the new content copied for Apply, and the old content hashed to verify it later. A
+changeset is all or nothing, so a change whose content the caller may not read (the diff
+marks it ``unreadable``; or the file it replaces or deletes) keeps the whole dry run from
+being kept (``CHANGES_UNREADABLE``): Apply can never write, nor the manifest's digest
+reflect, content the caller could not have read itself.
+
 Refusals: a truncated diff (``CHANGES_TRUNCATED``: a partial changeset must never be
-applied); more than ``quota_bytes`` of content plus manifest (``CHANGESET_QUOTA``);
+applied); content the caller may not read (``CHANGES_UNREADABLE``); more than
+``quota_bytes`` of content plus manifest (``CHANGESET_QUOTA``);
 a device node, or a change to ``/`` itself (``CHANGESET_UNSUPPORTED``); a lower that
 no longer matches the diff (:class:`~airlock.Conflict`: the host changed during the
 dry run). A refused or failed save removes ``dest``.
@@ -84,7 +92,7 @@ from airlock._errors import (
     ResourceExhausted,
     SandboxError,
 )
-from airlock.sandbox.diff import DiffResult, Layer
+from airlock.sandbox.diff import Caller, CallerFiles, DiffResult, Layer
 from airlock.types import ChangeKind, FileChange, FileType
 
 __all__ = [
@@ -539,7 +547,11 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 def hash_file(name: bytes, dir_fd: int, expect: os.stat_result) -> str | None:
     """SHA-256 of a regular file's content; None if it is no longer the inode ``expect``."""
-    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    return _hash_fd(os.open(name, _FILE_FLAGS, dir_fd=dir_fd), expect)
+
+
+def _hash_fd(fd: int, expect: os.stat_result) -> str | None:
+    """:func:`hash_file` of the file open as ``fd``, which is closed here."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (
@@ -689,19 +701,23 @@ def save(
     *,
     quota_bytes: int,
     max_tree_entries: int = MAX_TREE_ENTRIES,
+    caller: Caller | None = None,
 ) -> Manifest:
     """Save what Apply needs to write ``diff``'s changes to the host into ``dest``.
 
-    ``dest`` must not exist; its parent must. See the module docstring for what is
-    saved and refused. Raises :class:`airlock.InvalidRequest`,
-    :class:`airlock.ResourceExhausted`, :class:`airlock.Conflict` or
-    :class:`airlock.SandboxError`; ``dest`` is then gone.
+    ``dest`` must not exist; its parent must. Content is read with ``caller``'s rights
+    (None: as root). See the module docstring for what is saved and refused. Raises
+    :class:`airlock.InvalidRequest`, :class:`airlock.ResourceExhausted`,
+    :class:`airlock.Conflict` or :class:`airlock.SandboxError`; ``dest`` is then gone.
     """
     if diff.truncated:
         raise InvalidRequest(
             "the dry run's change list is incomplete: it cannot be kept for Apply",
             reason="CHANGES_TRUNCATED",
         )
+    unreadable = [change.path for change in diff.changes if change.unreadable]
+    if unreadable:
+        raise _unreadable(unreadable)
     try:
         os.mkdir(dest, 0o700)
     except OSError as exc:
@@ -712,7 +728,7 @@ def save(
     saver: _Saver | None = None
     try:
         os.chmod(dest, 0o700)  # whatever the umask
-        saver = _Saver(layers, quota_bytes, max_tree_entries)
+        saver = _Saver(layers, quota_bytes, max_tree_entries, CallerFiles(caller))
         return saver.save(diff.changes, dest)
     except AirlockError:
         shutil.rmtree(dest, ignore_errors=True)
@@ -732,19 +748,31 @@ def save(
             saver.close()
 
 
+def _unreadable(paths: Sequence[bytes]) -> InvalidRequest:
+    shown = ", ".join(path.decode(errors="backslashreplace") for path in paths[:5])
+    more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+    return InvalidRequest(
+        f"the caller may not read the content of {shown}{more}: changes that hold content the "
+        "caller could not read are not kept for Apply",
+        reason="CHANGES_UNREADABLE",
+    )
+
+
 class _LayerFds:
-    """One overlay's upper and lower, open, with a cursor on each."""
+    """One overlay's upper and lower, open, with a cursor on each (which owns its root)."""
 
     def __init__(self, layer: Layer) -> None:
         host = layer.host_path.rstrip(b"/")
         self.prefix = host + b"/"
         self.host = host or b"/"
-        self.upper = DirCursor(os.open(layer.upper, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        self.upper_root = os.open(layer.upper, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        self.upper = DirCursor(self.upper_root)
         try:
-            self.lower = DirCursor(os.open(layer.lower, _DIR_FLAGS & ~os.O_NOFOLLOW))
+            self.lower_root = os.open(layer.lower, _DIR_FLAGS & ~os.O_NOFOLLOW)
         except BaseException:
             self.upper.close()
             raise
+        self.lower = DirCursor(self.lower_root)
 
     def close(self) -> None:
         self.upper.close()
@@ -752,14 +780,29 @@ class _LayerFds:
 
 
 class _Saver:
-    def __init__(self, layers: Sequence[Layer], quota_bytes: int, max_tree_entries: int) -> None:
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        quota_bytes: int,
+        max_tree_entries: int,
+        files: CallerFiles,
+    ) -> None:
         self.layers: list[_LayerFds] = []
         self.quota = quota_bytes
         self.tree_budget = max_tree_entries
+        self.files = files
         self.content_fd = -1
         self.content_bytes = 0
         self.copy_range = True
         self.conflicts: list[tuple[bytes, str]] = []
+        # Changes whose content (new, or old to verify) the caller may not read.
+        self.unreadable: list[bytes] = []
+        # As the caller, new content is opened ahead, a batch at a time (one switch of the
+        # file-system uid for all): the changes that write content, in order; how many of
+        # them were opened; those opened and not yet copied (a descriptor or why not).
+        self.writing: list[bytes] = []
+        self.opened_to = 0
+        self.ahead: dict[bytes, int | OSError] = {}
         try:
             # Longest host path first: a path belongs to the innermost mount that holds it.
             for layer in sorted(layers, key=lambda lay: len(lay.host_path), reverse=True):
@@ -794,9 +837,22 @@ class _Saver:
                 0o600,
                 dir_fd=dir_fd,
             )
-            records = [
-                self._record(change) for change in sorted(changes, key=lambda c: components(c.path))
+            # The content file was created above and the manifest is below, outside the
+            # caller's file-system gid and groups.
+            ordered = sorted(changes, key=lambda c: components(c.path))
+            self.writing = [
+                c.path
+                for c in ordered
+                if c.file_type is FileType.REGULAR
+                and c.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED)
             ]
+            with self.files:
+                try:
+                    records = [self._record(change) for change in ordered]
+                finally:
+                    self._drop_ahead()
+            if self.unreadable:
+                raise _unreadable(self.unreadable)
             if self.conflicts:
                 raise Conflict(
                     "the host changed during the dry run: "
@@ -849,9 +905,23 @@ class _Saver:
             if exc.errno != errno.ELOOP:
                 raise
             lower_fd = None
-        before = self._before(change, lower_fd, name)
-        after = self._after(change, layer.upper.open(parent), name)
+        rel = b"/".join(comps)
+        before = self._before(change, lower_fd, name, layer, rel)
+        after = self._after(change, layer.upper.open(parent), name, layer, rel)
         return ChangeRecord(path, change.kind, before, after)
+
+    def _open_content(self, dir_fd: int, name: bytes, root_fd: int, host: bytes, rel: bytes) -> int:
+        """Open a file whose content is kept or hashed, as the caller would; raises OSError.
+
+        ``dir_fd``/``name`` is the entry as the cursor reached it (opened as is for a
+        root caller); ``root_fd``/``rel`` the same entry from the layer's root (``host``),
+        resolved with the caller's rights.
+        """
+        if not self.files.active:
+            return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        if not self.files.reachable(host):
+            raise PermissionError(errno.EACCES, "the caller cannot reach this layer")
+        return self.files.open(root_fd, rel)
 
     def _root(self, change: FileChange, layer: _LayerFds) -> ChangeRecord:
         """A layer's root (a mount point): the diff reports only its mode or owner changing."""
@@ -881,7 +951,9 @@ class _Saver:
         self.conflicts.append((path, why))
         return _ABSENT
 
-    def _before(self, change: FileChange, dir_fd: int | None, name: bytes) -> EntryState:
+    def _before(
+        self, change: FileChange, dir_fd: int | None, name: bytes, layer: _LayerFds, rel: bytes
+    ) -> EntryState:
         st = lstat_at(name, dir_fd) if dir_fd is not None else None
         path, kind = change.path, change.kind
         ftype = file_type(st.st_mode) if st is not None else FileType.NONE
@@ -898,7 +970,14 @@ class _Saver:
         replaced = kind in (ChangeKind.MODIFIED, ChangeKind.DELETED)
         sha256 = ""
         if ftype is FileType.REGULAR and replaced:
-            sha256 = hash_file(name, dir_fd, st) or ""
+            try:
+                fd = self._open_content(dir_fd, name, layer.lower_root, layer.host, rel)
+            except OSError:
+                if not self.files.active:
+                    raise
+                self.unreadable.append(path)
+                return _ABSENT
+            sha256 = _hash_fd(fd, st) or ""
             if not sha256:
                 return self._mismatch(path, "was replaced")
         target = os.readlink(name, dir_fd=dir_fd) if ftype is FileType.SYMLINK else b""
@@ -938,7 +1017,9 @@ class _Saver:
             )
         return scan.tree
 
-    def _after(self, change: FileChange, dir_fd: int, name: bytes) -> EntryState:
+    def _after(
+        self, change: FileChange, dir_fd: int, name: bytes, layer: _LayerFds, rel: bytes
+    ) -> EntryState:
         if change.kind is ChangeKind.DELETED:
             return _ABSENT
         path = change.path
@@ -970,9 +1051,19 @@ class _Saver:
             raise SandboxError(
                 f"the new content of {path!r} could not be read", reason="CHANGESET_FAILED"
             )
+        try:
+            src = self._open_new(dir_fd, name, layer, rel, path)
+        except OSError:
+            if not self.files.active:
+                raise
+            self.unreadable.append(path)
+            return state
         offset = self.content_bytes
-        self._charge(st.st_size)
-        self._copy(name, dir_fd, st.st_size, path)
+        try:
+            self._charge(st.st_size)
+            self._copy(src, st.st_size, path)
+        finally:
+            os.close(src)
         self.content_bytes += st.st_size
         return EntryState(
             ftype,
@@ -984,29 +1075,70 @@ class _Saver:
             offset=offset,
         )
 
-    def _copy(self, name: bytes, dir_fd: int, size: int, path: bytes) -> None:
-        """Append ``size`` bytes of an upper file to the content file, in the kernel."""
-        src = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-        try:
-            left = size
-            while left > 0:
-                if self.copy_range:
-                    try:
-                        done = os.copy_file_range(src, self.content_fd, left)
-                    except OSError as exc:
-                        if exc.errno not in _NO_COPY_RANGE:
-                            raise
-                        self.copy_range = False  # across file systems: sendfile instead
-                        continue
-                else:
-                    done = os.sendfile(self.content_fd, src, None, left)
-                if done <= 0:
-                    raise SandboxError(
-                        f"the new content of {path!r} shrank", reason="CHANGESET_FAILED"
-                    )
-                left -= done
-        finally:
-            os.close(src)
+    def _open_new(self, dir_fd: int, name: bytes, layer: _LayerFds, rel: bytes, path: bytes) -> int:
+        """Open the new content of ``path`` for copying (:meth:`_open_content`), batched."""
+        if not self.files.active:
+            return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        result = self.ahead.pop(path, None)
+        if result is None:
+            self._open_ahead(path, layer)
+            result = self.ahead.pop(path, None)
+        if result is None:
+            return self._open_content(dir_fd, name, layer.upper_root, layer.host, rel)
+        if isinstance(result, OSError):
+            raise result
+        return result
+
+    def _open_ahead(self, path: bytes, layer: _LayerFds) -> None:
+        """Open, as the caller, the new content of ``path`` and the next ones in its layer."""
+        start = self.opened_to
+        while start < len(self.writing) and self.writing[start] != path:
+            start += 1
+        if start == len(self.writing):
+            return
+        batch = [path]
+        end = start + 1
+        while end < len(self.writing) and len(batch) < _OPEN_AHEAD:
+            following = self.writing[end]
+            if self._layer(following)[0] is not layer:
+                break
+            batch.append(following)
+            end += 1
+        self.opened_to = end
+        self._drop_ahead()
+        if self.files.reachable(layer.host):
+            rels = [b"/".join(self._layer(p)[1]) for p in batch]
+            opened = self.files.open_each(layer.upper_root, rels)
+        else:
+            opened = [PermissionError(errno.EACCES, "the caller cannot reach this layer")]
+            opened *= len(batch)
+        self.ahead = dict(zip(batch, opened, strict=True))
+
+    def _drop_ahead(self) -> None:
+        for result in self.ahead.values():
+            if not isinstance(result, OSError):
+                os.close(result)
+        self.ahead = {}
+
+    def _copy(self, src: int, size: int, path: bytes) -> None:
+        """Append ``size`` bytes of the upper file ``src`` to the content file, in the kernel."""
+        left = size
+        while left > 0:
+            if self.copy_range:
+                try:
+                    done = os.copy_file_range(src, self.content_fd, left)
+                except OSError as exc:
+                    if exc.errno not in _NO_COPY_RANGE:
+                        raise
+                    self.copy_range = False  # across file systems: sendfile instead
+                    continue
+            else:
+                done = os.sendfile(self.content_fd, src, None, left)
+            if done <= 0:
+                raise SandboxError(f"the new content of {path!r} shrank", reason="CHANGESET_FAILED")
+            left -= done
 
 
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+# How many new files are opened together as the caller.
+_OPEN_AHEAD = 64

@@ -40,7 +40,7 @@ from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import _wire, changeset, mnt, net, netcap, proctrace, reads, seccomp, user
 from airlock.sandbox.apply import apply, open_changeset
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
-from airlock.sandbox.diff import DiffResult, compute_changes
+from airlock.sandbox.diff import Caller, DiffResult, compute_changes
 from airlock.sandbox.plan import ApplyPlan, ApplyReply, RunSpec, SandboxPlan, SandboxTemplate
 from airlock.types import Termination
 
@@ -325,9 +325,11 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         sc.unshare(template.namespaces & ~sc.CLONE_NEWPID)
         # 3. Nothing mounted from here on propagates to the host.
         mnt.make_private()
-        # 4. Scratch tmpfs, overlays over every data mount, /dev, /sys, hidden paths.
+        # 4. Scratch tmpfs, overlays over every data mount (Execute: read-only ones, then the
+        #    workspace bound read-write, refused if it holds a protected path), /dev, /sys,
+        #    hidden paths.
         for op in template.host_setup:
-            mnt.execute_step(op)
+            mnt.execute_step(op, template.protected)
         # 5. Hostname and a network with only loopback. With network capture, every
         #    destination is routed to the supervisor's recording sinkhole instead.
         sc.sethostname(template.hostname)
@@ -561,10 +563,12 @@ def run(
         return SandboxResult(error=error, error_kind=error_kind, stderr=bytes(stderr.data))
     # The diff of the upper layers, read from outside the sandbox's root (Execute has none).
     t_diff = time.monotonic()
+    caller = Caller(spec.uid, spec.gid, tuple(spec.groups))
     if prepared.template.writable:
         diff = DiffResult(changes=(), truncated=False, scratch_bytes=0)
     else:
-        diff = compute_changes(prepared.template.layers, spec.diff)
+        # Content leaves the sandbox only as the caller could have read it.
+        diff = compute_changes(prepared.template.layers, spec.diff, caller)
     changeset_digest, changeset_bytes, changeset_error = "", 0, ""
     if spec.keep_changes_dir and len(diff.changes) > spec.keep_changes_max:
         changeset_error = (
@@ -579,6 +583,7 @@ def run(
                 diff,
                 spec.keep_changes_dir,
                 quota_bytes=spec.keep_changes_bytes,
+                caller=caller,
             )
             changeset_digest, changeset_bytes = manifest.digest, manifest.content_bytes
         except (_errors.AirlockError, OSError) as exc:
@@ -614,15 +619,8 @@ def _apply(plan: ApplyPlan) -> ApplyReply:
             if plan.uid != 0:
                 user.become(plan.uid, plan.gid, plan.groups)
             return ApplyReply(result=apply(changeset))
-    except _errors.AirlockError as exc:
-        return ApplyReply(
-            error_class=type(exc).__name__,
-            message=exc.message,
-            reason=exc.reason,
-            paths=tuple(getattr(exc, "paths", ())),
-        )
-    except Exception as exc:
-        return ApplyReply(error_class="AirlockError", message=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # an AirlockError as it is, anything else as an AirlockError
+        return ApplyReply(error=_errors.error_to_data(exc))
 
 
 def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:

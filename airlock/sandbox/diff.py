@@ -32,6 +32,20 @@ entry that vanishes during the walk is skipped; one that cannot be read is
 reported with what is known (a file whose content cannot be compared counts as
 MODIFIED).
 
+**Content is read with the caller's rights.** The walk itself (listing directories,
+``lstat``, link targets, opaque marks) is root's: it must see every change. But every
+file whose content leaves the sandbox (a diff, a hash, a comparison of old and new) is
+opened through :class:`CallerFiles`, as the dry run's user would open it: with its uid,
+gid and supplementary groups, resolving the whole path from the layer's root (search
+permission on every directory, the file's mode bits and ACLs), following no link. Root
+reads everything a command could not: the lower (host) file behind a replaced one, and
+the root-owned copies overlayfs makes when a command renames, links or changes the
+metadata of a file it may not read. What the caller may not open is reported with
+``unreadable`` set and nothing of that content: no diff, and no ``sha256_after`` if the
+new content is the unreadable one. Equal content cannot be told from changed content
+then either (that would answer "is this my guess?"), so such a file counts as MODIFIED.
+A root caller (uid 0) reads as root, as before.
+
 This runs in the small root helper process: stdlib only.
 """
 
@@ -51,9 +65,10 @@ from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
 from airlock._errors import SandboxError
+from airlock.sandbox import _syscalls as sc
 from airlock.types import ChangeKind, FileChange, FileType
 
-__all__ = ["DiffOptions", "DiffResult", "Layer", "compute_changes"]
+__all__ = ["Caller", "CallerFiles", "DiffOptions", "DiffResult", "Layer", "compute_changes"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,15 @@ class DiffResult:
     scratch_bytes: int
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Whose rights content is read with: the dry run's uid, gid and supplementary groups."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -101,6 +125,8 @@ _MAX_DEPTH = 256
 # entries on, unless the lower directory is larger than this many bytes per entry.
 _LIST_LOWER_MIN = 64
 _LIST_LOWER_BYTES = 256
+# How many files of a directory are opened together as the caller (see CallerFiles).
+_OPEN_AHEAD = 64
 
 # Enum members as module constants: reading ``ChangeKind.CREATED`` costs ~75 ns each time.
 _CREATED = ChangeKind.CREATED
@@ -121,20 +147,187 @@ _GONE = 2  # a lower entry hidden by an opaque directory: deleted
 
 _Item = tuple[bytes, int, str, os.stat_result | None]
 
+# How the caller's opens resolve a path: below the layer's root, no link, no other mount.
+_RESOLVE = (
+    sc.RESOLVE_BENEATH | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS | sc.RESOLVE_NO_XDEV
+)
+_AT_FDCWD = -100
+_UNCHANGED_ID = 0xFFFFFFFF  # setfsuid(-1) changes nothing and returns the current fsuid
 
-def compute_changes(layers: Sequence[Layer], options: DiffOptions) -> DiffResult:
+
+class CallerFiles:
+    """Opens files for reading with the caller's file-system rights; all else stays root's.
+
+    Use as a context manager around the work: entering sets this thread's supplementary
+    groups and file-system gid to the caller's (root's own work is unaffected: its
+    capabilities override them, and it creates no file meanwhile); leaving restores
+    them. :meth:`open` switches the thread's file-system uid to the caller's for the one
+    ``openat2`` call, which drops root's file-system capabilities: the kernel resolves
+    the path from a layer's root directory (opened as root) and checks search permission
+    on every directory below it and read permission on the file, with the caller's
+    groups and ACLs; it follows no link and crosses no mount. Reading the descriptor
+    needs no further permission. Every switch is verified (each call returns the fsuid
+    it replaced): if one did not happen, :class:`airlock.SandboxError` is raised rather
+    than anything read as root.
+
+    For a root caller (uid 0), or none, :attr:`active` is False: the caller of this
+    class opens files as before and nothing is switched. Credentials are per thread:
+    use an instance from one thread.
+    """
+
+    def __init__(self, caller: Caller | None) -> None:
+        self.active = caller is not None and caller.uid != 0
+        self.uid = caller.uid if caller is not None else 0
+        self.gid = caller.gid if caller is not None else 0
+        self.groups = caller.groups if caller is not None else ()
+        self._how = sc.OpenHow(_FILE_FLAGS, 0, _RESOLVE)
+        self._within_how = sc.OpenHow(os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE)
+        self._dir_how = sc.OpenHow(
+            os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+            0,
+            sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS,
+        )
+        self._saved: tuple[int, list[int]] | None = None
+        self._reachable: dict[bytes, bool] = {}
+
+    def __enter__(self) -> CallerFiles:
+        if not self.active:
+            return self
+        if os.geteuid() != 0 or sc.securebits() & sc.SECBIT_NO_SETUID_FIXUP:
+            raise _switch_failed()
+        if sc.setfsuid(_UNCHANGED_ID) != 0:
+            raise _switch_failed()
+        groups = os.getgroups()
+        sc.setgroups_thread(self.groups)
+        self._saved = (sc.setfsgid(self.gid), groups)
+        if sc.setfsgid(self.gid) != self.gid:
+            self._restore()
+            raise _switch_failed()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._saved is None:
+            return
+        fsgid, groups = self._saved
+        self._saved = None
+        sc.setfsuid(0)
+        sc.setfsgid(fsgid)
+        sc.setgroups_thread(groups)
+
+    def open(self, root_fd: int, rel: bytes) -> int:
+        """Open ``rel`` below the directory ``root_fd`` for reading, as the caller.
+
+        ``rel`` is relative and has no ``.`` or ``..``. Raises ``OSError`` if the
+        caller may not (or it is gone, a link, not below ``root_fd``, ...).
+        """
+        result = self._open_as_caller(root_fd, (rel,), self._how)[0]
+        if isinstance(result, OSError):
+            raise result
+        return result
+
+    def open_each(self, root_fd: int, rels: Sequence[bytes]) -> list[int | OSError]:
+        """:meth:`open` each of ``rels``: a descriptor or the error, one fsuid switch for all."""
+        return self._open_as_caller(root_fd, rels, self._how)
+
+    def open_many(
+        self, root_fd: int, dir_rel: bytes, names: Sequence[bytes]
+    ) -> list[int | OSError]:
+        """:meth:`open` each of ``names`` in the directory ``dir_rel`` below ``root_fd``.
+
+        Each result is a descriptor or the error. One switch of the fsuid serves them all
+        (a switch costs more than an open: the kernel copies the credentials): the
+        directory is resolved as the caller (search permission on the directories above
+        it), then each name is opened in it as the caller (search permission on it, read
+        permission on the file).
+        """
+        return self._open_as_caller(root_fd, names, self._how, dir_rel or b".")
+
+    def reachable(self, path: bytes) -> bool:
+        """Whether the caller may search every directory above ``path`` (absolute, on the host).
+
+        A layer's root is a mount point: the directories above it lie in other layers,
+        and the caller's path to anything in this one passes through them.
+        """
+        if not self.active:
+            return True
+        known = self._reachable.get(path)
+        if known is None:
+            result = self._open_as_caller(_AT_FDCWD, (path,), self._dir_how)[0]
+            known = not isinstance(result, OSError)
+            if not isinstance(result, OSError):
+                os.close(result)
+            self._reachable[path] = known
+        return known
+
+    def _open_as_caller(
+        self, dir_fd: int, paths: Sequence[bytes], how: sc.OpenHow, within: bytes = b""
+    ) -> list[int | OSError]:
+        """Open ``paths`` with the caller's fsuid, below ``dir_fd`` (and ``within`` it).
+
+        Without ``within``, each path is resolved by ``openat2`` with ``how``. With it,
+        ``within`` is, and each path is one name opened in it without following a link.
+        """
+        if self._saved is None:
+            raise SandboxError("CallerFiles used outside its context", reason="DIFF_FAILED")
+        results: list[int | OSError] = []
+        parent = -1
+        before = sc.setfsuid(self.uid)
+        try:
+            if within:
+                try:
+                    parent = sc.openat2(dir_fd, within, self._within_how)
+                except OSError as exc:
+                    results = [exc] * len(paths)
+            if parent >= 0:
+                for name in paths:
+                    try:
+                        results.append(os.open(name, _FILE_FLAGS, dir_fd=parent))
+                    except OSError as exc:
+                        results.append(exc)
+            elif not within:
+                for path in paths:
+                    try:
+                        results.append(sc.openat2(dir_fd, path, how))
+                    except OSError as exc:
+                        results.append(exc)
+        finally:
+            during = sc.setfsuid(0)
+            _close(parent if parent >= 0 else None)
+            if before != 0 or during != self.uid:
+                for result in results:
+                    if not isinstance(result, OSError):
+                        os.close(result)
+                raise _switch_failed()
+        return results
+
+
+def _switch_failed() -> SandboxError:
+    return SandboxError(
+        "cannot take the caller's file-system rights to read the changes", reason="DIFF_FAILED"
+    )
+
+
+def compute_changes(
+    layers: Sequence[Layer], options: DiffOptions, caller: Caller | None = None
+) -> DiffResult:
     """Walk the upper layers and return the changes they hold, sorted by path bytes.
 
-    Raises :class:`airlock.SandboxError` if an upper directory cannot be opened.
+    Content is read with ``caller``'s rights (see :class:`CallerFiles`); None reads
+    as root. Raises :class:`airlock.SandboxError` if an upper directory cannot be
+    opened, or the caller's rights cannot be taken.
     """
-    walker = _Walker(options)
     # Thousands of new objects and no reference cycles: the cyclic collector would
     # only slow the walk down (by ~5 % for 10,000 changes).
     collect = gc.isenabled()
     gc.disable()
     try:
-        for layer in sorted(layers, key=attrgetter("host_path")):
-            walker.walk(layer)
+        with CallerFiles(caller) as files:
+            walker = _Walker(options, files)
+            for layer in sorted(layers, key=attrgetter("host_path")):
+                walker.walk(layer)
     finally:
         if collect:
             gc.enable()
@@ -177,6 +370,11 @@ def _open_regular(name: str, dir_fd: int) -> int | None:
         fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None
+    return _if_regular(fd)
+
+
+def _if_regular(fd: int) -> int | None:
+    """``fd`` if it is a regular file; else None, and ``fd`` is closed."""
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             return fd
@@ -215,11 +413,11 @@ def _read_exact(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_small(name: str, dir_fd: int, size: int, limit: int) -> bytes | None:
-    """The whole content of a regular file of about ``size`` bytes, None if over ``limit``."""
-    fd = _open_regular(name, dir_fd)
-    if fd is None:
-        return None
+def _read_small(fd: int, size: int, limit: int) -> bytes | None:
+    """The whole content of the regular file ``fd`` (closed here) of about ``size`` bytes.
+
+    None if it is over ``limit`` bytes or cannot be read.
+    """
     try:
         data = _read_exact(fd, min(size, limit) + 1)
         if len(data) > limit:
@@ -237,21 +435,17 @@ def _read_small(name: str, dir_fd: int, size: int, limit: int) -> bytes | None:
 _Read = tuple[str, bytes | None, bytes | None, bool]
 
 
-def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | None) -> _Read | None:
-    """Hash an upper file, keep it if small, and compare it with the lower if asked.
+def _read_upper(fd: int, size: int, keep: int, lfd: int | None) -> _Read | None:
+    """Hash the upper file ``fd``, keep it if small, and compare it with ``lfd`` if given.
 
-    ``lower_fd`` is the lower directory when the lower entry is a regular file of the
-    same size. Returns None if the upper file cannot be read. A short read is taken
-    as the end of the file (true of regular files), which saves a read per file. The
-    upper is not ``fstat``-ed after opening: it no longer changes once the command
+    ``lfd`` is the lower file, open, when it is a regular file of the same size. Both
+    are closed here. Returns None if the upper file cannot be read. A short read is
+    taken as the end of the file (true of regular files), which saves a read per file.
+    The upper is not ``fstat``-ed after opening: it no longer changes once the command
     ended, it was just seen as a regular file, and ``O_NONBLOCK`` keeps even a
     swapped-in FIFO from blocking.
     """
-    try:
-        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return None
-    if lower_fd is None and size < keep:
+    if lfd is None and size < keep:
         # The common case, a small new file: one read.
         try:
             data = os.read(fd, size + 1)
@@ -263,7 +457,6 @@ def _read_upper(name: str, dir_fd: int, size: int, keep: int, lower_fd: int | No
         if len(data) <= size:
             os.close(fd)
             return hashlib.sha256(data).hexdigest(), data, None, False
-    lfd = _open_regular(name, lower_fd) if lower_fd is not None else None
     digest = hashlib.sha256()
     parts: list[bytes] | None = []
     old_parts: list[bytes] | None = [] if lfd is not None else None
@@ -376,7 +569,19 @@ def _cut(text: str, limit: int) -> tuple[str, int, bool]:
 class _Frame:
     """One directory being walked: its descriptors and its remaining work items."""
 
-    __slots__ = ("depth", "items", "lfd", "lower_names", "opaque", "prefix", "report", "ufd")
+    __slots__ = (
+        "depth",
+        "items",
+        "lfd",
+        "lower_names",
+        "opaque",
+        "opened",
+        "prefix",
+        "regular",
+        "report",
+        "ufd",
+        "unopened",
+    )
 
     def __init__(
         self,
@@ -396,14 +601,34 @@ class _Frame:
         self.items: Iterator[_Item] = iter(())
         # The lower directory's names, when listing them was cheaper than one lstat each.
         self.lower_names: set[str] | None = None
+        # Opening as the caller (CallerFiles): the regular files' names in walk order, None
+        # where the walk descends; the index of the first not opened yet; those opened
+        # ahead (a descriptor or why not), not yet used.
+        self.regular: list[str | None] = []
+        self.unopened = 0
+        self.opened: dict[str, int | OSError] = {}
 
     def close(self) -> None:
         _close(self.ufd)
         _close(self.lfd)
+        self.drop_opened()
+
+    def drop_opened(self) -> None:
+        for result in self.opened.values():
+            if not isinstance(result, OSError):
+                _close(result)
+        self.opened = {}
 
 
 class _Walker:
-    def __init__(self, options: DiffOptions) -> None:
+    def __init__(self, options: DiffOptions, files: CallerFiles) -> None:
+        self.files = files
+        # The layer being walked: its upper and lower roots, how many leading bytes of a
+        # path name the layer's root, and whether the caller may reach that root at all.
+        self.upper_root = -1
+        self.lower_root: int | None = None
+        self.cut = 0
+        self.reachable = True
         self.max_changes = options.max_changes
         self.file_cap = options.diff_file_bytes
         self.budget = options.diff_total_bytes
@@ -475,6 +700,8 @@ class _Walker:
             if lst is not None and _meta_differs(ust, lst):
                 self._add(self._dir_change(host, _METADATA_CHANGED, ust, lst))
         prefix = host if host.endswith(b"/") else host + b"/"
+        self.upper_root, self.lower_root, self.cut = ufd, lfd, len(prefix)
+        self.reachable = self.files.reachable(host)
         frame = _Frame(ufd, lfd, False, report, prefix, 0)
         stack = [frame]
         try:
@@ -553,6 +780,13 @@ class _Walker:
                     )
         if report:
             items.sort(key=itemgetter(0))
+            if self.files.active:
+                s_isreg = stat.S_ISREG
+                frame.regular = [
+                    None if tag == _DESCEND else name
+                    for _key, tag, name, st in items
+                    if tag == _DESCEND or (st is not None and s_isreg(st.st_mode))
+                ]
         frame.items = iter(items)
 
     def _descend(self, parent: _Frame, key: bytes, name: str, report: bool) -> _Frame | None:
@@ -598,7 +832,7 @@ class _Walker:
         lower = _lstat(name, lfd) if names is None or name in names else None
         ftype = _ftype(mode)
         if ftype is _REGULAR:
-            if lower is not None or not self._created_small(frame.ufd, path, name, st):
+            if lower is not None or not self._created_small(frame, path, name, st):
                 self._regular(frame, path, name, st, lower)
             return
         if lower is None:
@@ -652,7 +886,7 @@ class _Walker:
             return 0
         return self._count_below(lfd, name)
 
-    def _created_small(self, ufd: int, path: bytes, name: str, st: os.stat_result) -> bool:
+    def _created_small(self, frame: _Frame, path: bytes, name: str, st: os.stat_result) -> bool:
         """Report a new regular file below the diff limit, the bulk of a typical diff.
 
         The same result as :meth:`_regular`, in one lean function: a diff of many new
@@ -663,7 +897,7 @@ class _Walker:
         if size >= self.file_cap:
             return False
         try:
-            fd = os.open(name, _FILE_FLAGS, dir_fd=ufd)
+            fd = self._open_upper(frame, path, name)
         except OSError:
             return False
         try:
@@ -718,8 +952,19 @@ class _Walker:
         size = st.st_size
         cap = self.file_cap
         old_size = lower.st_size if lower is not None and stat.S_ISREG(lower.st_mode) else None
-        compare = old_size == size
-        read = _read_upper(name, frame.ufd, size, cap, lfd if compare else None)
+        # Whether the caller may not read the new content, or the old it is compared with.
+        denied = False
+        read: _Read | None = None
+        try:
+            fd: int | None = self._open_upper(frame, path, name)
+        except OSError:
+            fd = None
+            denied = self.files.active
+        if fd is not None:
+            old_fd = None
+            if old_size == size and lfd is not None:
+                old_fd, denied = self._open_lower(frame, path, name)
+            read = _read_upper(fd, size, cap, old_fd)
         if read is None:
             if _lstat(name, frame.ufd) is None:
                 return  # vanished
@@ -728,7 +973,7 @@ class _Walker:
         if lower is None:
             kind = _CREATED
         elif not same:
-            kind = _MODIFIED
+            kind = _MODIFIED  # also when the caller may not compare them
         elif _meta_differs(st, lower):
             kind = _METADATA_CHANGED
         else:
@@ -736,14 +981,17 @@ class _Walker:
         diff = ""
         binary = False
         truncated = False
-        if kind is not _METADATA_CHANGED:
+        if kind is not _METADATA_CHANGED and not denied:
             if size > cap or (old_size is not None and old_size > cap):
                 truncated = True
             elif content is not None:
                 old = old_content
                 if old is None and old_size is not None and lfd is not None:
-                    old = _read_small(name, lfd, old_size, cap)
-                diff, binary, truncated = self._diff(path, content, old, old_size is None)
+                    old_fd, denied = self._open_lower(frame, path, name)
+                    if old_fd is not None:
+                        old = _read_small(old_fd, old_size, cap)
+                if not denied:
+                    diff, binary, truncated = self._diff(path, content, old, old_size is None)
         self._add(
             _file_change(
                 path=path,
@@ -762,8 +1010,67 @@ class _Walker:
                 binary=binary,
                 diff_truncated=truncated,
                 entries_deleted=self._replaced_dir(lfd, name, lower),
+                unreadable=denied,
             )
         )
+
+    def _open_upper(self, frame: _Frame, path: bytes, name: str) -> int:
+        """Open an upper file for reading as the caller would; raises ``OSError``.
+
+        As the caller, the directory's next regular files (up to where the walk
+        descends) are opened together, with one switch of the file-system uid.
+        """
+        if not self.files.active:
+            return os.open(name, _FILE_FLAGS, dir_fd=frame.ufd)
+        if not self.reachable:
+            raise PermissionError(errno.EACCES, "the caller cannot reach this layer")
+        result = frame.opened.pop(name, None)
+        if result is None:
+            self._open_ahead(frame, name)
+            result = frame.opened.pop(name, None)
+        if result is None:
+            return self.files.open(self.upper_root, path[self.cut :])
+        if isinstance(result, OSError):
+            raise result
+        return result
+
+    def _open_ahead(self, frame: _Frame, name: str) -> None:
+        """Open, as the caller, the frame's regular files from ``name`` on (a batch)."""
+        names = frame.regular
+        start = frame.unopened
+        while start < len(names) and names[start] != name:
+            start += 1
+        if start == len(names):
+            return
+        end = start + 1
+        limit = min(len(names), start + _OPEN_AHEAD)
+        while end < limit and names[end] is not None:
+            end += 1
+        frame.unopened = end
+        batch = [n for n in names[start:end] if n is not None]
+        within = frame.prefix[self.cut :].rstrip(b"/")
+        encoded = [n.encode(_FS_ENCODING, _FS_ERRORS) for n in batch]
+        frame.drop_opened()  # left over: excluded, or past the change limit
+        opened = self.files.open_many(self.upper_root, within, encoded)
+        frame.opened = dict(zip(batch, opened, strict=True))
+
+    def _open_lower(self, frame: _Frame, path: bytes, name: str) -> tuple[int | None, bool]:
+        """Open a lower regular file as the caller would: (descriptor or None, denied).
+
+        ``denied`` is True when the caller may not open it; None without it means the
+        file is gone or not a regular file.
+        """
+        if not self.files.active:
+            return (_open_regular(name, frame.lfd) if frame.lfd is not None else None), False
+        if not self.reachable or self.lower_root is None:
+            return None, True
+        try:
+            fd = self.files.open(self.lower_root, path[self.cut :])
+        except FileNotFoundError:
+            return None, False
+        except OSError:
+            return None, True
+        return _if_regular(fd), False
 
     def _diff(
         self, path: bytes, new: bytes, old: bytes | None, from_nothing: bool
@@ -897,6 +1204,7 @@ def _file_change(
     binary: bool,
     diff_truncated: bool,
     entries_deleted: int,
+    unreadable: bool,
     symlink_target: bytes = b"",
 ) -> FileChange:
     """A :class:`FileChange` with every field given (see :func:`_build`)."""
@@ -919,6 +1227,7 @@ def _file_change(
             "binary": binary,
             "diff_truncated": diff_truncated,
             "entries_deleted": entries_deleted,
+            "unreadable": unreadable,
         }
     )
 
@@ -952,6 +1261,7 @@ def _created_fields(
         "binary": binary,
         "diff_truncated": truncated,
         "entries_deleted": 0,
+        "unreadable": False,
     }
 
 

@@ -1,9 +1,18 @@
-"""Mounts: read the host's mount table and execute the plan's mount operations."""
+"""Mounts: read the host's mount table, check a workspace, execute the plan's mount operations.
+
+The one piece of the sandbox that reads the host's mount table (``host_mounts``) and makes
+mounts (``execute``). ``workspace_conflict`` is the check that keeps the daemon's socket
+and state out of any read-write bind: the request check calls it for an Execute's working
+directory, and ``execute`` calls it again on the directory it is about to bind.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import posixpath
 import stat
+from collections.abc import Iterable
 
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.plan import (
@@ -28,17 +37,65 @@ _OVERLAY_OPTIONS = "redirect_dir=off,index=off,metacopy=off,xino=off"
 _PROC_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 
-def _inspect(path: str) -> tuple[bool, int, int, int]:
+def _inspect(path: str) -> tuple[int, int, int, int]:
+    """(file type, permission bits, uid, gid) of a mount's root; type 0 if root cannot stat it."""
     try:
         st = os.stat(path)
     except OSError:
-        return False, 0o755, 0, 0
-    return stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        return 0, 0o755, 0, 0
+    return stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
 
 def host_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[HostMount, ...]:
-    with open(mountinfo) as f:
-        return parse_mountinfo(f.read(), _inspect)
+    """The host's mounts as this process sees them (``plan.parse_mountinfo``).
+
+    Mount points are bytes to the kernel: one that is not UTF-8 (a Latin-1 USB label) is
+    decoded with ``surrogateescape``, so ``os.fsencode`` gives its bytes back.
+    """
+    with open(mountinfo, "rb") as f:
+        return parse_mountinfo(f.read().decode("utf-8", "surrogateescape"), _inspect)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _chain(path: str) -> list[str]:
+    """``path`` (resolved) and every directory above it, up to ``/``."""
+    out = [os.path.realpath(path)]
+    while out[-1] != "/":
+        out.append(posixpath.dirname(out[-1]))
+    return out
+
+
+def workspace_conflict(workspace: str | int, protected: Iterable[str]) -> str:
+    """Why ``workspace`` must not be bound read-write into a sandbox, or "" if it may be.
+
+    It must not contain one of the ``protected`` paths (the daemon's socket, its state
+    directory), nor lie inside one: an Executed command would reach the daemon through its
+    socket, or its state, as the caller's uid, in its own tree. Directories are compared by
+    device and inode, not by spelling, so a symlink or another bind mount of the same
+    directory is caught too. ``workspace`` is a path, or a descriptor (``O_PATH``) of the
+    directory about to be bound, which is what the supervisor checks: the path may have
+    changed since the request was checked. A protected path that does not exist is skipped.
+    """
+    where = f"/proc/self/fd/{workspace}" if isinstance(workspace, int) else workspace
+    try:
+        ws = os.stat(workspace)
+        ws_chain = [os.stat(p) for p in _chain(where)]
+    except OSError as exc:
+        return f"cannot inspect it: {exc.strerror or exc}"
+    for path in protected:
+        try:
+            target = os.stat(path)
+            above = [os.stat(p) for p in _chain(path)]
+        except OSError:
+            continue  # not there (yet): nothing of it can be exposed
+        if any(_same(ws, d) for d in above):
+            return f"it contains {path}"
+        if stat.S_ISDIR(target.st_mode) and any(_same(d, target) for d in ws_chain):
+            return f"it is inside {path}"
+    return ""
 
 
 def make_private() -> None:
@@ -53,14 +110,39 @@ def _rebind_readonly(target: str) -> None:
     sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | _PROC_FLAGS)
 
 
-def execute(op: MountOp | InitOp) -> None:
-    """Carry out one plan operation; raises OSError naming the step on failure."""
+def _bind_writable(source: str, target: str, protected: tuple[str, ...]) -> None:
+    """Bind ``source`` read-write, unless it exposes a protected path.
+
+    The directory is opened first and the check and the bind both use that descriptor, so
+    a path component swapped for a symlink after the check cannot redirect the bind.
+    """
+    fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
+    try:
+        problem = workspace_conflict(fd, protected)
+        if problem:
+            raise OSError(errno.EPERM, f"refusing to bind {source} read-write: {problem}")
+        sc.mount(f"/proc/self/fd/{fd}", target, None, sc.MS_BIND)
+    finally:
+        os.close(fd)
+
+
+def execute(op: MountOp | InitOp, protected: tuple[str, ...] = ()) -> None:
+    """Carry out one plan operation; raises OSError naming the step on failure.
+
+    ``protected`` (``SandboxTemplate.protected``): what no read-write bind may contain.
+    """
     match op:
         case Tmpfs(target, options, flags):
             sc.mount("tmpfs", target, "tmpfs", flags, options)
-        case Overlay(target, lower, upper, work):
+        case Overlay(target, lower, upper, work, base) if upper:
             data = f"lowerdir={lower},upperdir={upper},workdir={work},{_OVERLAY_OPTIONS}"
             sc.mount("overlay", target, "overlay", 0, data)
+        case Overlay(target, lower, upper, work, base):
+            # No upper layer: read-only, and overlayfs then wants a second lower layer.
+            data = f"lowerdir={lower}:{base},{_OVERLAY_OPTIONS}"
+            sc.mount("overlay", target, "overlay", sc.MS_RDONLY, data)
+        case Bind(source, target, readonly) if not readonly and protected:
+            _bind_writable(source, target, protected)
         case Bind(source, target, readonly):
             sc.mount(source, target, None, sc.MS_BIND)
             if readonly:
@@ -96,9 +178,9 @@ def execute(op: MountOp | InitOp) -> None:
             os.chdir("/")
 
 
-def execute_step(op: MountOp | InitOp) -> None:
+def execute_step(op: MountOp | InitOp, protected: tuple[str, ...] = ()) -> None:
     """``execute``, with the failing operation named in the error."""
     try:
-        execute(op)
+        execute(op, protected)
     except OSError as exc:
         raise OSError(exc.errno, f"{op}: {exc.strerror or exc}") from None

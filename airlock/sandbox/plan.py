@@ -9,13 +9,16 @@ executes plans, step by step, and names the failing step when one fails.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import posixpath
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from airlock._errors import ErrorData
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.cgroup import CgroupSpec
 from airlock.sandbox.diff import DiffOptions, Layer
@@ -89,10 +92,20 @@ class Tmpfs:
 
 @dataclass(frozen=True)
 class Overlay:
+    """An overlayfs over the host directory ``lower``.
+
+    A dry run's has an ``upper`` and a ``work`` directory in the scratch tmpfs, and writes
+    land in the upper layer. Execute's has neither and is read-only; overlayfs then wants at
+    least two lower layers, so ``base``, an empty directory of the scratch tmpfs, is the
+    second. Either way the command sees the overlay's inodes, not the host's: a host Unix
+    socket seen through one refuses connections (ECONNREFUSED), a host FIFO is another pipe.
+    """
+
     target: str
     lower: str
-    upper: str
-    work: str
+    upper: str = ""
+    work: str = ""
+    base: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,12 +174,19 @@ class HostMount:
 
     path: str
     fstype: str
-    is_dir: bool = True
+    # The mount root's file type (the ``stat.S_IFMT`` bits of its mode): a directory, a
+    # bind-mounted file, socket, FIFO or device; 0 when root cannot stat it (a FUSE mount
+    # without allow_other).
+    file_type: int = stat.S_IFDIR
     # The mount root's permission bits and owner: an overlay's upper root must match them, or
     # the merged root would change (a 1777 /tmp would become 0755) and the diff would say so.
     mode: int = 0o755
     uid: int = 0
     gid: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file_type == stat.S_IFDIR
 
 
 @dataclass(frozen=True)
@@ -177,6 +197,10 @@ class SandboxSettings:
     hidden_paths: tuple[str, ...]
     hostname: str = "airlock"
     bash: str = "/bin/bash"
+    # Host paths no sandbox may reach through a read-write bind: the daemon's socket and its
+    # state directory. Execute refuses a workspace that contains one (``mnt.workspace_conflict``)
+    # when the request is checked, and the supervisor checks again as it binds it.
+    protected_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,10 +231,13 @@ class SandboxTemplate:
     capture_network: bool = True
     # Classic BPF denying the system calls no command needs (sandbox/seccomp.py); empty: none.
     seccomp_program: bytes = b""
-    # Execute only: the one host directory the command may change (bound read-write); every
-    # other file system is a read-only bind, /tmp and /var/tmp are private and empty. Empty:
-    # a dry run, where every file system is an overlay whose changes are thrown away.
+    # Execute only: the one host directory the command may change (bound read-write, with the
+    # data mounts below it); every other directory mount is a read-only overlay, /tmp and
+    # /var/tmp are private and empty. Empty: a dry run, where every directory mount is an
+    # overlay whose changes are thrown away.
     writable: str = ""
+    # What no read-write bind may contain (``SandboxSettings.protected_paths``).
+    protected: tuple[str, ...] = ()
 
     @property
     def key(self) -> bytes:
@@ -258,13 +285,14 @@ class ApplyPlan:
 
 @dataclass(frozen=True)
 class ApplyReply:
-    """What the apply supervisor sends back: the result, or the error to raise."""
+    """What the apply supervisor sends back: the result, or the error to raise.
 
-    result: Any = None  # airlock.apply.ApplyResult
-    error_class: str = ""  # the name of an airlock._errors class
-    message: str = ""
-    reason: str = ""
-    paths: tuple[bytes, ...] = ()
+    The error travels as data (``airlock._errors.error_to_data``); the daemon raises
+    ``error_from_data(error)``.
+    """
+
+    result: Any = None  # airlock.sandbox.apply.ApplyResult
+    error: ErrorData | None = None
 
 
 @dataclass(frozen=True)
@@ -292,23 +320,85 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def parse_mountinfo(
-    text: str, inspect: Callable[[str], tuple[bool, int, int, int]] | None = None
-) -> tuple[HostMount, ...]:
-    """The mounts of the host, parents before children, last mount on a path winning.
+@dataclass(frozen=True)
+class _Entry:
+    """One line of mountinfo: the mount's id, the id of the mount it sits on, where, what."""
 
-    ``inspect(path)`` returns (is_dir, mode, uid, gid) of the mount's root.
-    """
-    by_path: dict[str, HostMount] = {}
+    id: int
+    parent: int
+    path: str
+    fstype: str
+
+
+def _entries(text: str) -> list[_Entry]:
+    out = []
     for line in text.splitlines():
         fields = line.split()
         if "-" not in fields:
             continue
         sep = fields.index("-")
-        path, fstype = _unescape(fields[4]), fields[sep + 1]
-        by_path.pop(path, None)  # a later mount on the same point hides the earlier one
-        by_path[path] = HostMount(path, fstype, *(inspect(path) if inspect else ()))
-    return tuple(sorted(by_path.values(), key=lambda m: (m.path.count("/"), m.path)))
+        if sep < 5 or sep + 1 >= len(fields) or not (fields[0] + fields[1]).isdigit():
+            continue
+        out.append(_Entry(int(fields[0]), int(fields[1]), _unescape(fields[4]), fields[sep + 1]))
+    return out
+
+
+def _depth_order(path: str) -> tuple[int, str]:
+    return path.count("/"), path
+
+
+def _visible(entries: list[_Entry]) -> list[_Entry]:
+    """The mount one sees at each mount point, found on the mount tree, parents first.
+
+    mountinfo lists mounts by id, not by stacking (after ``mount --move`` onto a busy mount
+    point the top mount comes first), so the order of lines decides nothing. A mount is seen
+    if it sits (its parent id) on the mount seen at the nearest mount point above its path,
+    or on a mount stacked at its own path that is seen; of a stack, the one nothing sits on
+    is on top. A mount whose parent is not in the table is a root (a chroot's, a container's).
+    A mount under a mount point that something else now covers is not seen at all.
+    """
+    ids = {e.id for e in entries}
+    by_path: dict[str, list[_Entry]] = {}
+    for e in entries:
+        by_path.setdefault(e.path, []).append(e)
+    seen: dict[str, _Entry] = {}
+    for path in sorted(by_path, key=_depth_order):
+        here = by_path[path]
+        below: _Entry | None = None
+        up = path
+        while up != "/" and below is None:
+            up = posixpath.dirname(up)
+            below = seen.get(up)
+        starts = [
+            e
+            for e in here
+            if e.parent not in ids
+            or e.parent == e.id
+            or (below is not None and e.parent == below.id)
+        ]
+        if not starts:
+            continue  # mounted on something that is covered now
+        top, climbed = starts[-1], {starts[-1].id}
+        while above := [e for e in here if e.parent == top.id and e.id not in climbed]:
+            top = above[-1]
+            climbed.add(top.id)
+        seen[path] = top
+    return list(seen.values())
+
+
+def parse_mountinfo(
+    text: str, inspect: Callable[[str], tuple[int, int, int, int]] | None = None
+) -> tuple[HostMount, ...]:
+    """The mounts of the host one sees, one per mount point (the top of a stack), parents first.
+
+    ``inspect(path)`` returns (file type, mode, uid, gid) of the mount's root (see
+    :class:`HostMount`). ``text`` is mountinfo decoded with ``surrogateescape``, so a mount
+    point that is not UTF-8 keeps its bytes (``os.fsencode`` gives them back).
+    """
+    return tuple(
+        HostMount(e.path, e.fstype, *(inspect(e.path) if inspect else ()))
+        for e in _visible(_entries(text))
+    )
 
 
 def _under(path: str, root: str) -> bool:
@@ -319,22 +409,130 @@ def _under(path: str, root: str) -> bool:
 
 
 _PRIVATE_TMP = ("/tmp", "/var/tmp")
+# The host mounts' root file types the sandbox shows: directories (overlaid), bind-mounted
+# files, and mounts root cannot stat (bound read-only, see HostMount.file_type). Never a socket,
+# FIFO or device: bound into a sandbox, a host socket (a CI job's /var/run/docker.sock) would
+# stay connectable; left out, the sandbox sees the mount point beneath it instead.
+_SHOWN_TYPES = frozenset({stat.S_IFDIR, stat.S_IFREG, 0})
 
 
-def _writable_ops(root: str, writable: str) -> list[MountOp]:
-    """Execute: private, empty /tmp and /var/tmp, then the workspace bound read-write on top.
+def _at(root: str, path: str) -> str:
+    """Where the supervisor mounts what the command sees at ``path``."""
+    return root if path == "/" else root + path
 
-    A workspace below a private tmp needs its mount point made inside that tmpfs.
+
+def _shown(mount: HostMount, scratch: str) -> bool:
+    """Whether the sandbox shows this host mount (a data mount; see _SHOWN_TYPES)."""
+    return (
+        mount.fstype not in _PSEUDO_FS
+        and not any(_under(mount.path, k) for k in KERNEL_TREES)
+        and not _under(mount.path, scratch)
+        and not (_OVERLAY_UNSAFE & set(mount.path))
+        and mount.file_type in _SHOWN_TYPES
+    )
+
+
+def _lost_mount_points(
+    mounts: list[HostMount], host: dict[str, HostMount], region: str
+) -> dict[str, list[str]]:
+    """Stand-ins for left-out mounts that shown ones sit on: {stand-in path: directories}.
+
+    A shown mount sits on the mount at the nearest mount point above it. If the sandbox
+    leaves that one out (an autofs map under NFS homes, /net), the overlay above shows only
+    the empty directory the left-out mount covers, and the mount point is missing (mount(2):
+    ENOENT). An empty read-only tmpfs then stands in for the outermost left-out mount, with a
+    directory for each mount point below it. Only mount points strictly below ``region``
+    count (Execute's workspace: the workspace's bind provides the others; "" for all).
     """
+    lost: dict[str, list[str]] = {}
+    shown = {m.path for m in mounts}
+    for mount in mounts:
+        above = [a for a in _ancestors(mount.path, region) if a in host]
+        if not above or above[0] in shown:
+            continue  # it sits on a shown mount (or on the workspace's bind)
+        stand_in = list(itertools.takewhile(lambda a: a not in shown, above))[-1]
+        made = lost.setdefault(stand_in, [])
+        path = stand_in
+        for part in mount.path[len(stand_in.rstrip("/")) + 1 :].split("/"):
+            path = f"{path.rstrip('/')}/{part}"
+            if path not in made:
+                made.append(path)
+    return lost
+
+
+def _ancestors(path: str, region: str) -> list[str]:
+    """The directories above ``path``, nearest first, strictly below ``region`` if given."""
+    out, up = [], path
+    while up != "/":
+        up = posixpath.dirname(up)
+        if region and (up == region or not _under(up, region)):
+            break
+        out.append(up)
+    return out
+
+
+def _stand_in_ops(root: str, mount: HostMount, dirs: list[str]) -> list[MountOp]:
+    options = f"mode={mount.mode:o},uid={mount.uid},gid={mount.gid},size=16k"
+    ops: list[MountOp] = [Tmpfs(_at(root, mount.path), options, sc.MS_NOSUID | sc.MS_NODEV)]
+    ops += [Mkdir(root + d, 0o755) for d in dirs]
+    ops.append(ReadOnlyRebind(_at(root, mount.path)))  # read-only once the mount points exist
+    return ops
+
+
+def _mounts_with_points(
+    root: str,
+    mounts: list[HostMount],
+    host: dict[str, HostMount],
+    region: str,
+    mount_ops: Callable[[HostMount], list[MountOp]],
+) -> list[MountOp]:
+    """``mount_ops(m)`` for each mount in order, each after the stand-in it needs, if any."""
+    lost = _lost_mount_points(mounts, host, region)
     ops: list[MountOp] = []
-    for tmp in _PRIVATE_TMP:
-        ops.append(Tmpfs(root + tmp, "mode=1777,size=256m", sc.MS_NOSUID | sc.MS_NODEV))
+    for mount in mounts:
+        for stand_in in [s for s in lost if _under(mount.path, s)]:
+            ops += _stand_in_ops(root, host[stand_in], lost.pop(stand_in))
+        ops += mount_ops(mount)
+    return ops
+
+
+def _writable_ops(
+    root: str,
+    writable: str,
+    below: list[HostMount],
+    host: dict[str, HostMount],
+) -> list[MountOp]:
+    """Execute: the workspace bound read-write, with the data mounts below it, and private,
+    empty /tmp and /var/tmp that nothing covers.
+
+    A private tmp that contains the workspace comes first (the workspace's mount point is
+    made inside it); one below the workspace comes after it (cwd / or /var must not uncover
+    the host's /var/tmp). The data mounts below the workspace are bound again on top of its
+    bind (a non-recursive bind shows only the workspace's own file system), read-write if
+    directories, read-only if files, as the dry run overlays or binds them.
+    """
+
+    def private_tmp(tmp: str) -> list[MountOp]:
+        ops: list[MountOp] = [Tmpfs(root + tmp, "mode=1777,size=256m", sc.MS_NOSUID | sc.MS_NODEV)]
         if _under(writable, tmp) and writable != tmp:
             path = tmp
             for part in writable[len(tmp) + 1 :].split("/"):
                 path = f"{path}/{part}"
                 ops.append(Mkdir(root + path, 0o755))
-    ops.append(Bind(writable, root + writable, readonly=False))
+        return ops
+
+    def rebind(mount: HostMount) -> list[MountOp]:
+        return [Bind(mount.path, _at(root, mount.path), readonly=not mount.is_dir)]
+
+    after = [t for t in _PRIVATE_TMP if _under(t, writable) and t != writable]
+    ops: list[MountOp] = []
+    for tmp in _PRIVATE_TMP:
+        if tmp not in after:
+            ops += private_tmp(tmp)
+    ops.append(Bind(writable, _at(root, writable), readonly=False))
+    ops += _mounts_with_points(root, below, host, writable, rebind)
+    for tmp in after:
+        ops += private_tmp(tmp)
     return ops
 
 
@@ -377,38 +575,60 @@ def build_template(
     writable: str = "",
 ) -> SandboxTemplate:
     """Decide every set-up step shared by this daemon's dry runs (or, with ``writable``, of
-    an Execute in that directory). Pure."""
+    an Execute in that directory). Pure.
+
+    Every data mount of the host the sandbox shows (``_shown``), parents first: a directory
+    becomes an overlay (a dry run's writable one, whose upper layer is diffed; Execute's
+    read-only one), a bind-mounted file a read-only bind. Then Execute's workspace and
+    private tmp dirs, /dev, /sys, and the hidden paths, last, so that nothing covers them.
+    """
     scratch = settings.scratch_dir
     root = f"{scratch}/root"
-    ops: list[MountOp] = [Tmpfs(scratch, f"mode=700,size={scratch_bytes}")]
+    base = f"{scratch}/empty"  # Execute: the second, empty lower layer of its overlays
+    ops: list[MountOp] = [Tmpfs(scratch, f"mode=700,size={scratch_bytes}"), Mkdir(root, 0o755)]
+    if writable:
+        ops.append(Mkdir(base, 0o755))
     layers: list[Layer] = []
+    host = {m.path: m for m in host_mounts}
+    shown = [m for m in host_mounts if _shown(m, scratch)]
+    index = {m.path: i for i, m in enumerate(shown)}
 
-    data_mounts = [
-        m
-        for m in host_mounts
-        if m.fstype not in _PSEUDO_FS
-        and not any(_under(m.path, k) for k in KERNEL_TREES)
-        and not _under(m.path, scratch)
-        and not (_OVERLAY_UNSAFE & set(m.path))
-    ]
-    ops.append(Mkdir(root, 0o755))
-    for index, mount in enumerate(data_mounts):
-        target = root if mount.path == "/" else root + mount.path
-        upper, work = f"{scratch}/u{index}", f"{scratch}/w{index}"
-        if not mount.is_dir or writable:  # a bind-mounted file, or Execute: read-only
-            ops.append(Bind(mount.path, target))
-            continue
-        ops += [Mkdir(upper, mount.mode, mount.uid, mount.gid), Mkdir(work, 0o700)]
-        ops.append(Overlay(target, mount.path, upper, work))
+    def show(mount: HostMount) -> list[MountOp]:
+        target = _at(root, mount.path)
+        if not mount.is_dir:  # a bind-mounted file, or one root cannot stat: read-only
+            return [Bind(mount.path, target)]
+        if writable:  # Execute: read-only, and no host socket answers through it
+            return [Overlay(target, mount.path, base=base)]
+        upper, work = f"{scratch}/u{index[mount.path]}", f"{scratch}/w{index[mount.path]}"
         layers.append(Layer(os.fsencode(mount.path), os.fsencode(upper), os.fsencode(mount.path)))
+        return [
+            Mkdir(upper, mount.mode, mount.uid, mount.gid),
+            Mkdir(work, 0o700),
+            Overlay(target, mount.path, upper, work),
+        ]
+
+    ops += _mounts_with_points(root, shown, host, "", show)
 
     if writable:
-        ops += _writable_ops(root, writable)
+        # The mounts below the workspace, but not those a private tmp or a hidden path covers.
+        covered = [t for t in _PRIVATE_TMP if _under(t, writable) and t != writable]
+        covered += settings.hidden_paths
+        below = [
+            m
+            for m in shown
+            if _under(m.path, writable)
+            and m.path != writable
+            and not any(_under(m.path, c) for c in covered)
+        ]
+        ops += _writable_ops(root, writable, below, host)
     ops += _dev_ops(root)
     ops.append(Sysfs(root + "/sys"))
     for hidden in settings.hidden_paths:
-        hidden_by_tmp = any(_under(hidden, tmp) for tmp in _PRIVATE_TMP)
-        if writable and hidden_by_tmp and not _under(hidden, writable):
+        if writable and any(
+            _under(hidden, tmp)
+            and (not _under(hidden, writable) or (_under(tmp, writable) and tmp != writable))
+            for tmp in _PRIVATE_TMP
+        ):
             continue  # Execute's private tmp already hides it
         ops.append(
             Tmpfs(root + hidden, "mode=755,size=4k", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_RDONLY)
@@ -438,6 +658,7 @@ def build_template(
         capture_network=capture_network,
         seccomp_program=seccomp_program,
         writable=writable,
+        protected=settings.protected_paths,
     )
 
 

@@ -1650,6 +1650,7 @@ class FileChange(_message.Message):
     BINARY_FIELD_NUMBER: _builtins.int
     DIFF_TRUNCATED_FIELD_NUMBER: _builtins.int
     ENTRIES_DELETED_FIELD_NUMBER: _builtins.int
+    UNREADABLE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The absolute path as the host sees it. Bytes that are not valid UTF-8
     are written as \\xNN escapes; `raw_path` then holds the exact bytes.
@@ -1688,6 +1689,15 @@ class FileChange(_message.Message):
     """Whether the diff was cut at the per-file or total limit."""
     entries_deleted: _builtins.int
     """For a deleted directory, how many entries it held, itself excluded."""
+    unreadable: _builtins.bool
+    """Whether the caller may not read this file's content: the new content, or
+    the old content it replaces. Content is read with the caller's uid, gid
+    and groups, as the command would read it; what the caller may not read is
+    never shown: no `unified_diff`, no `sha256_after` if the new content is
+    unreadable, and the content is not compared (such a file counts as
+    modified). The dry run's changes are then not kept for Apply
+    (`changes_not_kept`, reason CHANGES_UNREADABLE).
+    """
     def __init__(
         self,
         *,
@@ -1709,10 +1719,11 @@ class FileChange(_message.Message):
         binary: _builtins.bool = ...,
         diff_truncated: _builtins.bool = ...,
         entries_deleted: _builtins.int = ...,
+        unreadable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "gid_after", b"gid_after", "mode_after", b"mode_after", "mode_before", b"mode_before", "size_after", b"size_after", "size_before", b"size_before", "uid_after", b"uid_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "binary", b"binary", "diff_truncated", b"diff_truncated", "entries_deleted", b"entries_deleted", "file_type", b"file_type", "gid_after", b"gid_after", "in_workspace", b"in_workspace", "kind", b"kind", "mode_after", b"mode_after", "mode_before", b"mode_before", "path", b"path", "previous_file_type", b"previous_file_type", "raw_path", b"raw_path", "sha256_after", b"sha256_after", "size_after", b"size_after", "size_before", b"size_before", "symlink_target", b"symlink_target", "uid_after", b"uid_after", "unified_diff", b"unified_diff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "binary", b"binary", "diff_truncated", b"diff_truncated", "entries_deleted", b"entries_deleted", "file_type", b"file_type", "gid_after", b"gid_after", "in_workspace", b"in_workspace", "kind", b"kind", "mode_after", b"mode_after", "mode_before", b"mode_before", "path", b"path", "previous_file_type", b"previous_file_type", "raw_path", b"raw_path", "sha256_after", b"sha256_after", "size_after", b"size_after", "size_before", b"size_before", "symlink_target", b"symlink_target", "uid_after", b"uid_after", "unified_diff", b"unified_diff", "unreadable", b"unreadable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gid_after: _TypeAlias = _typing.Literal["gid_after"]  # noqa: Y015
     _WhichOneofArgType__gid_after: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after"]  # noqa: Y015

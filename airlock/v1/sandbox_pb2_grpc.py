@@ -31,7 +31,8 @@ class SandboxServiceStub:
     Errors are gRPC status codes. Every error carries a google.rpc.ErrorInfo
     detail whose `domain` is "airlock.dev" and whose `reason` is a stable,
     UPPER_SNAKE_CASE identifier (for example "INVALID_CWD") that clients may
-    branch on; the status message is a human sentence that may change.
+    branch on (docs/errors.md and the top of sandbox.proto list them all); the
+    status message is a human sentence that may change.
     """
 
     def __init__(self, channel):
@@ -93,7 +94,8 @@ class SandboxServiceServicer:
     Errors are gRPC status codes. Every error carries a google.rpc.ErrorInfo
     detail whose `domain` is "airlock.dev" and whose `reason` is a stable,
     UPPER_SNAKE_CASE identifier (for example "INVALID_CWD") that clients may
-    branch on; the status message is a human sentence that may change.
+    branch on (docs/errors.md and the top of sandbox.proto list them all); the
+    status message is a human sentence that may change.
     """
 
     def Validate(self, request, context):
@@ -245,7 +247,8 @@ class SandboxService:
     Errors are gRPC status codes. Every error carries a google.rpc.ErrorInfo
     detail whose `domain` is "airlock.dev" and whose `reason` is a stable,
     UPPER_SNAKE_CASE identifier (for example "INVALID_CWD") that clients may
-    branch on; the status message is a human sentence that may change.
+    branch on (docs/errors.md and the top of sandbox.proto list them all); the
+    status message is a human sentence that may change.
     """
 
     @staticmethod

@@ -32,7 +32,8 @@ class SandboxServiceStub:
     Errors are gRPC status codes. Every error carries a google.rpc.ErrorInfo
     detail whose `domain` is "airlock.dev" and whose `reason` is a stable,
     UPPER_SNAKE_CASE identifier (for example "INVALID_CWD") that clients may
-    branch on; the status message is a human sentence that may change.
+    branch on (docs/errors.md and the top of sandbox.proto list them all); the
+    status message is a human sentence that may change.
     """
 
     @_typing.overload
@@ -98,7 +99,8 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Errors are gRPC status codes. Every error carries a google.rpc.ErrorInfo
     detail whose `domain` is "airlock.dev" and whose `reason` is a stable,
     UPPER_SNAKE_CASE identifier (for example "INVALID_CWD") that clients may
-    branch on; the status message is a human sentence that may change.
+    branch on (docs/errors.md and the top of sandbox.proto list them all); the
+    status message is a human sentence that may change.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -160,7 +162,8 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors are gRPC status codes. Every error carries a google.rpc.ErrorInfo
     detail whose `domain` is "airlock.dev" and whose `reason` is a stable,
     UPPER_SNAKE_CASE identifier (for example "INVALID_CWD") that clients may
-    branch on; the status message is a human sentence that may change.
+    branch on (docs/errors.md and the top of sandbox.proto list them all); the
+    status message is a human sentence that may change.
     """
 
     @_abc_1.abstractmethod

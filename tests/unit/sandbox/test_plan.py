@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK
 
 import pytest
 
@@ -60,12 +61,15 @@ DATA = Path(__file__).resolve().parent / "data"
 UPDATE_GOLDEN = os.environ.get("AIRLOCK_UPDATE_GOLDEN") == "1"
 
 # As the engine builds them from the default DaemonConfig (airlock/core/engine.py):
-# scratch_dir = state_dir/scratch, hidden_paths = (state_dir,).
+# scratch_dir = state_dir/scratch, hidden_paths = (state_dir,),
+# protected_paths = (socket_path, state_dir).
 STATE_DIR = "/var/lib/airlock"
 SCRATCH = f"{STATE_DIR}/scratch"
 ROOT = f"{SCRATCH}/root"
 DAEMON_SOCKET = "/run/airlock/airlock.sock"  # the daemon's and the client's default
-SETTINGS = SandboxSettings(scratch_dir=SCRATCH, hidden_paths=(STATE_DIR,))
+SETTINGS = SandboxSettings(
+    scratch_dir=SCRATCH, hidden_paths=(STATE_DIR,), protected_paths=(DAEMON_SOCKET, STATE_DIR)
+)
 SCRATCH_BYTES = 1 << 30
 CGROUP = CgroupSpec(
     host=CgroupHost(CgroupVersion.V2, ("memory", "pids"), (("unified", "/sys/fs/cgroup"),)),
@@ -98,11 +102,11 @@ CLONE_NEWUSER = 0x10000000
 # --- The fixture hosts --------------------------------------------------------------------------
 
 
-Stat = tuple[bool, int, int, int]  # what inspect(path) returns: is_dir, mode, uid, gid
-DIR: Stat = (True, 0o755, 0, 0)
+Stat = tuple[int, int, int, int]  # what inspect(path) returns: file type, mode, uid, gid
+DIR: Stat = (S_IFDIR, 0o755, 0, 0)
 # What airlock.sandbox.mnt._inspect returns when root cannot stat the mount's root (a FUSE
-# mount without allow_other, such as gvfs and the document portal): not a directory.
-UNSTATABLE: Stat = (False, 0o755, 0, 0)
+# mount without allow_other, such as gvfs and the document portal): no file type.
+UNSTATABLE: Stat = (0, 0o755, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,10 @@ class Host:
     """A fixture host: its mountinfo file, the stat of mount roots, and the expected verdicts.
 
     ``data`` and ``files`` are an oracle written by hand, not derived from the planner: the
-    host mounts a plan must carry into the sandbox (directories as overlays in a dry run,
-    non-directories as read-only binds). Every other mount must be left out.
+    host mounts a plan must carry into the sandbox (directories as overlays, bind-mounted
+    regular files and mounts root cannot stat as read-only binds). Every other mount must be
+    left out: kernel interfaces, and sockets, FIFOs and devices (a socket stays connectable
+    through a bind, even a read-only one).
     """
 
     name: str
@@ -163,14 +169,14 @@ HOSTS = (
         ),
         files=frozenset({"/run/user/1000/gvfs", "/run/user/1000/doc"}),
         stat={
-            "/boot/efi": (True, 0o700, 0, 0),
-            "/tmp": (True, 0o1777, 0, 0),
-            "/var/lib/airlock": (True, 0o700, 0, 0),
-            "/run/credentials/systemd-sysctl.service": (True, 0o700, 0, 0),
-            "/run/user/1000": (True, 0o700, 1000, 1000),
+            "/boot/efi": (S_IFDIR, 0o700, 0, 0),
+            "/tmp": (S_IFDIR, 0o1777, 0, 0),
+            "/var/lib/airlock": (S_IFDIR, 0o700, 0, 0),
+            "/run/credentials/systemd-sysctl.service": (S_IFDIR, 0o700, 0, 0),
+            "/run/user/1000": (S_IFDIR, 0o700, 1000, 1000),
             "/run/user/1000/gvfs": UNSTATABLE,
             "/run/user/1000/doc": UNSTATABLE,
-            "/srv/www": (True, 0o2775, 1000, 33),
+            "/srv/www": (S_IFDIR, 0o2775, 1000, 33),
         },
     ),
     # Airlock in a CI job container: overlay root, files bound in by Docker, the Docker socket
@@ -180,19 +186,19 @@ HOSTS = (
         name="ci-container",
         workspace="/builds/group/project",
         data=frozenset({"/", "/builds", "/cache", "/var/lib/airlock"}),
-        files=frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/run/docker.sock"}),
+        files=frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"}),  # not docker.sock
         stat={
-            "/etc/hostname": (False, 0o644, 0, 0),
-            "/etc/hosts": (False, 0o644, 0, 0),
-            "/etc/resolv.conf": (False, 0o644, 0, 0),
-            "/run/docker.sock": (False, 0o660, 0, 998),
+            "/etc/hostname": (S_IFREG, 0o644, 0, 0),
+            "/etc/hosts": (S_IFREG, 0o644, 0, 0),
+            "/etc/resolv.conf": (S_IFREG, 0o644, 0, 0),
+            "/run/docker.sock": (S_IFSOCK, 0o660, 0, 998),
             # Docker's masks: /dev/null bound over files of /proc.
-            "/proc/kcore": (False, 0o666, 0, 0),
-            "/proc/keys": (False, 0o666, 0, 0),
-            "/proc/timer_list": (False, 0o666, 0, 0),
-            "/proc/sysrq-trigger": (False, 0o200, 0, 0),
-            "/builds": (True, 0o777, 0, 0),
-            "/var/lib/airlock": (True, 0o700, 0, 0),
+            "/proc/kcore": (S_IFCHR, 0o666, 0, 0),
+            "/proc/keys": (S_IFCHR, 0o666, 0, 0),
+            "/proc/timer_list": (S_IFCHR, 0o666, 0, 0),
+            "/proc/sysrq-trigger": (S_IFREG, 0o200, 0, 0),
+            "/builds": (S_IFDIR, 0o777, 0, 0),
+            "/var/lib/airlock": (S_IFDIR, 0o700, 0, 0),
         },
     ),
     # An enterprise host: NFS homes under an autofs indirect map, /net -hosts with an offset
@@ -217,10 +223,10 @@ HOSTS = (
         ),
         files=frozenset({"/run/user/1000/gvfs"}),
         stat={
-            "/home/alice": (True, 0o700, 1000, 1000),
-            "/home/bob": (True, 0o700, 1001, 1001),
-            "/mnt/sshfs": (True, 0o755, 1000, 1000),
-            "/run/user/1000": (True, 0o700, 1000, 1000),
+            "/home/alice": (S_IFDIR, 0o700, 1000, 1000),
+            "/home/bob": (S_IFDIR, 0o700, 1001, 1001),
+            "/mnt/sshfs": (S_IFDIR, 0o755, 1000, 1000),
+            "/run/user/1000": (S_IFDIR, 0o700, 1000, 1000),
             "/run/user/1000/gvfs": UNSTATABLE,
         },
     ),
@@ -243,7 +249,7 @@ HOSTS = (
                 "/srv/Фото",
             }
         ),
-        stat={"/media/alice/My Disk": (True, 0o755, 1000, 1000)},
+        stat={"/media/alice/My Disk": (S_IFDIR, 0o755, 1000, 1000)},
     ),
 )
 HOST_BY_NAME = {h.name: h for h in HOSTS}
@@ -308,10 +314,13 @@ def provider(t: SandboxTemplate, path: str) -> object | None:
 
 
 def is_read_only(t: SandboxTemplate, path: str) -> bool:
-    """Whether ``path`` is read-only in the sandbox (ro bind, sysfs, ro tmpfs, ro rebind)."""
+    """Whether ``path`` is read-only in the sandbox (ro bind, overlay without an upper layer,
+    sysfs, ro tmpfs, ro rebind)."""
     target = in_sandbox(path)
     top = provider(t, path)
     if isinstance(top, Bind) and top.readonly:
+        return True
+    if isinstance(top, Overlay) and not top.upper:
         return True
     if isinstance(top, Sysfs):  # mnt.execute mounts sysfs with MS_RDONLY
         return True
@@ -378,6 +387,8 @@ def show_step(op: object) -> str:
     match op:
         case Tmpfs(target, options, flags):
             return f"tmpfs     {show_path(target)}  {options}  flags={show_flags(flags)}"
+        case Overlay(target, lower, upper, work, base) if not upper and not work:
+            return f"overlay   {show_path(target)}  lower={show_path(lower)}:{show_path(base)}  ro"
         case Overlay(target, lower, upper, work):
             return (
                 f"overlay   {show_path(target)}  lower={show_path(lower)}"
@@ -442,22 +453,37 @@ def render_template(host: Host, kind: str, t: SandboxTemplate) -> str:
 
 
 def use_of(t: SandboxTemplate, path: str) -> str:
+    """Every step that mounts the host's ``path``, in order (Execute binds a mount below the
+    workspace again, read-write, over its read-only overlay)."""
+    uses = []
     for op in t.host_setup:
         if isinstance(op, Overlay) and op.lower == path:
-            return "overlay"
+            uses.append("overlay" if op.upper else "overlay-ro")
         if isinstance(op, Bind) and op.source == path:
-            return "bind-ro" if op.readonly else "bind-RW"
-    return "-"
+            uses.append("bind-ro" if op.readonly else "bind-RW")
+    return "+".join(uses) or "-"
+
+
+FILE_TYPES = {
+    S_IFDIR: "dir",
+    S_IFREG: "file",
+    S_IFSOCK: "socket",
+    S_IFCHR: "chardev",
+    S_IFBLK: "blockdev",
+    S_IFIFO: "fifo",
+    S_IFLNK: "symlink",
+    0: "unknown",
+}
 
 
 def render_mounts(host: Host) -> str:
     dry, ex = dry_template(host), execute_template(host)
     lines = [
         f"# parse_mountinfo(data/{host.name}.mountinfo): one line per mount point, the top mount",
-        "# path  fstype  dir|file  mode owner  ->  in the dry-run plan / in the Execute plan",
+        "# path  fstype  file type  mode owner  ->  in the dry-run plan / in the Execute plan",
     ]
     for m in host.mounts():
-        kind = "dir" if m.is_dir else "file"
+        kind = FILE_TYPES[m.file_type]
         lines.append(
             f"{show_path(m.path, host=True)}  {m.fstype}  {kind}"
             f"  {show_owner(m.mode, m.uid, m.gid)}"
@@ -587,7 +613,7 @@ def check_scratch(t: SandboxTemplate) -> None:
     assert t.host_setup[1] == Mkdir(ROOT, 0o755)
     for op in t.host_setup:
         if isinstance(op, Overlay):
-            for d in (op.upper, op.work):
+            for d in (op.upper, op.work) if op.upper else (op.base,):
                 assert under(d, SCRATCH) and not under(d, ROOT), f"{d} is visible in the sandbox"
     for source in sources(t):
         if t.writable and source == t.writable:
@@ -628,22 +654,43 @@ def check_dry_run(t: SandboxTemplate, host: Host) -> None:
 
 
 def check_execute(t: SandboxTemplate, host: Host) -> None:
-    """Execute: every data mount (directories and files) is a read-only bind, the workspace
-    alone is bound read-write, last; no overlay, no layer to diff."""
+    """Execute: every data directory of the host is a read-only overlay (the command sees the
+    overlay's inodes, so no host Unix socket answers through it), every bound file a read-only
+    bind; the workspace is bound read-write on top, then the data mounts below it again (the
+    directories read-write, as the dry run shows them); no layer to diff."""
     ws = t.writable
     assert ws
+    overlays = [op for op in t.host_setup if isinstance(op, Overlay)]
     binds = [op for op in t.host_setup if isinstance(op, Bind)]
-    assert not any(isinstance(op, Overlay) for op in t.host_setup), "an overlay in Execute"
+    assert not any(o.upper or o.work for o in overlays), "a writable overlay in Execute"
     assert t.layers == ()
-    assert {b.source for b in binds if b.readonly} == host.data | host.files, "bound host mounts"
-    assert [b for b in binds if not b.readonly] == [Bind(ws, in_sandbox(ws), readonly=False)], (
-        "read-write binds"
+    assert {o.lower for o in overlays} == host.data, "overlaid host mounts"
+    assert {b.source for b in binds if b.readonly} == host.files, "bound host mounts"
+    # The second lower layer of every overlay: one empty directory of the scratch tmpfs.
+    bases = {o.base for o in overlays}
+    assert len(bases) <= 1 and all(under(b, SCRATCH) and not under(b, ROOT) for b in bases)
+    for b in bases:
+        assert t.host_setup[2] == Mkdir(b, 0o755), "the base is made first"
+        assert not any(isinstance(op, MOUNT_OPS) and under(op.target, b) for op in t.host_setup)
+    # Read-write: the workspace, then the data directories below it that nothing covers.
+    covered = [*SETTINGS.hidden_paths, *(p for p in PRIVATE_TMP if under(p, ws) and p != ws)]
+    below = sorted(
+        p for p in host.data if under(p, ws) and p != ws and not any(under(p, c) for c in covered)
     )
-    assert provider(t, ws) == Bind(ws, in_sandbox(ws), readonly=False)
-    for b in binds:
-        if b.readonly and not any(under(b.source, p) for p in (ws, *PRIVATE_TMP, STATE_DIR)):
-            assert provider(t, b.source) == b, f"{b.source} is covered"
-            assert is_read_only(t, b.source)
+    rw = [b for b in binds if not b.readonly]
+    assert rw[:1] == [Bind(ws, in_sandbox(ws), readonly=False)], "read-write binds"
+    assert sorted(b.source for b in rw[1:]) == below, "read-write binds"
+    assert all(b.target == in_sandbox(b.source) for b in binds)
+    assert provider(t, ws) == rw[0]
+    for path in below:
+        top = provider(t, path)
+        assert isinstance(top, Bind) and top.source == path and not top.readonly, f"{path}: {top}"
+    read_only: list[Overlay | Bind] = [*overlays, *(b for b in binds if b.readonly)]
+    for op in read_only:
+        path = op.lower if isinstance(op, Overlay) else op.source
+        if not any(under(path, p) for p in (ws, *PRIVATE_TMP, *SETTINGS.hidden_paths)):
+            assert provider(t, path) == op, f"{path} is covered"
+            assert is_read_only(t, path)
 
 
 def check_private_tmp(t: SandboxTemplate) -> None:
@@ -749,37 +796,43 @@ def test_execute_workspace_below_private_tmp_gets_its_mount_point(workspace: str
     assert provider(t, tmp + "/other") == ops[start]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Execute with a workspace above /tmp or /var/tmp (cwd=/ or /var): the private tmpfs is "
-    "mounted before the workspace's read-write bind, which then covers it, so the host's "
-    "/var/tmp (and /tmp when it is on the root file system) is visible and writable, against "
-    "'private, empty /tmp and /var/tmp' (docs/decisions.md section 13, threat model: Execute)",
-)
 @pytest.mark.parametrize("workspace", ["/", "/var"])
 def test_execute_private_tmp_with_a_workspace_above_it(workspace: str) -> None:
     check_private_tmp(execute_template(WORKSTATION, workspace))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Execute hides the file systems mounted below the workspace: their read-only binds "
-    "are made first and the workspace's non-recursive read-write bind then covers them, so "
-    "/srv/www (cwd=/srv) or 'My Disk/photos (2024)' (cwd='My Disk') show the empty mount "
-    "point; the dry run showed their contents, the real run does not",
-)
 @pytest.mark.parametrize(
     ("host", "workspace"),
-    [("workstation-btrfs", "/srv"), ("odd-paths", "/media/alice/My Disk")],
+    [
+        ("workstation-btrfs", "/srv"),
+        ("workstation-btrfs", "/run"),
+        ("odd-paths", "/media/alice/My Disk"),
+        ("nfs-autofs", "/home"),  # the autofs map itself: its bind shows the homes' mount points
+        ("nfs-autofs", "/net"),  # an autofs map: a stand-in again, below the workspace's bind
+        ("nfs-autofs", "/"),
+    ],
 )
 def test_execute_keeps_mounts_below_the_workspace(host: str, workspace: str) -> None:
+    """The dry run shows the file systems mounted below the workspace; so does Execute, where
+    they are bound again over the workspace's (non-recursive) bind, writable like it if they
+    are directories, read-only if files, each with its mount point. What a private tmp or a
+    hidden path covers stays covered."""
     fixture = HOST_BY_NAME[host]
     t = execute_template(fixture, workspace)
-    below = [p for p in sorted(fixture.data) if under(p, workspace) and p != workspace]
+    covered = [*PRIVATE_TMP, STATE_DIR]
+    below = [
+        p
+        for p in sorted(fixture.data | fixture.files)
+        if under(p, workspace) and p != workspace and not any(under(p, c) for c in covered)
+    ]
     assert below
     for path in below:
         top = provider(t, path)
         assert isinstance(top, Bind) and top.source == path, f"{path} in Execute is {top}"
+        assert top.readonly == (path in fixture.files), f"{path} in Execute is {top}"
+    check_mount_points(t, fixture)
+    check_private_tmp(t)
+    check_hidden(t)
 
 
 @pytest.mark.parametrize("workspace", ["/proc", "/proc/sys", "/sys", "/sys/fs/cgroup", "/dev"])
@@ -798,7 +851,9 @@ def test_kernel_trees_constant() -> None:
 
 def test_execute_hidden_path_under_tmp() -> None:
     """A hidden path below /tmp needs no tmpfs of its own in Execute (the private /tmp hides
-    it), unless the workspace uncovers it: then it gets its own read-only tmpfs."""
+    it), unless the workspace uncovers it (a workspace in /tmp): then it gets its own
+    read-only tmpfs. A workspace above /tmp does not uncover it: the private /tmp comes after
+    the workspace's bind."""
     secret = "/tmp/airlock-state"
     settings = dataclasses.replace(SETTINGS, hidden_paths=(STATE_DIR, secret))
     elsewhere = execute_template(WORKSTATION, "/home/alice/src", settings)
@@ -806,10 +861,15 @@ def test_execute_hidden_path_under_tmp() -> None:
         isinstance(op, Tmpfs) and op.target == ROOT + secret for op in elsewhere.host_setup
     )
     assert provider(elsewhere, secret).target == ROOT + "/tmp"
-    for workspace in ("/tmp", "/"):
+    t = execute_template(WORKSTATION, "/tmp", settings)
+    top = provider(t, secret + "/key")
+    assert isinstance(top, Tmpfs) and top.target == ROOT + secret and top.flags & sc.MS_RDONLY
+    for workspace in ("/", "/home/alice/src"):
         t = execute_template(WORKSTATION, workspace, settings)
-        top = provider(t, secret + "/key")
-        assert isinstance(top, Tmpfs) and top.target == ROOT + secret and top.flags & sc.MS_RDONLY
+        assert provider(t, secret + "/key") == Tmpfs(
+            ROOT + "/tmp", "mode=1777,size=256m", sc.MS_NOSUID | sc.MS_NODEV
+        )
+        assert not any(isinstance(op, Tmpfs) and op.target == ROOT + secret for op in t.host_setup)
     dry = dry_template(WORKSTATION, settings)
     check_hidden(dry, secret)
 
@@ -825,32 +885,66 @@ def test_dry_run_reaches_the_daemon_socket_only_through_an_overlay(host: Host) -
     assert isinstance(top, Overlay), f"{DAEMON_SOCKET} in a dry run is {top}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bind-mounted non-directory is bound read-only into a dry run (plan.py: "
-    "`if not mount.is_dir or writable: Bind`), and a read-only bind of a Unix socket still "
-    "accepts connect() (checked on Linux 6.18): a dry run in a CI container with "
-    "/var/run/docker.sock reaches the Docker daemon (threat model: a dry run reaches no host "
-    "service). HostMount has no file type, so the planner cannot tell a socket from "
-    "/etc/hosts; when it gets one, give the fake inspect of ci-container the socket's type",
-)
 def test_dry_run_does_not_bind_a_host_socket() -> None:
     t = dry_template(HOST_BY_NAME["ci-container"])
     assert "/run/docker.sock" not in sources(t)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Execute binds the host's /run read-only and only the state dir is hidden "
-    "(Engine: hidden_paths=(state_dir,)); path-based Unix sockets stay connectable through a "
-    "read-only bind (checked on Linux 6.18), so an Executed command reaches the daemon's public "
-    "socket (and D-Bus, docker.sock ...) despite 'no network'. The fix may belong in the "
-    "engine's settings rather than plan.py; then mirror them in SETTINGS here",
-)
-def test_execute_does_not_expose_the_daemon_socket() -> None:
-    t = execute_template(WORKSTATION)
+@pytest.mark.parametrize("workspace", [None, "/srv", "/run/user/1000"])
+@pytest.mark.parametrize("host", HOSTS, ids=str)
+def test_execute_reaches_the_daemon_socket_only_through_an_overlay(
+    host: Host, workspace: str | None
+) -> None:
+    """Execute shows every host directory through a read-only overlay, so a host Unix socket,
+    the daemon's included, refuses connections there as in a dry run (the kernel's side is in
+    tests/test_execute_isolation.py). Only the workspace's own tree is bound: a workspace that
+    contains the daemon's socket or state directory is refused before planning
+    (``mnt.workspace_conflict``, when the request is checked and again at the bind)."""
+    t = execute_template(host, workspace)
     top = provider(t, DAEMON_SOCKET)
-    assert not isinstance(top, Bind | Overlay), f"{DAEMON_SOCKET} in Execute is {top}"
+    assert isinstance(top, Overlay) and not top.upper, f"{DAEMON_SOCKET} in Execute is {top}"
+    assert t.protected == (DAEMON_SOCKET, STATE_DIR)
+
+
+@pytest.mark.parametrize(
+    ("file_type", "shown"),
+    [
+        (S_IFDIR, True),
+        (S_IFREG, True),
+        (0, True),  # root cannot stat it (FUSE without allow_other): bound read-only
+        (S_IFSOCK, False),
+        (S_IFIFO, False),
+        (S_IFCHR, False),
+        (S_IFBLK, False),
+        (S_IFLNK, False),
+    ],
+)
+@pytest.mark.parametrize("workspace", ["", "/srv", "/srv/app"])
+def test_no_socket_fifo_or_device_is_mounted_from_the_host(
+    file_type: int, shown: bool, workspace: str
+) -> None:
+    """A bind keeps a socket connectable and a FIFO the host's pipe, even read-only: such a
+    mount is left out, and the sandbox sees the mount point beneath it (in the dry run, in
+    Execute, and below Execute's workspace)."""
+    mounts = (
+        HostMount("/", "ext4"),
+        HostMount("/srv", "ext4"),
+        HostMount("/srv/app/thing", "tmpfs", file_type, 0o660, 0, 998),
+    )
+    t = build_template(
+        settings=SETTINGS,
+        scratch_bytes=SCRATCH_BYTES,
+        cgroup=CGROUP,
+        host_mounts=mounts,
+        writable=workspace,
+    )
+    used = [op for op in t.host_setup if isinstance(op, Overlay | Bind)]
+    mounting = [
+        op for op in used if (op.lower if isinstance(op, Overlay) else op.source) == mounts[2].path
+    ]
+    assert bool(mounting) == shown, mounting
+    if shown and file_type != S_IFDIR:
+        assert all(isinstance(op, Bind) and op.readonly for op in mounting)
 
 
 # --- Mount points -------------------------------------------------------------------------------
@@ -887,39 +981,65 @@ def top_entry(table: list[Entry], path: str) -> Entry:
 
 
 def check_mount_points(t: SandboxTemplate, host: Host) -> None:
-    """Every mount the plan makes of a host mount has a mount point in the sandbox: the mount
-    it sits on in the host (past mounts stacked at the same path) is itself in the plan, as
-    the top mount at its path. Otherwise the target exists only by chance and mount(2) fails
-    with ENOENT (the overlay of a parent file system does not show the mounts below it)."""
+    """Every mount the plan makes of a host mount has a mount point in the sandbox when it is
+    made: what the sandbox shows there at that step is the mount it sits on in the host (past
+    mounts stacked at the same path), as the top mount at its path; or the workspace's bind,
+    when that mount holds the workspace; or a stand-in for a left-out mount above (an autofs
+    map): an empty tmpfs with a directory made for the mount point, then made read-only.
+    Otherwise the target exists only by chance and mount(2) fails with ENOENT (the overlay of
+    a parent file system does not show the mounts below it)."""
     table = entries(host.text)
     by_id = {e.id: e for e in table}
-    planned = set(sources(t))
-    for source in planned:
-        if source == "/" or source == t.writable:
+    paths = {e.path for e in table}
+    ops = list(t.host_setup)
+    shown = {m.path for m in host.mounts()}
+    holding_ws = max((p for p in shown if t.writable and under(t.writable, p)), key=len, default="")
+    workspace = Bind(t.writable, in_sandbox(t.writable), readonly=False) if t.writable else None
+    for i, op in enumerate(ops):
+        if not isinstance(op, Overlay | Bind) or op == workspace:
+            continue
+        source = op.lower if isinstance(op, Overlay) else op.source
+        if source == "/":
             continue
         e = top_entry(table, source)
         below = by_id[e.parent]
         while below.path == e.path:
             below = by_id[below.parent]
-        assert below.path in planned and top_entry(table, below.path) == below, (
+        before = ops[:i]
+        holder = next(
+            (
+                o
+                for o in reversed(before)
+                if isinstance(o, MOUNT_OPS) and under(op.target, o.target)
+            ),
+            None,
+        )
+        if isinstance(holder, Overlay | Bind) and holder != workspace:
+            held = holder.lower if isinstance(holder, Overlay) else holder.source
+            if held == below.path and top_entry(table, below.path) == below:
+                continue
+        elif holder is not None and holder == workspace:
+            if below.path == holding_ws and top_entry(table, below.path) == below:
+                continue
+        elif isinstance(holder, Tmpfs) and holder.flags & sc.MS_NOSUID:
+            # A stand-in: over a host mount the plan leaves out, at or above the one below.
+            left_out = next((p for p in paths if in_sandbox(p) == holder.target), None)
+            j = before.index(holder)
+            if (
+                left_out is not None
+                and left_out not in sources(with_steps(t, list(before[:j])))
+                and under(below.path, left_out)
+                and Mkdir(op.target, 0o755) in before[j:]
+                and ReadOnlyRebind(holder.target) in before[before.index(Mkdir(op.target, 0o755)) :]
+            ):
+                continue
+        raise AssertionError(
             f"{source} sits on {below.fstype} {below.path}, which the plan leaves out"
+            f" (the sandbox shows {holder} there)"
         )
 
 
-AUTOFS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="a data mount inside a skipped mount (NFS homes under an autofs indirect map, "
-    "/net -hosts) gets no mount point: the overlay of / shows /home as the empty directory "
-    "autofs covers, so Overlay($ROOT/home/alice) fails with ENOENT and no dry run (nor "
-    "Execute) can be set up while a home is automounted",
-)
-
-
-@pytest.mark.parametrize(
-    "host",
-    [pytest.param(h, marks=AUTOFS_BUG) if h.name == "nfs-autofs" else h for h in HOSTS],
-    ids=str,
-)
+@pytest.mark.parametrize("host", HOSTS, ids=str)
 @pytest.mark.parametrize("kind", ["dry", "execute"])
 def test_every_planned_mount_has_a_mount_point(host: Host, kind: str) -> None:
     t = dry_template(host) if kind == "dry" else execute_template(host)
@@ -980,13 +1100,6 @@ def test_parse_non_utf8_mount_point_round_trips() -> None:
     assert [la.host_path for la in t.layers] == [b"/", b"/media/M\xfcll"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="airlock.sandbox.mnt.host_mounts, which feeds parse_mountinfo, opens mountinfo as "
-    "strict UTF-8: one mount point whose name is not UTF-8 (a Latin-1 USB label) raises "
-    "UnicodeDecodeError and no template can be built; parse_mountinfo itself copes with "
-    "surrogateescape text (test above)",
-)
 def test_host_mounts_reads_a_non_utf8_mount_table(tmp_path: Path) -> None:
     from airlock.sandbox import mnt  # reads the given file and stats the mount roots only
 
@@ -1022,14 +1135,6 @@ def test_parse_stacked_mount_point_uses_the_top_ones_stat() -> None:
     assert Mkdir(o.upper, 0o700, 0, 0) in t.host_setup
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mountinfo lists mounts by mount id, not by stacking: after `mount --move` onto an "
-    "occupied mount point the top mount is listed first (checked on Linux 6.18 in a private "
-    "mount namespace). parse_mountinfo keeps the last line at a path, so a procfs moved on top "
-    "of a tmpfs is taken for the tmpfs and overlaid (a host procfs as a lower layer); the "
-    "parent id (2nd field) names the mount below",
-)
 def test_parse_stacked_mount_moved_on_top() -> None:
     text = (
         "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
@@ -1063,7 +1168,7 @@ def test_parse_ignores_lines_without_a_separator() -> None:
 
 
 def test_parse_without_inspect_assumes_root_owned_directories() -> None:
-    assert parse_mountinfo(_line("/x")) == (HostMount("/x", "ext4", True, 0o755, 0, 0),)
+    assert parse_mountinfo(_line("/x")) == (HostMount("/x", "ext4", S_IFDIR, 0o755, 0, 0),)
 
 
 def test_pseudo_file_systems_outside_kernel_trees_are_left_out() -> None:
@@ -1386,8 +1491,8 @@ def _mutations() -> Iterator[tuple[str, str, Callable[[], None]]]:
         lambda: check_dry_run(dataclasses.replace(dry, layers=dry.layers[1:]), host),
     )
     yield (
-        "overlay in Execute",
-        "an overlay in Execute",
+        "writable overlay in Execute",
+        "a writable overlay in Execute",
         lambda: check_execute(with_steps(ex, [*ex_ops, home[-1]]), host),
     )
     yield (
@@ -1404,7 +1509,7 @@ def _mutations() -> Iterator[tuple[str, str, Callable[[], None]]]:
     )
     yield (
         "no private tmp",
-        "/tmp in the sandbox is Bind",
+        "/tmp in the sandbox is Overlay",
         lambda: check_private_tmp(with_steps(ex, _without(ex_ops, private_tmp))),
     )
     yield (
