@@ -8,7 +8,7 @@ SOCKET  ?= /run/airlock/airlock.sock
 STATE   ?= /var/lib/airlock
 NODE_BIN := node_modules/.bin
 
-.PHONY: install deps venv proto lock dist test run bench lint clean install-service uninstall-service
+.PHONY: install deps venv proto lock dist test test-unit run bench lint clean install-service uninstall-service
 
 install: deps venv proto
 
@@ -55,8 +55,13 @@ dist: venv
 	rm -rf dist
 	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
 
+# tests/unit needs neither root nor a daemon; tests/sandbox (the kernel) and tests/daemon (a real
+# airlockd) are skipped unless run as root. .ci/unit-as-nobody runs tests/unit as a real user.
 test: install
 	$(BIN)/pytest tests
+
+test-unit: install
+	$(BIN)/pytest tests/unit
 
 run: install
 	$(BIN)/airlockd --socket $(SOCKET) --state-dir $(STATE)

@@ -45,8 +45,8 @@ class Reason(enum.StrEnum):
     INVALID_ENCODING = "INVALID_ENCODING"  # a text field is not valid UTF-8
     INVALID_COMMAND = "INVALID_COMMAND"  # the command is empty or holds a NUL byte
     COMMAND_TOO_LARGE = "COMMAND_TOO_LARGE"  # the command is longer than the daemon allows
-    INVALID_CWD = "INVALID_CWD"  # cwd is missing, relative, not a directory or a kernel fs
-    CWD_NOT_ACCESSIBLE = "CWD_NOT_ACCESSIBLE"  # the command's user cannot enter cwd
+    INVALID_CWD = "INVALID_CWD"  # cwd is empty, relative, a kernel fs; Execute: a system dir
+    CWD_NOT_ACCESSIBLE = "CWD_NOT_ACCESSIBLE"  # cwd is missing or its user cannot enter it
     INVALID_ENV = "INVALID_ENV"  # an environment variable is malformed, or env is too large
     INVALID_TIMEOUT = "INVALID_TIMEOUT"  # the timeout is negative, not finite or above the max
     UNKNOWN_USER = "UNKNOWN_USER"  # no user has the uid asked for
@@ -74,6 +74,7 @@ class Reason(enum.StrEnum):
     VALIDATION_EXPIRED = "VALIDATION_EXPIRED"  # it expired (its changes are no longer kept)
     APPLY_IN_PROGRESS = "APPLY_IN_PROGRESS"  # it is being applied right now
     APPLY_INTERRUPTED = "APPLY_INTERRUPTED"  # the daemon stopped during its apply
+    CHANGES_NOT_KEPT = "CHANGES_NOT_KEPT"  # its changes were not kept: there is nothing to apply
 
     # --- Approvals --------------------------------------------------------------------------------
     INVALID_SCOPE = "INVALID_SCOPE"  # the approval scope is neither ONCE nor SESSION
@@ -84,6 +85,7 @@ class Reason(enum.StrEnum):
     APPROVAL_EXPIRED = "APPROVAL_EXPIRED"  # the approval has expired
     APPROVAL_USED = "APPROVAL_USED"  # the one-time approval has been used
     SESSION_ENDED = "SESSION_ENDED"  # the session of the approval has ended
+    INVALID_SPECIAL_PATH = "INVALID_SPECIAL_PATH"  # an approval names no special file of it
 
     # --- Apply ------------------------------------------------------------------------------------
     APPLY_CONFLICT = "APPLY_CONFLICT"  # the host changed since the dry run; nothing written
@@ -92,6 +94,7 @@ class Reason(enum.StrEnum):
     APPLY_NO_SPACE = "APPLY_NO_SPACE"  # the host's file system is full (or over quota)
     APPLY_FAILED = "APPLY_FAILED"  # writing a path failed otherwise; nothing left changed
     APPLY_INCOMPLETE = "APPLY_INCOMPLETE"  # Apply stopped part way: some paths were written
+    APPLY_SPECIAL_FILES = "APPLY_SPECIAL_FILES"  # a setuid, capability file, FIFO... not approved
     CHANGESET_INVALID = "CHANGESET_INVALID"  # the kept changes cannot be opened or read
     CHANGESET_CORRUPT = "CHANGESET_CORRUPT"  # the kept changes do not match their manifest
 

@@ -48,6 +48,16 @@ class FileType(enum.IntEnum):
     OTHER = 4
 
 
+class OtherType(enum.IntEnum):
+    """What an entry of :attr:`FileType.OTHER` is (NONE: not such an entry, or unknown)."""
+
+    NONE = 0
+    CHAR_DEVICE = 1
+    BLOCK_DEVICE = 2
+    FIFO = 3
+    SOCKET = 4
+
+
 class Termination(enum.IntEnum):
     EXITED = 1
     SIGNALED = 2
@@ -162,6 +172,12 @@ class FileChange:
     # The caller may not read this file's content (the new, or the old it replaces): no diff
     # and no hash of what it may not read are given, and the change is not kept for Apply.
     unreadable: bool = False
+    # For a FileType.OTHER entry (after the change; before it for a deletion): a device node,
+    # FIFO or socket.
+    other_type: OtherType = OtherType.NONE
+    # A regular file's file capabilities after the change (its ``security.capability``
+    # extended attribute, as text: "cap_net_raw=ep"); "" when it has none.
+    capabilities: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,7 +239,8 @@ class NetProtocol(enum.IntEnum):
 class NetworkAttemptInfo:
     """One DNS query, TCP connection or UDP datagram the command tried to send out.
 
-    Nothing left the machine: the dry run's network is a recording sinkhole.
+    Without an egress grant nothing left the machine (the dry run's network is a recording
+    sinkhole); a connection a grant allowed was forwarded (``forwarded``) under ``grant``.
     """
 
     protocol: NetProtocol
@@ -242,6 +259,16 @@ class NetworkAttemptInfo:
     bytes_sent: int = 0
     # Seconds since the command started.
     time_s: float = 0.0
+    # Egress (airlock/egress.py): whether bytes went to the real destination, the grant that
+    # allowed it (a preset's name, an allow entry's name or FILE:LINE), why it was refused or
+    # cut (a code of airlock.egress.REFUSALS; with no grant every attempt is "no-grant") and
+    # a sentence; what came back; the real address connected to.
+    forwarded: bool = False
+    grant: str = ""
+    refusal: str = ""
+    refusal_detail: str = ""
+    bytes_received: int = 0
+    upstream_address: str = ""
 
     @property
     def host(self) -> str:

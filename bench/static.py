@@ -11,7 +11,7 @@ Reports, over ``tests/corpus`` with the shipped ``airlock/policy/default``:
   number of rules): p50/p99 of parse + evaluate and of evaluate alone.
 
 Prints a table and then one JSON object (the last line of the output). Nothing is
-asserted here: the targets are asserted by ``tests/test_corpus.py``.
+asserted here: the targets are asserted by ``tests/unit/policy/test_corpus.py``.
 
 Usage: ``.venv/bin/python bench/static.py [--runs N] [--rules N] [--out PATH]``.
 Callable from other scripts as ``static.run(runs=..., rules=...)`` (returns the dict).

@@ -1,76 +1,71 @@
-"""Shared fixtures: a real daemon on a temporary Unix socket, and leak checks."""
+"""Fixtures and hooks for the whole suite: the one root gate, the unit check, leak checks.
+
+tests/unit needs no root and no daemon; tests/sandbox (the kernel, no daemon) and tests/daemon
+(a real airlockd) mark every test they collect ``root``, and the hook here skips those when the
+suite does not run as root. Shared helpers live in tests/helpers.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import ast
+import functools
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from airlock.client import Client
+from tests.helpers import airlock_cgroups, mount_table, public_dir
 
 ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(
-    not ROOT, reason="needs root: mount, pid and net namespaces, overlayfs and cgroups"
-)
-AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
-AIRLOCK = str(Path(sys.executable).with_name("airlock"))
+NEEDS_ROOT = "needs root: mount, pid and net namespaces, overlayfs and cgroups"
+TESTS = Path(__file__).resolve().parent
+UNIT = TESTS / "unit"
+# What starts a daemon (tests/helpers/daemon.py): never for a test under tests/unit.
+DAEMON_STARTERS = frozenset({"start_daemon", "running_daemon"})
 
 
-NOBODY = 65534
-
-# What a client script needs, imported while still root: the checkout (and its venv) may sit under
-# a directory only root can enter (a clone in /root), and grpc imports some modules only on first
-# use (`grpc._channel` when a channel is made), which would fail once the script is uid 65534.
-_CLIENT_PRELUDE = """\
-import json, os, sys
-import grpc, grpc._channel, grpc._interceptor, grpc._utilities
-import grpc_status.rpc_status, google.rpc.error_details_pb2, encodings.idna
-from airlock import AirlockError
-from airlock.client import Client
-os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid})
-"""
-
-
-def run_client_as(
-    body: str, uid: int = NOBODY, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run ``body`` (Python using ``Client``, ``AirlockError``, ``json``) as a real user ``uid``.
-
-    Imports happen as root, then the process drops to ``uid`` (groups cleared) before ``body``
-    connects: SO_PEERCRED records the credentials at connect, so the daemon sees a real non-root
-    caller.
-    """
-    return subprocess.run(
-        [sys.executable, "-c", _CLIENT_PRELUDE.format(uid=uid) + body],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=timeout,
-    )
+@functools.cache
+def _daemon_starters_imported(path: Path) -> tuple[str, ...]:
+    """The daemon starters a test module imports from tests.helpers, at any depth."""
+    package = path.relative_to(TESTS.parent).parent.parts
+    found = []
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else ()
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if not module.startswith("tests.helpers"):
+                continue
+            for alias in node.names:
+                if alias.name in DAEMON_STARTERS or alias.name in ("*", "daemon"):
+                    found.append(f"{module}.{alias.name}")
+            if module == "tests.helpers.daemon":
+                found.append(module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("tests.helpers.daemon")]
+        elif isinstance(node, ast.Attribute) and node.attr in DAEMON_STARTERS:
+            found.append(ast.unparse(node))  # `import tests.helpers as h` ... `h.start_daemon`
+    return tuple(dict.fromkeys(found))
 
 
-def airlock_cgroups() -> set[str]:
-    found = set()
-    for controller in Path("/sys/fs/cgroup").iterdir():
-        with contextlib.suppress(OSError):
-            found |= {str(p) for p in controller.iterdir() if "airlock" in p.name}
-    return found
-
-
-def mount_table() -> list[str]:
-    # Mount ids change as mounts come and go; compare what is mounted where.
-    with open("/proc/self/mountinfo") as f:
-        return sorted(" ".join(line.split()[3:]) for line in f)
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The one root gate, after the directories' conftest.py files marked their tests."""
+    wrong = []
+    for item in items:
+        if item.path.is_relative_to(UNIT):
+            if item.get_closest_marker("root"):
+                wrong.append(f"{item.nodeid}: marked root")
+            if item.path.suffix == ".py":
+                starters = _daemon_starters_imported(item.path)
+                wrong += [f"{item.nodeid}: imports {name}" for name in starters]
+        elif item.get_closest_marker("root") and not ROOT:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_ROOT))
+    if wrong:
+        raise pytest.UsageError(
+            "tests/unit must run without root and without a daemon; move these to tests/sandbox "
+            "or tests/daemon:\n  " + "\n  ".join(wrong)
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,118 +77,10 @@ def no_leaks() -> Iterator[None]:
     assert airlock_cgroups() <= cgroups, "the test suite left cgroups behind"
 
 
-@dataclass
-class Daemon:
-    socket: str
-    state_dir: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def client(self) -> Client:
-        return Client(self.socket)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-
-def start_daemon(base: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
-    """Start airlockd on a socket under ``base`` and wait until it serves."""
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)
-    sock, state = str(base / "airlock.sock"), str(base / "state")
-    log_path = base / "daemon.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            # --config: never the machine's /etc/airlock/airlockd.toml (a later --config wins).
-            [AIRLOCKD, "--config", os.devnull, "--socket", sock, "--state-dir", state, *args],
-            stdout=log,
-            stderr=log,
-            env=env or {**os.environ},
-        )
-    daemon = Daemon(sock, state, proc, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"airlockd exited with {proc.returncode}:\n{daemon.log()}")
-        if os.path.exists(sock):
-            with Client(sock, timeout=2) as c, contextlib.suppress(Exception):
-                if c.health():
-                    return daemon
-        time.sleep(0.05)
-    daemon.stop(signal.SIGKILL)
-    raise RuntimeError(f"airlockd did not come up:\n{daemon.log()}")
-
-
-@contextlib.contextmanager
-def running_daemon(base: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
-    daemon = start_daemon(base, *args, env=env)
-    try:
-        yield daemon
-    finally:
-        code = daemon.stop()
-        assert code == 0, f"airlockd exited with {code}:\n{daemon.log()}"
-
-
-# Small limits make the limit tests fast; the defaults are tested through GetCapabilities.
-TEST_LIMITS = (
-    "--output-limit",
-    "64K",
-    "--memory-limit",
-    "256M",
-    "--pids-limit",
-    "64",
-    "--scratch-size",
-    "64M",
-    "--max-timeout",
-    "60",
-    "--socket-mode",
-    "0666",
-)
-
-
-@contextlib.contextmanager
-def public_dir() -> Iterator[Path]:
-    """A temporary directory other users can traverse (pytest's own tmp root is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="airlock-test-"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture
 def public_tmp() -> Iterator[Path]:
     with public_dir() as path:
         yield path
-
-
-# A policy that has no opinion, for tests about the sandbox rather than the policy: a module
-# sets DAEMON_ARGS = NEUTRAL_POLICY to give its `daemon` fixture this policy.
-NEUTRAL_POLICY = ("--policy-dir", str(Path(__file__).parent / "data" / "neutral-policy"))
-# The arguments of a daemon for sandbox tests: small limits, no policy opinion.
-SANDBOX_ARGS = (*TEST_LIMITS, *NEUTRAL_POLICY)
-
-
-@pytest.fixture(scope="module")
-def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
-    """A daemon for the module, with TEST_LIMITS and the module's DAEMON_ARGS."""
-    if not ROOT:
-        pytest.skip("needs root: mount, pid and net namespaces, overlayfs and cgroups")
-    extra = getattr(request.module, "DAEMON_ARGS", ())
-    with public_dir() as base, running_daemon(base, *TEST_LIMITS, *extra) as d:
-        yield d
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with daemon.client() as c:
-        yield c
 
 
 @pytest.fixture

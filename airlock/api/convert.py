@@ -239,6 +239,11 @@ def approve_request_from_proto(msg: pb.ApproveRequest) -> tuple[str, types.Appro
     return msg.validation_id, types.ApprovalScope(int(msg.scope))
 
 
+def approve_special_paths_from_proto(msg: pb.ApproveRequest) -> tuple[bytes, ...]:
+    """The special files the approval names (exact host path bytes)."""
+    return tuple(msg.special_paths)
+
+
 def approve_response_from_proto(msg: pb.ApproveResponse) -> types.ApprovalGrant:
     return types.ApprovalGrant(
         approval_token=msg.approval_token,
@@ -357,6 +362,8 @@ def change_to_proto(c: types.FileChange) -> pb.FileChange:
         diff_truncated=c.diff_truncated,
         entries_deleted=c.entries_deleted,
         unreadable=c.unreadable,
+        other_type=pb.OtherType.ValueType(c.other_type.value),
+        capabilities=c.capabilities,
     )
     if not _is_utf8(c.path):
         msg.raw_path = c.path
@@ -397,6 +404,8 @@ def change_from_proto(msg: pb.FileChange) -> types.FileChange:
         diff_truncated=msg.diff_truncated,
         entries_deleted=msg.entries_deleted,
         unreadable=msg.unreadable,
+        other_type=_enum_from_proto(types.OtherType, msg.other_type, types.OtherType.NONE),
+        capabilities=msg.capabilities,
     )
 
 
@@ -500,6 +509,12 @@ def network_attempt_to_proto(a: types.NetworkAttemptInfo) -> pb.NetworkAttempt:
         http_path=a.http_path,
         bytes_sent=a.bytes_sent,
         time=_duration_to_proto(a.time_s),
+        forwarded=a.forwarded,
+        grant=a.grant,
+        refusal=a.refusal,
+        refusal_detail=a.refusal_detail,
+        bytes_received=a.bytes_received,
+        upstream_address=a.upstream_address,
     )
 
 
@@ -517,6 +532,12 @@ def network_attempt_from_proto(msg: pb.NetworkAttempt) -> types.NetworkAttemptIn
         http_path=msg.http_path,
         bytes_sent=msg.bytes_sent,
         time_s=_duration_from_proto(msg.time),
+        forwarded=msg.forwarded,
+        grant=msg.grant,
+        refusal=msg.refusal,
+        refusal_detail=msg.refusal_detail,
+        bytes_received=msg.bytes_received,
+        upstream_address=msg.upstream_address,
     )
 
 

@@ -6,7 +6,7 @@
                      [--force-dry-run] -- COMMAND...     (in a terminal: offers to apply)
     airlock run [--cwd DIR] [--timeout S] [--token T] [--session ID] -- COMMAND...
                      (exits with the command's status; 126 denied, 125 asked)
-    airlock apply ID | airlock discard ID | airlock approve ID [--session]
+    airlock apply ID | airlock discard ID | airlock approve ID [--session] [--special PATH]
     airlock capabilities [--socket PATH] [--json]
     airlock health [--socket PATH]
     airlock audit list [--since WHEN] [--until WHEN] [--verdict V] [--rule ID] [--session ID]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from airlock._errors import AirlockError
+from airlock.egress import EgressPolicy, EgressRule
 from airlock.policy import store
 from airlock.policy.loader import (
     PolicyBundle,
@@ -386,6 +387,44 @@ def _effects_text(path: str, effects: Effects, findings: Sequence[Finding]) -> s
     return "\n".join(lines) + "\n"
 
 
+def _egress_mode(policy: EgressPolicy) -> dict[str, Any]:
+    def entry(r: EgressRule) -> dict[str, Any]:
+        ports = [f"{lo}-{hi}" if lo != hi else lo for lo, hi in r.ports]
+        return {"grant": r.label, "hosts": list(r.hosts), "ports": ports, "cidrs": list(r.cidrs)}
+
+    return {"allow": [entry(r) for r in policy.allow], "deny": [entry(r) for r in policy.deny]}
+
+
+def _egress_json(bundle: PolicyBundle) -> dict[str, Any]:
+    return {
+        "dry_run": _egress_mode(bundle.egress_dry_run),
+        "execute": _egress_mode(bundle.egress_execute),
+        "presets": {name: description for name, description in bundle.egress_presets},
+    }
+
+
+def _egress_text(bundle: PolicyBundle) -> str:
+    """The policy's egress: what a dry run (and Execute) may reach, one line per entry."""
+
+    def where(r: EgressRule) -> str:
+        ports = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in r.ports) or "any"
+        names = " ".join([*r.hosts, *r.cidrs])
+        return f"{names} port {ports}"
+
+    lines = []
+    for mode, policy in (("dry run", bundle.egress_dry_run), ("execute", bundle.egress_execute)):
+        if not policy.allow and not policy.deny:
+            lines.append(f"egress ({mode}): nothing granted")
+            continue
+        lines.append(f"egress ({mode}):")
+        lines.extend(f"  allow {where(r)} ({r.label})" for r in policy.allow)
+        lines.extend(f"  deny {where(r)} ({r.label})" for r in policy.deny)
+    if bundle.egress_presets:
+        names = ", ".join(name for name, _ in bundle.egress_presets)
+        lines.append(f"egress presets defined (switched on with egress.MODE.presets): {names}")
+    return "\n".join(lines) + "\n"
+
+
 def _explain(args: argparse.Namespace) -> int:
     words: list[str] = args.command
     if words[:1] == ["--"]:
@@ -427,6 +466,8 @@ def _explain(args: argparse.Namespace) -> int:
         doc["policy"]["rules"] = len(bundle.rules)
         text = f"policy: {policy} ({_rule_count(bundle)}, version {bundle.version[:12]})\n"
     doc["policy"]["effect_rules"] = len(bundle.effect_rules)
+    doc["policy"]["egress"] = _egress_json(bundle)
+    text += _egress_text(bundle)
     if effects is not None:
         findings = bundle.judge_effects(effects)
         doc["effects"] = _effects_json(effects, findings)

@@ -21,6 +21,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from airlock import types
+from airlock._special import Special, change_specials
 from airlock.audit import StoredEvent, VerifyResult
 
 __all__ = [
@@ -175,6 +176,12 @@ def _change_details(c: types.FileChange) -> list[str]:
         details.append(f"mode {c.mode_after & 0o7777:04o}")
     if kind is types.ChangeKind.METADATA_CHANGED and c.uid_after is not None:
         details.append(f"owner {c.uid_after}:{c.gid_after if c.gid_after is not None else '?'}")
+    if c.other_type is not types.OtherType.NONE:
+        details.append(c.other_type.name.lower().replace("_", " "))
+    specials = change_specials(c)
+    details += [s.value for s in (Special.SETUID, Special.SETGID) if s in specials]
+    if c.capabilities:
+        details.append(f"capabilities {c.capabilities}")
     if c.binary:
         details.append("binary")
     if c.diff_truncated:
@@ -362,13 +369,32 @@ def process_tree(processes: Sequence[types.ProcessInfo], truncated: bool) -> Ren
 _SHOWN_ATTEMPTS = 50
 
 
+def _egress_cell(a: types.NetworkAttemptInfo) -> str:
+    """What became of one attempt under an egress policy."""
+    if a.forwarded:
+        moved = f"↑{human_size(a.bytes_sent)} ↓{human_size(a.bytes_received)}"
+        text = f"forwarded ({a.grant}) {moved}"
+        return f"{text}, cut: {a.refusal}" if a.refusal else text
+    if a.refusal and a.refusal != "no-grant":
+        return f"refused: {a.refusal}"
+    if a.grant:
+        return f"granted ({a.grant})"
+    return "blocked"
+
+
 def network_table(attempts: Sequence[types.NetworkAttemptInfo], lost: int) -> RenderableType:
-    """The network attempts of a dry run, one line each (blocked: nothing left the machine)."""
-    title = f"Network attempts: {len(attempts)} (all blocked)"
+    """The network attempts of a dry run, one line each: forwarded under which grant (and the
+    bytes each way), or refused and why."""
+    forwarded = sum(1 for a in attempts if a.forwarded)
+    if forwarded:
+        title = f"Network attempts: {len(attempts)} ({forwarded} forwarded by egress grants)"
+    else:
+        title = f"Network attempts: {len(attempts)} (all blocked)"
     if lost:
         title += f", {lost} more not recorded"
     table = Table(title=title, title_justify="left", title_style="bold red", box=None)
-    for column in ("t", "proto", "destination", "what"):
+    columns = ("t", "proto", "destination", "what", "egress")
+    for column in columns if any(a.grant or a.forwarded for a in attempts) else columns[:4]:
         table.add_column(column, style="dim" if column == "t" else None)
     for a in attempts[:_SHOWN_ATTEMPTS]:
         if a.protocol is types.NetProtocol.DNS:
@@ -383,12 +409,10 @@ def network_table(attempts: Sequence[types.NetworkAttemptInfo], lost: int) -> Re
                 what = f"TLS to {a.sni}"
             else:
                 what = f"{human_size(a.bytes_sent)} sent"
-        table.add_row(
-            _ms(a.time_s),
-            a.protocol.name,
-            escape_controls(dest),
-            escape_controls(what[:160]),
-        )
+        row = [_ms(a.time_s), a.protocol.name, escape_controls(dest), escape_controls(what[:160])]
+        if len(table.columns) == 5:
+            row.append(escape_controls(_egress_cell(a)))
+        table.add_row(*row)
     if len(attempts) > _SHOWN_ATTEMPTS:
         table.add_row("", "", f"… and {len(attempts) - _SHOWN_ATTEMPTS} more", "")
     return table

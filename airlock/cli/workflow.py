@@ -63,6 +63,15 @@ def add_parsers(sub: Any, socket: argparse.ArgumentParser, seconds: Any) -> None
         action="store_true",
         help="approve the same command in the same session until it ends (default: once)",
     )
+    approve.add_argument(
+        "--special",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="let Apply write this special file of the validation (made setuid or setgid, "
+        "given file capabilities, a FIFO or a socket): it writes none the approval does not "
+        "name (repeat for each)",
+    )
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -138,7 +147,7 @@ def _discard(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _approve(args: argparse.Namespace, out: Console, err: Console) -> int:
     with Client(args.socket) as client:
-        grant = client.approve(args.validation_id, session=args.session)
+        grant = client.approve(args.validation_id, session=args.session, special_paths=args.special)
     # The token alone on stdout, so that `TOKEN=$(airlock approve ID)` works.
     print(grant.approval_token)
     err.print(

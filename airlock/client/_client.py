@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -209,12 +209,26 @@ class Client:
         call = self._stub.Execute(execute_request_to_proto(req), timeout=self.timeout)
         return ExecStream(call, self.socket_path)
 
-    def approve(self, validation_id: str, *, session: bool = False) -> types.ApprovalGrant:
-        """Approve a validation the policy asked about (once, or for the session)."""
+    def approve(
+        self,
+        validation_id: str,
+        *,
+        session: bool = False,
+        special_paths: Iterable[bytes | str] = (),
+    ) -> types.ApprovalGrant:
+        """Approve a validation the policy asked about (once, or for the session).
+
+        ``special_paths`` names the validation's special files (made setuid or setgid,
+        given file capabilities, FIFOs, sockets) that Apply may then write: it writes no
+        other. A ``str`` is encoded as the file system encodes names.
+        """
         scope = pb.APPROVAL_SCOPE_SESSION if session else pb.APPROVAL_SCOPE_ONCE
-        response: pb.ApproveResponse = self._call(
-            self._stub.Approve, pb.ApproveRequest(validation_id=validation_id, scope=scope)
+        request = pb.ApproveRequest(
+            validation_id=validation_id,
+            scope=scope,
+            special_paths=[os.fsencode(p) for p in special_paths],
         )
+        response: pb.ApproveResponse = self._call(self._stub.Approve, request)
         return approve_response_from_proto(response)
 
     def apply(self, validation_id: str) -> types.ApplyOutcome:

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from airlock import _errors
-from airlock._errors import InvalidRequest, SandboxError
+from airlock._errors import SandboxError
 from airlock.core.config import DaemonConfig
-from airlock.core.request import CheckedRequest
+from airlock.core.request import CheckedRequest, cwd_not_accessible
 from airlock.policy import builtin, shell
 from airlock.policy.model import Analysis
 from airlock.policy.store import PolicyStore
@@ -109,7 +109,12 @@ class Engine:
         return (self.config.socket_path, self.config.state_dir)
 
     def _build_template(
-        self, mounts: tuple[HostMount, ...], *, name: str, writable: str = ""
+        self,
+        mounts: tuple[HostMount, ...],
+        *,
+        name: str,
+        writable: str = "",
+        writable_identity: tuple[int, int] | None = None,
     ) -> SandboxTemplate:
         """A template from this daemon's settings: a dry run's, or (``writable``) Execute's."""
         limits = self.config.limits
@@ -130,6 +135,7 @@ class Engine:
             proc_connector=self._proc_connector,
             seccomp_program=seccomp.deny_program(),
             writable=writable,
+            writable_identity=writable_identity,
         )
 
     def template(self) -> tuple[SandboxTemplate, bytes]:
@@ -150,7 +156,8 @@ class Engine:
             validation_id,
             limits.output_bytes,
             DiffOptions(
-                workspace=os.fsencode(req.cwd),
+                # "" when cwd is a system directory: then no change is in the workspace.
+                workspace=os.fsencode(req.workspace),
                 max_changes=limits.changes,
                 diff_file_bytes=limits.diff_file_bytes,
                 diff_total_bytes=limits.diff_total_bytes,
@@ -164,7 +171,15 @@ class Engine:
                 run,
                 keep_changes_dir=posixpath.join(self.config.changesets_dir, validation_id),
                 keep_changes_max=self.config.keep_changes_max,
+                # No run keeps more than its user may hold in all.
+                keep_changes_bytes=min(
+                    run.keep_changes_bytes, self.config.keep_changes_uid_quota_bytes
+                ),
             )
+        egress = self._policy.bundle.egress_dry_run
+        if egress.enabled and self.config.capture_network and run.sensitive_globs:
+            # Forwarding needs the read recorder: after a sensitive read nothing is forwarded.
+            run = dataclasses.replace(run, egress=egress, test_resolve=self.config.test_resolve)
         return SandboxPlan(template=template, run=run, template_key=key)
 
     def validate(
@@ -221,11 +236,8 @@ class Engine:
         result: SandboxResult = run.result()
         t_sandbox = time.monotonic()
         if result.error:
-            if result.error_kind == "cwd":
-                raise InvalidRequest(
-                    f"cwd: uid {plan.run.uid} cannot enter {plan.run.cwd}: {result.error}",
-                    reason="CWD_NOT_ACCESSIBLE",
-                )
+            if result.error_kind == "cwd":  # checked as the caller, then changed: one answer
+                raise cwd_not_accessible(req.cwd, plan.run.uid)
             raise SandboxError(f"the sandbox could not be set up: {result.error}")
         assert result.diff is not None and result.cgroup is not None
         changes, truncated = result.diff.changes, result.diff.truncated
@@ -250,7 +262,7 @@ class Engine:
         #    sensitive reads ask); an unfinished or truncated dry run always asks.
         if bundle.effect_rules:
             effects = Effects(
-                workspace=plan.run.cwd,
+                workspace=req.workspace,
                 home=plan.run.home,
                 changes=changes,
                 processes=processes,
@@ -276,12 +288,18 @@ class Engine:
             exit_code=result.exit_code,
             signal=result.signal,
             timeout_s=plan.run.timeout_s,
-            workspace=plan.run.cwd,
+            workspace=req.workspace,
             processes=processes,
             sensitive_reads=sensitive,
             network=network,
             network_lost=result.network_attempts_lost,
+            egress=plan.run.egress is not None,
         ) + policy_sentence(verdict, findings)
+        if not req.workspace:
+            summary = (
+                f"The working directory {req.cwd} is a system directory, not a workspace: "
+                f"every change counts as outside the workspace. {summary}"
+            )
         stats = result.cgroup
         return Validation(
             validation_id=validation_id,
@@ -347,7 +365,10 @@ class Engine:
     def execute_plan(self, req: CheckedRequest, execution_id: str) -> SandboxPlan:
         """The plan of one Execute: the host read-only but for the workspace, no network."""
         limits = self.config.limits
-        template = self._build_template(mnt.host_mounts(), name="ex", writable=req.cwd)
+        # The workspace is bound only if it is still the directory the request check found.
+        template = self._build_template(
+            mnt.host_mounts(), name="ex", writable=req.cwd, writable_identity=req.cwd_identity
+        )
         run = self._run(
             req,
             execution_id,
@@ -404,10 +425,7 @@ class Engine:
         assert result is not None
         if result.error:
             if result.error_kind == "cwd":
-                raise InvalidRequest(
-                    f"cwd: uid {plan.run.uid} cannot enter {plan.run.cwd}: {result.error}",
-                    reason="CWD_NOT_ACCESSIBLE",
-                )
+                raise cwd_not_accessible(plan.run.cwd, plan.run.uid)
             raise SandboxError(f"the sandbox could not be set up: {result.error}")
         for record in result.processes:
             yield _process_info(record)
@@ -437,14 +455,23 @@ class Engine:
         """The policy's ``sensitive_paths``; the built-in list when it names none."""
         return self._policy.bundle.sensitive_globs or reads.DEFAULT_SENSITIVE_GLOBS
 
-    def apply_changeset(self, changeset_dir: str, uid: int, gid: int) -> ApplyOutcome:
+    def apply_changeset(
+        self,
+        changeset_dir: str,
+        uid: int,
+        gid: int,
+        approved_special: tuple[bytes, ...] = (),
+    ) -> ApplyOutcome:
         """Write a kept changeset to the host as ``uid``/``gid`` (a fresh supervisor does it).
 
-        Raises what Apply raised: Conflict (nothing written), PermissionDenied, ...; a
-        commit that stopped part way raises ApplyIncomplete (its ``partial`` was written).
+        ``approved_special``: the paths whose special files the approval names (Apply
+        refuses any other). Raises what Apply raised: Conflict (nothing written),
+        PermissionDenied, ...; a commit that stopped part way raises ApplyIncomplete (its
+        ``partial`` was written).
         """
         groups = _groups_of(uid, gid)
-        run = self._spawner.submit(ApplyPlan(changeset_dir, uid, gid, groups), pooled=False)
+        plan = ApplyPlan(changeset_dir, uid, gid, groups, approved_special=approved_special)
+        run = self._spawner.submit(plan, pooled=False)
         reply: ApplyReply = run.result()
         if reply.error is not None:
             raise _errors.error_from_data(reply.error)
@@ -512,6 +539,12 @@ def _network_info(a: NetworkAttempt) -> NetworkAttemptInfo:
         http_path=a.http_path,
         bytes_sent=a.bytes_sent,
         time_s=a.time,
+        forwarded=a.forwarded,
+        grant=a.grant,
+        refusal=a.refusal,
+        refusal_detail=a.refusal_detail,
+        bytes_received=a.bytes_received,
+        upstream_address=a.upstream_address,
     )
 
 

@@ -7,6 +7,11 @@ an error naming the field. That one value is what every later step sees: the eng
 the working directory is spelled the same everywhere (``//tmp/./x/..`` is ``/tmp``
 for the sandbox, the state store, the log and the token check alike), and the
 environment is hashed once.
+
+The working directory is resolved once, as the command's user: its symbolic links are
+followed then and never again. Every rule (kernel file systems, system directories, the
+daemon's socket and state) is checked on the directory found, whose path and device and
+inode the request carries; Execute's sandbox binds that directory or nothing.
 """
 
 from __future__ import annotations
@@ -15,17 +20,55 @@ import grp
 import os
 import posixpath
 import pwd
+import time
 from dataclasses import dataclass
 
 from airlock._errors import InvalidRequest, PermissionDenied
 from airlock.audit import env_sha256
+from airlock.sandbox import workdir
 from airlock.sandbox.mnt import workspace_conflict
 from airlock.sandbox.plan import KERNEL_TREES
 from airlock.types import ExecuteRequest, Limits, PeerCred, ValidateRequest
 
-__all__ = ["CheckedRequest", "check"]
+__all__ = ["SHARED_PARENTS", "SYSTEM_TREES", "CheckedRequest", "check", "cwd_not_accessible"]
 
 _MAX_PATH = 4096
+
+# --- What is never a workspace (docs/policy-reference.md, "What is never a workspace") ---------
+#
+# The workspace is what a command is for: a dry run's changes in it are judged as the task's
+# own, and Execute makes it writable. A directory of the system is never one. Compared with
+# the resolved cwd by path and by device and inode (another mount of /etc is /etc).
+#
+# The system's own trees: the directory and everything below it.
+SYSTEM_TREES = (
+    "/etc",
+    "/usr",
+    "/boot",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/opt",
+    "/snap",
+    "/run/systemd",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+    "/var/backups",
+    "/var/opt",
+)
+# Directories that hold the system's trees or other people's (the parent of the home of the
+# user the command runs as counts too): the directory itself. A directory below one may be a
+# workspace (/home/alice/project, /srv/site, /var/www/site, /mnt/data/project). /tmp and
+# /var/tmp are workspaces like any other: their changes are temporary-scope anyway, and a
+# command there has only its user's rights over other users' files.
+SHARED_PARENTS = ("/", "/var", "/home", "/srv", "/mnt", "/media", "/run", "/run/user", "/run/media")
+_USE_INSTEAD = "a project directory (in your home, /srv/NAME, /var/www/NAME or /tmp/NAME)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +76,14 @@ class CheckedRequest:
     """A checked Validate or Execute request, and who runs it."""
 
     command: str
-    cwd: str  # absolute and normalised: the workspace
+    # Absolute, every symbolic link resolved (as the command's user), no "." or "..": where the
+    # command runs. Execute binds exactly the directory (st_dev, st_ino) ``cwd_identity``.
+    cwd: str
+    cwd_identity: tuple[int, int]
+    # What the changes are judged against: ``cwd``, or "" when cwd is a system directory
+    # (SYSTEM_TREES, SHARED_PARENTS; a dry run only, Execute refuses it): then no change is
+    # in the workspace.
+    workspace: str
     env: tuple[tuple[str, str], ...]  # exactly the command's environment
     env_sha256: str  # of ``env``, as the audit log keeps it
     timeout_s: float  # the request's, or the daemon's default
@@ -55,27 +105,27 @@ def check(
 ) -> CheckedRequest:
     """Check ``request`` for ``peer``: InvalidRequest or PermissionDenied names the field.
 
-    ``protected``: what an Execute's working directory must not contain (the daemon's socket
-    and state directory, ``Engine.protected_paths``): Execute binds it read-write. A dry run
-    shows the host only through overlays, where no host socket answers, so any cwd is fine.
+    The working directory is resolved once, with the rights of the user the command runs
+    as (``sandbox.workdir``): one that user cannot enter, and one that does not exist, get
+    the same answer (CWD_NOT_ACCESSIBLE). The resolved directory must not be on a kernel
+    file system; Execute, which binds it read-write, also refuses a system directory
+    (SYSTEM_TREES, SHARED_PARENTS) and, with ``protected`` (the daemon's socket and state
+    directory, ``Engine.protected_paths``), one that contains one of those. A dry run shows
+    the host only through overlays, where no host socket answers: there a system directory
+    is only no workspace (``CheckedRequest.workspace`` is "").
     """
     _check_command(request.command, limits)
-    cwd = _checked_cwd(request.cwd)
-    if isinstance(request, ExecuteRequest) and protected:
-        problem = workspace_conflict(cwd, protected)
-        if problem:
-            raise _fail(
-                "cwd",
-                f"Execute cannot run in {cwd}: {problem}, which a command run there could "
-                "reach; use a directory that holds neither the daemon's socket nor its state",
-                "INVALID_CWD",
-            )
+    asked = _normal_cwd(request.cwd)
+    uid, gid, groups = _identity(request.uid, request.gid, peer)
+    execute = isinstance(request, ExecuteRequest)
+    cwd, cwd_identity, system = _resolved_cwd(asked, uid, gid, groups, execute, protected)
     _check_env(request.env, limits)
     timeout = _effective_timeout(request.timeout_s, limits)
-    uid, gid, groups = _identity(request.uid, request.gid, peer)
     return CheckedRequest(
         command=request.command,
         cwd=cwd,
+        cwd_identity=cwd_identity,
+        workspace="" if system else cwd,
         env=request.env,
         env_sha256=env_sha256(request.env),
         timeout_s=timeout,
@@ -105,8 +155,11 @@ def _check_command(command: str, limits: Limits) -> None:
         )
 
 
-def _checked_cwd(cwd: str) -> str:
-    """The normalised working directory: absolute, an existing directory, not a kernel tree."""
+def _normal_cwd(cwd: str) -> str:
+    """The working directory as asked, normalised: absolute, no "." or "..", not a kernel tree.
+
+    Nothing is looked up yet: ``_resolved_cwd`` does, as the command's user.
+    """
     if not cwd:
         raise _fail("cwd", "is required (an absolute path of an existing directory)", "INVALID_CWD")
     if "\0" in cwd or len(cwd) > _MAX_PATH:
@@ -116,13 +169,148 @@ def _checked_cwd(cwd: str) -> str:
     cwd = posixpath.normpath(cwd)
     if cwd.startswith("//"):  # POSIX lets normpath keep two leading slashes; Linux does not care
         cwd = "/" + cwd.lstrip("/")
-    if any(cwd == k or cwd.startswith(k + "/") for k in KERNEL_TREES):
-        raise _fail("cwd", f"{cwd} is on a kernel file system, not a workspace", "INVALID_CWD")
-    if not os.path.exists(cwd):
-        raise _fail("cwd", f"{cwd} does not exist", "INVALID_CWD")
-    if not os.path.isdir(cwd):
-        raise _fail("cwd", f"{cwd} is not a directory", "INVALID_CWD")
+    _refuse_kernel_tree(cwd, cwd, "")
     return cwd
+
+
+def _refuse_kernel_tree(asked: str, path: str, kernel_fs: str) -> None:
+    """Refuse ``path`` (what ``asked`` resolved to) if it is on a kernel file system."""
+    if kernel_fs or any(path == k or path.startswith(k + "/") for k in KERNEL_TREES):
+        where = asked if asked == path else f"{asked} is {path}, which"
+        fs = f" ({kernel_fs})" if kernel_fs else ""
+        raise _fail(
+            "cwd", f"{where} is on a kernel file system{fs}, not a workspace", "INVALID_CWD"
+        )
+
+
+def cwd_not_accessible(cwd: str, uid: int) -> InvalidRequest:
+    """The one answer for a cwd ``uid`` cannot enter, whatever the reason.
+
+    A directory that does not exist, is not a directory, or lies below one the user may
+    not search: the same reason and the same words, so that the answer tells nothing of
+    what lies where the caller cannot look (the engine gives it too, if the command
+    cannot enter cwd in its sandbox).
+    """
+    return _fail(
+        "cwd",
+        f"uid {uid} cannot enter {cwd}: it does not exist, is not a directory, or uid {uid} "
+        "may not search it or a directory above it",
+        "CWD_NOT_ACCESSIBLE",
+    )
+
+
+def _resolved_cwd(
+    asked: str,
+    uid: int,
+    gid: int,
+    groups: tuple[int, ...],
+    execute: bool,
+    protected: tuple[str, ...],
+) -> tuple[str, tuple[int, int], str]:
+    """(the resolved cwd, its (st_dev, st_ino), why it is no workspace or "").
+
+    Resolved once, as ``uid``; every rule is checked on what that found: the resolved path
+    and, through the open descriptor, the directory itself.
+    """
+    try:
+        with workdir.resolve(asked, uid, gid, groups) as found:
+            _refuse_kernel_tree(asked, found.path, found.kernel_fs)
+            if execute and protected:
+                problem = workspace_conflict(found.fd, protected)
+                if problem:
+                    raise _fail(
+                        "cwd",
+                        f"Execute cannot run in {found.path}: {problem}, which a command run "
+                        "there could reach; use a directory that holds neither the daemon's "
+                        "socket nor its state",
+                        "INVALID_CWD",
+                    )
+            system = _system_directory(found.path, found.identity, uid)
+            if execute and system:
+                raise _fail(
+                    "cwd",
+                    f"Execute cannot run in {found.path}: {system}, and Execute makes its "
+                    f"working directory writable; run it in {_USE_INSTEAD}",
+                    "INVALID_CWD",
+                )
+            return found.path, found.identity, system
+    except workdir.NotAccessible:
+        raise cwd_not_accessible(asked, uid) from None
+
+
+def _system_directory(path: str, identity: tuple[int, int], uid: int) -> str:
+    """Why the directory ``path`` (resolved; ``identity`` its device and inode) is the
+    system's rather than a workspace, or "".
+
+    By path, and by device and inode: another mount of a system directory is one too.
+    """
+    trees, parents = _listed_identities()
+    home_parent = _home_parent(uid)
+    if home_parent and (home_parent_id := _identity_of(home_parent)) is not None:
+        parents = {**parents, home_parent_id: home_parent}
+    parent = path if path in SHARED_PARENTS or path == home_parent else parents.get(identity)
+    if parent:
+        return f"it is {parent}, which holds the system's or other users' directories"
+    chain = [path]
+    while chain[-1] != "/":
+        chain.append(posixpath.dirname(chain[-1]))
+    tree = next((d for d in chain if d in SYSTEM_TREES), None)  # by path
+    if tree is None:  # by device and inode: below another mount of one
+        for here in chain:
+            here_id = identity if here == path else _identity_of(here)
+            if here_id is not None and (tree := trees.get(here_id)):
+                break
+    if tree:
+        return f"it is a system directory ({tree} and everything below it belong to the system)"
+    return ""
+
+
+def _identity_of(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+# The device and inode of each listed directory, looked up at most once a second: about 30
+# stat calls, which would double the cost of a request's check. They change only when a
+# listed directory is replaced or a file system is mounted on one; the paths themselves are
+# compared on every request.
+_IDENTITIES_TTL_S = 1.0
+_identities: tuple[float, dict[tuple[int, int], str], dict[tuple[int, int], str]] = (
+    -_IDENTITIES_TTL_S,
+    {},
+    {},
+)
+
+
+def _listed_identities() -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
+    """({identity: tree} of SYSTEM_TREES, {identity: directory} of SHARED_PARENTS)."""
+    global _identities
+    now = time.monotonic()
+    taken, trees, parents = _identities
+    if now - taken >= _IDENTITIES_TTL_S:
+        trees, parents = _identities_of(SYSTEM_TREES), _identities_of(SHARED_PARENTS)
+        _identities = (now, trees, parents)
+    return trees, parents
+
+
+def _identities_of(paths: tuple[str, ...]) -> dict[tuple[int, int], str]:
+    found: dict[tuple[int, int], str] = {}
+    for path in paths:
+        if (path_id := _identity_of(path)) is not None:
+            found.setdefault(path_id, path)
+    return found
+
+
+def _home_parent(uid: int) -> str:
+    """The directory that holds the home of ``uid`` (/home for /home/alice), or ""."""
+    try:
+        home = posixpath.normpath(pwd.getpwuid(uid).pw_dir)
+    except (KeyError, ValueError):
+        return ""
+    return posixpath.dirname(home) if home.startswith("/") and home != "/" else ""
 
 
 def _check_env(env: tuple[tuple[str, str], ...], limits: Limits) -> None:

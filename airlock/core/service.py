@@ -130,7 +130,8 @@ class Service:
         with self._slot():
             req = check(request, peer, self._limits)
             result = self._engine.validate(req, validation_id, on_cancel)
-        self._workflow.record(result, req)  # so that it can be approved, applied, discarded
+        # So that it can be approved, applied, discarded; its changes may not be kept (quota).
+        result = self._workflow.record(result, req)
         # The verdict reaches the client only once the log holds it (fail closed).
         stored = _audit.record(self._audit, _audit.validate_event(caller, req, result))
         _log.info(
@@ -285,16 +286,30 @@ class Service:
 
     # --- The workflow: Approve, Apply, Discard -----------------------------------------------
 
-    def approve(self, validation_id: str, scope: ApprovalScope, peer: PeerCred) -> ApprovalGrant:
-        """Approve validation ``validation_id`` (ONCE or for its SESSION) as ``peer``."""
+    def approve(
+        self,
+        validation_id: str,
+        scope: ApprovalScope,
+        peer: PeerCred,
+        special_paths: tuple[bytes, ...] = (),
+    ) -> ApprovalGrant:
+        """Approve validation ``validation_id`` (ONCE or for its SESSION) as ``peer``.
+
+        ``special_paths`` names the validation's special files (setuid, setgid, file
+        capabilities, FIFOs, sockets) Apply may then write; it writes no other.
+        """
         caller = _audit.caller_of(peer)
-        grant, record = self._workflow.approve(validation_id, scope, peer)
+        grant, record = self._workflow.approve(validation_id, scope, peer, special_paths)
+        named = ""
+        if special_paths:
+            shown = ", ".join(p.decode("utf-8", "backslashreplace") for p in special_paths)
+            named = f", naming special files {shown}"
         approval = Approval(
             approved=True,
             authorization=Authorization.USER_VERIFIED
             if scope is ApprovalScope.ONCE
             else Authorization.SESSION_GRANTED,
-            detail=f"{scope.name.lower()} approval {grant.approval_id} by uid {peer.uid}",
+            detail=f"{scope.name.lower()} approval {grant.approval_id} by uid {peer.uid}{named}",
         )
         _audit.record(self._audit, _audit.approve_event(caller, record, approval))
         _log.info("approved", extra={"validation_id": validation_id, "uid": peer.uid})

@@ -55,8 +55,17 @@ uid, is for the caller of ``approve`` to establish (for example by the client
 certificate it records as ``approver_subject``).
 
 Changesets (the dry run's upper directory) belong to the caller: the store only
-records where each is and how big, refuses a new one beyond the quota, and hands the
-directory back (``discard``, ``expire``, ``finish_apply``) for the caller to delete.
+records where each is and how big, refuses a new one beyond the quota (the total, or the
+share of one uid), and hands the directory back (``discard``, ``expire``,
+``finish_apply``) for the caller to delete. A validation recorded without its changes
+says why in ``changes_not_kept``: Apply then refuses it (``CHANGES_NOT_KEPT``) with that
+reason, rather than applying nothing.
+
+Special files (:mod:`airlock._special`: setuid, setgid, file capabilities, FIFOs,
+sockets) are recorded with each validation; an approval may name some of them
+(``special_paths``), and only those are handed to Apply (``begin_apply``'s record's
+``approved_special``), which writes no other. An ALLOW validation needs no approval, but
+may get one that names its special files (its state becomes APPROVED).
 """
 
 from __future__ import annotations
@@ -101,6 +110,7 @@ __all__ = [
     "ApprovalScope",
     "AuthContext",
     "NewValidation",
+    "SpecialChange",
     "StateError",
     "StateStore",
     "ValidationRecord",
@@ -113,7 +123,7 @@ DEFAULT_SESSION_TTL_S = 60 * 60.0
 DEFAULT_QUOTA_BYTES = 2 * 1024**3
 TOKEN_BYTES = 32
 _APPLICATION_ID = 0x41535441  # "ASTA" in the database header
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _MAX_ID_CHARS = 256
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -171,7 +181,9 @@ CREATE TABLE validations (
     apply_approval_id TEXT,
     apply_result_json TEXT,
     applied_at REAL,
-    apply_error TEXT NOT NULL
+    apply_error TEXT NOT NULL,
+    changes_not_kept TEXT NOT NULL DEFAULT '',
+    specials_json TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 CREATE INDEX validations_state ON validations (state, expires_at);
 CREATE TABLE approvals (
@@ -190,11 +202,24 @@ CREATE TABLE approvals (
     command TEXT NOT NULL,
     cwd TEXT NOT NULL,
     policy_version TEXT NOT NULL,
-    diff_hash TEXT NOT NULL
+    diff_hash TEXT NOT NULL,
+    special_paths_json TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 CREATE INDEX approvals_validation ON approvals (validation_id);
 CREATE INDEX approvals_grant ON approvals (session_id, command, cwd);
 """
+
+
+# Version 1 (before special files and per-uid quotas) to 2: three columns, with defaults
+# that say what version 1 meant (nothing special, changes kept or none, nothing named).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE validations ADD COLUMN changes_not_kept TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE validations ADD COLUMN specials_json TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE approvals ADD COLUMN special_paths_json TEXT NOT NULL DEFAULT '[]'",
+)
+
+# One special file of a validation: its host path and how it is special ("setuid", ...).
+SpecialChange = tuple[bytes, tuple[str, ...]]
 
 
 class StateError(AirlockError):
@@ -223,6 +248,10 @@ class NewValidation:
     changeset_bytes: int = 0
     # ALLOW only: POLICY_ALLOWED (the default) or AUTO_APPROVED (read-only fast path).
     auth_context: AuthContext | None = None
+    # The dry run changed files but they are not kept for Apply: why ("" otherwise).
+    changes_not_kept: str = ""
+    # Its special files (airlock._special), which Apply writes only if an approval names them.
+    specials: tuple[SpecialChange, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +280,10 @@ class ValidationRecord:
     apply_result_json: str | None  # set once APPLIED
     applied_at: float | None
     apply_error: str  # why the last apply was aborted or interrupted; "" if none
+    changes_not_kept: str = ""  # it changed files that were not kept for Apply: why
+    specials: tuple[SpecialChange, ...] = ()  # its special files (airlock._special)
+    # Set by begin_apply: the special paths the approval it rests on names.
+    approved_special: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +305,7 @@ class ApprovalRecord:
     cwd: str
     policy_version: str
     diff_hash: str
+    special_paths: tuple[bytes, ...] = ()  # the special files it approves writing
 
 
 @dataclass(frozen=True)
@@ -289,17 +323,43 @@ _V_COLUMNS = (
     "validation_id, command, cwd, env_sha256, uid, gid, caller_pid, session_id, "
     "policy_version, diff_hash, verdict, summary, changeset_dir, changeset_bytes, "
     "created_at, expires_at, updated_at, state, auth_context, apply_result_json, "
-    "applied_at, apply_error"
+    "applied_at, apply_error, changes_not_kept, specials_json"
 )
 _A_COLUMNS = (
     "approval_id, validation_id, scope, session_id, uid, approver_uid, approver_subject, "
-    "created_at, expires_at, used_at, ended_at, command, cwd, policy_version, diff_hash"
+    "created_at, expires_at, used_at, ended_at, command, cwd, policy_version, diff_hash, "
+    "special_paths_json"
 )
+
+
+def _path_text(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
+
+
+def _path_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _specials_json(specials: tuple[SpecialChange, ...]) -> str:
+    return json.dumps([[_path_text(p), list(kinds)] for p, kinds in specials])
+
+
+def _specials_from(text: str) -> tuple[SpecialChange, ...]:
+    return tuple((_path_bytes(p), tuple(kinds)) for p, kinds in json.loads(text))
+
+
+def _paths_json(paths: tuple[bytes, ...]) -> str:
+    return json.dumps([_path_text(p) for p in paths])
+
+
+def _paths_from(text: str) -> tuple[bytes, ...]:
+    return tuple(_path_bytes(p) for p in json.loads(text))
 
 
 def _validation(row: tuple[Any, ...]) -> ValidationRecord:
     (vid, command, cwd, env, uid, gid, pid, session, policy, diff, verdict, summary) = row[:12]
-    (cdir, cbytes, created, expires, updated, state, auth, result, applied, error) = row[12:]
+    (cdir, cbytes, created, expires, updated, state, auth, result, applied, error) = row[12:22]
+    not_kept, specials = row[22:]
     return ValidationRecord(
         validation_id=vid,
         command=command,
@@ -323,12 +383,14 @@ def _validation(row: tuple[Any, ...]) -> ValidationRecord:
         apply_result_json=result,
         applied_at=applied,
         apply_error=error,
+        changes_not_kept=not_kept,
+        specials=_specials_from(specials),
     )
 
 
 def _approval(row: tuple[Any, ...]) -> ApprovalRecord:
     (aid, vid, scope, session, uid, approver, subject, created, expires, used, ended) = row[:11]
-    command, cwd, policy, diff = row[11:]
+    command, cwd, policy, diff, special = row[11:]
     return ApprovalRecord(
         approval_id=aid,
         validation_id=vid,
@@ -345,6 +407,7 @@ def _approval(row: tuple[Any, ...]) -> ApprovalRecord:
         cwd=cwd,
         policy_version=policy,
         diff_hash=diff,
+        special_paths=_paths_from(special),
     )
 
 
@@ -397,6 +460,16 @@ def _refusal(rec: ValidationRecord, now: float, action: str) -> AirlockError | N
     return None
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store of an older schema version up to this one (inside its transaction)."""
+    app = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app == _APPLICATION_ID and version == 1:
+        for statement in _MIGRATE_1_TO_2:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
 def _check_owner(rec: ValidationRecord, uid: int, action: str) -> None:
     if uid != rec.uid and uid != 0:
         raise PermissionDenied(
@@ -424,6 +497,8 @@ def _check_new(new: NewValidation) -> AuthContext | None:
         raise bad("changeset_dir", "is required when changeset_bytes is not 0")
     if new.diff_hash and not _HEX64.fullmatch(new.diff_hash):
         raise bad("diff_hash", "must be 64 lowercase hex digits (or empty)")
+    if new.changes_not_kept and new.changeset_dir:
+        raise bad("changes_not_kept", "must be empty when the changes are kept")
     if new.verdict is Verdict.ALLOW:
         ctx = new.auth_context or AuthContext.POLICY_ALLOWED
         if ctx not in (AuthContext.POLICY_ALLOWED, AuthContext.AUTO_APPROVED):
@@ -439,7 +514,9 @@ class StateStore:
 
     ``ttl_s``: how long a validation (and its changes) may be approved and applied.
     ``session_ttl_s``: how long a SESSION approval lasts at most. ``quota_bytes``:
-    the most changeset bytes kept at once. ``clock``: epoch seconds (tests inject one).
+    the most changeset bytes kept at once; ``uid_quota_bytes``: the most of them one uid's
+    validations may hold (None: ``quota_bytes``), so that one user cannot take the space
+    every other user's validations need. ``clock``: epoch seconds (tests inject one).
     Use it as a context manager or call :meth:`close`.
     """
 
@@ -450,16 +527,20 @@ class StateStore:
         ttl_s: float = DEFAULT_TTL_S,
         session_ttl_s: float = DEFAULT_SESSION_TTL_S,
         quota_bytes: int = DEFAULT_QUOTA_BYTES,
+        uid_quota_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not ttl_s > 0 or not session_ttl_s > 0:
             raise InvalidRequest("ttl_s and session_ttl_s must be positive", reason="INVALID_TTL")
-        if quota_bytes < 0:
-            raise InvalidRequest("quota_bytes must not be negative", reason="INVALID_QUOTA")
+        if quota_bytes < 0 or (uid_quota_bytes is not None and uid_quota_bytes < 0):
+            raise InvalidRequest(
+                "the changeset quotas must not be negative", reason="INVALID_QUOTA"
+            )
         self.path = os.fspath(path)
         self.ttl_s = float(ttl_s)
         self.session_ttl_s = float(session_ttl_s)
         self.quota_bytes = quota_bytes
+        self.uid_quota_bytes = quota_bytes if uid_quota_bytes is None else uid_quota_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
@@ -482,6 +563,7 @@ class StateStore:
             self._conn = self._db.connect()
             try:
                 with _sqlite.immediate(self._conn):
+                    _migrate(self._conn)
                     self._db.check_schema(self._conn)
             except BaseException:
                 self._conn.close()
@@ -520,8 +602,9 @@ class StateStore:
         PENDING_APPROVAL, or APPROVED (SESSION_GRANTED) if a live SESSION approval of
         its session covers its command, cwd, policy version and uid. Refuses
         (``CHANGESET_QUOTA_EXCEEDED``, nothing stored) changes that would take the
-        kept changesets over the quota: the caller may ``expire`` and retry, or
-        record the validation without its changes.
+        uid's kept changesets over its share, or all of them over the quota: the caller
+        may ``expire`` and retry, or record the validation without its changes (and
+        why, in ``changes_not_kept``).
         """
         ctx = _check_new(new)
         with self._write("record a validation") as conn:
@@ -535,7 +618,16 @@ class StateStore:
                     reason="DUPLICATE_VALIDATION_ID",
                 )
             if new.changeset_bytes:
+                mine = self._usage(conn, new.uid)
                 used = self._usage(conn)
+                if mine + new.changeset_bytes > self.uid_quota_bytes:
+                    raise ResourceExhausted(
+                        f"keeping the {new.changeset_bytes} bytes of changes of validation "
+                        f"{new.validation_id} would exceed uid {new.uid}'s share of the "
+                        f"changeset quota ({mine} of {self.uid_quota_bytes} bytes in use); "
+                        "apply or discard that user's validations, or wait for them to expire",
+                        reason="CHANGESET_QUOTA_EXCEEDED",
+                    )
                 if used + new.changeset_bytes > self.quota_bytes:
                     raise ResourceExhausted(
                         f"keeping the {new.changeset_bytes} bytes of changes of validation "
@@ -577,9 +669,11 @@ class StateStore:
                 apply_result_json=None,
                 applied_at=None,
                 apply_error="",
+                changes_not_kept=new.changes_not_kept,
+                specials=new.specials,
             )
             conn.execute(
-                f"INSERT INTO validations ({_V_COLUMNS}) VALUES ({', '.join('?' * 22)})",  # noqa: S608
+                f"INSERT INTO validations ({_V_COLUMNS}) VALUES ({', '.join('?' * 24)})",  # noqa: S608
                 (
                     rec.validation_id,
                     rec.command,
@@ -603,6 +697,8 @@ class StateStore:
                     None,
                     None,
                     "",
+                    rec.changes_not_kept,
+                    _specials_json(rec.specials),
                 ),
             )
         return rec
@@ -636,15 +732,18 @@ class StateStore:
         *,
         approver_uid: int,
         approver_subject: str = "",
+        special_paths: tuple[bytes, ...] = (),
     ) -> tuple[str, ApprovalRecord]:
         """Approve a validation: returns the token (shown once; only its hash is kept).
 
         Moves PENDING_APPROVAL (or APPROVED: another approval) to APPROVED. Refuses an
         unknown (``VALIDATION_NOT_FOUND``), denied (``VALIDATION_DENIED``), applied,
-        discarded or expired validation, one that needs no approval (ALLOW verdict:
-        ``APPROVAL_NOT_NEEDED``), a SESSION approval of a validation without a session
-        (``NO_SESSION``), and any approver but the validation's caller and root.
-        The approval's session is the validation's.
+        discarded or expired validation, one that needs no approval (ALLOW verdict and no
+        ``special_paths``: ``APPROVAL_NOT_NEEDED``), a SESSION approval of a validation
+        without a session (``NO_SESSION``), and any approver but the validation's caller
+        and root. The approval's session is the validation's. ``special_paths`` names the
+        validation's special files the approval lets Apply write; each must be one
+        (``INVALID_SPECIAL_PATH``). An ALLOW validation approved that way is APPROVED.
         """
         try:
             scope = ApprovalScope(scope)
@@ -660,9 +759,27 @@ class StateStore:
             refusal = _refusal(rec, now, "approved")
             if refusal is not None:
                 raise refusal
-            if rec.state is ValidationState.ALLOWED:
+            special_paths = tuple(dict.fromkeys(special_paths))
+            specials = dict(rec.specials)
+            unknown = [p for p in special_paths if p not in specials]
+            if unknown:
+                listed = ", ".join(
+                    f"{_path_text(p)} ({' and '.join(k)})" for p, k in rec.specials[:10]
+                )
+                raise InvalidRequest(
+                    f"{', '.join(map(repr, unknown[:5]))}: not a special file of validation "
+                    f"{validation_id}; its special files: {listed or 'none'}",
+                    reason="INVALID_SPECIAL_PATH",
+                )
+            if rec.state is ValidationState.ALLOWED and not special_paths:
+                more = (
+                    "; to let Apply write its special files, approve it naming them"
+                    if rec.specials
+                    else ""
+                )
                 raise FailedPrecondition(
-                    f"validation {validation_id} is allowed by the policy; it needs no approval",
+                    f"validation {validation_id} is allowed by the policy; it needs no "
+                    f"approval{more}",
                     reason="APPROVAL_NOT_NEEDED",
                 )
             if scope is ApprovalScope.SESSION and not rec.session_id:
@@ -689,10 +806,11 @@ class StateStore:
                 cwd=rec.cwd,
                 policy_version=rec.policy_version,
                 diff_hash=rec.diff_hash,
+                special_paths=special_paths,
             )
             conn.execute(
                 f"INSERT INTO approvals (token_sha256, {_A_COLUMNS}) "  # noqa: S608
-                f"VALUES ({', '.join('?' * 16)})",
+                f"VALUES ({', '.join('?' * 17)})",
                 (
                     _token_hash(token),
                     approval.approval_id,
@@ -710,6 +828,7 @@ class StateStore:
                     approval.cwd,
                     approval.policy_version,
                     approval.diff_hash,
+                    _paths_json(approval.special_paths),
                 ),
             )
             conn.execute(
@@ -853,7 +972,11 @@ class StateStore:
         else a live SESSION approval of its own (USER_VERIFIED) or of its session
         covering it (SESSION_GRANTED); else ``APPROVAL_REQUIRED`` (its ONCE approval
         went to an Execute, or its session grant ended). PENDING_APPROVAL is
-        ``APPROVAL_REQUIRED``; the other states are refused with their own reason.
+        ``APPROVAL_REQUIRED``; the other states are refused with their own reason, and a
+        validation whose changes were not kept with ``CHANGES_NOT_KEPT`` (and why).
+        The record's ``approved_special`` is what the approval of this validation the
+        apply rests on names (an ALLOWED one with special files uses such an approval
+        when it has one); Apply writes no other special file.
         """
         with self._write("begin an apply") as conn:
             now = self._clock()
@@ -864,6 +987,13 @@ class StateStore:
             refusal = _refusal(rec, now, "applied")
             if refusal is not None:
                 raise refusal
+            if rec.changes_not_kept:
+                raise FailedPrecondition(
+                    f"validation {validation_id} has nothing to apply: its dry run's changes "
+                    f"were not kept ({rec.changes_not_kept}); run the command with Execute, "
+                    "or validate it again once they can be kept",
+                    reason="CHANGES_NOT_KEPT",
+                )
             if rec.state is ValidationState.PENDING_APPROVAL:
                 raise FailedPrecondition(
                     f"validation {validation_id} needs an approval before it can be applied",
@@ -873,6 +1003,18 @@ class StateStore:
             used: str | None = None
             if rec.state is ValidationState.APPROVED:
                 ctx, used = self._claim_approval(conn, now, rec)
+            elif rec.specials:  # ALLOWED: an approval of its own may name its special files
+                own = self._own_approval(conn, now, rec)
+                if own is not None:
+                    ctx, used = own
+            approved: tuple[bytes, ...] = ()
+            if used is not None:
+                row = conn.execute(
+                    "SELECT special_paths_json FROM approvals "
+                    "WHERE approval_id = ? AND validation_id = ?",
+                    (used, validation_id),
+                ).fetchone()
+                approved = _paths_from(row[0]) if row is not None else ()
             conn.execute(
                 "UPDATE validations SET state = ?, auth_context = ?, apply_approval_id = ?, "
                 "updated_at = ? WHERE validation_id = ?",
@@ -885,7 +1027,11 @@ class StateStore:
                 ),
             )
         return dataclasses.replace(
-            rec, state=ValidationState.APPLYING, auth_context=ctx, updated_at=now
+            rec,
+            state=ValidationState.APPLYING,
+            auth_context=ctx,
+            updated_at=now,
+            approved_special=approved,
         )
 
     def finish_apply(self, validation_id: str, result_json: str) -> ValidationRecord:
@@ -1058,12 +1204,21 @@ class StateStore:
         return rec
 
     @staticmethod
-    def _usage(conn: sqlite3.Connection) -> int:
-        row = conn.execute(
-            "SELECT coalesce(sum(changeset_bytes), 0) FROM validations "  # noqa: S608
-            f"WHERE state IN {_in(_LIVE)}",
-            tuple(s.value for s in _LIVE),
-        ).fetchone()
+    def _usage(conn: sqlite3.Connection, uid: int | None = None) -> int:
+        """Bytes of the changesets still kept: all of them, or ``uid``'s."""
+        states = tuple(s.value for s in _LIVE)
+        if uid is None:
+            row = conn.execute(
+                "SELECT coalesce(sum(changeset_bytes), 0) FROM validations "  # noqa: S608
+                f"WHERE state IN {_in(_LIVE)}",
+                states,
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT coalesce(sum(changeset_bytes), 0) FROM validations "  # noqa: S608
+                f"WHERE state IN {_in(_LIVE)} AND uid = ?",
+                (*states, uid),
+            ).fetchone()
         return int(row[0])
 
     @staticmethod
@@ -1087,10 +1242,11 @@ class StateStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def _claim_approval(
-        self, conn: sqlite3.Connection, now: float, rec: ValidationRecord
-    ) -> tuple[AuthContext, str | None]:
-        """The approval an apply of an APPROVED validation rests on (a ONCE one is used)."""
+    @staticmethod
+    def _own_approval(
+        conn: sqlite3.Connection, now: float, rec: ValidationRecord
+    ) -> tuple[AuthContext, str] | None:
+        """A usable approval of this validation itself (a ONCE one is used up); None if none."""
         row = conn.execute(
             "SELECT approval_id FROM approvals WHERE validation_id = ? AND scope = ? "
             "AND used_at IS NULL AND expires_at > ? ORDER BY created_at LIMIT 1",
@@ -1106,6 +1262,15 @@ class StateStore:
         ).fetchone()
         if row is not None:
             return AuthContext.USER_VERIFIED, str(row[0])
+        return None
+
+    def _claim_approval(
+        self, conn: sqlite3.Connection, now: float, rec: ValidationRecord
+    ) -> tuple[AuthContext, str | None]:
+        """The approval an apply of an APPROVED validation rests on (a ONCE one is used)."""
+        own = self._own_approval(conn, now, rec)
+        if own is not None:
+            return own
         grant = self._session_grant(
             conn, now, rec.session_id, rec.command, rec.cwd, rec.policy_version, rec.uid
         )

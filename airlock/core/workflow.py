@@ -15,6 +15,7 @@ act on it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,12 +24,14 @@ import time
 from collections.abc import Callable
 
 from airlock._errors import AirlockError
+from airlock._special import change_specials
 from airlock.audit.model import Authorization
 from airlock.core.request import CheckedRequest
 from airlock.core.state import (
     ApplyDone,
     ApprovalScope,
     NewValidation,
+    SpecialChange,
     StateStore,
     ValidationRecord,
 )
@@ -57,49 +60,88 @@ class Workflow:
             raise ValueError(f"not a validation id: {validation_id!r}")
         return os.path.join(self.changesets_dir, validation_id)
 
-    def record(self, v: Validation, req: CheckedRequest) -> ValidationRecord | None:
+    def record(self, v: Validation, req: CheckedRequest) -> Validation:
         """Remember validation ``v`` of ``req`` (durable on return), to approve and apply it.
 
-        One that leaves nothing to approve or apply (ALLOW or DENY with no kept changes) is
-        not kept: that saves the common case a transaction and an fsync; the audit log has it.
+        Returns ``v`` as recorded: when keeping its changes would take its uid's changesets
+        over their share of the quota (or all of them over the quota), it is recorded
+        without them, its changes are deleted, and the returned validation says why in
+        ``changes_not_kept`` (the verdict stands: one user filling the space never makes
+        another's Validate fail). One that leaves nothing to approve or apply (ALLOW or
+        DENY with no changes, or DENY with none kept) is not kept: that saves the common
+        case a transaction and an fsync; the audit log has it. An ALLOW one whose changes
+        were not kept is, so that Apply can say why it has nothing to apply.
         """
         self.sweep()
-        if v.verdict is not Verdict.ASK and not v.changeset_dir:
-            return None
+        not_kept = v.changes_not_kept if v.changes and not v.changeset_dir else ""
+        asked, allowed = v.verdict is Verdict.ASK, v.verdict is Verdict.ALLOW
+        if not (asked or v.changeset_dir or (allowed and not_kept)):
+            return v
         auth = None
         if v.verdict is Verdict.ALLOW:
             auth = Authorization.AUTO_APPROVED if not v.sandboxed else Authorization.POLICY_ALLOWED
+        new = NewValidation(
+            validation_id=v.validation_id,
+            command=req.command,
+            cwd=req.cwd,
+            uid=req.uid,
+            gid=req.gid,
+            verdict=v.verdict,
+            env_sha256=req.env_sha256,
+            caller_pid=req.caller.pid,
+            session_id=req.session_id,
+            policy_version=v.policy_version,
+            diff_hash=v.changes_digest,
+            summary=v.summary,
+            changeset_dir=v.changeset_dir,
+            changeset_bytes=v.changeset_bytes,
+            auth_context=auth,
+            changes_not_kept=not_kept,
+            specials=_specials(v) if v.changeset_dir else (),
+        )
         try:
-            return self.state.record_validation(
-                NewValidation(
-                    validation_id=v.validation_id,
-                    command=req.command,
-                    cwd=req.cwd,
-                    uid=req.uid,
-                    gid=req.gid,
-                    verdict=v.verdict,
-                    env_sha256=req.env_sha256,
-                    caller_pid=req.caller.pid,
-                    session_id=req.session_id,
-                    policy_version=v.policy_version,
-                    diff_hash=v.changes_digest,
-                    summary=v.summary,
-                    changeset_dir=v.changeset_dir,
-                    changeset_bytes=v.changeset_bytes,
-                    auth_context=auth,
+            self.state.record_validation(new)
+        except AirlockError as exc:
+            _remove(v.changeset_dir)  # not recorded: nobody could ever apply or discard it
+            if exc.reason != "CHANGESET_QUOTA_EXCEEDED":
+                raise
+            # Over the quota: the validation stands, without its changes.
+            why = str(exc)
+            self.state.record_validation(
+                dataclasses.replace(
+                    new,
+                    diff_hash="",
+                    changeset_dir="",
+                    changeset_bytes=0,
+                    changes_not_kept=why,
+                    specials=(),
                 )
             )
+            return dataclasses.replace(
+                v, changes_digest="", changes_not_kept=why, changeset_dir="", changeset_bytes=0
+            )
         except BaseException:
-            _remove(v.changeset_dir)  # not recorded: nobody could ever apply or discard it
+            _remove(v.changeset_dir)
             raise
+        return v
 
     # --- Approve ------------------------------------------------------------------------------
 
     def approve(
-        self, validation_id: str, scope: ApprovalScope, peer: PeerCred
+        self,
+        validation_id: str,
+        scope: ApprovalScope,
+        peer: PeerCred,
+        special_paths: tuple[bytes, ...] = (),
     ) -> tuple[ApprovalGrant, ValidationRecord]:
-        """Approve a validation: the grant (its token is shown once) and what it approved."""
-        token, approval = self.state.approve(validation_id, scope, approver_uid=peer.uid)
+        """Approve a validation: the grant (its token is shown once) and what it approved.
+
+        ``special_paths``: the validation's special files (setuid, capabilities, FIFOs, ...)
+        the approval lets Apply write.
+        """
+        token, approval = self.state.approve(
+            validation_id, scope, approver_uid=peer.uid, special_paths=special_paths
+        )
         grant = ApprovalGrant(
             approval_token=token,
             approval_id=approval.approval_id,
@@ -128,11 +170,12 @@ class Workflow:
         self,
         validation_id: str,
         peer: PeerCred,
-        write: Callable[[str, int, int], ApplyOutcome],
+        write: Callable[[str, int, int, tuple[bytes, ...]], ApplyOutcome],
     ) -> tuple[ApplyOutcome, ValidationRecord]:
         """Write the validation's kept changes to the host with ``write``, exactly once.
 
-        ``write(changeset_dir, uid, gid)`` writes them as that user and says what it wrote.
+        ``write(changeset_dir, uid, gid, approved_special)`` writes them as that user, with
+        the special files its approval names and no other, and says what it wrote.
         """
         begun = self.state.begin_apply(validation_id, uid=peer.uid)
         if isinstance(begun, ApplyDone):
@@ -153,7 +196,9 @@ class Workflow:
                 outcome = ApplyOutcome(validation_id=validation_id, applied_paths=())
             else:
                 t0 = time.monotonic()
-                outcome = write(record.changeset_dir, record.uid, record.gid)
+                outcome = write(
+                    record.changeset_dir, record.uid, record.gid, record.approved_special
+                )
                 outcome = ApplyOutcome(
                     validation_id=validation_id,
                     applied_paths=outcome.applied_paths,
@@ -210,6 +255,16 @@ class Workflow:
                 state = "UNKNOWN"
             if state in ("UNKNOWN", "APPLIED", "DISCARDED", "EXPIRED"):
                 _remove(path)
+
+
+def _specials(v: Validation) -> tuple[SpecialChange, ...]:
+    """The special files among ``v``'s changes, with how each is special."""
+    found = []
+    for change in v.changes:
+        kinds = change_specials(change)
+        if kinds:
+            found.append((change.path, tuple(sorted(kinds))))
+    return tuple(found)
 
 
 def _remove(path: str) -> None:

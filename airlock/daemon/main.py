@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import ipaddress
 import logging
 import os
 import re
@@ -55,6 +56,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 1 to 100: {text}")
+    return value
+
+
 def _group(text: str) -> int:
     if text.isdigit():
         return int(text)
@@ -86,6 +94,7 @@ _TOML_TYPES: dict[Callable[[str], object] | None, tuple[type, ...]] = {
     None: (str,),
     int: (int,),
     _count: (int,),
+    _percent: (int,),
     _positive: (int, float),
     _size: (str, int),
     _group: (str, int),
@@ -95,13 +104,24 @@ _TOML_TYPES: dict[Callable[[str], object] | None, tuple[type, ...]] = {
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
+def _name_address(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        sep = ""
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=ADDRESS, not {text!r}")
+    return name.rstrip(".").lower(), address
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
     """The parser, and its settings (the options a configuration file may set) by key."""
     d = Limits()
     p = argparse.ArgumentParser(
         prog="airlockd",
         description="The Airlock daemon.",
-        epilog="Every option but --config and --print-config is also a key of the "
+        epilog="Every option but --config, --print-config and --test-resolve is also a key of the "
         'configuration file, spelled without the dashes (memory-limit = "2G", '
         "no-capture = true). An option given here wins over the file.",
     )
@@ -116,6 +136,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
         help="print the effective configuration as TOML and exit",
     )
     p.add_argument("--version", action="version", version=f"airlockd {__version__}")
+    p.add_argument(
+        "--test-resolve",
+        action="append",
+        default=[],
+        type=_name_address,
+        metavar="NAME=ADDR",
+        help="FOR TESTS ONLY: the egress relay resolves NAME to ADDR instead of asking the "
+        "host's resolver (repeat it for more; the policy's address checks still apply)",
+    )
     s = p.add_argument_group("settings (each also a configuration file key)")
 
     def switch(flag: str, help: str) -> argparse.Action:
@@ -196,6 +225,20 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
             default=DaemonConfig.keep_changes_max,
             metavar="N",
             help="keep a dry run's changes for Apply only up to N changes (0: never keep them)",
+        ),
+        s.add_argument(
+            "--keep-changes-quota",
+            type=_size,
+            default=DaemonConfig.keep_changes_quota_bytes,
+            help="space the dry runs' changes kept for Apply may take in all",
+        ),
+        s.add_argument(
+            "--keep-changes-share-per-uid",
+            type=_percent,
+            default=DaemonConfig.keep_changes_share_per_uid,
+            metavar="PERCENT",
+            help="percent of --keep-changes-quota one user's kept changes may take; past it "
+            "(or past the quota), a validation succeeds without keeping its changes",
         ),
         switch(
             "--no-process-capture",
@@ -343,10 +386,16 @@ def _load(argv: list[str] | None) -> tuple[DaemonConfig, str, str | None]:
         capture_reads=not (a.no_read_capture or a.no_capture),
         keep_changes=a.keep_changes_max > 0,
         keep_changes_max=max(a.keep_changes_max, 0),
+        keep_changes_quota_bytes=a.keep_changes_quota,
+        keep_changes_share_per_uid=a.keep_changes_share_per_uid,
         max_connections=a.max_connections,
         max_connections_per_uid=a.max_connections_per_uid,
         first_request_timeout_s=a.first_request_timeout,
         limits=limits,
+        test_resolve=tuple(
+            (name, tuple(addr for n, addr in a.test_resolve if n == name))
+            for name in dict.fromkeys(n for n, _addr in a.test_resolve)
+        ),
     )
     return config, a.log_level, path
 

@@ -129,7 +129,11 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     engine = Engine(config, spawner, cgroups, policy, proc_connector=support.proc_connector)
     # Validations, approvals and kept changes survive a restart; an apply a crash cut
     # short is flagged, never retried.
-    state = StateStore.in_state_dir(config.state_dir)
+    state = StateStore.in_state_dir(
+        config.state_dir,
+        quota_bytes=config.keep_changes_quota_bytes,
+        uid_quota_bytes=config.keep_changes_uid_quota_bytes,
+    )
     workflow = Workflow(state, config.changesets_dir)
     workflow.recover()
     workers = config.limits.concurrent_validations + 8

@@ -86,7 +86,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
     def Approve(self, request: pb.ApproveRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         def call(peer: PeerCred) -> Any:
             validation_id, scope = convert.approve_request_from_proto(request)
-            return convert.approve_response_to_proto(self._app.approve(validation_id, scope, peer))
+            special = convert.approve_special_paths_from_proto(request)
+            grant = self._app.approve(validation_id, scope, peer, special)
+            return convert.approve_response_to_proto(grant)
 
         return self._answer("Approve", context, call)
 

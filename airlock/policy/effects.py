@@ -42,6 +42,7 @@ from itertools import accumulate, islice
 from typing import Any, NamedTuple
 
 from airlock._globs import glob_regex
+from airlock._special import Special, change_specials
 from airlock.policy.rules import Compiler, Globs, JsonPath, Layer
 from airlock.types import (
     ChangeKind,
@@ -52,6 +53,7 @@ from airlock.types import (
     FindingSource,
     NetProtocol,
     NetworkAttemptInfo,
+    OtherType,
     ProcessInfo,
     SensitiveReadInfo,
     Severity,
@@ -63,8 +65,10 @@ __all__ = [
     "LISTED",
     "PROTOCOLS",
     "SCOPES",
+    "SPECIALS",
     "TEMP_DIRS",
     "TEST_HOME",
+    "TEST_TYPES",
     "TEST_WORKSPACE",
     "ChangeScope",
     "EffectCompiler",
@@ -106,6 +110,17 @@ KINDS: Mapping[str, ChangeKind] = {
     "metadata": ChangeKind.METADATA_CHANGED,
 }
 SCOPES: Mapping[str, ChangeScope] = {s.name.lower(): s for s in ChangeScope}
+SPECIALS: Mapping[str, Special] = {s.value: s for s in Special}
+# The entry types an inline test's changed path may have: (file type, what an OTHER is).
+TEST_TYPES: Mapping[str, tuple[FileType, OtherType]] = {
+    "regular": (FileType.REGULAR, OtherType.NONE),
+    "directory": (FileType.DIRECTORY, OtherType.NONE),
+    "symlink": (FileType.SYMLINK, OtherType.NONE),
+    "char_device": (FileType.OTHER, OtherType.CHAR_DEVICE),
+    "block_device": (FileType.OTHER, OtherType.BLOCK_DEVICE),
+    "fifo": (FileType.OTHER, OtherType.FIFO),
+    "socket": (FileType.OTHER, OtherType.SOCKET),
+}
 PROTOCOLS: Mapping[str, NetProtocol] = {p.name.lower(): p for p in NetProtocol}
 _KIND_TEXT = {
     ChangeKind.CREATED: "created",
@@ -439,6 +454,11 @@ def _change_text(c: FileChange) -> str:
     kind = _KIND_TEXT.get(c.kind, "changed")
     if c.kind is ChangeKind.DELETED and c.entries_deleted:
         kind += f", {c.entries_deleted} entries below"
+    specials = change_specials(c)
+    if specials:
+        kind += ", " + ", ".join(s.value for s in Special if s in specials)
+        if Special.CAPABILITIES in specials:
+            kind += f" {c.capabilities}"
     return f"{_text(c.path)} ({kind})"
 
 
@@ -472,7 +492,10 @@ def _attempt_text(a: NetworkAttemptInfo) -> str:
         return f"dns {a.dns_name or '?'}"
     names = _names(a)
     host = names[0] if names else (f"[{a.address}]" if ":" in a.address else a.address)
-    return f"{proto} {host}:{a.port}"
+    state = " (forwarded)" if a.forwarded and not a.refusal else ""
+    if a.refusal and a.refusal != "no-grant":  # without a grant every attempt is refused
+        state = f" ({'cut' if a.forwarded else 'refused'}: {a.refusal})"
+    return f"{proto} {host}:{a.port}{state}"
 
 
 # --------------------------------------------------------------------------- conditions
@@ -499,11 +522,13 @@ class _Files(_Cond):
         not_paths: PathGlobs | None,
         kinds: frozenset[ChangeKind] | None,
         scopes: frozenset[ChangeScope] | None,
+        specials: frozenset[Special] | None = None,
     ) -> None:
         self.paths = paths
         self.not_paths = not_paths
         self.kinds = kinds
         self.scopes = scopes
+        self.specials = specials
 
     def evidence(self, run: _Run) -> list[_Evidence] | None:
         if not run.effects.changes:
@@ -517,12 +542,15 @@ class _Files(_Cond):
         else:
             indices = range(len(changes))
         kinds, scopes, not_paths, tilde = self.kinds, self.scopes, self.not_paths, run.tilde
+        specials = self.specials
         hits: list[FileChange] = []
         for i in indices:
             c = changes[i]
             if kinds is not None and c.kind not in kinds:
                 continue
             if scopes is not None and run.scope(c) not in scopes:
+                continue
+            if specials is not None and not change_specials(c) & specials:
                 continue
             if not_paths is not None and not_paths.match(c.path, tilde):
                 continue
@@ -557,6 +585,30 @@ class _Programs(_Cond):
         return [_evidence(list(items))] if items else None
 
 
+def _blocked(a: NetworkAttemptInfo) -> bool:
+    """Refused or cut, or (with nothing saying otherwise) not let through: every attempt but a
+    forwarded connection that was not cut and a DNS lookup of a granted name."""
+    return bool(a.refusal) or not (a.forwarded or a.grant)
+
+
+class _EgressKeys(NamedTuple):
+    """The egress keys of a ``network`` condition: what became of the attempt."""
+
+    forwarded: bool | None
+    blocked: bool | None
+    grants: Globs | None
+    refusals: frozenset[str] | None
+
+    def holds(self, a: NetworkAttemptInfo) -> bool:
+        if self.forwarded is not None and a.forwarded is not self.forwarded:
+            return False
+        if self.blocked is not None and _blocked(a) is not self.blocked:
+            return False
+        if self.grants is not None and not (a.grant and self.grants.match(a.grant)):
+            return False
+        return self.refusals is None or a.refusal in self.refusals
+
+
 class _Network(_Cond):
     key = "network"
     rank = 1
@@ -568,12 +620,14 @@ class _Network(_Cond):
         addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
         ports: tuple[tuple[int, int], ...],
         protocols: frozenset[NetProtocol] | None,
+        egress: _EgressKeys | None = None,
     ) -> None:
         self.hosts = hosts
         self.not_hosts = not_hosts
         self.addresses = addresses
         self.ports = ports
         self.protocols = protocols
+        self.egress = egress
 
     def _address(self, address: str) -> bool:
         try:
@@ -587,6 +641,8 @@ class _Network(_Cond):
 
     def _holds(self, a: NetworkAttemptInfo) -> bool:
         if self.protocols is not None and a.protocol not in self.protocols:
+            return False
+        if self.egress is not None and not self.egress.holds(a):
             return False
         if self.ports and not any(lo <= a.port <= hi for lo, hi in self.ports):
             return False
@@ -790,15 +846,23 @@ def synthetic_effects(raw: Mapping[str, Any], path: JsonPath, report: Report) ->
         p = _test_path(f["path"])
         kind = KINDS[f.get("kind", "modified")]
         deleted = kind is ChangeKind.DELETED
+        file_type, other = TEST_TYPES[f.get("type", "regular")]
+        previous = FileType.REGULAR
+        if kind is ChangeKind.CREATED:
+            previous = FileType.NONE
+        elif kind in (ChangeKind.METADATA_CHANGED, ChangeKind.DELETED):
+            previous = file_type
         changes.append(
             FileChange(
                 path=os.fsencode(p),
                 kind=kind,
-                file_type=FileType.NONE if deleted else FileType.REGULAR,
-                previous_file_type=(
-                    FileType.NONE if kind is ChangeKind.CREATED else FileType.REGULAR
-                ),
+                file_type=FileType.NONE if deleted else file_type,
+                previous_file_type=previous,
                 in_workspace=_in_workspace(p),
+                mode_before=int(f["mode_before"], 8) if "mode_before" in f else None,
+                mode_after=int(f["mode"], 8) if "mode" in f and not deleted else None,
+                other_type=other,
+                capabilities=f.get("capabilities", "") if not deleted else "",
             )
         )
     processes = tuple(
@@ -833,6 +897,12 @@ def synthetic_effects(raw: Mapping[str, Any], path: JsonPath, report: Report) ->
                 dns_type="A" if dns else "",
                 sni=a.get("sni", ""),
                 http_host=a.get("http_host", ""),
+                forwarded=a.get("forwarded", False),
+                grant=a.get("grant", ""),
+                refusal=a.get(
+                    "refusal",
+                    "" if a.get("forwarded") or a.get("grant") else "no-grant",
+                ),
             )
         )
     reads = tuple(
@@ -929,6 +999,7 @@ class EffectCompiler:
         if key == "files":
             if self._any_alone(value, path):
                 return _Files(None, None, None, None)
+            specials = value.get("special")
             return _Files(
                 self.path_globs(value["paths"], (*path, "paths")) if "paths" in value else None,
                 (
@@ -938,6 +1009,7 @@ class EffectCompiler:
                 ),
                 frozenset(KINDS[k] for k in value["kinds"]) if "kinds" in value else None,
                 frozenset(SCOPES[s] for s in value["scope"]) if "scope" in value else None,
+                frozenset(SPECIALS[s] for s in specials) if specials is not None else None,
             )
         if key == "sensitive_reads":
             if self._any_alone(value, path):
@@ -986,9 +1058,24 @@ class EffectCompiler:
                     if "protocols" in value
                     else None
                 ),
+                self._egress_keys(value, path),
             )
         self.report(path, f"unknown effect key {key!r}", "", None)  # the schema prevents this
         return None
+
+    def _egress_keys(self, value: Mapping[str, Any], path: JsonPath) -> _EgressKeys | None:
+        if not {"forwarded", "blocked", "grants", "refusals"} & value.keys():
+            return None
+        return _EgressKeys(
+            value.get("forwarded"),
+            value.get("blocked"),
+            (
+                self.compiler.globs(value["grants"], (*path, "grants"), home=False)
+                if "grants" in value
+                else None
+            ),
+            frozenset(value["refusals"]) if "refusals" in value else None,
+        )
 
     def _hosts(self, patterns: Sequence[str], path: JsonPath) -> Globs:
         entries = self.compiler.entries(patterns, path)

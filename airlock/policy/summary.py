@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from airlock.egress import suggestion
 from airlock.types import (
     ChangeKind,
     FileChange,
@@ -98,11 +99,92 @@ def _programs(processes: Sequence[ProcessInfo]) -> str:
     return f" Ran {count} program{'s' if count != 1 else ''} ({listed})."
 
 
-def _network(attempts: Sequence[NetworkAttemptInfo], lost: int) -> list[str]:
-    """ "Tried to reach pypi.org:443 (blocked during the dry run)." and the lone DNS lookups."""
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def _listed(items: Sequence[str]) -> str:
+    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
+
+
+def _where(a: NetworkAttemptInfo) -> str:
+    host = a.dns_name or a.host
+    return f"[{host}]:{a.port}" if ":" in host else f"{host}:{a.port}"
+
+
+_REFUSED = {
+    "denied": "an egress deny entry",
+    "address": "the name resolves to a loopback, private, link-local or host address",
+    "resolve": "the name did not resolve",
+    "connect": "the destination did not answer",
+    "name-mismatch": "the TLS server name or HTTP Host was not the name looked up",
+    "not-fetch": "not a fetch: a dry run forwards only HTTP GET/HEAD and TLS",
+    "upload-cap": "cut: it sent more than a dry run lets a connection send",
+    "sensitive-read": "after a sensitive read nothing is forwarded",
+    "udp": "UDP is never forwarded",
+    "limit": "too many connections at once",
+}
+
+
+def _egress(attempts: Sequence[NetworkAttemptInfo]) -> list[str]:
+    """Under an egress policy: what was downloaded from where, what was refused and why."""
+    sentences: list[str] = []
+    fetched: dict[str, list[NetworkAttemptInfo]] = {}
+    for a in attempts:
+        if a.forwarded:
+            fetched.setdefault(a.dns_name or a.host, []).append(a)
+    for host, conns in list(fetched.items())[:_LISTED]:
+        size = _size(sum(a.bytes_received for a in conns))
+        grants = ", ".join(dict.fromkeys(a.grant for a in conns))
+        n = len(conns)
+        sentences.append(
+            f"Downloaded {size} from {host} over {n} connection{'s' if n != 1 else ''} "
+            f"(egress grant {grants})."
+        )
+    if len(fetched) > _LISTED:
+        sentences.append(f"Downloaded from {len(fetched) - _LISTED} more host(s).")
+    refused: dict[str, dict[str, NetworkAttemptInfo]] = {}
+    for a in attempts:
+        if a.protocol is not NetProtocol.DNS and a.refusal:
+            refused.setdefault(a.refusal, {}).setdefault(_where(a), a)
+    for code, by_place in refused.items():
+        places = list(by_place)
+        if code == "no-grant":
+            first = next(iter(by_place.values()))
+            line = suggestion(first.dns_name, first.address, first.port)
+            sentences.append(
+                f"Refused {_listed(places)} (no egress grant; `{line}` under "
+                f"egress.dry_run.allow would allow {places[0]})."
+            )
+        elif code == "address":
+            first = next(iter(by_place.values()))
+            detail = f": {first.refusal_detail}" if first.refusal_detail else ""
+            sentences.append(
+                f"Refused {_listed(places)} ({_REFUSED[code]}{detail}; only an allow entry's "
+                "cidrs can grant such an address)."
+            )
+        else:
+            why = _REFUSED.get(code, code)
+            sentences.append(f"Refused {_listed(places)} ({why}).")
+    return sentences
+
+
+def _network(
+    attempts: Sequence[NetworkAttemptInfo], lost: int, *, egress: bool = False
+) -> list[str]:
+    """ "Tried to reach pypi.org:443 (blocked during the dry run)." and the lone DNS lookups;
+    under an egress policy, what was downloaded and what was refused instead."""
     reached: dict[str, None] = {}
     for a in attempts:
-        if a.protocol is not NetProtocol.DNS:
+        if a.protocol is not NetProtocol.DNS and not egress:
             host = a.host
             reached.setdefault(f"[{host}]:{a.port}" if ":" in host else f"{host}:{a.port}", None)
     connected = {a.dns_name for a in attempts if a.protocol is not NetProtocol.DNS}
@@ -113,7 +195,7 @@ def _network(attempts: Sequence[NetworkAttemptInfo], lost: int) -> list[str]:
             if a.protocol is NetProtocol.DNS and a.dns_name not in connected
         )
     )
-    sentences: list[str] = []
+    sentences: list[str] = _egress(attempts) if egress else []
     for items, template in (
         (list(reached), "Tried to reach {} (blocked during the dry run)."),
         (looked_up, "Looked up {} (answered with a placeholder address)."),
@@ -139,6 +221,7 @@ def summarize(
     sensitive_reads: Sequence[SensitiveReadInfo] = (),
     network: Sequence[NetworkAttemptInfo] = (),
     network_lost: int = 0,
+    egress: bool = False,
 ) -> str:
     sentences = [_ending(termination, exit_code, signal, timeout_s) + _programs(processes)]
     inside = [c for c in changes if c.in_workspace]
@@ -160,7 +243,7 @@ def summarize(
         )
         more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
         sentences.append(f"Read {', '.join(paths[:_LISTED])}{more}.")
-    sentences += _network(network, network_lost)
+    sentences += _network(network, network_lost, egress=egress)
     return " ".join(sentences)
 
 

@@ -429,3 +429,37 @@ def openat2(dir_fd: int, path: bytes, how: OpenHow) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(path))
     return result
+
+
+# --- fstatfs, for airlock.sandbox.workdir (appended block) ------------------------------------
+#
+# Which file system holds a working directory: a kernel one (procfs, sysfs, cgroup, ...) is
+# never a workspace, whatever path leads to it (a symlink, a bind mount elsewhere). Python's os
+# has statvfs, which does not report the file system's type.
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
+
+
+def fstatfs_type(fd: int) -> int:
+    """The magic number of the file system holding ``fd`` (``f_type`` of ``fstatfs(2)``)."""
+    # struct statfs is 120 bytes on x86_64 and aarch64; f_type, a long, comes first.
+    buf = ctypes.create_string_buffer(256)
+    _check(int(_libc.fstatfs(fd, buf)), "fstatfs")
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+# --- setns, for airlock.sandbox.upstream (appended block) -------------------------------------
+#
+# The egress connector's threads move into the host's network namespace (a descriptor of it is
+# kept from before the supervisor unshared), so that the sockets they open reach the host's
+# network while the supervisor's own thread stays in the sandbox's. setns of a network
+# namespace applies to the calling thread only.
+
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Move the calling thread into the namespace ``fd`` refers to (``setns(2)``)."""
+    _check(int(_libc.setns(fd, nstype)), "setns")

@@ -43,6 +43,17 @@ The steps:
    (never crossing into another file system), directories get their final mode,
    and every directory touched is fsync'ed.
 
+**Special files** (:mod:`airlock._special`): Apply never makes a file setuid or setgid (a
+new one, new content, or a mode change that adds the bit), never writes file capabilities
+(``security.capability``), and never creates a FIFO, socket or device node (the manifest
+cannot even hold a device), unless the caller passes the path in ``approved``: the daemon
+passes the paths the validation's approval names (Approve's ``special_paths``). Any other
+is refused in the check, before anything is written (``FailedPrecondition``,
+``APPLY_SPECIAL_FILES``, naming each path and what it is). This holds whatever the
+policy's verdict was: a policy that forgets its effect rule for such files does not make
+Apply write them. An approved file gets its capabilities after its owner and mode (the
+kernel drops them on ``chown``); setting them needs root.
+
 A failure during the commit stops it: what was not committed yet is undone, and
 :class:`ApplyResult` reports ``failed`` (the path), ``error``, what was
 ``applied`` and ``not_applied``, and any ``leftovers`` (temporary names that
@@ -56,9 +67,9 @@ chowned to them. As another user, new entries get the kernel's choice (the
 process's uid; its gid or the setgid parent's), and a gid the user may set is
 applied; an after uid other than the process's cannot be produced, so Apply
 refuses (``APPLY_OWNERSHIP``) rather than write a file with another owner than
-reviewed. Not reproduced: timestamps, extended attributes and ACLs (the diff does
-not report them), and hard links (each path gets its own file, as in the dry run's
-view, where overlayfs copied each one up separately).
+reviewed. Not reproduced: timestamps, extended attributes other than file capabilities,
+ACLs (the diff does not report them), and hard links (each path gets its own file, as in
+the dry run's view, where overlayfs copied each one up separately).
 """
 
 from __future__ import annotations
@@ -71,18 +82,20 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 
 from airlock._errors import (
     AirlockError,
     Conflict,
+    FailedPrecondition,
     InvalidRequest,
     PermissionDenied,
     Reason,
     ResourceExhausted,
 )
+from airlock._special import CAPABILITY_XATTR, PRIVILEGED, Special, other_type, specials
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.changeset import (
     CONTENT_NAME,
@@ -100,7 +113,7 @@ from airlock.sandbox.changeset import (
 )
 from airlock.types import ChangeKind, FileType
 
-__all__ = ["ApplyResult", "Changeset", "apply", "open_changeset"]
+__all__ = ["ApplyResult", "Changeset", "apply", "open_changeset", "record_specials"]
 
 # New content up to this size is kept in memory between its check and its write.
 _KEEP_ONE = 1024 * 1024
@@ -205,18 +218,34 @@ def open_changeset(changeset_dir: str) -> Changeset:
     return Changeset(manifest, content_fd)
 
 
-def apply(changeset: str | Changeset) -> ApplyResult:
+def apply(changeset: str | Changeset, *, approved: Collection[bytes] = ()) -> ApplyResult:
     """Write a changeset (a directory, or one already open) to the host: see the module doc.
 
+    ``approved``: the paths whose special files (setuid, setgid, file capabilities, FIFOs,
+    sockets) may be written; any other special file refuses the whole changeset.
     Raises :class:`airlock.Conflict`, :class:`airlock.PermissionDenied`,
+    :class:`airlock.FailedPrecondition` (``APPLY_SPECIAL_FILES``),
     :class:`airlock.InvalidRequest`, :class:`airlock.ResourceExhausted`
     (``APPLY_NO_SPACE``) or :class:`airlock.AirlockError` (``APPLY_FAILED``) with the
     host unchanged; returns an incomplete :class:`ApplyResult` if the commit stopped.
     """
     if isinstance(changeset, str):
         with open_changeset(changeset) as opened:
-            return _Applier(opened).run()
-    return _Applier(changeset).run()
+            return _Applier(opened, approved).run()
+    return _Applier(changeset, approved).run()
+
+
+def record_specials(rec: ChangeRecord) -> frozenset[Special]:
+    """How a change of a manifest is special (:func:`airlock._special.specials`)."""
+    after = rec.after
+    return specials(
+        kind=rec.kind,
+        file_type=after.file_type,
+        other=other_type(after.fmt),
+        mode_before=rec.before.mode if rec.before.exists else None,
+        mode_after=after.mode if after.exists else None,
+        capabilities=bool(after.caps),
+    )
 
 
 # --- Internals ----------------------------------------------------------------------------------
@@ -354,9 +383,10 @@ def _listing(items: list[tuple[bytes, str]]) -> str:
 
 
 class _Applier:
-    def __init__(self, changeset: Changeset) -> None:
+    def __init__(self, changeset: Changeset, approved: Collection[bytes] = ()) -> None:
         self.content_fd = changeset.content_fd
         self.manifest = changeset.manifest
+        self.approved = frozenset(approved)
         token = secrets.token_hex(6).encode()
         self.ops = [_Op(i, rec, token) for i, rec in enumerate(self.manifest.changes)]
         self.euid = os.geteuid()
@@ -444,6 +474,32 @@ class _Applier:
                 "nothing was written: " + _listing([(p, why) for p, why, _ in denied]),
                 reason=worst,
             )
+        self._check_specials()
+
+    def _check_specials(self) -> None:
+        """Refuse every privileged file (setuid, setgid, capabilities, device) that the
+        approval does not name: the defence that holds whatever the policy said."""
+        refused = [
+            (op.rec.path, "would be " + " and ".join(sorted(found)))
+            for op in self.ops
+            if (found := record_specials(op.rec) & PRIVILEGED) and op.rec.path not in self.approved
+        ]
+        if refused:
+            raise FailedPrecondition(
+                "nothing was written: Apply makes setuid or setgid files, files with "
+                "capabilities and device nodes only when the approval names them: "
+                + _listing(refused)
+                + " (approve the validation naming these paths, if you mean it)",
+                reason=Reason.APPLY_SPECIAL_FILES,
+            )
+        if not self.root:
+            capable = [op.rec.path for op in self.ops if op.rec.after.caps]
+            if capable:
+                raise PermissionDenied(
+                    "nothing was written: only root can give files capabilities: "
+                    + _listing([(p, "has file capabilities") for p in capable]),
+                    reason=Reason.APPLY_PERMISSION,
+                )
 
     def _verify_content(self, op: _Op, kept: int) -> int:
         """Check a new content against its hash; keep it in memory if small. Returns bytes kept."""
@@ -671,6 +727,8 @@ class _Applier:
             special = after.mode & (stat.S_ISUID | stat.S_ISGID) and not self.root
             if special and stat.S_IMODE(os.fstat(fd).st_mode) != after.mode:
                 raise _Ownership(f"cannot give it mode {after.mode:o}")  # the kernel drops setgid
+            if after.caps:  # approved (_check_specials); after chown, which drops them
+                os.setxattr(fd, CAPABILITY_XATTR, after.caps)
             if self.writes <= _FSYNC_EACH:
                 os.fsync(fd)
             else:

@@ -36,6 +36,9 @@ On disk, ``dest`` (created 0700) holds two files:
     * a symbolic link: ``target`` (encoded like ``P``);
     * ``OTHER``: ``fmt`` (the ``S_IFMT`` bits) and ``rdev``; only FIFOs and sockets
       can be an after state;
+    * a regular file written with file capabilities (after): ``caps``, the raw
+      ``security.capability`` value in hex (Apply sets it only when the approval names
+      the path, see :mod:`airlock._special`);
     * a directory the change deletes or replaces (before): ``tree``, the
       ``sha256`` and ``entries`` count of :func:`tree_digest`;
     * every before state: ``ino``, ``mtime_ns`` and ``ctime_ns``, the identity
@@ -92,6 +95,7 @@ from airlock._errors import (
     ResourceExhausted,
     SandboxError,
 )
+from airlock._special import CAPABILITY_XATTR
 from airlock.sandbox.diff import Caller, CallerFiles, DiffResult, Layer
 from airlock.types import ChangeKind, FileChange, FileType
 
@@ -177,6 +181,7 @@ class EntryState:
     ino: int = 0
     mtime_ns: int = 0
     ctime_ns: int = 0
+    caps: bytes = b""  # the ``security.capability`` value a written file gets
 
     @property
     def exists(self) -> bool:
@@ -254,6 +259,8 @@ def _state_json(state: EntryState) -> dict[str, object]:
         out["offset"] = state.offset
     if state.ino:
         out.update(ino=state.ino, mtime_ns=state.mtime_ns, ctime_ns=state.ctime_ns)
+    if state.caps:
+        out["caps"] = state.caps.hex()
     return out
 
 
@@ -316,6 +323,10 @@ def _state_from(obj: object) -> EntryState:
         target = _raw(_str(data, "target", ""))
     except UnicodeEncodeError:
         raise _bad("a link target is not encoded as the format says") from None
+    try:
+        caps = bytes.fromhex(_str(data, "caps", ""))
+    except ValueError:
+        raise _bad("file capabilities are not hex") from None
     return EntryState(
         file_type=ftype,
         mode=_int(data, "mode"),
@@ -331,6 +342,7 @@ def _state_from(obj: object) -> EntryState:
         ino=_int(data, "ino", 0),
         mtime_ns=_int(data, "mtime_ns", 0),
         ctime_ns=_int(data, "ctime_ns", 0),
+        caps=caps,
     )
 
 
@@ -426,6 +438,8 @@ def _check(manifest: Manifest) -> None:
                 raise _bad(f"the new content of {path!r} lies outside the content file")
         if after.file_type is FileType.OTHER and after.fmt not in APPLICABLE_OTHER:
             raise _bad(f"{path!r} would be a device node")
+        if before.caps or (after.caps and after.offset is None):
+            raise _bad(f"file capabilities of {path!r} are recorded where none are written")
         # The nearest listed ancestor must be a directory afterwards; below a directory the
         # changeset creates, nothing can exist before.
         for depth in range(len(comps) - 1, 0, -1):
@@ -1060,6 +1074,7 @@ class _Saver:
             return state
         offset = self.content_bytes
         try:
+            caps = _file_capabilities(src, path)
             self._charge(st.st_size)
             self._copy(src, st.st_size, path)
         finally:
@@ -1073,6 +1088,7 @@ class _Saver:
             size=st.st_size,
             sha256=sha256,
             offset=offset,
+            caps=caps,
         )
 
     def _open_new(self, dir_fd: int, name: bytes, layer: _LayerFds, rel: bytes, path: bytes) -> int:
@@ -1140,5 +1156,21 @@ class _Saver:
 
 
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+_NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _file_capabilities(fd: int, path: bytes) -> bytes:
+    """The raw ``security.capability`` of the open upper file ``fd``; b"" if it has none."""
+    try:
+        return os.getxattr(fd, CAPABILITY_XATTR)
+    except OSError as exc:
+        if exc.errno in _NO_XATTR:
+            return b""
+        raise SandboxError(
+            f"cannot read the file capabilities of {path!r}: {exc.strerror}",
+            reason="CHANGESET_FAILED",
+        ) from exc
+
+
 # How many new files are opened together as the caller.
 _OPEN_AHEAD = 64

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import secrets
 import select
@@ -42,6 +43,7 @@ from airlock.sandbox.apply import apply, open_changeset
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import Caller, DiffResult, compute_changes
 from airlock.sandbox.plan import ApplyPlan, ApplyReply, RunSpec, SandboxPlan, SandboxTemplate
+from airlock.sandbox.upstream import Upstream
 from airlock.types import Termination
 
 __all__ = [
@@ -126,6 +128,8 @@ class Prepared:
     trace_channel: socket.socket | None = None
     recorder: reads.ReadRecorder | None = None
     network: netcap.NetworkRecorder | None = None
+    # The host's network namespace (opened before unsharing), for egress's upstream side.
+    host_net: int = -1
 
     def close(self) -> None:
         """Kill what is left and remove the cgroup; the namespaces go with the supervisor."""
@@ -134,6 +138,10 @@ class Prepared:
                 sock.close()
         if self.network is not None:
             self.network.close()
+        if self.host_net >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.host_net)
+            self.host_net = -1
         if self.recorder is not None:
             self.recorder.close()
         for fd in (self.spec_w, self.out_r, self.err_r, self.status_r, self.mount_ns):
@@ -313,6 +321,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     trace_sup: socket.socket | None = None
     trace_cmd: socket.socket | None = None
     network: netcap.NetworkRecorder | None = None
+    host_net = -1
     pid = 0
     try:
         # 1b. Process tracing: the proc connector lives in the initial network namespace, so
@@ -321,6 +330,10 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
             if template.proc_connector:
                 connector = proctrace.open_connector()
             trace_sup, trace_cmd = proctrace.channel()
+        # 1c. With network capture, a handle on the host's network namespace: the egress
+        #     relay's upstream side opens its connections there (sandbox/upstream.py).
+        if template.capture_network:
+            host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         # 2. New mount, network, IPC and UTS namespaces; the pid namespace comes at step 6.
         sc.unshare(template.namespaces & ~sc.CLONE_NEWPID)
         # 3. Nothing mounted from here on propagates to the host.
@@ -358,6 +371,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
                     sock.close()
             if network is not None:
                 network.close()  # init's copies: the sinkhole is the supervisor's alone
+            if host_net >= 0:
+                os.close(host_net)
             trace_fd = trace_cmd.detach() if trace_cmd is not None else -1
             _init(template, (spec_r, status_w, out_w, err_w), procs, trace_fd)
         for fd in (spec_r, out_w, err_w, status_w, *procs):
@@ -378,6 +393,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
                 sock.close()
         if network is not None:
             network.close()
+        if host_net >= 0:
+            os.close(host_net)
         if pid > 0:  # init was forked: it (and with it the sandbox) must not outlive us
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -399,6 +416,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         connector=connector,
         trace_channel=trace_sup,
         network=network,
+        host_net=host_net,
     )
 
 
@@ -419,6 +437,15 @@ def _status(
     if forced is not None:
         return forced, -1, int(signal.SIGKILL), "", ""
     return Termination.EXITED, -1, 0, "the sandbox's init died without a report", "setup"
+
+
+def _read_sensitive(recorder: reads.ReadRecorder) -> bool:
+    """Take in everything the read recorder has queued: has the run opened a sensitive file?
+
+    Fail closed: a queue that overflowed may have lost one."""
+    while recorder.handle():
+        pass
+    return bool(recorder.reads()) or recorder.overflowed or recorder.dropped > 0
 
 
 def run(
@@ -455,6 +482,18 @@ def run(
     network = prepared.network
     if network is not None:
         network.origin = started  # attempt times count from the command's start
+        if spec.egress is not None and spec.egress.enabled and recorder is not None:
+            # Forward what the policy grants; the read recorder says when the run is tainted.
+            network.configure(
+                spec.egress,
+                Upstream(
+                    prepared.host_net,
+                    spec.egress,
+                    resolve=dict(spec.test_resolve),
+                    connect_timeout_s=network.limits.connect_timeout_s,
+                ),
+                tainted=functools.partial(_read_sensitive, recorder),
+            )
     with contextlib.suppress(BrokenPipeError):  # the command died in set-up: init says why
         _write_all(prepared.spec_w, _wire.dumps(spec))
     os.close(prepared.spec_w)
@@ -618,7 +657,7 @@ def _apply(plan: ApplyPlan) -> ApplyReply:
         with open_changeset(plan.changeset_dir) as changeset:
             if plan.uid != 0:
                 user.become(plan.uid, plan.gid, plan.groups)
-            return ApplyReply(result=apply(changeset))
+            return ApplyReply(result=apply(changeset, approved=plan.approved_special))
     except Exception as exc:  # an AirlockError as it is, anything else as an AirlockError
         return ApplyReply(error=_errors.error_to_data(exc))
 

@@ -20,6 +20,11 @@ What is reported:
 * the root of a layer, when its mode or owner differ from the lower root's: so the
   sandbox must create each upper directory with the lower root's mode and owner.
 
+With each change: for an entry of type OTHER, what it is (``other_type``: a device, FIFO or
+socket); for a regular file after the change, its file capabilities (the
+``security.capability`` attribute, as text; a ``security.*`` attribute needs no permission to
+read). What makes such a change *special* is :mod:`airlock._special`'s to say.
+
 Everything is read relative to directory descriptors opened with ``O_NOFOLLOW``,
 so no symbolic link in the upper or in the (live, host) lower is ever followed
 and path length is not limited by ``PATH_MAX``. Each layer is walked in the byte
@@ -65,8 +70,9 @@ from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
 from airlock._errors import SandboxError
+from airlock._special import CAPABILITY_XATTR, describe_capabilities, other_type
 from airlock.sandbox import _syscalls as sc
-from airlock.types import ChangeKind, FileChange, FileType
+from airlock.types import ChangeKind, FileChange, FileType, OtherType
 
 __all__ = ["Caller", "CallerFiles", "DiffOptions", "DiffResult", "Layer", "compute_changes"]
 
@@ -84,7 +90,7 @@ class Layer:
 class DiffOptions:
     """The bounds of one diff and how to classify its paths."""
 
-    workspace: bytes
+    workspace: bytes  # b"": none (the cwd is a system directory), no change is in it
     max_changes: int = 10_000
     diff_file_bytes: int = 64 * 1024
     diff_total_bytes: int = 1024 * 1024
@@ -138,6 +144,8 @@ _REGULAR = FileType.REGULAR
 _DIRECTORY = FileType.DIRECTORY
 _SYMLINK = FileType.SYMLINK
 _OTHER = FileType.OTHER
+_NO_OTHER = OtherType.NONE
+_NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
 _TYPES = {stat.S_IFREG: _REGULAR, stat.S_IFDIR: _DIRECTORY, stat.S_IFLNK: _SYMLINK}
 
 # The tags of a directory's work items; each item is (sort key, tag, name, upper stat).
@@ -632,7 +640,8 @@ class _Walker:
         self.max_changes = options.max_changes
         self.file_cap = options.diff_file_bytes
         self.budget = options.diff_total_bytes
-        workspace = _norm(options.workspace)
+        # No workspace (b"": cwd is a system directory): no path is in it (none holds a NUL).
+        workspace = _norm(options.workspace) if options.workspace else b"\0"
         self.workspace = workspace
         self.workspace_prefix = b"/" if workspace == b"/" else workspace + b"/"
         self.exclude = frozenset(_norm(path) for path in options.exclude)
@@ -860,6 +869,7 @@ class _Walker:
                 gid_after=st.st_gid,
                 symlink_target=(_readlink(name, frame.ufd) or b"") if ftype is _SYMLINK else b"",
                 entries_deleted=self._replaced_dir(lfd, name, lower),
+                other_type=other_type(mode) if ftype is _OTHER else _NO_OTHER,
             )
         self._add(change)
 
@@ -902,6 +912,7 @@ class _Walker:
             return False
         try:
             data = os.read(fd, size + 1)
+            caps = _capabilities(fd)
         except OSError:
             return False
         finally:
@@ -936,7 +947,9 @@ class _Walker:
         in_workspace = path.startswith(self.workspace_prefix) or path == self.workspace
         sha256 = hashlib.sha256(data).hexdigest()
         self.changes.append(
-            _build(_created_fields(path, in_workspace, size, sha256, st, diff, binary, truncated))
+            _build(
+                _created_fields(path, in_workspace, size, sha256, st, diff, binary, truncated, caps)
+            )
         )
         return True
 
@@ -960,7 +973,9 @@ class _Walker:
         except OSError:
             fd = None
             denied = self.files.active
+            caps = _capabilities_at(frame.ufd, name)  # metadata, read as root
         if fd is not None:
+            caps = _capabilities(fd)
             old_fd = None
             if old_size == size and lfd is not None:
                 old_fd, denied = self._open_lower(frame, path, name)
@@ -1011,6 +1026,7 @@ class _Walker:
                 diff_truncated=truncated,
                 entries_deleted=self._replaced_dir(lfd, name, lower),
                 unreadable=denied,
+                capabilities=caps,
             )
         )
 
@@ -1118,6 +1134,7 @@ class _Walker:
                 size_before=lower.st_size,
                 mode_before=stat.S_IMODE(lower.st_mode),
                 entries_deleted=count,
+                other_type=other_type(lower.st_mode) if ftype is _OTHER else _NO_OTHER,
             )
         )
 
@@ -1206,6 +1223,8 @@ def _file_change(
     entries_deleted: int,
     unreadable: bool,
     symlink_target: bytes = b"",
+    other_type: OtherType = OtherType.NONE,
+    capabilities: str = "",
 ) -> FileChange:
     """A :class:`FileChange` with every field given (see :func:`_build`)."""
     return _build(
@@ -1228,6 +1247,8 @@ def _file_change(
             "diff_truncated": diff_truncated,
             "entries_deleted": entries_deleted,
             "unreadable": unreadable,
+            "other_type": other_type,
+            "capabilities": capabilities,
         }
     )
 
@@ -1241,6 +1262,7 @@ def _created_fields(
     diff: str,
     binary: bool,
     truncated: bool,
+    capabilities: str,
 ) -> dict[str, object]:
     """The fields of a new regular file's change; positional, for the hot path."""
     return {
@@ -1262,6 +1284,8 @@ def _created_fields(
         "diff_truncated": truncated,
         "entries_deleted": 0,
         "unreadable": False,
+        "other_type": _NO_OTHER,
+        "capabilities": capabilities,
     }
 
 
@@ -1286,7 +1310,7 @@ def _fast_change_ok() -> bool:
         return False
     names = {field.name for field in dataclasses.fields(FileChange)}
     sample = os.stat_result((0,) * 10)
-    created = _created_fields(b"", False, 0, "", sample, "", False, False)
+    created = _created_fields(b"", False, 0, "", sample, "", False, False, "")
     code = _file_change.__code__
     keywords = set(code.co_varnames[: code.co_kwonlyargcount])
     return set(created) == names and keywords == names
@@ -1310,6 +1334,38 @@ def _list_lower(lfd: int, upper_count: int) -> bool:
     except OSError:
         return False
     return size <= upper_count * _LIST_LOWER_BYTES
+
+
+def _capabilities(fd: int) -> str:
+    """The file capabilities of the open file ``fd`` as text; "" if it has none.
+
+    ``security.*`` attributes need no permission to read: a descriptor opened with the
+    caller's rights reads them as well as root's. One that cannot be read for another
+    reason is reported as such (fail closed), not as none.
+    """
+    try:
+        # Listing first: nearly free when there is none (a failed getxattr raises, which
+        # costs a quarter of a small new file's whole diff).
+        if CAPABILITY_XATTR not in os.listxattr(fd):
+            return ""
+        raw = os.getxattr(fd, CAPABILITY_XATTR)
+    except OSError as exc:
+        if exc.errno in _NO_XATTR:
+            return ""
+        return f"unreadable file capabilities ({exc.strerror})"
+    return describe_capabilities(raw)
+
+
+def _capabilities_at(dir_fd: int, name: str) -> str:
+    """:func:`_capabilities` of a regular file the caller may not open (opened as root)."""
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return ""  # gone (or no longer a file: a FIFO swapped in opens non-blocking)
+    try:
+        return _capabilities(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_opaque(fd: int) -> bool:

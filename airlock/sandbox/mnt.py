@@ -3,7 +3,9 @@
 The one piece of the sandbox that reads the host's mount table (``host_mounts``) and makes
 mounts (``execute``). ``workspace_conflict`` is the check that keeps the daemon's socket
 and state out of any read-write bind: the request check calls it for an Execute's working
-directory, and ``execute`` calls it again on the directory it is about to bind.
+directory, and ``execute`` calls it again on the directory it is about to bind. Execute's
+workspace is bound only if it is still the directory the request check resolved (its device
+and inode, ``Bind.identity``), looked up again following no symbolic link.
 """
 
 from __future__ import annotations
@@ -110,13 +112,57 @@ def _rebind_readonly(target: str) -> None:
     sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | _PROC_FLAGS)
 
 
-def _bind_writable(source: str, target: str, protected: tuple[str, ...]) -> None:
+# Execute's workspace: its path was resolved when the request was checked, so it has no link.
+_EXACT = sc.OpenHow(
+    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+    0,
+    sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS,
+)
+
+
+def _open_checked(source: str, identity: tuple[int, int]) -> int:
+    """An O_PATH descriptor of the directory at ``source`` if it is ``identity``; else EPERM.
+
+    One lookup, following no symbolic link: a component swapped for a link since the
+    request was checked fails it (ELOOP), and a directory swapped for another (a rename)
+    has another device and inode. Either way nothing is bound.
+    """
+    try:
+        fd = sc.openat2(-100, os.fsencode(source), _EXACT)  # -100: AT_FDCWD
+    except OSError as exc:
+        raise OSError(
+            errno.EPERM,
+            f"refusing to bind {source} read-write: it is no longer the directory that was "
+            f"checked ({exc.strerror})",
+        ) from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != identity:
+        os.close(fd)
+        raise OSError(
+            errno.EPERM,
+            f"refusing to bind {source} read-write: it is no longer the directory that was "
+            "checked (another directory is there now)",
+        )
+    return fd
+
+
+def _bind_writable(
+    source: str,
+    target: str,
+    protected: tuple[str, ...],
+    identity: tuple[int, int] | None = None,
+) -> None:
     """Bind ``source`` read-write, unless it exposes a protected path.
 
     The directory is opened first and the check and the bind both use that descriptor, so
-    a path component swapped for a symlink after the check cannot redirect the bind.
+    a path component swapped for a symlink after the check cannot redirect the bind. With
+    ``identity`` (Execute's workspace), it must be the very directory the request check
+    resolved and checked (``_open_checked``).
     """
-    fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
+    if identity is not None:
+        fd = _open_checked(source, identity)
+    else:
+        fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
     try:
         problem = workspace_conflict(fd, protected)
         if problem:
@@ -124,6 +170,17 @@ def _bind_writable(source: str, target: str, protected: tuple[str, ...]) -> None
         sc.mount(f"/proc/self/fd/{fd}", target, None, sc.MS_BIND)
     finally:
         os.close(fd)
+
+
+def _bind_flags(target: str, flags: int, readonly: bool) -> None:
+    """Give a new bind mount its flags: a bind takes none of them when it is made.
+
+    The remount sets the bind's own flags to exactly these (nosuid, nodev, read-only): the
+    host mount's are not carried over, and the plan always asks for nosuid and nodev.
+    """
+    flags |= sc.MS_RDONLY if readonly else 0
+    if flags:
+        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | flags)
 
 
 def execute(op: MountOp | InitOp, protected: tuple[str, ...] = ()) -> None:
@@ -134,19 +191,21 @@ def execute(op: MountOp | InitOp, protected: tuple[str, ...] = ()) -> None:
     match op:
         case Tmpfs(target, options, flags):
             sc.mount("tmpfs", target, "tmpfs", flags, options)
-        case Overlay(target, lower, upper, work, base) if upper:
+        case Overlay(target, lower, upper, work, base, flags) if upper:
             data = f"lowerdir={lower},upperdir={upper},workdir={work},{_OVERLAY_OPTIONS}"
-            sc.mount("overlay", target, "overlay", 0, data)
-        case Overlay(target, lower, upper, work, base):
+            sc.mount("overlay", target, "overlay", flags, data)
+        case Overlay(target, lower, upper, work, base, flags):
             # No upper layer: read-only, and overlayfs then wants a second lower layer.
             data = f"lowerdir={lower}:{base},{_OVERLAY_OPTIONS}"
-            sc.mount("overlay", target, "overlay", sc.MS_RDONLY, data)
-        case Bind(source, target, readonly) if not readonly and protected:
-            _bind_writable(source, target, protected)
-        case Bind(source, target, readonly):
+            sc.mount("overlay", target, "overlay", flags | sc.MS_RDONLY, data)
+        case Bind(source, target, readonly, identity, flags) if not readonly and (
+            protected or identity is not None
+        ):
+            _bind_writable(source, target, protected, identity)
+            _bind_flags(target, flags, readonly)
+        case Bind(source, target, readonly, _identity, flags):
             sc.mount(source, target, None, sc.MS_BIND)
-            if readonly:
-                sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+            _bind_flags(target, flags, readonly)
         case ReadOnlyRebind(target):
             _rebind_readonly(target)
         case Mkdir(path, mode, uid, gid):

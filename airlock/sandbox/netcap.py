@@ -36,17 +36,22 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import select
 import shutil
 import socket
 import struct
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from airlock.egress import Decision, EgressPolicy, normalize_name
+from airlock.sandbox.upstream import Upstream
 from airlock.types import NetProtocol
 
 __all__ = [
+    "HttpFetch",
     "NetProtocol",
     "NetcapLimits",
     "NetworkAttempt",
@@ -120,6 +125,16 @@ class NetworkAttempt:
     bytes_sent: int = 0
     # Seconds since ``NetworkRecorder.origin`` (time.monotonic(); by default, installation).
     time: float = 0.0
+    # Egress (``NetworkRecorder.configure``): whether bytes went to the real destination, the
+    # grant that allowed it, why it was refused or cut (an airlock.egress.REFUSALS code; every
+    # attempt is "no-grant" when nothing is granted) and a sentence; the bytes relayed back;
+    # the real address connected to.
+    forwarded: bool = False
+    grant: str = ""
+    refusal: str = ""
+    refusal_detail: str = ""
+    bytes_received: int = 0
+    upstream_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,20 @@ class NetcapLimits:
     max_connections: int = 64  # open at once; past it, new ones are recorded and closed
     read_deadline_s: float = 1.0  # after accept, how long a connection may stay open
     batch: int = 256  # events processed per handle() call
+    # Egress. A refused connection is reset once its first message is in, or after this long
+    # (clients send theirs within a millisecond of connect; one that waits is reset here).
+    refuse_wait_s: float = 0.05
+    # A granted connection's first message (TLS ClientHello or HTTP request) must come within
+    # this long; the upstream connection must be made within connect_timeout_s.
+    first_message_s: float = 2.0
+    connect_timeout_s: float = 10.0
+    # Fetch-only (dry run): what a forwarded connection may send, client to server, not
+    # counting a TLS connection's first record (the ClientHello); and every connection of the
+    # run together. Enough for requests (an HTTP request is ~0.3-1 KiB), not for uploads.
+    upload_bytes: int = 64 * 1024
+    upload_bytes_per_run: int = 1024 * 1024
+    http_head_bytes: int = 16 * 1024  # one HTTP request head at most
+    relay_buffer: int = 256 * 1024  # per direction and connection, before reading pauses
 
 
 _DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA"}
@@ -345,6 +374,93 @@ def _complete(data: bytearray) -> bool:
     return len(data) >= head_end + 4 + length
 
 
+def _host_of(value: str) -> str:
+    """The name of a Host header value, without its port, lower case, no trailing dot."""
+    if value.startswith("["):
+        value = value[1 : value.find("]")] if "]" in value else value
+    else:
+        host, sep, port = value.rpartition(":")
+        if sep and port.isdigit():
+            value = host
+    return value.rstrip(".").lower()
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FETCH_METHODS = (b"GET", b"HEAD")
+
+
+class HttpFetch:
+    """Checks a client's stream of HTTP/1 requests: fetches only, to one name.
+
+    ``feed`` returns the bytes that may go to the server (whole request heads that pass),
+    and a refusal code with a sentence at the first that does not: a method other than GET
+    or HEAD, a body (Content-Length other than 0, Transfer-Encoding), an Upgrade, a request
+    target that is not a path (an absolute URL would let the server pick another host), a
+    Host other than ``name`` (when a name was looked up), a missing or repeated Host, a
+    head over ``max_head`` bytes, or bytes that are not a clean HTTP/1 head (bare CR or LF,
+    NUL, folded lines: what a server and this check could read differently).
+    """
+
+    def __init__(self, name: str, max_head: int) -> None:
+        self.name = name
+        self.max_head = max_head
+        self.pending = bytearray()
+        self.requests = 0
+
+    def feed(self, data: bytes) -> tuple[bytes, str, str]:
+        self.pending += data
+        out = bytearray()
+        while True:
+            end = self.pending.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.pending) > self.max_head:
+                    return bytes(out), "not-fetch", "an HTTP request head is too large"
+                return bytes(out), "", ""
+            head = bytes(self.pending[: end + 4])
+            refusal, detail = self._check(head[:-4])
+            if refusal:
+                return bytes(out), refusal, detail
+            out += head
+            del self.pending[: end + 4]
+            self.requests += 1
+
+    def _check(self, head: bytes) -> tuple[str, str]:
+        if len(head) > self.max_head:
+            return "not-fetch", "an HTTP request head is too large"
+        lines = head.split(b"\r\n")
+        if any(b"\r" in x or b"\n" in x or b"\0" in x for x in lines):
+            return "not-fetch", "an HTTP request head with a bare CR, LF or NUL"
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            return "not-fetch", "not an HTTP/1 request"
+        method, target = parts[0], parts[1]
+        if method not in _FETCH_METHODS:
+            shown = method[:16].decode("ascii", "replace")
+            return "not-fetch", f"HTTP {shown} is not a fetch (a dry run forwards GET and HEAD)"
+        if not target.startswith(b"/"):
+            return "not-fetch", "the HTTP request target is not a path"
+        hosts: list[str] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.fullmatch(name):
+                return "not-fetch", "a malformed HTTP header"
+            key, text = name.lower(), value.strip()
+            if key == b"host":
+                hosts.append(text.decode("ascii", "replace"))
+            elif (key == b"content-length" and text != b"0") or key == b"transfer-encoding":
+                return "not-fetch", "an HTTP request with a body"
+            elif key == b"upgrade":
+                return "not-fetch", "an HTTP upgrade (to another protocol)"
+        if len(hosts) > 1:
+            return "name-mismatch", "an HTTP request with more than one Host"
+        if self.name:
+            if not hosts:
+                return "name-mismatch", f"an HTTP request without Host to {self.name}"
+            if _host_of(hosts[0]) != self.name:
+                return "name-mismatch", f"HTTP Host {hosts[0]!r} is not {self.name}"
+        return "", ""
+
+
 # --- The recorder ---------------------------------------------------------------------------
 
 
@@ -364,6 +480,41 @@ class _Connection:
     data: bytearray
     total: int
     dns: bool
+    reset: bool = False  # refused under an egress policy: close with a TCP reset
+
+
+_TLS_HANDSHAKE = 0x16
+_TLS_MAX_RECORD = 16384 + 2048  # a plaintext record, with room for what some stacks add
+_HTTP_START = re.compile(rb"[A-Z]{1,16} ")
+
+
+@dataclass
+class _Relay:
+    """A connection a grant allowed: the sandbox's client, and (once made) the real server."""
+
+    key: int
+    client: socket.socket
+    index: int  # into NetworkRecorder._attempts
+    name: str  # the name the placeholder address was issued for ("" for a CIDR grant)
+    port: int
+    grant: str
+    deadline: float  # for the first message and the upstream connection; inf once relaying
+    upstream: socket.socket | None = None
+    upstream_address: str = ""
+    mode: str = ""  # "" until the first message is checked, then "tls" or "http"
+    first: bytearray = field(default_factory=bytearray)  # client bytes before the check
+    http: HttpFetch | None = None
+    to_upstream: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+    client_eof: bool = False
+    upstream_eof: bool = False
+    upstream_shut: bool = False
+    sent: int = 0  # every byte the client sent
+    prefix: bytearray = field(default_factory=bytearray)  # the first payload_bytes of them
+    uploaded: int = 0  # client bytes counted against the caps
+    forwarded: int = 0  # client bytes written to the server
+    received: int = 0  # server bytes written to the client
+    masks: dict[int, int] = field(default_factory=dict)  # fd -> registered epoll mask
 
 
 class NetworkRecorder:
@@ -384,8 +535,40 @@ class NetworkRecorder:
         self._name_to_addr: dict[str, str] = {}
         self._addr_to_name: dict[str, str] = {}
         self._next_fake = _FAKE_FIRST
+        # Egress (configure()); without it nothing is granted and the sinkhole is as before.
+        self._egress: EgressPolicy | None = None
+        self._upstream: Upstream | None = None
+        self._tainted: Callable[[], bool] | None = None
+        self._taint = False  # the run has read a sensitive file: nothing more is forwarded
+        self._relays: dict[int, _Relay] = {}  # by key
+        self._relay_fds: dict[int, _Relay] = {}  # by client and upstream descriptor
+        self._next_key = 0
+        self._uploaded = 0  # client bytes forwarded in this run, counted against the cap
 
     # The supervisor's side.
+
+    def configure(
+        self,
+        egress: EgressPolicy,
+        upstream: Upstream,
+        *,
+        tainted: Callable[[], bool] | None = None,
+    ) -> None:
+        """Forward what ``egress`` grants, fetch-only, through ``upstream`` (host side).
+
+        ``tainted()`` says whether the run has read a sensitive file; it is asked before a
+        connection is forwarded and before each chunk a client sends is relayed (it must take
+        in what the read recorder has queued: an open is queued before it returns, so a read
+        that precedes a send is always seen first). Once it says yes, every forwarded
+        connection is cut and nothing more is forwarded. None: no read recorder, so nothing
+        is forwarded at all (fail closed). Call before the command starts; a policy without
+        an allow entry changes nothing.
+        """
+        if not egress.enabled:
+            upstream.close()
+            return
+        self._egress, self._upstream, self._tainted = egress, upstream, tainted
+        self._epoll.register(upstream.fileno(), select.EPOLLIN)
 
     @property
     def lost(self) -> int:
@@ -398,23 +581,34 @@ class NetworkRecorder:
 
     def timeout(self) -> float | None:
         """Seconds until ``handle()`` must run to close a connection, None if none open."""
-        if not self._connections:
+        deadlines = [c.deadline for c in self._connections.values()]
+        deadlines += [r.deadline for r in self._relays.values() if r.deadline != _NEVER]
+        if self._upstream is not None:
+            wait = self._upstream.timeout()
+            if wait is not None:
+                deadlines.append(time.monotonic() + wait)
+        if not deadlines:
             return None
-        first = min(c.deadline for c in self._connections.values())
-        return max(0.0, first - time.monotonic())
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def handle(self) -> None:
         """Process what is ready (a bounded batch) and expired connections; never blocks."""
-        for fd, _events in self._epoll.poll(0, self.limits.batch):
+        for fd, events in self._epoll.poll(0, self.limits.batch):
             if fd in self._listeners:
                 self._accept(self._listeners[fd])
             elif fd in self._datagrams:
                 self._receive(self._datagrams[fd])
             elif fd in self._connections:
                 self._read(self._connections[fd])
+            elif fd in self._relay_fds:
+                self._relay_event(self._relay_fds[fd], fd, events)
+        if self._upstream is not None:  # its sockets (in the epoll set) and its deadlines
+            self._upstream_results()
         now = time.monotonic()
         for conn in [c for c in self._connections.values() if c.deadline <= now]:
             self._finish(conn)
+        for relay in [r for r in self._relays.values() if r.deadline <= now]:
+            self._relay_expired(relay)
 
     def attempts(self) -> tuple[NetworkAttempt, ...]:
         """Everything recorded so far; ``finish()`` takes in what is still queued first."""
@@ -427,6 +621,8 @@ class NetworkRecorder:
         (bounded too: the queues hold at most 2 x 8 MiB), reads the kernel's drop counters
         of the UDP sockets, then closes everything.
         """
+        for relay in list(self._relays.values()):  # the command is gone: so are its clients
+            self._close_relay(relay)
         for _ in range(10_000):
             if not self._epoll.poll(0, 1):
                 break
@@ -451,6 +647,10 @@ class NetworkRecorder:
         """Close every socket; what was recorded stays readable."""
         if self._epoll.closed:
             return
+        for relay in list(self._relays.values()):
+            self._close_relay(relay, reset=True)
+        if self._upstream is not None:
+            self._upstream.close()
         for conn in list(self._connections.values()):
             self._finish(conn)
         for s in (*self._listeners.values(), *self._datagrams.values()):
@@ -496,6 +696,7 @@ class NetworkRecorder:
         if query is None:
             return None
         _ident, _flags, name, qtype, _end = query
+        decision = self._lookup(name)
         attempt = NetworkAttempt(
             protocol=NetProtocol.DNS,
             address=address,
@@ -505,7 +706,12 @@ class NetworkRecorder:
             payload_prefix=msg[: self.limits.payload_bytes],
             bytes_sent=len(msg),
             time=self._now(),
+            grant=decision.grant,
+            refusal=decision.refusal,
+            refusal_detail=decision.detail,
         )
+        if decision.allowed and qtype == 1 and self._upstream is not None:
+            self._upstream.resolve_ahead(name)  # the connection will want it next
         if index >= 0:
             attempt = dataclasses.replace(attempt, time=self._attempts[index].time)
             self._attempts[index] = attempt
@@ -523,21 +729,39 @@ class NetworkRecorder:
             except (BlockingIOError, ConnectionAbortedError):
                 return
             address, port = conn.getsockname()[:2]
+            name = self._addr_to_name.get(address, "")
+            dns = port == _DNS_PORT  # answered here like a query over UDP, never forwarded
+            decision = _NO_GRANT if dns else self._decide(name, address, port)
             index = self._record(
                 NetworkAttempt(
                     protocol=NetProtocol.TCP,
                     address=address,
                     port=port,
-                    dns_name=self._addr_to_name.get(address, ""),
+                    dns_name=name,
                     time=self._now(),
+                    grant=decision.grant,
+                    refusal=decision.refusal,
+                    refusal_detail=decision.detail,
                 )
             )
-            if index < 0 or len(self._connections) >= self.limits.max_connections:
-                conn.close()
+            reset = self._egress is not None and not dns
+            if index < 0 or len(self._connections) + len(self._relays) >= (
+                self.limits.max_connections
+            ):
+                if index >= 0 and decision.allowed:
+                    self._attempts[index] = dataclasses.replace(
+                        self._attempts[index], refusal="limit", refusal_detail=_LIMIT
+                    )
+                _close(conn, reset=reset)
                 continue
             conn.setblocking(False)
-            deadline = time.monotonic() + self.limits.read_deadline_s
-            c = _Connection(conn, index, deadline, bytearray(), 0, port == _DNS_PORT)
+            if decision.allowed:
+                self._start_relay(conn, index, name, address, port, decision.grant)
+                continue
+            # Refused: kept until its first message is in (for the record), then reset at
+            # once under an egress policy, so that the client fails fast.
+            wait = self.limits.refuse_wait_s if reset else self.limits.read_deadline_s
+            c = _Connection(conn, index, time.monotonic() + wait, bytearray(), 0, dns, reset)
             self._connections[conn.fileno()] = c
             self._epoll.register(conn.fileno(), select.EPOLLIN)
 
@@ -574,18 +798,15 @@ class NetworkRecorder:
         old = self._attempts[conn.index]
         data = bytes(conn.data)
         method, host, path = parse_http(data)
-        self._attempts[conn.index] = NetworkAttempt(
-            protocol=old.protocol,
-            address=old.address,
-            port=old.port,
-            dns_name=old.dns_name,
+        self._attempts[conn.index] = dataclasses.replace(
+            old,
+            dns_type="",
             payload_prefix=data,
             sni=parse_sni(data),
             http_method=method,
             http_host=host,
             http_path=path,
             bytes_sent=conn.total,
-            time=old.time,
         )
 
     def _finish(self, conn: _Connection) -> None:
@@ -597,7 +818,7 @@ class NetworkRecorder:
         self._connections.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
-        conn.sock.close()
+        _close(conn.sock, reset=conn.reset)
 
     def _receive(self, sock: socket.socket) -> None:
         family = sock.family
@@ -626,15 +847,24 @@ class NetworkRecorder:
                 if reply is not None:
                     self._reply(family, (address, port), peer, reply)
                     continue
+            name = self._addr_to_name.get(address, "")
+            decision = _NO_GRANT
+            if self._egress is not None:
+                decision = self._egress.connection(name, address, port)
+                if decision.allowed:
+                    decision = Decision(decision.grant, "udp", "UDP is never forwarded")
             self._record(
                 NetworkAttempt(
                     protocol=NetProtocol.UDP,
                     address=address,
                     port=port,
-                    dns_name=self._addr_to_name.get(address, ""),
+                    dns_name=name,
                     payload_prefix=data[: self.limits.payload_bytes],
                     bytes_sent=len(data),
                     time=self._now(),
+                    grant=decision.grant,
+                    refusal=decision.refusal,
+                    refusal_detail=decision.detail,
                 )
             )
 
@@ -648,3 +878,335 @@ class NetworkRecorder:
                 s.sendto(data, peer)
         except OSError:
             pass  # the client is gone or the source is taken: it sees a timeout
+
+    # Egress: decisions.
+
+    def _lookup(self, name: str) -> Decision:
+        if self._egress is None:
+            return _NO_GRANT
+        decision = self._egress.lookup(name)
+        if decision.allowed and self._taint:
+            return Decision(decision.grant, "sensitive-read", _TAINTED)
+        return decision
+
+    def _decide(self, name: str, address: str, port: int) -> Decision:
+        if self._egress is None:
+            return _NO_GRANT
+        decision = self._egress.connection(name, address, port)
+        if decision.allowed and self._check_taint():
+            return Decision(decision.grant, "sensitive-read", _TAINTED)
+        return decision
+
+    def _check_taint(self) -> bool:
+        """Whether the run has read a sensitive file; the first time, cut every relay."""
+        if self._taint:
+            return True
+        if self._tainted is not None and not self._tainted():
+            return False
+        self._taint = True
+        for relay in list(self._relays.values()):
+            self._cut(relay, "sensitive-read", _TAINTED)
+        return True
+
+    # Egress: relays.
+
+    def _start_relay(
+        self, conn: socket.socket, index: int, name: str, address: str, port: int, grant: str
+    ) -> None:
+        assert self._upstream is not None
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = self._next_key
+        self._next_key += 1
+        deadline = time.monotonic() + self.limits.first_message_s
+        relay = _Relay(key, conn, index, name, port, grant, deadline)
+        self._relays[key] = relay
+        self._relay_fds[conn.fileno()] = relay
+        self._epoll.register(conn.fileno(), select.EPOLLIN)
+        relay.masks[conn.fileno()] = select.EPOLLIN
+        # The upstream connection is made while the client sends its first message.
+        self._upstream.submit(key, name, "" if name else address, port)
+
+    def _upstream_results(self) -> None:
+        assert self._upstream is not None
+        for result in self._upstream.handle():
+            relay = self._relays.get(result.key)
+            if relay is None:  # the client went away (or was cut) meanwhile
+                if result.sock is not None:
+                    _close(result.sock, reset=True)
+                continue
+            if result.sock is None:
+                self._cut(relay, result.refusal, result.detail)
+                continue
+            relay.upstream, relay.upstream_address = result.sock, result.address
+            fd = result.sock.fileno()
+            self._relay_fds[fd] = relay
+            self._epoll.register(fd, 0)
+            relay.masks[fd] = 0
+            if relay.mode:
+                relay.deadline = _NEVER
+            self._pump(relay)
+
+    def _relay_event(self, relay: _Relay, fd: int, events: int) -> None:
+        if self._relays.get(relay.key) is not relay:
+            return
+        if relay.upstream is not None and fd == relay.upstream.fileno():
+            if events & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                self._from_upstream(relay)
+            elif events & select.EPOLLOUT:
+                self._pump(relay)
+            return
+        if fd != relay.client.fileno():
+            return
+        if events & (select.EPOLLERR | select.EPOLLHUP) and not events & select.EPOLLIN:
+            self._close_relay(relay, reset=True)  # the client is gone: nobody to answer
+        elif events & select.EPOLLIN:
+            self._from_client(relay)
+        elif events & select.EPOLLOUT:
+            self._pump(relay)
+
+    def _from_client(self, relay: _Relay) -> None:
+        try:
+            chunk = relay.client.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close_relay(relay, reset=True)
+            return
+        if not chunk:
+            relay.client_eof = True
+            if not relay.mode:  # it closed before its first message: nothing was forwarded
+                self._close_relay(relay)
+            else:
+                self._pump(relay)
+            return
+        relay.sent += len(chunk)
+        room = self.limits.payload_bytes - len(relay.prefix)
+        if room > 0:
+            relay.prefix += chunk[:room]
+        if self._check_taint():  # takes in the read recorder's queue first; cuts every relay
+            return
+        if relay.mode:
+            self._upload(relay, chunk)
+        else:
+            self._first_message(relay, chunk)
+        if self._relays.get(relay.key) is relay:
+            self._pump(relay)
+
+    def _first_message(self, relay: _Relay, chunk: bytes) -> None:
+        """Check the client's first message: a TLS ClientHello naming the name that was looked
+        up, or HTTP/1 requests (checked one by one by HttpFetch); anything else is refused."""
+        relay.first += chunk
+        data = relay.first
+        if data[0] == _TLS_HANDSHAKE:
+            if len(data) < 5:
+                return
+            length: int = struct.unpack_from("!H", data, 3)[0]
+            if data[1] != 3 or bytes(data[5:6]) not in (b"", b"\x01") or length > _TLS_MAX_RECORD:
+                self._cut(relay, "not-fetch", "a TLS record that is not a ClientHello")
+                return
+            if len(data) < 5 + length:
+                return
+            hello = bytes(data[: 5 + length])
+            if relay.name:
+                sni = normalize_name(parse_sni(hello))
+                if sni != relay.name:
+                    detail = f"TLS server name {sni or '(none)'} is not {relay.name}"
+                    self._cut(relay, "name-mismatch", detail)
+                    return
+            relay.mode, relay.first = "tls", bytearray()
+            relay.to_upstream += hello  # the ClientHello does not count against the caps
+            self._upload(relay, bytes(data[5 + length :]))
+        elif _HTTP_START.match(data):
+            relay.mode, relay.first = "http", bytearray()
+            relay.http = HttpFetch(relay.name, self.limits.http_head_bytes)
+            self._upload(relay, bytes(data))
+        elif len(data) > 17 or not re.fullmatch(rb"[A-Z]*", data):
+            self._cut(relay, "not-fetch", "neither a TLS ClientHello nor an HTTP request")
+            return
+        if relay.mode and self._relays.get(relay.key) is relay:
+            # Checked: from now on only the upstream connection may still be late (the
+            # upstream side gives up after connect_timeout_s and says why first).
+            relay.deadline = (
+                _NEVER
+                if relay.upstream is not None
+                else time.monotonic() + self.limits.connect_timeout_s + 1
+            )
+
+    def _upload(self, relay: _Relay, data: bytes) -> None:
+        """Queue client bytes for the server, within the fetch-only checks and the caps."""
+        refusal = detail = ""
+        if relay.http is not None:
+            data, refusal, detail = relay.http.feed(data)
+        if data:
+            limits = self.limits
+            if relay.uploaded + len(data) > limits.upload_bytes:
+                detail = f"more than {limits.upload_bytes} bytes sent on one connection"
+                self._cut(relay, "upload-cap", detail)
+                return
+            if self._uploaded + len(data) > limits.upload_bytes_per_run:
+                detail = f"more than {limits.upload_bytes_per_run} bytes sent in one run"
+                self._cut(relay, "upload-cap", detail)
+                return
+            relay.uploaded += len(data)
+            self._uploaded += len(data)
+            relay.to_upstream += data
+        if refusal:
+            self._cut(relay, refusal, detail)
+
+    def _from_upstream(self, relay: _Relay) -> None:
+        assert relay.upstream is not None
+        try:
+            chunk = relay.upstream.recv(_RELAY_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close_relay(relay, reset=True)
+            return
+        if chunk and not relay.to_client:
+            # Nothing queued: hand it straight on, queue only what the client does not take.
+            try:
+                n = relay.client.send(chunk)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._close_relay(relay, reset=True)
+                return
+            relay.received += n
+            relay.to_client += chunk[n:]
+            self._masks(relay)
+        elif chunk:
+            relay.to_client += chunk
+        else:  # the server is done: close its side now, then deliver what is left
+            relay.upstream_eof = True
+            self._drop_upstream(relay, reset=False)
+        self._pump(relay)
+
+    def _pump(self, relay: _Relay) -> None:
+        """Write what is queued each way, as far as the sockets take it; half-close; close."""
+        up = relay.upstream
+        if up is not None and relay.to_upstream:
+            try:
+                n = up.send(relay.to_upstream)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._close_relay(relay, reset=True)
+                return
+            del relay.to_upstream[:n]
+            relay.forwarded += n
+        if relay.to_client:
+            try:
+                n = relay.client.send(relay.to_client)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._close_relay(relay, reset=True)
+                return
+            del relay.to_client[:n]
+            relay.received += n
+        if (
+            up is not None
+            and relay.client_eof
+            and not relay.to_upstream
+            and not relay.upstream_shut
+        ):
+            relay.upstream_shut = True
+            with contextlib.suppress(OSError):
+                up.shutdown(socket.SHUT_WR)
+        if relay.upstream_eof and not relay.to_client:
+            self._close_relay(relay)
+            return
+        self._masks(relay)
+
+    def _masks(self, relay: _Relay) -> None:
+        room = self.limits.relay_buffer
+        want = select.EPOLLOUT if relay.to_client else 0
+        if not relay.client_eof and len(relay.to_upstream) < room:
+            want |= select.EPOLLIN
+        self._set_mask(relay, relay.client.fileno(), want)
+        if relay.upstream is not None:
+            want = select.EPOLLOUT if relay.to_upstream else 0
+            if len(relay.to_client) < room:
+                want |= select.EPOLLIN
+            self._set_mask(relay, relay.upstream.fileno(), want)
+
+    def _set_mask(self, relay: _Relay, fd: int, mask: int) -> None:
+        if relay.masks.get(fd) != mask:
+            self._epoll.modify(fd, mask)
+            relay.masks[fd] = mask
+
+    def _relay_expired(self, relay: _Relay) -> None:
+        if not relay.mode:
+            detail = f"no TLS ClientHello or HTTP request within {self.limits.first_message_s} s"
+            self._cut(relay, "not-fetch", detail)
+        elif relay.upstream is None:
+            self._cut(relay, "connect", "no connection to the destination in time")
+        else:
+            relay.deadline = _NEVER
+
+    def _cut(self, relay: _Relay, refusal: str, detail: str) -> None:
+        """Refuse or cut a relay: record why, reset both sides."""
+        self._record_relay(relay, refusal, detail)
+        self._close_relay(relay, reset=True)
+
+    def _drop_upstream(self, relay: _Relay, *, reset: bool) -> None:
+        up = relay.upstream
+        if up is None:
+            return
+        fd = up.fileno()
+        self._relay_fds.pop(fd, None)
+        relay.masks.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        _close(up, reset=reset)
+        relay.upstream = None
+
+    def _close_relay(self, relay: _Relay, *, reset: bool = False) -> None:
+        if self._relays.pop(relay.key, None) is None:
+            return
+        if relay.upstream is None and self._upstream is not None:
+            self._upstream.cancel(relay.key)  # still connecting: stop
+        self._record_relay(relay)
+        self._drop_upstream(relay, reset=reset)
+        fd = relay.client.fileno()
+        self._relay_fds.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        _close(relay.client, reset=reset)
+
+    def _record_relay(self, relay: _Relay, refusal: str = "", detail: str = "") -> None:
+        old = self._attempts[relay.index]
+        data = bytes(relay.prefix)
+        method, host, path = parse_http(data)
+        self._attempts[relay.index] = dataclasses.replace(
+            old,
+            payload_prefix=data,
+            sni=parse_sni(data),
+            http_method=method,
+            http_host=host,
+            http_path=path,
+            bytes_sent=relay.sent,
+            forwarded=relay.forwarded > 0,
+            refusal=old.refusal or refusal,
+            refusal_detail=old.refusal_detail or detail,
+            bytes_received=relay.received,
+            upstream_address=relay.upstream_address,
+        )
+
+
+_NEVER = float("inf")
+_RELAY_CHUNK = 256 * 1024
+_NOTHING = "no egress grant: nothing leaves the sandbox"
+_NO_GRANT = Decision(refusal="no-grant", detail=_NOTHING)
+_TAINTED = "the run had read a sensitive file: nothing is forwarded after that"
+_LIMIT = "too many connections open at once"
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _close(sock: socket.socket, *, reset: bool) -> None:
+    """Close ``sock``; with ``reset``, abort it (SO_LINGER 0: the peer gets a TCP reset)."""
+    if reset:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airlock._errors import ErrorData
+from airlock.egress import EgressPolicy
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.cgroup import CgroupSpec
 from airlock.sandbox.diff import DiffOptions, Layer
@@ -99,6 +100,9 @@ class Overlay:
     least two lower layers, so ``base``, an empty directory of the scratch tmpfs, is the
     second. Either way the command sees the overlay's inodes, not the host's: a host Unix
     socket seen through one refuses connections (ECONNREFUSED), a host FIFO is another pipe.
+    ``flags``: the mount's flags (``MS_RDONLY`` is added for Execute's); nosuid and nodev
+    always, whatever the host mount's, so that no setuid file and no device node of a data
+    file system works in a sandbox (its own ``/dev`` is a separate tmpfs).
     """
 
     target: str
@@ -106,6 +110,7 @@ class Overlay:
     upper: str = ""
     work: str = ""
     base: str = ""
+    flags: int = sc.MS_NOSUID | sc.MS_NODEV
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,13 @@ class Bind:
     source: str
     target: str
     readonly: bool = True
+    # Execute's workspace: the (st_dev, st_ino) the request check found at ``source`` (a
+    # resolved path). The supervisor opens ``source`` following no symbolic link and binds
+    # it only if it is still that directory (``mnt.execute``).
+    identity: tuple[int, int] | None = None
+    # The bind's flags (``MS_RDONLY`` is added when ``readonly``): nosuid and nodev always, as
+    # for overlays.
+    flags: int = sc.MS_NOSUID | sc.MS_NODEV
 
 
 @dataclass(frozen=True)
@@ -269,6 +281,12 @@ class RunSpec:
     # Past this many changes they are not kept: saving costs ~40 ms per 1,000 on the
     # request's path, and such runs are better repeated with Execute than reviewed.
     keep_changes_max: int = 2000
+    # What the run may reach for real (airlock/egress.py; the policy's egress for the mode):
+    # None or a policy without grants, nothing. Forwarding needs the read recorder
+    # (``sensitive_globs``) for its taint rule. ``test_resolve``: names the upstream side
+    # resolves to these addresses instead of asking the host's resolver (tests only).
+    egress: EgressPolicy | None = None
+    test_resolve: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,9 @@ class ApplyPlan:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    # The paths whose special files (setuid, setgid, capabilities, FIFOs, sockets) the
+    # validation's approval names: Apply writes no other (sandbox/apply.py).
+    approved_special: tuple[bytes, ...] = ()
     # Never a warm sandbox's key: an apply always goes to a fresh supervisor.
     template_key: bytes = b""
 
@@ -501,6 +522,7 @@ def _writable_ops(
     writable: str,
     below: list[HostMount],
     host: dict[str, HostMount],
+    identity: tuple[int, int] | None = None,
 ) -> list[MountOp]:
     """Execute: the workspace bound read-write, with the data mounts below it, and private,
     empty /tmp and /var/tmp that nothing covers.
@@ -529,7 +551,7 @@ def _writable_ops(
     for tmp in _PRIVATE_TMP:
         if tmp not in after:
             ops += private_tmp(tmp)
-    ops.append(Bind(writable, _at(root, writable), readonly=False))
+    ops.append(Bind(writable, _at(root, writable), readonly=False, identity=identity))
     ops += _mounts_with_points(root, below, host, writable, rebind)
     for tmp in after:
         ops += private_tmp(tmp)
@@ -573,6 +595,7 @@ def build_template(
     capture_network: bool = True,
     seccomp_program: bytes = b"",
     writable: str = "",
+    writable_identity: tuple[int, int] | None = None,
 ) -> SandboxTemplate:
     """Decide every set-up step shared by this daemon's dry runs (or, with ``writable``, of
     an Execute in that directory). Pure.
@@ -581,6 +604,8 @@ def build_template(
     becomes an overlay (a dry run's writable one, whose upper layer is diffed; Execute's
     read-only one), a bind-mounted file a read-only bind. Then Execute's workspace and
     private tmp dirs, /dev, /sys, and the hidden paths, last, so that nothing covers them.
+    ``writable_identity``: the workspace's (st_dev, st_ino) as the request check found it;
+    the workspace is bound only if the directory at ``writable`` is still that one.
     """
     scratch = settings.scratch_dir
     root = f"{scratch}/root"
@@ -620,7 +645,7 @@ def build_template(
             and m.path != writable
             and not any(_under(m.path, c) for c in covered)
         ]
-        ops += _writable_ops(root, writable, below, host)
+        ops += _writable_ops(root, writable, below, host, writable_identity)
     ops += _dev_ops(root)
     ops.append(Sysfs(root + "/sys"))
     for hidden in settings.hidden_paths:

@@ -432,7 +432,7 @@ class _FileTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileType.Val
     FILE_TYPE_SYMLINK: _FileType.ValueType  # 3
     """A symbolic link."""
     FILE_TYPE_OTHER: _FileType.ValueType  # 4
-    """Anything else: a device, a FIFO or a socket."""
+    """Anything else: a device, a FIFO or a socket (see OtherType)."""
 
 class FileType(_FileType, metaclass=_FileTypeEnumTypeWrapper):
     """FileType is the type of a file system entry."""
@@ -446,8 +446,40 @@ FILE_TYPE_DIRECTORY: FileType.ValueType  # 2
 FILE_TYPE_SYMLINK: FileType.ValueType  # 3
 """A symbolic link."""
 FILE_TYPE_OTHER: FileType.ValueType  # 4
-"""Anything else: a device, a FIFO or a socket."""
+"""Anything else: a device, a FIFO or a socket (see OtherType)."""
 Global___FileType: _TypeAlias = FileType  # noqa: Y015
+
+class _OtherType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OtherTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OtherType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OTHER_TYPE_UNSPECIFIED: _OtherType.ValueType  # 0
+    """Not such an entry, or its kind is unknown."""
+    OTHER_TYPE_CHAR_DEVICE: _OtherType.ValueType  # 1
+    """A character device node."""
+    OTHER_TYPE_BLOCK_DEVICE: _OtherType.ValueType  # 2
+    """A block device node."""
+    OTHER_TYPE_FIFO: _OtherType.ValueType  # 3
+    """A named pipe."""
+    OTHER_TYPE_SOCKET: _OtherType.ValueType  # 4
+    """A Unix socket file."""
+
+class OtherType(_OtherType, metaclass=_OtherTypeEnumTypeWrapper):
+    """OtherType says what an entry of FILE_TYPE_OTHER is."""
+
+OTHER_TYPE_UNSPECIFIED: OtherType.ValueType  # 0
+"""Not such an entry, or its kind is unknown."""
+OTHER_TYPE_CHAR_DEVICE: OtherType.ValueType  # 1
+"""A character device node."""
+OTHER_TYPE_BLOCK_DEVICE: OtherType.ValueType  # 2
+"""A block device node."""
+OTHER_TYPE_FIFO: OtherType.ValueType  # 3
+"""A named pipe."""
+OTHER_TYPE_SOCKET: OtherType.ValueType  # 4
+"""A Unix socket file."""
+Global___OtherType: _TypeAlias = OtherType  # noqa: Y015
 
 class _CgroupVersion:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -589,7 +621,9 @@ class ExecuteRequest(_message.Message):
     """
     cwd: _builtins.str
     """The absolute path of an existing directory: the working directory and
-    the only place the command may write.
+    the only place the command may write. Resolved once, as the command's
+    user; never a kernel file system nor a system directory (/, /etc, /usr,
+    /home, ...: docs/policy-reference.md, "What is never a workspace").
     """
     uid: _builtins.int
     """The user id to run as; only a root caller may set it."""
@@ -832,19 +866,32 @@ class ApproveRequest(_message.Message):
 
     VALIDATION_ID_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    SPECIAL_PATHS_FIELD_NUMBER: _builtins.int
     validation_id: _builtins.str
     """The validation to approve (ValidateResponse.validation_id)."""
     scope: Global___ApprovalScope.ValueType
     """How far the approval reaches."""
+    @_builtins.property
+    def special_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The validation's special files that Apply may write, as exact host path
+        bytes: files made setuid or setgid, files with capabilities, FIFOs and
+        sockets (see FileChange). Apply writes none that the approval does not
+        name (FAILED_PRECONDITION, APPLY_SPECIAL_FILES), whatever the verdict. A
+        path that is not one of the validation's special files is refused
+        (INVALID_ARGUMENT, INVALID_SPECIAL_PATH). Naming one lets a validation the
+        policy allowed be approved too.
+        """
+
     def __init__(
         self,
         *,
         validation_id: _builtins.str = ...,
         scope: Global___ApprovalScope.ValueType = ...,
+        special_paths: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "validation_id", b"validation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "special_paths", b"special_paths", "validation_id", b"validation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1038,7 +1085,9 @@ class ValidateRequest(_message.Message):
     """
     cwd: _builtins.str
     """The absolute path of an existing directory to run the command in. It is
-    also the workspace: changes inside it are "in the workspace".
+    also the workspace: changes inside it are "in the workspace". Resolved
+    once, as the command's user (symbolic links followed then); a system
+    directory (/, /etc, /usr, ...) is run in but is no workspace.
     """
     uid: _builtins.int
     """The user id to run the command as. Only a root caller may set it; by
@@ -1180,8 +1229,11 @@ class ValidateResponse(_message.Message):
     to. Empty when nothing changed or the changes could not be kept.
     """
     changes_not_kept: _builtins.str
-    """Why the changes were not kept (too large, changes truncated, ...); empty
-    when they were kept or there were none.
+    """Why the changes were not kept (too large, changes truncated, over the
+    caller's share of the daemon's quota, ...), ending in the reason in
+    brackets ("[CHANGESET_QUOTA_EXCEEDED]"); empty when they were kept or there
+    were none. The verdict stands; Apply of such a validation fails with
+    FAILED_PRECONDITION, reason CHANGES_NOT_KEPT, and this text.
     """
     @_builtins.property
     def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
@@ -1278,6 +1330,12 @@ class NetworkAttempt(_message.Message):
     HTTP_PATH_FIELD_NUMBER: _builtins.int
     BYTES_SENT_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    FORWARDED_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    REFUSAL_DETAIL_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    UPSTREAM_ADDRESS_FIELD_NUMBER: _builtins.int
     protocol: Global___NetworkProtocol.ValueType
     """What it was."""
     address: _builtins.str
@@ -1304,6 +1362,27 @@ class NetworkAttempt(_message.Message):
     """The path of that HTTP request."""
     bytes_sent: _builtins.int
     """How many bytes were sent in all, including past the prefix."""
+    forwarded: _builtins.bool
+    """Egress (docs/policy-reference.md, "Egress"): whether bytes were relayed to
+    the real destination, which a grant of the policy's egress allowed. Without
+    a grant nothing is forwarded: the attempt was only recorded.
+    """
+    grant: _builtins.str
+    """The grant that allowed it: a preset's name, an allow entry's name, or the
+    FILE:LINE of the allow entry. For DNS: the grant that names the name.
+    """
+    refusal: _builtins.str
+    """Why it was refused, or cut part way: no-grant, denied, address, resolve,
+    connect, name-mismatch, not-fetch, upload-cap, sensitive-read, udp, limit
+    (airlock/egress.py, REFUSALS). Empty when nothing refused it. With no
+    grant, every attempt is no-grant.
+    """
+    refusal_detail: _builtins.str
+    """The refusal in a sentence."""
+    bytes_received: _builtins.int
+    """How many bytes the destination sent back (forwarded connections)."""
+    upstream_address: _builtins.str
+    """The real address connected to (forwarded connections)."""
     @_builtins.property
     def time(self) -> _duration_pb2.Duration:
         """When it happened, measured from the command's start."""
@@ -1323,10 +1402,16 @@ class NetworkAttempt(_message.Message):
         http_path: _builtins.str = ...,
         bytes_sent: _builtins.int = ...,
         time: _duration_pb2.Duration | None = ...,
+        forwarded: _builtins.bool = ...,
+        grant: _builtins.str = ...,
+        refusal: _builtins.str = ...,
+        refusal_detail: _builtins.str = ...,
+        bytes_received: _builtins.int = ...,
+        upstream_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "bytes_sent", b"bytes_sent", "dns_name", b"dns_name", "dns_type", b"dns_type", "http_host", b"http_host", "http_method", b"http_method", "http_path", b"http_path", "payload_prefix", b"payload_prefix", "port", b"port", "protocol", b"protocol", "time", b"time", "tls_server_name", b"tls_server_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "bytes_received", b"bytes_received", "bytes_sent", b"bytes_sent", "dns_name", b"dns_name", "dns_type", b"dns_type", "forwarded", b"forwarded", "grant", b"grant", "http_host", b"http_host", "http_method", b"http_method", "http_path", b"http_path", "payload_prefix", b"payload_prefix", "port", b"port", "protocol", b"protocol", "refusal", b"refusal", "refusal_detail", b"refusal_detail", "time", b"time", "tls_server_name", b"tls_server_name", "upstream_address", b"upstream_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1651,6 +1736,8 @@ class FileChange(_message.Message):
     DIFF_TRUNCATED_FIELD_NUMBER: _builtins.int
     ENTRIES_DELETED_FIELD_NUMBER: _builtins.int
     UNREADABLE_FIELD_NUMBER: _builtins.int
+    OTHER_TYPE_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The absolute path as the host sees it. Bytes that are not valid UTF-8
     are written as \\xNN escapes; `raw_path` then holds the exact bytes.
@@ -1698,6 +1785,17 @@ class FileChange(_message.Message):
     modified). The dry run's changes are then not kept for Apply
     (`changes_not_kept`, reason CHANGES_UNREADABLE).
     """
+    other_type: Global___OtherType.ValueType
+    """For FILE_TYPE_OTHER: a device node, FIFO or socket (after the change;
+    before it for a deletion).
+    """
+    capabilities: _builtins.str
+    """A regular file's file capabilities after the change (its
+    security.capability extended attribute) in getcap's notation, for example
+    "cap_net_raw=ep"; empty when it has none. Like a setuid bit (in
+    `mode_after`), they raise the privileges of whoever runs the file: Apply
+    writes such a file only when the approval names it (special_paths).
+    """
     def __init__(
         self,
         *,
@@ -1720,10 +1818,12 @@ class FileChange(_message.Message):
         diff_truncated: _builtins.bool = ...,
         entries_deleted: _builtins.int = ...,
         unreadable: _builtins.bool = ...,
+        other_type: Global___OtherType.ValueType = ...,
+        capabilities: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "gid_after", b"gid_after", "mode_after", b"mode_after", "mode_before", b"mode_before", "size_after", b"size_after", "size_before", b"size_before", "uid_after", b"uid_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "binary", b"binary", "diff_truncated", b"diff_truncated", "entries_deleted", b"entries_deleted", "file_type", b"file_type", "gid_after", b"gid_after", "in_workspace", b"in_workspace", "kind", b"kind", "mode_after", b"mode_after", "mode_before", b"mode_before", "path", b"path", "previous_file_type", b"previous_file_type", "raw_path", b"raw_path", "sha256_after", b"sha256_after", "size_after", b"size_after", "size_before", b"size_before", "symlink_target", b"symlink_target", "uid_after", b"uid_after", "unified_diff", b"unified_diff", "unreadable", b"unreadable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "binary", b"binary", "capabilities", b"capabilities", "diff_truncated", b"diff_truncated", "entries_deleted", b"entries_deleted", "file_type", b"file_type", "gid_after", b"gid_after", "in_workspace", b"in_workspace", "kind", b"kind", "mode_after", b"mode_after", "mode_before", b"mode_before", "other_type", b"other_type", "path", b"path", "previous_file_type", b"previous_file_type", "raw_path", b"raw_path", "sha256_after", b"sha256_after", "size_after", b"size_after", "size_before", b"size_before", "symlink_target", b"symlink_target", "uid_after", b"uid_after", "unified_diff", b"unified_diff", "unreadable", b"unreadable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gid_after: _TypeAlias = _typing.Literal["gid_after"]  # noqa: Y015
     _WhichOneofArgType__gid_after: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after"]  # noqa: Y015

@@ -1,6 +1,6 @@
 """The labelled command corpus: reading its files and scoring a policy on it.
 
-Used by ``tests/test_corpus.py`` (which asserts the quality targets) and by
+Used by ``tests/unit/policy/test_corpus.py`` (which asserts the quality targets) and by
 ``bench/static.py`` (which reports them with timings). The file format is
 described in ``tests/corpus/README.md``; in short::
 

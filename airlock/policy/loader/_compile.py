@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from airlock.egress import EgressPolicy
 from airlock.policy.effects import (
     EffectCompiler,
     EffectRule,
@@ -55,6 +56,11 @@ class PolicyBundle:
     # The union of every file's ``sensitive_paths`` (sorted, deduplicated, lists resolved):
     # what the dry run's file-open recorder watches. Empty when no file sets it.
     sensitive_globs: tuple[str, ...] = ()
+    # What a dry run and Execute may reach for real (``egress:``, presets expanded); empty
+    # policies grant nothing. The presets the bundle defines: name -> description.
+    egress_dry_run: EgressPolicy = field(default_factory=EgressPolicy)
+    egress_execute: EgressPolicy = field(default_factory=EgressPolicy)
+    egress_presets: tuple[tuple[str, str], ...] = ()
     _ruleset: RuleSet = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

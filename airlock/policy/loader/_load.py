@@ -36,6 +36,7 @@ from airlock.policy.loader._compile import (
     _sensitive_globs,
     _unused,
 )
+from airlock.policy.loader._egress import compile_egress
 from airlock.policy.loader._files import StrPath, _decode, _parse, _paths, _read, collect_files
 from airlock.policy.loader._problems import PolicyError, PolicyProblem, _order, _Problems
 from airlock.policy.loader._schema import _effects_validator, _kind, _schema_problems
@@ -123,6 +124,7 @@ def load_bundle(
             if rule is not None:
                 rules.append(rule)
     sensitive = _sensitive_globs(docs, effects, problems)
+    egress_dry_run, egress_execute, presets = compile_egress(docs, problems)
     _unused(ctx, compiler, problems)
 
     if run_tests and not problems.errors:
@@ -137,6 +139,9 @@ def load_bundle(
         warnings=tuple(sorted(problems.warnings, key=_order)),
         effect_rules=tuple(effect_rules),
         sensitive_globs=sensitive,
+        egress_dry_run=egress_dry_run,
+        egress_execute=egress_execute,
+        egress_presets=tuple((p.name, p.description) for p in presets.values()),
     )
 
 

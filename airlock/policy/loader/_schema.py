@@ -200,6 +200,12 @@ def _schema_problems(
                 problems.add(path, f"{where}: the title must be one line", "")
             elif last == "expires":
                 problems.add(path, f"{where}: invalid date {instance!r}", "write YYYY-MM-DD")
+            elif last in ("mode", "mode_before"):
+                problems.add(
+                    path,
+                    f"{where}: invalid mode {instance!r}",
+                    'write the permission bits in octal, quoted: "4755"',
+                )
             elif len(e.absolute_path) == 1 and last in ("lists", "macros"):
                 problems.add(
                     (*path, str(instance)),

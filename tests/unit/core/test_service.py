@@ -182,7 +182,9 @@ class FakeEngine:
             resource_usage=ResourceUsage(),
         )
 
-    def apply_changeset(self, changeset_dir: str, uid: int, gid: int) -> ApplyOutcome:
+    def apply_changeset(
+        self, changeset_dir: str, uid: int, gid: int, approved_special: tuple[bytes, ...] = ()
+    ) -> ApplyOutcome:
         self.journal.append("engine apply")
         if self.apply_error is not None:
             raise self.apply_error

@@ -388,15 +388,21 @@ def show_step(op: object) -> str:
         case Tmpfs(target, options, flags):
             return f"tmpfs     {show_path(target)}  {options}  flags={show_flags(flags)}"
         case Overlay(target, lower, upper, work, base) if not upper and not work:
-            return f"overlay   {show_path(target)}  lower={show_path(lower)}:{show_path(base)}  ro"
+            return (
+                f"overlay   {show_path(target)}  lower={show_path(lower)}:{show_path(base)}  ro"
+                f"  flags={show_flags(op.flags)}"
+            )
         case Overlay(target, lower, upper, work):
             return (
                 f"overlay   {show_path(target)}  lower={show_path(lower)}"
-                f"  upper={show_path(upper)}  work={show_path(work)}"
+                f"  upper={show_path(upper)}  work={show_path(work)}  flags={show_flags(op.flags)}"
             )
         case Bind(source, target, readonly):
             mode = "ro" if readonly else "RW"
-            return f"bind      {show_path(target)}  from={show_path(source)}  {mode}"
+            return (
+                f"bind      {show_path(target)}  from={show_path(source)}  {mode}"
+                f"  flags={show_flags(op.flags)}"
+            )
         case ReadOnlyRebind(target):
             return f"ro-rebind {show_path(target)}"
         case Mkdir(path, mode, uid, gid):
@@ -897,8 +903,8 @@ def test_execute_reaches_the_daemon_socket_only_through_an_overlay(
 ) -> None:
     """Execute shows every host directory through a read-only overlay, so a host Unix socket,
     the daemon's included, refuses connections there as in a dry run (the kernel's side is in
-    tests/test_execute_isolation.py). Only the workspace's own tree is bound: a workspace that
-    contains the daemon's socket or state directory is refused before planning
+    tests/daemon/test_execute_isolation.py). Only the workspace's own tree is bound: a workspace
+    that contains the daemon's socket or state directory is refused before planning
     (``mnt.workspace_conflict``, when the request is checked and again at the bind)."""
     t = execute_template(host, workspace)
     top = provider(t, DAEMON_SOCKET)

@@ -1,0 +1,290 @@
+"""Execute end to end: a real daemon runs commands for real, isolated, and streams events."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airlock import Cancelled, FailedPrecondition, PermissionDenied
+from airlock.client import Client
+from airlock.types import (
+    ExecEvent,
+    ExecFinished,
+    ExecOutput,
+    ExecStarted,
+    ProcessInfo,
+    Termination,
+)
+from tests.helpers import NEUTRAL_POLICY
+
+from .test_daemon import wait_for_process
+
+DAEMON_ARGS = NEUTRAL_POLICY
+# The system's interpreter: Execute's /tmp is private, so a venv under /tmp (a CI clone) is not
+# visible to the command.
+PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def run(client: Client, command: str, cwd: Path, **kw: object) -> list[ExecEvent]:
+    return list(client.execute(command, cwd=str(cwd), **kw))  # type: ignore[arg-type]
+
+
+def output(events: list[ExecEvent], stream: int) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, ExecOutput) and e.stream == stream)
+
+
+def finished(events: list[ExecEvent]) -> ExecFinished:
+    assert isinstance(events[-1], ExecFinished)
+    return events[-1]
+
+
+def test_events_arrive_in_order_and_complete(client: Client, workspace: Path) -> None:
+    events = run(
+        client,
+        "for i in $(seq 1 3000); do echo out $i; echo err $i >&2; done; exit 7",
+        workspace,
+    )
+    assert isinstance(events[0], ExecStarted) and events[0].authorization == "POLICY_ALLOWED"
+    end = finished(events)
+    assert (end.termination, end.exit_code) == (Termination.EXITED, 7)
+    out, err = output(events, 1), output(events, 2)
+    assert out == b"".join(b"out %d\n" % i for i in range(1, 3001))
+    assert err == b"".join(b"err %d\n" % i for i in range(1, 3001))
+    assert (end.stdout_bytes, end.stderr_bytes) == (len(out), len(err))
+    # Output chunks are in the order they were read, with times that never go back.
+    times = [e.time_s for e in events if isinstance(e, ExecOutput)]
+    assert times == sorted(times)
+    kinds = [type(e) for e in events]
+    last_output = max(i for i, k in enumerate(kinds) if k is ExecOutput)
+    assert all(k is ProcessInfo for k in kinds[last_output + 1 : -1])
+    assert any(isinstance(e, ProcessInfo) and e.argv[:1] == (b"seq",) for e in events)
+    assert end.resource_usage.cpu_time_s > 0 and end.wall_s > 0
+
+
+def test_output_streams_while_the_command_runs(client: Client, workspace: Path) -> None:
+    marker = f"1.{time.time_ns() % 10**6:06d}"
+    stream = client.execute(f"echo first; sleep {marker}; echo second", cwd=str(workspace))
+    seen: list[bytes] = []
+    for e in stream:
+        if isinstance(e, ExecOutput):
+            seen.append(e.data)
+            if e.data == b"first\n":
+                # The sleep is still running: the first line came before the command ended.
+                assert subprocess.run(
+                    ["pgrep", "-f", f"^sleep {marker}"], capture_output=True
+                ).stdout
+    assert seen == [b"first\n", b"second\n"]
+
+
+def test_only_the_workspace_is_writable(client: Client, workspace: Path, tmp_path: Path) -> None:
+    # tmp_path is under /tmp, which Execute replaces with a private, empty tmpfs: a write
+    # there succeeds in the sandbox and never reaches the host.
+    outside = tmp_path / "outside.txt"
+    events = run(
+        client,
+        f"echo kept > result.txt; echo private > {outside} && cat {outside};"
+        " touch /etc/airlock-nope || echo refused-etc;"
+        " touch /usr/local/airlock-nope || echo refused-usr;"
+        " ls ..; echo scratch > /tmp/scratch && cat /tmp/scratch",
+        workspace,
+    )
+    out, err = output(events, 1), output(events, 2)
+    assert (workspace / "result.txt").read_text() == "kept\n"  # for real, on the host
+    assert out.startswith(b"private\nrefused-etc\nrefused-usr\n"), (out, err)
+    assert err.count(b"Read-only file system") == 2
+    assert b"outside.txt" in out  # `ls ..` sees only the private tmp's view ...
+    assert not outside.exists() and not Path("/etc/airlock-nope").exists()  # ... not the host
+    assert out.endswith(b"scratch\n") and not Path("/tmp/scratch").exists()
+
+
+def test_runs_without_privileges_under_seccomp(client: Client, public_tmp: Path) -> None:
+    # uid 65534 must be able to enter its cwd on the host (pytest's tmp root is 0700 root's).
+    events = run(
+        client,
+        "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status;"
+        " unshare -U true 2>/dev/null || echo unshare-refused",
+        public_tmp,
+        uid=65534,
+    )
+    lines = output(events, 1).decode().split("\n")
+    assert lines[0] == "65534"
+    status = dict(line.split(":\t") for line in lines[1:4])
+    assert status == {"CapEff": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"}
+    assert "unshare-refused" in lines
+
+
+def test_no_network(client: Client, workspace: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    try:
+        code = (
+            "import socket\n"
+            f"for host in ('127.0.0.1', '203.0.113.7'):\n"
+            "    try:\n"
+            f"        socket.create_connection((host, {port}), timeout=2); print('connected')\n"
+            "    except OSError as e:\n"
+            "        print('failed', e.errno)\n"
+        )
+        events = run(client, f"{PY} -c {shlex.quote(code)}", workspace)
+        out = output(events, 1).decode().split("\n")
+        assert out[:2] == ["failed 111", "failed 101"], output(events, 2)  # refused, unreachable
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_timeout_and_memory_limit(client: Client, workspace: Path) -> None:
+    end = finished(run(client, "sleep 30 & sleep 30", workspace, timeout=1))
+    assert end.termination is Termination.TIMED_OUT
+    hog = f"{PY} -c 'x = bytearray(600 * 1024 * 1024); print(len(x))'"
+    end = finished(run(client, hog, workspace))
+    assert end.termination is Termination.OUT_OF_MEMORY and end.resource_usage.memory_limit_hit
+
+
+def test_cancel_kills_the_whole_tree(client: Client, workspace: Path) -> None:
+    marker = f"{time.time_ns() % 10**6}.25"
+    stream = client.execute(
+        f"setsid sleep {marker} & nohup sleep {marker} & echo started; wait", cwd=str(workspace)
+    )
+    got: list[ExecEvent] = []
+    error: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            for e in stream:
+                got.append(e)
+        except Cancelled as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    wait_for_process(f"^sleep {marker}")
+    stream.cancel()
+    t.join(timeout=30)
+    assert error and isinstance(error[0], Cancelled)
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", f"^sleep {marker}"], capture_output=True).stdout:
+        assert time.monotonic() < deadline, "the command's processes outlived the cancel"
+        time.sleep(0.05)
+    assert client.validate("echo alive", cwd=str(workspace)).stdout == b"alive\n"
+
+
+# --- The static pass decides first (the default policy) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy_daemon() -> Iterator[Client]:
+    from tests.helpers import TEST_LIMITS, public_dir, running_daemon
+
+    with public_dir() as base, running_daemon(base, *TEST_LIMITS) as d, d.client() as c:
+        yield c
+
+
+def test_a_denied_command_is_refused_before_anything_runs(
+    policy_daemon: Client, workspace: Path
+) -> None:
+    with pytest.raises(PermissionDenied) as info:
+        run(policy_daemon, "rm -rf / --no-preserve-root", workspace)
+    assert info.value.reason == "POLICY_DENIED" and "fs." in info.value.message
+
+
+def test_an_asked_command_needs_an_approval_bound_to_it(
+    policy_daemon: Client, workspace: Path
+) -> None:
+    command = "sudo -n true || echo ran-after-approval"
+    with pytest.raises(FailedPrecondition) as info:
+        run(policy_daemon, command, workspace)
+    assert info.value.reason == "APPROVAL_REQUIRED" and "Policy asks" in info.value.message
+    v = policy_daemon.validate(command, cwd=str(workspace))
+    grant = policy_daemon.approve(v.validation_id)
+    # The token is bound to the command: another one is refused.
+    with pytest.raises(PermissionDenied) as wrong:
+        run(policy_daemon, "sudo -n id", workspace, approval_token=grant.approval_token)
+    assert wrong.value.reason == "APPROVAL_MISMATCH"
+    events = run(policy_daemon, command, workspace, approval_token=grant.approval_token)
+    assert isinstance(events[0], ExecStarted) and events[0].authorization == "USER_VERIFIED"
+    assert b"ran-after-approval" in output(events, 1)
+    with pytest.raises(FailedPrecondition) as again:  # ONCE means once
+        run(policy_daemon, command, workspace, approval_token=grant.approval_token)
+    assert again.value.reason == "APPROVAL_USED"
+
+
+def test_a_session_approval_covers_the_same_command_in_the_session(
+    policy_daemon: Client, workspace: Path
+) -> None:
+    command = "sudo -n true || echo session-ok"
+    session = f"agent-{os.getpid()}-{time.time_ns()}"
+    v = policy_daemon.validate(command, cwd=str(workspace), session_id=session)
+    policy_daemon.approve(v.validation_id, session=True)
+    for _ in range(2):
+        events = run(policy_daemon, command, workspace, session_id=session)
+        assert isinstance(events[0], ExecStarted)
+        assert events[0].authorization == "SESSION_GRANTED"
+    with pytest.raises(FailedPrecondition):  # another session is not covered
+        run(policy_daemon, command, workspace, session_id=session + "-other")
+
+
+def test_cli_run_streams_and_exits_with_the_commands_status(
+    daemon: object, workspace: Path
+) -> None:
+    from tests.helpers import AIRLOCK
+
+    env = {**os.environ, "AIRLOCK_SOCKET": daemon.socket}  # type: ignore[attr-defined]
+    done = subprocess.run(
+        [AIRLOCK, "run", "--cwd", str(workspace), "--", "echo out; echo err >&2; exit 5"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (5, b"out\n", b"err\n")
+    killed = subprocess.run(
+        [AIRLOCK, "run", "--cwd", str(workspace), "--", "kill -9 $$"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert killed.returncode == 137 and b"killed by signal 9" in killed.stderr
+
+
+def test_cli_run_exit_codes_for_deny_and_ask(policy_daemon: Client, workspace: Path) -> None:
+    from tests.helpers import AIRLOCK
+
+    env = {**os.environ, "AIRLOCK_SOCKET": policy_daemon.socket_path}
+    denied = subprocess.run(
+        [AIRLOCK, "run", "--cwd", str(workspace), "--", "rm -rf /"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert denied.returncode == 126 and b"fs.rm-root" in denied.stderr
+    asked = subprocess.run(
+        [AIRLOCK, "run", "--cwd", str(workspace), "--", "sudo -n true"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert asked.returncode == 125 and b"airlock approve" in asked.stderr
+
+
+def test_a_workspace_in_use_gets_warm_sandboxes(client: Client, workspace: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not finished(run(client, "true", workspace)).warm:
+        assert time.monotonic() < deadline, "no warm sandbox was ever ready for the workspace"
+        time.sleep(0.05)
+    # A warm sandbox is single-use and isolated like a cold one.
+    events = run(client, "echo x > made.txt; touch /etc/nope 2>&1 || true", workspace)
+    assert (workspace / "made.txt").read_text() == "x\n"
+    assert b"Read-only file system" in output(events, 1)

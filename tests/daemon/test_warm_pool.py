@@ -1,0 +1,78 @@
+"""The warm pool: sandboxes prepared ahead, each used once; cold start when none fits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from airlock.client import Client
+from airlock.types import ChangeKind, Verdict
+from tests.helpers import NEUTRAL_POLICY, SANDBOX_ARGS, running_daemon
+
+# These tests are about the sandbox and the daemon: every command must reach the dry run.
+DAEMON_ARGS = NEUTRAL_POLICY
+
+
+def test_cold_start_when_the_pool_is_off(public_tmp: Path) -> None:
+    with (
+        running_daemon(public_tmp, *SANDBOX_ARGS, "--warm-pool", "0") as d,
+        d.client() as c,
+    ):
+        for _ in range(2):
+            v = c.validate("echo hi > f; cat f", cwd="/tmp")
+            assert v.stdout == b"hi\n" and not v.timings.warm
+            assert v.timings.sandbox_setup_s > 0
+            assert [ch.path for ch in v.changes] == [b"/tmp/f"]
+
+
+def wait_warm(c: Client, timeout: float = 10) -> None:
+    """Validate until a request is served warm (the pool fills in the background)."""
+    deadline = time.monotonic() + timeout
+    while not c.validate("true", cwd="/tmp").timings.warm:
+        assert time.monotonic() < deadline, "the pool never served a warm sandbox"
+        time.sleep(0.05)
+
+
+def test_warm_sandboxes_are_used_once(public_tmp: Path) -> None:
+    with (
+        running_daemon(public_tmp, *SANDBOX_ARGS, "--warm-pool", "2") as d,
+        d.client() as c,
+    ):
+        wait_warm(c)
+        first = c.validate("echo one > /tmp/leak; ls /tmp/leak", cwd="/tmp")
+        assert first.timings.warm and first.timings.sandbox_setup_s == 0
+        assert first.stdout == b"/tmp/leak\n"
+        # Whatever sandbox serves the next requests, none has seen the first one's changes.
+        for _ in range(4):
+            v = c.validate("cat /tmp/leak 2>&1 || echo clean", cwd="/tmp")
+            assert v.stdout.endswith(b"clean\n"), v.stdout
+        assert not os.path.exists("/tmp/leak")
+
+
+def test_warm_sandbox_runs_as_the_requested_user(public_tmp: Path) -> None:
+    with running_daemon(public_tmp, *SANDBOX_ARGS) as d, d.client() as c:
+        wait_warm(c)
+        v = c.validate("id -u; grep CapEff /proc/self/status", cwd="/tmp", uid=65534)
+        assert v.timings.warm
+        assert v.stdout.decode().split()[:3] == ["65534", "CapEff:", "0000000000000000"]
+
+
+def test_new_host_mount_retires_the_pool(public_tmp: Path) -> None:
+    """A mount made on the host after the pool was built is seen by the next dry run."""
+    mnt = public_tmp / "late-mount"
+    mnt.mkdir()
+    with running_daemon(public_tmp, *SANDBOX_ARGS) as d, d.client() as c:
+        wait_warm(c)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "late", str(mnt)], check=True)
+        try:
+            (mnt / "inside.txt").write_text("from the new mount\n")
+            v = c.validate(f"cat {mnt}/inside.txt; echo more >> {mnt}/inside.txt", cwd="/home")
+            assert v.stdout == b"from the new mount\n"
+            changes = {ch.path: ch.kind for ch in v.changes}
+            assert changes == {str(mnt / "inside.txt").encode(): ChangeKind.MODIFIED}
+            assert v.verdict is Verdict.ASK
+            assert (mnt / "inside.txt").read_text() == "from the new mount\n"
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
