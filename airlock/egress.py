@@ -54,10 +54,10 @@ REFUSALS: dict[str, str] = {
     "connect": "the destination did not accept the connection",
     "name-mismatch": "the TLS server name or HTTP Host is not the name that was looked up",
     "not-fetch": "a dry run forwards only fetches: HTTP GET/HEAD without a body, or TLS",
-    "upload-cap": "it sent more than a dry run lets a connection send",
+    "upload-cap": "it sent more than a dry run lets a connection (or a run) send",
     "sensitive-read": "the run had read a sensitive file: nothing is forwarded after that",
     "udp": "UDP is never forwarded",
-    "limit": "too many connections at once",
+    "limit": "too many connections at once, or forwarded connections or names in one run",
 }
 
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")

@@ -49,6 +49,23 @@ def _subprocess(argv: list[str]) -> None:
     subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
 
 
+def execute_series(c: Client, command: str, cwd: str, runs: int, warmup: int) -> dict[str, Any]:
+    """Time ``runs`` Execute calls of ``command`` (after ``warmup``), output read to the end."""
+    warm = 0
+
+    def once() -> None:
+        nonlocal warm
+        done = [e for e in c.execute(command, cwd=cwd) if isinstance(e, ExecFinished)]
+        if not done or done[-1].exit_code != 0:
+            raise RuntimeError(f"Execute({command!r}) failed: {done}")
+        warm += done[-1].warm
+
+    for _ in range(warmup):
+        once()
+    warm = 0
+    return {"ms": summarize(_time(once, runs)), "warm_runs": warm}
+
+
 def measure(runs: int = 100, apply_runs: int = 10, stream_runs: int = 3) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="airlock-bench-exec-"))
     os.chmod(base, 0o755)

@@ -24,6 +24,12 @@ Sections (see ``docs/performance.md`` for what each one means):
    bwrap and bare bash running the same loop.
 9. Execute and Apply (``bench/execute.py``): Execute("true") against bash and bwrap,
    stdout streaming rate, Apply of 1,000 created files.
+10. The caller's credentials: Validate of ``echo hi > f``, 100 new files and 100 rewritten
+   files as root and as a real non-root caller (uid 65534, ``bench/_as_user.py``) in a
+   workspace that caller owns, interleaved in rounds against one daemon (the difference is
+   what reading the diff and the kept changes as the caller, and resolving the cwd as the
+   caller, cost); and, against the same daemon, Execute("true") and Execute("ls -la /")
+   (host directories shown through read-only overlays).
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--runs N] [--out PATH]``.
 """
@@ -51,7 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _as_user import validate_series
 from _stats import format_table, ms, summarize
+from execute import execute_series
 
 import airlock
 from airlock.api import convert
@@ -64,6 +72,7 @@ from airlock.v1 import sandbox_pb2 as pb
 HERE = Path(__file__).resolve().parent
 AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
 DIRECT = str(HERE / "_direct.py")
+AS_USER = str(HERE / "_as_user.py")
 
 COMMANDS = {
     "true": "true",
@@ -89,6 +98,15 @@ REFERENCES = {
         "true",
     ],
 }
+# Section 10: the same dry runs as root and as a real non-root caller, in a workspace it owns;
+# each series runs in its own directory (rewrite_100 holds f1..f100 before the dry run).
+NOBODY = 65534
+CALLER_SERIES = {
+    "echo": ("echo hi > f", 1),
+    "new_100": ("for i in $(seq 100); do echo $i > n$i; done", 100),
+    "rewrite_100": ("for i in $(seq 100); do echo new$i > f$i; done", 100),
+}
+EXECUTE_SERIES = {"true": "true", "ls_root": "ls -la /"}
 QS = ("p50", "p90", "p99", "max")
 TIMING_FIELDS = ("static_analysis", "sandbox_setup", "command", "diff", "sandbox", "total")
 CLIENTS = 8
@@ -492,6 +510,194 @@ def measure_spawner_choice(
     }
 
 
+class UserWorker:
+    """``bench/_as_user.py``: a Validate client that dropped to a real non-root ``uid``."""
+
+    def __init__(self, socket_path: str, uid: int, log: Path) -> None:
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, AS_USER, "--socket", socket_path, "--uid", str(uid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd="/",
+        )
+        self.hello = self._read()
+        if self.hello.get("uid") != uid:
+            raise RuntimeError(f"the caller runs as {self.hello}, not uid {uid}")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the uid worker died (exit {self.proc.wait()}); see its log")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def ask(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def caller_workspace(ws: Path, uid: int) -> dict[str, str]:
+    """One directory per CALLER_SERIES entry under ``ws``, all owned by ``uid``.
+
+    Writable by everyone (directories 0777, files 0666): in a 0755 directory of ``uid``, root's
+    dry run gets "Permission denied", and both callers must run the same commands in the same
+    directories.
+    """
+    os.chown(ws, uid, uid)
+    dirs = {}
+    for name in CALLER_SERIES:
+        d = ws / name
+        d.mkdir()
+        os.chown(d, uid, uid)
+        os.chmod(d, 0o777)
+        if name == "rewrite_100":
+            for i in range(1, 101):
+                f = d / f"f{i}"
+                f.write_text(f"old{i}\n")
+                os.chown(f, uid, uid)
+                os.chmod(f, 0o666)
+        dirs[name] = str(d)
+    return dirs
+
+
+def measure_callers(base: Path, b: Budget) -> dict[str, Any]:
+    """Section 10, against one daemon (default settings, neutral policy, socket mode 0666).
+
+    Validate: each series as root (in-process) and as uid NOBODY (``UserWorker``), both through
+    ``_as_user.validate_series``, interleaved in ``b.rounds`` rounds after a warm-up each.
+    Execute (root): ``true`` and ``ls -la /``, warm, in the same workspace.
+    """
+    out: dict[str, Any] = {"validate": {}, "execute": {}, "_failures": []}
+    d = start_daemon(base / "callers", "--policy-dir", NEUTRAL_POLICY, "--socket-mode", "0666")
+    out["_pids"] = sorted(d.pids)
+    worker: UserWorker | None = None
+    try:
+        dirs = caller_workspace(Path(d.workspace), NOBODY)
+        worker = UserWorker(d.socket, NOBODY, base / "callers" / "worker.log")
+        out["_pids"].append(worker.proc.pid)
+        per_round = max(1, b.runs // b.rounds)
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        with Client(d.socket, timeout=120) as c:
+            for rnd in range(b.rounds):
+                for name, (command, expect) in CALLER_SERIES.items():
+                    req = {
+                        "command": command,
+                        "cwd": dirs[name],
+                        "runs": per_round,
+                        "warmup": b.warmup if rnd == 0 else 0,
+                        "expect_changes": expect,
+                    }
+                    series = raw.setdefault(name, {"root": [], "nobody": []})
+                    series["root"].append(validate_series(c, req))
+                    series["nobody"].append(worker.ask(req))
+            for name, command in EXECUTE_SERIES.items():
+                out["execute"][name] = execute_series(c, command, d.workspace, b.runs, b.warmup)
+                out["execute"][name]["command"] = command
+        for name, series in raw.items():
+            out["validate"][name] = {"command": CALLER_SERIES[name][0]}
+            for who, parts in series.items():
+                daemon = {
+                    k: summarize([x for p in parts for x in p["daemon_s"][k]])
+                    for k in TIMING_FIELDS
+                }
+                failures = sum(p["failures"] for p in parts)
+                out["validate"][name][who] = {
+                    "client_ms": summarize([x for p in parts for x in p["e2e_s"]]),
+                    "daemon_ms": daemon,
+                    "warm_runs": sum(p["warm_runs"] for p in parts),
+                    "kept_runs": sum(p["kept_runs"] for p in parts),
+                    "changes": parts[-1]["changes"],
+                    "failures": failures,
+                }
+                if failures:
+                    first = next(p["first_failure"] for p in parts if p["failures"])
+                    out["_failures"].append(f"{who} {name}: {failures} runs failed ({first})")
+    finally:
+        if worker is not None:
+            worker.close()
+        if d.stop() != 0:
+            out["_failures"].append("airlockd (section 10) exited with an error")
+    return out
+
+
+def print_callers(c: dict[str, Any]) -> None:
+    rows = []
+    for name, e in c["validate"].items():
+        root, nobody = e["root"], e["nobody"]
+        delta = nobody["client_ms"]["p50"] - root["client_ms"]["p50"]
+        rows.append(
+            [
+                name,
+                ms(root["client_ms"]),
+                ms(root["client_ms"], "p90"),
+                ms(nobody["client_ms"]),
+                ms(nobody["client_ms"], "p90"),
+                f"{delta:+.2f}",
+                f"{ms(root['daemon_ms']['diff'])} / {ms(nobody['daemon_ms']['diff'])}",
+                f"{ms(root['daemon_ms']['total'])} / {ms(nobody['daemon_ms']['total'])}",
+                f"{root['warm_runs']}/{nobody['warm_runs']}",
+                f"{root['kept_runs']}/{nobody['kept_runs']}",
+            ]
+        )
+    print(
+        format_table(
+            f"10. Validate as root and as uid {NOBODY} (same daemon, interleaved; ms; daemon"
+            " columns are medians, root / nobody)",
+            [
+                "series",
+                "root p50",
+                "p90",
+                "nobody p50",
+                "p90",
+                "nobody-root",
+                "d.diff",
+                "d.total",
+                "warm",
+                "kept",
+            ],
+            rows,
+        )
+    )
+    print("   " + "; ".join(f"{k} = `{v['command']}`" for k, v in c["validate"].items()))
+    print(
+        format_table(
+            "   Execute as root, same daemon, warm (host directories through read-only overlays)",
+            ["command", "p50", "p90", "p99", "warm"],
+            [
+                [
+                    e["command"],
+                    ms(e["ms"]),
+                    ms(e["ms"], "p90"),
+                    ms(e["ms"], "p99"),
+                    f"{e['warm_runs']}/{e['ms']['n']}",
+                ]
+                for e in c["execute"].values()
+            ],
+        )
+    )
+
+
 # --- Clean-up checks --------------------------------------------------------------------------
 
 
@@ -804,6 +1010,8 @@ def print_report(r: dict[str, Any]) -> None:
         print_cgroup(r)
     if "capture" in r:
         print_capture(r["capture"])
+    if "callers" in r:
+        print_callers(r["callers"])
 
     print(
         format_table(
@@ -923,7 +1131,7 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
     others = 0
     groups = {
         DaemonConfig(state_dir=str(base / d / "state")).cgroup_group
-        for d in ("warm", "cold", "direct")
+        for d in ("warm", "cold", "direct", "callers")
     }
     try:
         done = step("references: bash, unshare, bwrap (and isolated bash, bwrap)")
@@ -1026,6 +1234,12 @@ def run(b: Budget, quick: bool) -> dict[str, Any]:
             if cold.stop() != 0:
                 failures.append(f"airlockd --warm-pool 0 exited with {cold.proc.returncode}")
             done()
+
+        done = step(f"root vs uid {NOBODY}: Validate of 3 series; Execute 'true' and 'ls -la /'")
+        r["callers"] = measure_callers(base, b)
+        pids |= set(r["callers"].pop("_pids"))
+        failures += r["callers"].pop("_failures")
+        done()
     finally:
         if worker is not None:
             worker.close()

@@ -19,7 +19,8 @@ its limit is relayed (up to ``max_refused`` at once, each for at most
 ``refused_linger_s``) to a second server at ``refused_path`` that answers every
 call RESOURCE_EXHAUSTED with the reason, instead of a bare closed socket; it
 never reaches the real server. A connection that sends nothing
-within ``first_request_s`` is closed (callers connect when they make a call).
+within ``first_request_s`` is closed (callers connect when they make a call), and so is one
+whose first call has not fully arrived by then: a byte now and then keeps nothing open.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from airlock.types import PeerCred
@@ -77,25 +79,59 @@ def _peercred(conn: socket.socket) -> PeerCred:
     return PeerCred(pid=pid, uid=uid, gid=gid, groups=_peergroups(conn))
 
 
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADERS = 0x1  # the HTTP/2 frame that opens a call
+_FIRST_REQUEST_MAX = 256 * 1024  # bytes a connection may send before its first call opens
+
+
+def _first_request(src: socket.socket, dst: socket.socket, within: float) -> bool:
+    """Relay ``src`` to ``dst`` until a whole first call has arrived (the HTTP/2 preface, then
+    frames up to and including a complete HEADERS frame), within ``within`` seconds in all.
+
+    False if ``src`` ended, or did not get that far in time: a byte now and then does not keep
+    a connection that never makes a call."""
+    deadline = time.monotonic() + within
+    seen = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or len(seen) > _FIRST_REQUEST_MAX:
+            return False
+        src.settimeout(left)
+        try:
+            data = src.recv(_CHUNK)
+        except TimeoutError:
+            return False
+        if not data:
+            return False
+        dst.sendall(data)
+        seen += data
+        if not _PREFACE.startswith(seen[: len(_PREFACE)]):
+            return True  # not HTTP/2: the server answers that itself
+        at = len(_PREFACE)
+        while len(seen) >= at + 9:  # walk the complete frames
+            length = int.from_bytes(seen[at : at + 3], "big")
+            if len(seen) < at + 9 + length:
+                break
+            if seen[at + 3] == _HEADERS:
+                return True
+            at += 9 + length
+
+
 def _pump(src: socket.socket, dst: socket.socket, first_within: float | None = None) -> None:
-    """Copy ``src`` to ``dst`` until EOF; with ``first_within``, give up if ``src`` sends
-    nothing that soon (both sockets are then shut down)."""
+    """Copy ``src`` to ``dst`` until EOF; with ``first_within``, shut both down unless a
+    whole first call arrives that soon (:func:`_first_request`)."""
     try:
         if first_within is not None:
-            src.settimeout(first_within)
-            data = src.recv(_CHUNK)
-            src.settimeout(None)
-            if not data:
+            if not _first_request(src, dst, first_within):
+                with contextlib.suppress(OSError):
+                    src.shutdown(socket.SHUT_RDWR)
                 return
-            dst.sendall(data)
+            src.settimeout(None)
         while True:
             data = src.recv(_CHUNK)
             if not data:
                 break
             dst.sendall(data)
-    except TimeoutError:
-        with contextlib.suppress(OSError):
-            src.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:

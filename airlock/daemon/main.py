@@ -211,7 +211,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
             "--first-request-timeout",
             type=_positive,
             default=DaemonConfig.first_request_timeout_s,
-            help="seconds a new connection may stay silent before it is closed",
+            help="seconds a new connection has to make its first call before it is closed",
         ),
         s.add_argument(
             "--warm-pool",

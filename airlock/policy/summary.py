@@ -130,7 +130,7 @@ _REFUSED = {
     "upload-cap": "cut: it sent more than a dry run lets a connection send",
     "sensitive-read": "after a sensitive read nothing is forwarded",
     "udp": "UDP is never forwarded",
-    "limit": "too many connections at once",
+    "limit": "too many connections at once, or forwarded connections or names in one run",
 }
 
 

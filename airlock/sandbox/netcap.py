@@ -151,11 +151,18 @@ class NetcapLimits:
     # this long; the upstream connection must be made within connect_timeout_s.
     first_message_s: float = 2.0
     connect_timeout_s: float = 10.0
-    # Fetch-only (dry run): what a forwarded connection may send, client to server, not
-    # counting a TLS connection's first record (the ClientHello); and every connection of the
-    # run together. Enough for requests (an HTTP request is ~0.3-1 KiB), not for uploads.
+    # Fetch-only (dry run): what a forwarded connection may send, client to server, its TLS
+    # ClientHello included; and every connection of the run together, with the names resolved
+    # upstream for it. Enough for requests (an HTTP request is ~0.3-1 KiB), not for uploads.
     upload_bytes: int = 64 * 1024
     upload_bytes_per_run: int = 1024 * 1024
+    # A TLS ClientHello larger than this is refused (real ones are ~0.5-3 KiB, post-quantum
+    # key shares included); it counts against both caps above.
+    tls_hello_bytes: int = 8 * 1024
+    # Per run: connections forwarded, and distinct names resolved upstream (a name is resolved
+    # only for a forwarded connection to its placeholder, never for a lookup alone).
+    forwarded_connections: int = 256
+    upstream_names: int = 64
     http_head_bytes: int = 16 * 1024  # one HTTP request head at most
     relay_buffer: int = 256 * 1024  # per direction and connection, before reading pauses
 
@@ -484,7 +491,6 @@ class _Connection:
 
 
 _TLS_HANDSHAKE = 0x16
-_TLS_MAX_RECORD = 16384 + 2048  # a plaintext record, with room for what some stacks add
 _HTTP_START = re.compile(rb"[A-Z]{1,16} ")
 
 
@@ -544,6 +550,8 @@ class NetworkRecorder:
         self._relay_fds: dict[int, _Relay] = {}  # by client and upstream descriptor
         self._next_key = 0
         self._uploaded = 0  # client bytes forwarded in this run, counted against the cap
+        self._forwarded = 0  # connections forwarded in this run
+        self._names: set[str] = set()  # names resolved upstream in this run
 
     # The supervisor's side.
 
@@ -710,8 +718,6 @@ class NetworkRecorder:
             refusal=decision.refusal,
             refusal_detail=decision.detail,
         )
-        if decision.allowed and qtype == 1 and self._upstream is not None:
-            self._upstream.resolve_ahead(name)  # the connection will want it next
         if index >= 0:
             attempt = dataclasses.replace(attempt, time=self._attempts[index].time)
             self._attempts[index] = attempt
@@ -756,8 +762,13 @@ class NetworkRecorder:
                 continue
             conn.setblocking(False)
             if decision.allowed:
-                self._start_relay(conn, index, name, address, port, decision.grant)
-                continue
+                refusal, detail = self._run_caps(name)
+                if not refusal:
+                    self._start_relay(conn, index, name, address, port, decision.grant)
+                    continue
+                self._attempts[index] = dataclasses.replace(
+                    self._attempts[index], refusal=refusal, refusal_detail=detail
+                )
             # Refused: kept until its first message is in (for the record), then reset at
             # once under an egress policy, so that the client fails fast.
             wait = self.limits.refuse_wait_s if reset else self.limits.read_deadline_s
@@ -897,6 +908,24 @@ class NetworkRecorder:
             return Decision(decision.grant, "sensitive-read", _TAINTED)
         return decision
 
+    def _run_caps(self, name: str) -> tuple[str, str]:
+        """Whether the run may forward one more connection (to ``name``, resolved upstream
+        unless it was already): (refusal, detail) when not; else counts it."""
+        limits = self.limits
+        if self._forwarded >= limits.forwarded_connections:
+            return "limit", f"more than {limits.forwarded_connections} connections in one run"
+        cost = 0
+        if name and name not in self._names:
+            if len(self._names) >= limits.upstream_names:
+                return "limit", f"more than {limits.upstream_names} names resolved in one run"
+            cost = len(name)  # what the queries carry out, whoever answers them
+            if self._uploaded + cost > limits.upload_bytes_per_run:
+                return "upload-cap", f"more than {limits.upload_bytes_per_run} bytes in one run"
+            self._names.add(name)
+        self._forwarded += 1
+        self._uploaded += cost
+        return "", ""
+
     def _check_taint(self) -> bool:
         """Whether the run has read a sensitive file; the first time, cut every relay."""
         if self._taint:
@@ -1002,8 +1031,15 @@ class NetworkRecorder:
             if len(data) < 5:
                 return
             length: int = struct.unpack_from("!H", data, 3)[0]
-            if data[1] != 3 or bytes(data[5:6]) not in (b"", b"\x01") or length > _TLS_MAX_RECORD:
+            if data[1] != 3 or bytes(data[5:6]) not in (b"", b"\x01"):
                 self._cut(relay, "not-fetch", "a TLS record that is not a ClientHello")
+                return
+            if 5 + length > self.limits.tls_hello_bytes:
+                detail = (
+                    f"a TLS ClientHello of {5 + length} bytes"
+                    f" (at most {self.limits.tls_hello_bytes})"
+                )
+                self._cut(relay, "upload-cap", detail)
                 return
             if len(data) < 5 + length:
                 return
@@ -1015,8 +1051,7 @@ class NetworkRecorder:
                     self._cut(relay, "name-mismatch", detail)
                     return
             relay.mode, relay.first = "tls", bytearray()
-            relay.to_upstream += hello  # the ClientHello does not count against the caps
-            self._upload(relay, bytes(data[5 + length :]))
+            self._upload(relay, hello + bytes(data[5 + length :]))  # the caps count it too
         elif _HTTP_START.match(data):
             relay.mode, relay.first = "http", bytearray()
             relay.http = HttpFetch(relay.name, self.limits.http_head_bytes)

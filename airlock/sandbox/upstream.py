@@ -14,9 +14,10 @@ there and drives them from the same poll loop, without threads or helper process
   them.)
 - **Names, resolved here.** ``/etc/hosts`` first, then A and AAAA queries over UDP to the
   host's resolvers (``/etc/resolv.conf``, as the host sees it), non-blocking, with retries
-  and a deadline. One resolution per name per run, started as soon as the sandbox looks
-  the name up. For tests only, ``resolve`` maps names to addresses without either
-  (``airlockd --test-resolve NAME=ADDR``).
+  and a deadline. One resolution per name per run, started when a connection to the name's
+  placeholder is forwarded (never for a lookup alone: the recorder caps and counts the names
+  resolved, :class:`airlock.sandbox.netcap.NetcapLimits`). For tests only, ``resolve`` maps
+  names to addresses without either (``airlockd --test-resolve NAME=ADDR``).
 - **Every address checked.** :meth:`airlock.egress.EgressPolicy.upstream` refuses loopback,
   private, link-local, metadata and the host's own addresses unless a CIDR grant names
   them; the first address that passes and accepts a non-blocking connect wins.
@@ -212,10 +213,6 @@ class Upstream:
         if self._done:
             return 0.0
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-
-    def resolve_ahead(self, name: str) -> None:
-        """Start resolving ``name`` now (the sandbox just looked it up)."""
-        self._resolution(name.rstrip(".").lower())
 
     def submit(self, key: int, name: str, address: str, port: int) -> None:
         """Resolve ``name`` (or take the literal ``address``), check, connect to ``port``."""

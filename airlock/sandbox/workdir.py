@@ -55,6 +55,7 @@ KERNEL_FS_MAGIC = {
 }
 _TMPFS_MAGIC = 0x01021994
 _FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_AT_FDCWD = -100
 _UNCHANGED = 0xFFFFFFFF  # setfsuid(-1) changes nothing and returns the current fsuid
 
 
@@ -155,8 +156,12 @@ def _open_as(path: bytes, uid: int, gid: int, groups: tuple[int, ...]) -> int:
 
 
 def _open(path: bytes) -> int:
+    """Open ``path`` refusing "magic" links (``/proc/PID/cwd``, ``/proc/PID/fd/N``, ...) on
+    the way: the kernel lets a thread with ``CAP_SYS_PTRACE`` (root's, which ``setfsuid``
+    keeps) follow another process's links straight into a directory below one the caller may
+    not search, which would tell the caller where that process is and what exists there."""
     try:
-        return os.open(path, _FLAGS)
+        return sc.openat2(_AT_FDCWD, path, sc.OpenHow(_FLAGS, 0, sc.RESOLVE_NO_MAGICLINKS))
     except OSError as exc:
         if exc.errno in (errno.ENOMEM, errno.EMFILE, errno.ENFILE):
             raise  # the daemon's trouble, not the directory's

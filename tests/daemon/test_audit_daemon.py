@@ -115,14 +115,7 @@ def open_log(state_dir: str) -> AuditLog:
 
 
 def run_cli(daemon: Daemon, *args: str, cwd: str = "/tmp") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [AIRLOCK, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=60,
-        env={**os.environ, "AIRLOCK_SOCKET": daemon.socket, "COLUMNS": "200"},
-    )
+    return daemon.cli(*args, cwd=cwd, columns=200)
 
 
 # --- What a Validate records --------------------------------------------------------------

@@ -170,31 +170,16 @@ def test_second_daemon_on_same_socket_refuses(daemon: Daemon, public_tmp: Path) 
         assert c.health()
 
 
-def run_cli(daemon: Daemon, *args: str, cwd: str = "/tmp") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [AIRLOCK, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=60,
-        env={**os.environ, "AIRLOCK_SOCKET": daemon.socket, "COLUMNS": "120"},
-    )
-
-
 def test_cli_validate_report_and_json(daemon: Daemon, workspace: Path) -> None:
     (workspace / "old.log").write_text("x\n")
-    shown = run_cli(
-        daemon, "validate", "--", "echo hi > notes.txt; rm -f old.log", cwd=str(workspace)
-    )
+    shown = daemon.cli("validate", "--", "echo hi > notes.txt; rm -f old.log", cwd=str(workspace))
     assert shown.returncode == 0, shown.stderr
     assert (
         "ALLOW" in shown.stdout.upper()
         and "notes.txt" in shown.stdout
         and "old.log" in shown.stdout
     )
-    as_json = run_cli(
-        daemon, "validate", "--json", "--cwd", str(workspace), "--", "echo x > /etc/x"
-    )
+    as_json = daemon.cli("validate", "--json", "--cwd", str(workspace), "--", "echo x > /etc/x")
     assert as_json.returncode == 3  # ask
     body = json.loads(as_json.stdout)
     assert body["verdict"] == "VERDICT_ASK"
@@ -205,7 +190,7 @@ def test_cli_validate_report_and_json(daemon: Daemon, workspace: Path) -> None:
 
 
 def test_cli_errors_are_one_line(daemon: Daemon) -> None:
-    proc = run_cli(daemon, "validate", "--cwd", "/no/such/dir", "--", "true")
+    proc = daemon.cli("validate", "--cwd", "/no/such/dir", "--", "true")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "airlock: error: cwd: uid 0 cannot enter /no/such/dir: it does not exist, is not a "
@@ -214,7 +199,7 @@ def test_cli_errors_are_one_line(daemon: Daemon) -> None:
 
 
 def test_cli_capabilities(daemon: Daemon) -> None:
-    proc = run_cli(daemon, "capabilities", "--json")
+    proc = daemon.cli("capabilities", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["overlayfs"] is True
 
 

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import functools
 import os
-import pickle
 import shlex
 import shutil
 import socket
@@ -42,6 +41,7 @@ from airlock.sandbox import mnt
 from airlock.sandbox.plan import Bind
 from airlock.types import ExecEvent, ExecFinished, ExecOutput
 from tests.helpers import AIRLOCKD, SANDBOX_ARGS, Daemon, running_daemon
+from tests.helpers.fork import in_mount_namespace
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -195,31 +195,6 @@ def test_a_cwd_holding_the_daemons_socket_or_state_is_refused(
 # --- The supervisor's own check -------------------------------------------------------------------
 
 
-def _in_child(fn: Callable[[], object]) -> object:
-    """``fn()`` in a forked child in a private mount namespace; its result or its error."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            try:
-                sc.unshare(sc.CLONE_NEWNS)
-                mnt.make_private()
-                result: object = fn()
-            except BaseException as exc:
-                result = exc if isinstance(exc, OSError) else repr(exc)
-            os.write(w, pickle.dumps(result))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
-
-
 def test_the_supervisor_refuses_to_bind_a_workspace_holding_a_protected_path(
     public_tmp: Path,
 ) -> None:
@@ -241,7 +216,7 @@ def test_the_supervisor_refuses_to_bind_a_workspace_holding_a_protected_path(
         return sorted(os.listdir(target))
 
     for source in (ws, ws / "run", public_tmp / "link", ws / "run" / "airlock"):
-        result = _in_child(functools.partial(bind, source))
+        result = in_mount_namespace(functools.partial(bind, source))
         assert isinstance(result, OSError) and result.errno == errno.EPERM, (source, result)
         assert f"it contains {sock}" in str(result)
 
@@ -249,14 +224,14 @@ def test_the_supervisor_refuses_to_bind_a_workspace_holding_a_protected_path(
         sc.mount(str(ws / "run"), str(elsewhere), None, sc.MS_BIND)
         return bind(elsewhere)
 
-    result = _in_child(aliased)
+    result = in_mount_namespace(aliased)
     assert isinstance(result, OSError) and result.errno == errno.EPERM, result
     (public_tmp / "state" / "inner").mkdir(parents=True)
-    result = _in_child(lambda: bind(public_tmp / "state" / "inner"))
+    result = in_mount_namespace(lambda: bind(public_tmp / "state" / "inner"))
     assert isinstance(result, OSError) and "is inside" in str(result), result
     (ws / "src").mkdir()
     (ws / "src" / "file").touch()
-    assert _in_child(lambda: bind(ws / "src")) == ["file"]
+    assert in_mount_namespace(lambda: bind(ws / "src")) == ["file"]
     assert not os.listdir(target), "the test bound something in the host's namespace"
 
 

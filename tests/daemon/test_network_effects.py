@@ -19,6 +19,7 @@ from airlock.api import convert
 from airlock.client import Client
 from airlock.types import NetProtocol, Verdict
 from tests.helpers import NEUTRAL_POLICY
+from tests.helpers.host import loopback_listener
 
 DAEMON_ARGS = NEUTRAL_POLICY
 PY = sys.executable
@@ -130,30 +131,8 @@ def test_dns_over_tcp_and_to_a_loopback_resolver(client: Client, workspace: Path
 @pytest.fixture
 def host_listener() -> Iterator[tuple[int, list[bytes]]]:
     """A TCP listener on the host's 127.0.0.1 that records whatever reaches it."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    srv.settimeout(0.2)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                got.append(conn.recv(100) or b"<connected>")
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1], got
-    stop.set()
-    t.join()
-    srv.close()
+    with loopback_listener() as listener:
+        yield listener
 
 
 def test_a_host_listener_on_loopback_receives_nothing(

@@ -31,7 +31,15 @@ import pytest
 from airlock import FailedPrecondition, InvalidRequest, NotFound
 from airlock.client import Client
 from airlock.sandbox import _syscalls as sc
-from airlock.types import ChangeKind, ExecFinished, ExecOutput, FileType, OtherType, Verdict
+from airlock.types import (
+    ChangeKind,
+    ExecFinished,
+    ExecOutput,
+    FileType,
+    OtherType,
+    Validation,
+    Verdict,
+)
 from tests.helpers import (
     NEUTRAL_POLICY,
     NOBODY,
@@ -85,6 +93,17 @@ def rule_ids(v: object) -> set[str]:
 # --- H. Setuid and setgid files -----------------------------------------------------------------
 
 
+def refused_apply(client: Client, command: str, ws: Path) -> tuple[Validation, str]:
+    """``command`` validated in ``ws`` (allowed: the policy has no effect rules) and applied:
+    refused for its special files. The validation and the refusal's message."""
+    v = client.validate(command, cwd=str(ws))
+    assert v.verdict is Verdict.ALLOW
+    with pytest.raises(FailedPrecondition) as info:
+        client.apply(v.validation_id)
+    assert info.value.reason == "APPLY_SPECIAL_FILES"
+    return v, info.value.message
+
+
 def test_a_setuid_copy_of_sh_is_denied_and_never_reaches_the_host(
     shipped: Daemon, neutral: Daemon, base: Path
 ) -> None:
@@ -99,12 +118,9 @@ def test_a_setuid_copy_of_sh_is_denied_and_never_reaches_the_host(
     assert f"{ws}/sh (created, setuid)" in privileged.message
     # A policy that forgot the rule allows it; Apply still refuses the file, writing nothing.
     with neutral.client() as client:
-        v = client.validate(SETUID_SHELL, cwd=str(ws))
-        assert v.verdict is Verdict.ALLOW and v.changes_digest
-        with pytest.raises(FailedPrecondition) as info:
-            client.apply(v.validation_id)
-    assert info.value.reason == "APPLY_SPECIAL_FILES"
-    assert f"{ws}/sh would be setuid" in info.value.message
+        v, message = refused_apply(client, SETUID_SHELL, ws)
+    assert v.changes_digest
+    assert f"{ws}/sh would be setuid" in message
     assert not (ws / "sh").exists()
 
 
@@ -143,13 +159,9 @@ def test_chmod_u_s_and_g_s_on_existing_files(shipped: Daemon, neutral: Daemon, b
     assert changes["other"].mode_after == 0o2755
     assert v.verdict is Verdict.DENY and "effect.privileged-file" in rule_ids(v)
     with neutral.client() as client:
-        v = client.validate(command, cwd=str(ws))
-        assert v.verdict is Verdict.ALLOW
-        with pytest.raises(FailedPrecondition) as info:
-            client.apply(v.validation_id)
-    assert info.value.reason == "APPLY_SPECIAL_FILES"
-    assert "tool would be setuid" in info.value.message
-    assert "other would be setgid" in info.value.message
+        _, message = refused_apply(client, command, ws)
+    assert "tool would be setuid" in message
+    assert "other would be setgid" in message
     assert stat.S_IMODE(os.stat(ws / "tool").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(ws / "other").st_mode) == 0o755
 
@@ -201,12 +213,8 @@ def test_a_linked_binary_with_capabilities_is_reported_and_denied(
     assert (ping.kind, ping.capabilities) == (ChangeKind.CREATED, "cap_net_raw=ep")
     assert v.verdict is Verdict.DENY and "effect.privileged-file" in rule_ids(v)
     with neutral.client() as client:
-        v = client.validate(command, cwd=str(ws))
-        assert v.verdict is Verdict.ALLOW
-        with pytest.raises(FailedPrecondition) as info:
-            client.apply(v.validation_id)
-        assert info.value.reason == "APPLY_SPECIAL_FILES"
-        assert "ping would be capabilities" in info.value.message
+        v, message = refused_apply(client, command, ws)
+        assert "ping would be capabilities" in message
         assert not (ws / "ping").exists()
         # Named in the approval, it is applied as reviewed: capabilities included (root).
         client.approve(v.validation_id, special_paths=[f"{ws}/ping"])

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from airlock.client import Client
 from tests.helpers import NOBODY, SANDBOX_ARGS, Daemon, public_dir, running_daemon
@@ -146,12 +145,37 @@ def test_root_keeps_a_reserve_no_one_else_can_take() -> None:
             _finish(holder)
 
 
-def test_a_silent_connection_is_closed(tmp_path: Path) -> None:
+def _hung_up(s: socket.socket) -> None:
+    s.settimeout(15)  # far beyond the daemon's 1 s: a hang here is the failure
+    while s.recv(4096):  # the server's own preface, then the end: it hung up
+        pass
+
+
+def test_a_connection_that_makes_no_call_is_closed() -> None:
     with limited_daemon("--first-request-timeout", "1") as d:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(d.socket)
-            s.settimeout(15)  # far beyond the daemon's 1 s: a hang here is the failure
-            while s.recv(4096):  # the server's own preface, then the end: it hung up
-                pass
+        with socket.socket(socket.AF_UNIX) as silent:  # sends nothing
+            silent.connect(d.socket)
+            _hung_up(silent)
+        with socket.socket(socket.AF_UNIX) as talker:  # a preface and settings, never a call
+            talker.connect(d.socket)
+            talker.sendall(_PREFACE)
+            _hung_up(talker)
+        with socket.socket(socket.AF_UNIX) as drip:  # a byte at a time, to look alive
+            drip.connect(d.socket)
+            drip.settimeout(0.3)
+            closed = False
+            for byte in _PREFACE * 4:
+                try:
+                    drip.sendall(bytes([byte]))
+                    while drip.recv(4096):
+                        pass
+                    closed = True  # recv returned b"": the daemon hung up
+                    break
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+            assert closed, "a connection dripping bytes was kept open"
         with Client(d.socket) as c:  # and a caller that talks is served as usual
             assert c.health()

@@ -25,9 +25,9 @@ import errno
 import functools
 import json
 import os
-import pickle
 import secrets
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +44,7 @@ from airlock.sandbox import mnt
 from airlock.sandbox.plan import Bind
 from airlock.types import ExecuteRequest, Limits, PeerCred, Verdict
 from tests.helpers import NOBODY, Daemon, run_client_as
+from tests.helpers.fork import in_mount_namespace
 
 RENAME_EXCHANGE = 2
 
@@ -155,34 +156,9 @@ def test_a_bind_mount_of_a_kernel_or_system_directory_is_one(public_tmp: Path) -
     ):
         if source == "/dev" and os.stat("/dev").st_dev == os.stat("/").st_dev:
             continue  # /dev is no mount of its own here
-        result = _in_child(functools.partial(attempt, source))
+        result = in_mount_namespace(functools.partial(attempt, source))
         assert isinstance(result, tuple) and result[0] == "INVALID_CWD", (source, result)
         assert words in result[1], result
-
-
-def _in_child(fn: Callable[[], object]) -> object:
-    """``fn()`` in a forked child in a private mount namespace; its result or its error."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            try:
-                sc.unshare(sc.CLONE_NEWNS)
-                mnt.make_private()
-                result: object = fn()
-            except BaseException as exc:
-                result = exc if isinstance(exc, OSError) else repr(exc)
-            os.write(w, pickle.dumps(result))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
 
 
 def test_the_supervisor_binds_only_the_directory_that_was_checked(public_tmp: Path) -> None:
@@ -202,24 +178,24 @@ def test_the_supervisor_binds_only_the_directory_that_was_checked(public_tmp: Pa
         mnt.execute_step(Bind(str(ws), str(target), readonly=False, identity=identity))
         return sorted(os.listdir(target))
 
-    assert _in_child(bind) == ["mine"]  # nothing swapped: bound
+    assert in_mount_namespace(bind) == ["mine"]  # nothing swapped: bound
     # The directory swapped for a link to /proc/sys.
     ws.rename(parent / "ws.real")
     ws.symlink_to("/proc/sys")
-    result = _in_child(bind)
+    result = in_mount_namespace(bind)
     assert isinstance(result, OSError) and result.errno == errno.EPERM, result
     assert "no longer the directory that was checked" in str(result)
     # ... for another directory.
     ws.unlink()
     ws.mkdir()
-    result = _in_child(bind)
+    result = in_mount_namespace(bind)
     assert isinstance(result, OSError) and "another directory is there now" in str(result)
     # A component above it swapped for a link, even one to the very same directory.
     ws.rmdir()
     (parent / "ws.real").rename(ws)
     parent.rename(public_tmp / "a.real")
     parent.symlink_to(public_tmp / "a.real")
-    result = _in_child(bind)
+    result = in_mount_namespace(bind)
     assert isinstance(result, OSError) and result.errno == errno.EPERM, result
     assert "Too many levels of symbolic links" in str(result), result
 
@@ -380,3 +356,30 @@ def test_the_fast_path_checks_that_the_caller_can_enter(
     result = call(client, "validate", "ls", str(closed), uid=NOBODY)
     assert result.get("reason") == "CWD_NOT_ACCESSIBLE", result
     assert call(client, "validate", "ls", str(closed))["verdict"] == Verdict.ALLOW.name
+
+
+def test_a_link_through_proc_magic_links_tells_nothing(
+    daemon: Daemon, public_tmp: Path, closed: Path
+) -> None:
+    """/proc/PID/cwd of a process inside a directory the caller may not search: root's ptrace
+    right would let the lookup jump straight there; the lookup refuses magic links instead, so
+    the caller learns neither where that process is nor what exists below it."""
+    hidden = closed / "proj"
+    (hidden / "exists").mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"], cwd=hidden)
+    try:
+        link = public_tmp / "via-proc"
+        os.symlink(f"/proc/{sleeper.pid}/cwd", link)
+        calls = [
+            ("validate", "touch y", str(link)),
+            ("validate", "pwd", f"{link}/exists"),  # the read-only fast path
+            ("validate", "pwd", f"{link}/missing"),
+        ]
+        results = as_user(daemon, calls)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    for (_, _, cwd), result in zip(calls, results, strict=True):
+        assert result.get("reason") == "CWD_NOT_ACCESSIBLE", (cwd, result)
+        assert str(hidden) not in result["message"], result
+        assert f"uid {NOBODY} cannot enter {cwd}: it does not exist" in result["message"], result

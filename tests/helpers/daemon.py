@@ -13,7 +13,7 @@ from pathlib import Path
 
 from airlock.client import Client
 
-from .paths import AIRLOCKD, DATA
+from .paths import AIRLOCK, AIRLOCKD, DATA
 
 
 @dataclass
@@ -28,6 +28,19 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def cli(
+        self, *args: str, cwd: str = "/tmp", columns: int = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """``airlock *args`` against this daemon, ``columns`` wide; what it printed."""
+        return subprocess.run(
+            [AIRLOCK, *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=60,
+            env={**os.environ, "AIRLOCK_SOCKET": self.socket, "COLUMNS": str(columns)},
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

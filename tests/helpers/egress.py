@@ -7,9 +7,10 @@ CLI) for the lab's names, and starts :data:`SERVER` in the namespace: HTTPS on 4
 plain HTTP on 80, which serve ``GET /bytes/N`` (N bytes), files under ``root`` and accept
 any other method, and log every request (method, path, Host, body bytes received) as one
 JSON line; and a resolver on UDP port 53 that answers A queries for the lab's names with
-the server's address (NXDOMAIN for any other name). The server's process holds the
-namespace (nothing is mounted); everything (the process, the namespace, the veth pair) is
-gone on exit. :func:`package_index` adds pypiserver (over HTTPS) in the same namespace.
+the server's address (NXDOMAIN for any other name), logging every query. The server's
+process holds the namespace (nothing is mounted); everything (the process, the namespace, the
+veth pair) is gone on exit. :func:`package_index` adds pypiserver (over HTTPS) in the same
+namespace.
 
 :func:`run_sandboxed` runs a script in a sandbox-like network namespace with the recorder
 installed and configured, without a daemon (tests/sandbox, bench/egress.py).
@@ -21,12 +22,10 @@ import contextlib
 import ipaddress
 import json
 import os
-import pickle
 import secrets
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -39,6 +38,8 @@ from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import net, netcap
 from airlock.sandbox.netcap import NetcapLimits, NetProtocol, NetworkAttempt
 from airlock.sandbox.upstream import Upstream
+
+from .fork import in_child
 
 SERVER = r"""
 import http.server, json, os, socket, ssl, struct, sys, threading
@@ -127,6 +128,8 @@ def dns():
             p += 1 + q[p]
         qtype, end = struct.unpack_from("!H", q, p + 1)[0], p + 5
         known = ".".join(labels).lower() in names
+        with lock, open(log_path + ".dns", "a") as f:  # every query that reaches the lab
+            f.write(".".join(labels) + "\n")
         answer = b""
         if known and qtype == 1:
             answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(address)
@@ -158,6 +161,11 @@ class Lab:
         if not self.log.exists():
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+    def dns_queries(self) -> list[str]:
+        """Every name the lab's resolver was asked for (one line per query)."""
+        path = Path(str(self.log) + ".dns")
+        return path.read_text().splitlines() if path.exists() else []
 
     def resolve_args(self, extra: Sequence[tuple[str, str]] = ()) -> list[str]:
         """airlockd --test-resolve arguments: every lab name to the lab server, and ``extra``."""
@@ -340,71 +348,65 @@ def run_sandboxed(
     installed and configured as the supervisor does (sandbox/contain.py); what it recorded.
 
     The "sensitive read" is ``marker``: once that file exists, the run is tainted."""
-    result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(result_r)
-            host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            sc.unshare(sc.CLONE_NEWNET)
-            net.loopback_up()
-            recorder = netcap.install(limits)
-            upstream = Upstream(
-                host_net, egress, resolve=resolve, connect_timeout_s=5, resolvers=resolvers
-            )
-            tainted = (lambda: os.path.exists(marker)) if marker else (lambda: False)
-            recorder.configure(egress, upstream, tainted=tainted)
-            out_r, out_w = os.pipe()
-            child = os.fork()
-            if child == 0:
-                os.dup2(out_w, 1)
-                os.dup2(out_w, 2)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                os.execv("/usr/bin/python3", ["python3", "-c", script])
-            os.close(out_w)
-            pidfd = os.pidfd_open(child)
-            poller = select.poll()
-            for fd in (recorder.fileno(), pidfd, out_r):
-                poller.register(fd, select.POLLIN)
-            output = bytearray()
-            deadline = time.monotonic() + 60
-            status = -1
-            while time.monotonic() < deadline:
-                wait = recorder.timeout()
-                ms = 1000 if wait is None else int(wait * 1000) + 1
-                for fd, _ in poller.poll(ms):
-                    if fd == out_r:
-                        chunk = os.read(out_r, 65536)
-                        output += chunk
-                        if not chunk:
-                            poller.unregister(out_r)
-                    elif fd == pidfd:
-                        _, status = os.waitpid(child, 0)
-                        poller.unregister(pidfd)
-                recorder.handle()
-                if status != -1:
-                    break
-            else:
-                os.kill(child, signal.SIGKILL)
-                os.waitpid(child, 0)
-            attempts = recorder.finish()
-            data = pickle.dumps(Outcome(attempts, status, output.decode(errors="replace")))
-            os.write(result_w, struct.pack("=I", len(data)))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(result_w, view) :]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(result_w)
-    data = b""
-    while chunk := os.read(result_r, 1 << 20):
-        data += chunk
-    os.close(result_r)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, "the harness child failed"
-    result: Outcome = pickle.loads(data[4:])
+
+    def run() -> Outcome:
+        host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        sc.unshare(sc.CLONE_NEWNET)
+        net.loopback_up()
+        recorder = netcap.install(limits)
+        upstream = Upstream(
+            host_net, egress, resolve=resolve, connect_timeout_s=5, resolvers=resolvers
+        )
+        tainted = (lambda: os.path.exists(marker)) if marker else (lambda: False)
+        recorder.configure(egress, upstream, tainted=tainted)
+        status, output = run_recorded(recorder, ["/usr/bin/python3", "-c", script])
+        return Outcome(recorder.finish(), status, output.decode(errors="replace"))
+
+    result: Outcome = in_child(run)
     return result
+
+
+def run_recorded(
+    recorder: netcap.NetworkRecorder, argv: Sequence[str], timeout_s: float = 60
+) -> tuple[int, bytes]:
+    """Run ``argv`` as nobody (output and errors to one pipe) while ``recorder`` handles what
+    it attempts, until it exits or ``timeout_s`` has passed (then it is killed); its wait
+    status (-1 if killed) and output. The recorder is left to finish."""
+    out_r, out_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        os.execv(argv[0], list(argv))
+    os.close(out_w)
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    for fd in (recorder.fileno(), pidfd, out_r):
+        poller.register(fd, select.POLLIN)
+    output = bytearray()
+    deadline = time.monotonic() + timeout_s
+    status = -1
+    while time.monotonic() < deadline:
+        wait = recorder.timeout()
+        ms = 1000 if wait is None else int(wait * 1000) + 1
+        for fd, _ in poller.poll(ms):
+            if fd == out_r:
+                chunk = os.read(out_r, 65536)
+                output += chunk
+                if not chunk:
+                    poller.unregister(out_r)
+            elif fd == pidfd:
+                _, status = os.waitpid(child, 0)
+                poller.unregister(pidfd)
+        recorder.handle()
+        if status != -1:
+            break
+    else:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    os.close(pidfd)
+    os.close(out_r)
+    return status, bytes(output)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +35,33 @@ def public_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def loopback_listener() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP listener on the host's 127.0.0.1 that records whatever reaches it: its port and
+    the first bytes of each connection (``b"<connected>"`` for a connection that sent none)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                got.append(conn.recv(100) or b"<connected>")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1], got
+    finally:
+        stop.set()
+        t.join()
+        srv.close()

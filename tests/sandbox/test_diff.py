@@ -181,6 +181,46 @@ def new_file(path: bytes, content: bytes | str, **kw: Any) -> FileChange:
     return FileChange(**fields)
 
 
+def changed_file(
+    path: bytes, before: bytes | str, after: bytes | str, kind: ChangeKind = M, **kw: Any
+) -> FileChange:
+    """A regular file, 0644 and root's, rewritten from ``before`` to ``after`` (or, as META,
+    its content kept and its mode or owner changed: ``kw``)."""
+    old = before.encode() if isinstance(before, str) else before
+    new = after.encode() if isinstance(after, str) else after
+    fields: dict[str, Any] = {
+        "path": path,
+        "kind": kind,
+        "file_type": REG,
+        "previous_file_type": REG,
+        "in_workspace": True,
+        "size_before": len(old),
+        "size_after": len(new),
+        "sha256_after": sha(new),
+        "mode_before": 0o644,
+        "mode_after": 0o644,
+        "uid_after": 0,
+        "gid_after": 0,
+    }
+    fields.update(kw)
+    return FileChange(**fields)
+
+
+def deleted_file(path: bytes, size_before: int, **kw: Any) -> FileChange:
+    """A regular file of 0644 deleted (another type with ``kw``)."""
+    fields: dict[str, Any] = {
+        "path": path,
+        "kind": D,
+        "file_type": REG,
+        "previous_file_type": REG,
+        "in_workspace": True,
+        "size_before": size_before,
+        "mode_before": 0o644,
+    }
+    fields.update(kw)
+    return FileChange(**fields)
+
+
 def test_every_kind_of_change(tmp_path: Path) -> None:
     lower = tmp_path / "L"
     mkdir(lower)
@@ -238,61 +278,18 @@ def test_every_kind_of_change(tmp_path: Path) -> None:
         return size
 
     expected = [
-        FileChange(
-            path=b"/ws-root/append.txt",
-            kind=M,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=2,
-            size_after=4,
-            sha256_after=sha("a\nb\n"),
-            mode_before=0o644,
-            mode_after=0o644,
-            uid_after=0,
-            gid_after=0,
+        changed_file(
+            b"/ws-root/append.txt",
+            "a\n",
+            "a\nb\n",
             unified_diff="--- a/ws-root/append.txt\n+++ b/ws-root/append.txt\n"
             "@@ -1 +1,2 @@\n a\n+b\n",
         ),
         new_file(b"/ws-root/big.txt", b"a" * 3000, diff_truncated=True),
         new_file(b"/ws-root/caf\xe9.txt", "hi\n"),
-        FileChange(
-            path=b"/ws-root/chmod.txt",
-            kind=META,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=2,
-            size_after=2,
-            sha256_after=sha("c\n"),
-            mode_before=0o644,
-            mode_after=0o600,
-            uid_after=0,
-            gid_after=0,
-        ),
-        FileChange(
-            path=b"/ws-root/chown.txt",
-            kind=META,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=2,
-            size_after=2,
-            sha256_after=sha("o\n"),
-            mode_before=0o644,
-            mode_after=0o644,
-            uid_after=1234,
-            gid_after=5678,
-        ),
-        FileChange(
-            path=b"/ws-root/delete.txt",
-            kind=D,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=4,
-            mode_before=0o644,
-        ),
+        changed_file(b"/ws-root/chmod.txt", "c\n", "c\n", META, mode_after=0o600),
+        changed_file(b"/ws-root/chown.txt", "o\n", "o\n", META, uid_after=1234, gid_after=5678),
+        deleted_file(b"/ws-root/delete.txt", 4),
         FileChange(
             path=b"/ws-root/dir2file",
             kind=M,
@@ -334,21 +331,7 @@ def test_every_kind_of_change(tmp_path: Path) -> None:
             gid_after=0,
         ),
         new_file(b"/ws-root/file2dir/inner", "inner\n"),
-        FileChange(
-            path=b"/ws-root/image.bin",
-            kind=M,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=6,
-            size_after=6,
-            sha256_after=sha(b"\x89PNG\x00\x02"),
-            mode_before=0o644,
-            mode_after=0o644,
-            uid_after=0,
-            gid_after=0,
-            binary=True,
-        ),
+        changed_file(b"/ws-root/image.bin", b"\x89PNG\x00\x01", b"\x89PNG\x00\x02", binary=True),
         FileChange(
             path=b"/ws-root/link",
             kind=M,
@@ -363,19 +346,10 @@ def test_every_kind_of_change(tmp_path: Path) -> None:
             gid_after=0,
             symlink_target=b"modify.txt",
         ),
-        FileChange(
-            path=b"/ws-root/modify.txt",
-            kind=M,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=14,
-            size_after=14,
-            sha256_after=sha("one\nTWO\nthree\n"),
-            mode_before=0o644,
-            mode_after=0o644,
-            uid_after=0,
-            gid_after=0,
+        changed_file(
+            b"/ws-root/modify.txt",
+            "one\ntwo\nthree\n",
+            "one\nTWO\nthree\n",
             unified_diff="--- a/ws-root/modify.txt\n+++ b/ws-root/modify.txt\n"
             "@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n",
         ),
@@ -408,57 +382,22 @@ def test_every_kind_of_change(tmp_path: Path) -> None:
             unified_diff="--- /dev/null\n+++ b/ws-root/nonl.txt\n@@ -0,0 +1,2 @@\n"
             "+no newline\n+at the end\n\\ No newline at end of file\n",
         ),
-        FileChange(
-            path=b"/ws-root/opaque/deep/d1",
-            kind=D,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=3,
-            mode_before=0o644,
-        ),
-        FileChange(
-            path=b"/ws-root/opaque/keepname",
-            kind=M,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=7,
-            size_after=6,
-            sha256_after=sha("after\n"),
-            mode_before=0o644,
-            mode_after=0o644,
-            uid_after=0,
-            gid_after=0,
+        deleted_file(b"/ws-root/opaque/deep/d1", 3),
+        changed_file(
+            b"/ws-root/opaque/keepname",
+            "before\n",
+            "after\n",
             unified_diff="--- a/ws-root/opaque/keepname\n+++ b/ws-root/opaque/keepname\n"
             "@@ -1 +1 @@\n-before\n+after\n",
         ),
         new_file(b"/ws-root/opaque/new", "new\n"),
-        FileChange(
-            path=b"/ws-root/opaque/old1",
-            kind=D,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=2,
-            mode_before=0o644,
-        ),
-        FileChange(
-            path=b"/ws-root/opaque/old2",
-            kind=D,
-            file_type=REG,
-            previous_file_type=REG,
-            in_workspace=True,
-            size_before=2,
-            mode_before=0o644,
-        ),
-        FileChange(
-            path=b"/ws-root/rmdir",
-            kind=D,
+        deleted_file(b"/ws-root/opaque/old1", 2),
+        deleted_file(b"/ws-root/opaque/old2", 2),
+        deleted_file(
+            b"/ws-root/rmdir",
+            before["rmdir"].st_size,
             file_type=DIR,
             previous_file_type=DIR,
-            in_workspace=True,
-            size_before=before["rmdir"].st_size,
             mode_before=0o755,
             entries_deleted=4,
         ),

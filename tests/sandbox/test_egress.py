@@ -9,6 +9,7 @@ the script creates (the daemon tests use the real read recorder).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -17,9 +18,11 @@ from collections.abc import Iterator
 import pytest
 
 from airlock.egress import EgressPolicy, EgressRule
+from airlock.sandbox.netcap import NetcapLimits
 from airlock.types import NetProtocol
 from tests.helpers import public_dir
 from tests.helpers.egress import Lab, egress_lab, run_sandboxed
+from tests.helpers.host import loopback_listener
 
 
 @pytest.fixture(scope="module")
@@ -255,28 +258,8 @@ out(after=error(https_get, "pkg.test", "/bytes/100")[0])
 @pytest.fixture
 def host_listener() -> Iterator[tuple[int, list[bytes]]]:
     """A TCP listener on the host's 127.0.0.1 that records whatever reaches it."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.2)
-    got: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                got.append(conn.recv(100) or b"<connected>")
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1], got
-    stop.set()
-    t.join()
-    srv.close()
+    with loopback_listener() as listener:
+        yield listener
 
 
 def test_granted_names_that_resolve_to_special_addresses_are_refused(
@@ -364,3 +347,126 @@ out(gone=error(https_get, "gone.test", "/")[0])
     assert (ok.forwarded, ok.upstream_address) == (True, lab.address)
     assert (gone.refusal, gone.forwarded) == ("resolve", False)
     assert "gone.test does not exist (NXDOMAIN)" in gone.refusal_detail
+
+
+def test_names_looked_up_are_not_resolved_upstream_and_resolved_ones_are_capped(lab: Lab) -> None:
+    # The reviewer's attack: data in the labels of names below a wildcard grant, only looked
+    # up (getaddrinfo, no connection). None of them may reach a resolver. A connection to
+    # such a name does resolve it, at most NetcapLimits.upstream_names distinct names a run.
+    body = r"""
+import base64
+chunk = base64.b32encode(b"s" * 35).decode().rstrip("=").lower()
+for i in range(400):
+    try:
+        socket.gethostbyname(f"{chunk}.{i}.archive.ubuntu.test")
+    except OSError:
+        pass
+for i in range(80):
+    name = f"c{i}.{chunk}.archive.ubuntu.test"
+    error(raw, name, 80, b"GET / HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
+out(done=True)
+"""
+    egress = EgressPolicy(
+        allow=(EgressRule(hosts=("*.archive.ubuntu.test",), ports=((80, 80),), label="wild"),)
+    )
+    before = len(lab.dns_queries())
+    o = run_sandboxed(_script(lab, body), egress, {}, resolvers=[lab.address])
+    assert o.status == 0, o.output
+    asked = set(lab.dns_queries()[before:])
+    assert all(q.startswith("c") for q in asked), sorted(asked)[:5]  # no lookup-only name
+    assert len(asked) == NetcapLimits().upstream_names == 64
+    lookups = [a for a in o.attempts if a.protocol is NetProtocol.DNS and a.dns_type == "A"]
+    assert len(lookups) >= 480 and {a.grant for a in lookups} == {"wild"}  # recorded as before
+    tcp = o.tcp()
+    assert [a.refusal for a in tcp] == ["resolve"] * 64 + ["limit"] * 16
+    assert "more than 64 names resolved in one run" in tcp[-1].refusal_detail
+
+
+@contextlib.contextmanager
+def _counting_listener() -> Iterator[tuple[int, list[int]]]:
+    """A TCP listener on the host's 127.0.0.1: its port and the bytes each connection sent."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    got: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            n = 0
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                while chunk := conn.recv(65536):
+                    n += len(chunk)
+            got.append(n)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1], got
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+
+
+def test_client_hellos_count_against_the_caps(lab: Lab) -> None:
+    # The reviewer's attack: many connections, each with a padded 16 KB ClientHello (then
+    # ones of 8000 bytes, just under NetcapLimits.tls_hello_bytes). What reaches the
+    # destination stays within the per-run cap, and the run forwards at most
+    # NetcapLimits.forwarded_connections connections.
+    with _counting_listener() as (port, got):
+        body = rf"""
+import struct
+def hello(size):
+    sni = b"hello.test"
+    ext_sni = struct.pack("!HHHBH", 0, len(sni) + 5, len(sni) + 3, 0, len(sni)) + sni
+    body = b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    pad = size - 5 - 4 - len(body) - 2 - len(ext_sni) - 4
+    exts = ext_sni + struct.pack("!HH", 21, pad) + b"\x00" * pad
+    hs = body + struct.pack("!H", len(exts)) + exts
+    msg = b"\x01" + struct.pack("!I", len(hs))[1:] + hs
+    return b"\x16\x03\x01" + struct.pack("!H", len(msg)) + msg
+address = socket.gethostbyname("hello.test")
+def send(size):
+    with socket.create_connection((address, {port}), timeout=10) as s:
+        s.sendall(hello(size))
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536):
+            pass
+for size in [16000] * 100 + [8000] * 140 + [300] * 20:
+    error(send, size)
+out(done=True)
+"""
+        egress = EgressPolicy(
+            allow=(
+                EgressRule(
+                    hosts=("hello.test",),
+                    ports=((port, port),),
+                    cidrs=("127.0.0.1/32",),
+                    label="hello",
+                ),
+            )
+        )
+        o = run_sandboxed(_script(lab, body), egress, {"hello.test": ("127.0.0.1",)})
+        for _ in range(40):  # the listener finishes its last connection
+            seen = (len(got), sum(got))
+            time.sleep(0.05)
+            if (len(got), sum(got)) == seen:
+                break
+    assert o.status == 0, o.output
+    tcp = o.tcp()
+    assert len(tcp) == 260 and {a.sni for a in tcp} == {"hello.test"}
+    assert {(a.refusal, a.forwarded) for a in tcp[:100]} == {("upload-cap", False)}
+    assert "a TLS ClientHello of 16000 bytes (at most 8192)" in tcp[0].refusal_detail
+    total = sum(got)
+    print(f"{len(got)} connections reached the destination with {total} bytes")
+    assert 128 * 8000 <= total <= NetcapLimits().upload_bytes_per_run
+    assert [a.refusal for a in tcp[-4:]] == ["limit"] * 4
+    assert "more than 256 connections in one run" in tcp[-1].refusal_detail
+    assert [a.refusal for a in tcp[:256]].count("limit") == 0

@@ -5,12 +5,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import pickle
-import select
 import shutil
-import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass
 
@@ -19,6 +15,8 @@ import pytest
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import net, netcap
 from airlock.sandbox.netcap import NetProtocol, NetworkAttempt
+from tests.helpers.egress import run_recorded
+from tests.helpers.fork import in_child
 
 FAKE = ipaddress.ip_network("198.18.0.0/15")
 
@@ -41,78 +39,22 @@ def _fds() -> list[str]:
 
 def _sandboxed(script: str, close_fds: tuple[int, ...] = ()) -> Outcome:
     """Run ``bash -c script`` as nobody in a fresh netns with a recorder; what it recorded."""
-    result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(result_r)
-            for fd in close_fds:
-                os.close(fd)
-            sc.unshare(sc.CLONE_NEWNET)
-            net.loopback_up()
-            fds_before = _fds()
-            t0 = time.perf_counter()
-            recorder = netcap.install()
-            setup_ms = (time.perf_counter() - t0) * 1000
-            out_r, out_w = os.pipe()
-            child = os.fork()
-            if child == 0:
-                os.dup2(out_w, 1)
-                os.dup2(out_w, 2)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                os.execv("/bin/bash", ["bash", "-c", script])
-            os.close(out_w)
-            pidfd = os.pidfd_open(child)
-            poller = select.poll()
-            for fd in (recorder.fileno(), pidfd, out_r):
-                poller.register(fd, select.POLLIN)
-            output = bytearray()
-            deadline = time.monotonic() + 60
-            status = -1
-            while time.monotonic() < deadline:
-                wait = recorder.timeout()
-                ms = 1000 if wait is None else int(wait * 1000) + 1
-                for fd, _ in poller.poll(ms):
-                    if fd == out_r:
-                        chunk = os.read(out_r, 65536)
-                        output += chunk
-                        if not chunk:
-                            poller.unregister(out_r)
-                    elif fd == pidfd:
-                        _, status = os.waitpid(child, 0)
-                        poller.unregister(pidfd)
-                recorder.handle()
-                if status != -1:
-                    break
-            else:
-                os.kill(child, signal.SIGKILL)
-                os.waitpid(child, 0)
-            attempts = recorder.finish()
-            dropped, lost = recorder.dropped, recorder.lost
-            os.close(pidfd)
-            os.close(out_r)
-            outcome = Outcome(
-                attempts, dropped, lost, setup_ms, status, bytes(output), fds_before, _fds()
-            )
-            data = pickle.dumps(outcome)
-            os.write(result_w, struct.pack("=I", len(data)))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(result_w, view) :]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(result_w)
-    data = b""
-    while chunk := os.read(result_r, 1 << 20):
-        data += chunk
-    os.close(result_r)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, "the harness child failed"
-    result: Outcome = pickle.loads(data[4:])
+
+    def run() -> Outcome:
+        for fd in close_fds:
+            os.close(fd)
+        sc.unshare(sc.CLONE_NEWNET)
+        net.loopback_up()
+        fds_before = _fds()
+        t0 = time.perf_counter()
+        recorder = netcap.install()
+        setup_ms = (time.perf_counter() - t0) * 1000
+        status, output = run_recorded(recorder, ["/bin/bash", "-c", script])
+        attempts = recorder.finish()
+        dropped, lost = recorder.dropped, recorder.lost
+        return Outcome(attempts, dropped, lost, setup_ms, status, output, fds_before, _fds())
+
+    result: Outcome = in_child(run)
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import pickle
 import platform
 import select
 import signal
@@ -30,6 +29,7 @@ import pytest
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import mnt, proctrace, user
 from airlock.sandbox.proctrace import ProcessRecord
+from tests.helpers.fork import in_child
 
 # Root (as all of tests/sandbox): pid and mount namespaces, seccomp listener, netlink proc
 # connector.
@@ -215,28 +215,14 @@ def _supervise(script: str, opts: Options) -> Trace:
 def run_traced(script: str, opts: Options) -> Trace:
     """Run ``script`` in the harness; check that nothing leaked."""
     before = _fds()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def supervise() -> object:
         try:
-            os.close(r)
-            try:
-                result: object = _supervise(script, opts)
-            except BaseException as exc:
-                result = f"{type(exc).__name__}: {exc}"
-            data = pickle.dumps(result)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view) :]
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 1 << 20):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
-    trace = pickle.loads(b"".join(chunks))
+            return _supervise(script, opts)
+        except BaseException as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    trace = in_child(supervise)
     assert isinstance(trace, Trace), trace
     assert not trace.setup_error, trace.setup_error
     assert not trace.safety_kill, "the harness had to kill a wedged sandbox"

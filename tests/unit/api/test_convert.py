@@ -246,32 +246,29 @@ def test_non_utf8_symlink_target_is_escaped_lossily() -> None:
     assert conv.change_from_proto(msg).symlink_target == b"/x\\xff"
 
 
+# FileChange's fields that are unset (None) or a number, 0 included.
+OPTIONAL_CHANGE_FIELDS = (
+    "size_before",
+    "size_after",
+    "mode_before",
+    "mode_after",
+    "uid_after",
+    "gid_after",
+)
+
+
 def test_unset_optionals_are_none_and_zero_is_not_unset() -> None:
     c = types.FileChange(
         path=b"/a", kind=types.ChangeKind.DELETED, file_type=types.FileType.REGULAR
     )
     msg = conv.change_to_proto(c)
-    for name in (
-        "size_before",
-        "size_after",
-        "mode_before",
-        "mode_after",
-        "uid_after",
-        "gid_after",
-    ):
+    for name in OPTIONAL_CHANGE_FIELDS:
         assert not msg.HasField(name)
     zeros = dataclasses.replace(
         c, size_before=0, size_after=0, mode_before=0, mode_after=0, uid_after=0, gid_after=0
     )
     msg = over_the_wire(conv.change_to_proto(zeros))
-    for name in (
-        "size_before",
-        "size_after",
-        "mode_before",
-        "mode_after",
-        "uid_after",
-        "gid_after",
-    ):
+    for name in OPTIONAL_CHANGE_FIELDS:
         assert msg.HasField(name)
     assert conv.change_from_proto(msg) == zeros
 

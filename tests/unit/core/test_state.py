@@ -7,6 +7,7 @@ process right after the store returned in it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import signal
@@ -565,6 +566,26 @@ def test_an_unknown_token_is_refused(store: StateStore) -> None:
     assert store.authorize("", **bound()) is None
 
 
+def race(calls: list[Callable[[], object]]) -> list[object]:
+    """The calls run at once, one thread each: what each returned, or its error's reason."""
+    start = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def worker(k: int) -> None:
+        start.wait()
+        try:
+            results[k] = calls[k]()
+        except AirlockError as err:
+            results[k] = err.reason
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 @pytest.mark.parametrize("separate_stores", [False, True])
 def test_a_once_token_works_once_among_8_racing_threads(
     open_store: Callable[..., StateStore], separate_stores: bool
@@ -573,21 +594,7 @@ def test_a_once_token_works_once_among_8_racing_threads(
     first.record_validation(new())
     token, _ = first.approve("v1", ApprovalScope.ONCE, approver_uid=OWNER)
     stores = [open_store() if separate_stores else first for _ in range(8)]
-    start = threading.Barrier(8)
-    results: list[object] = [None] * 8
-
-    def worker(k: int) -> None:
-        start.wait()
-        try:
-            results[k] = stores[k].authorize(token, **bound())
-        except AirlockError as err:
-            results[k] = err.reason
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race([functools.partial(s.authorize, token, **bound()) for s in stores])
     assert results.count(AuthContext.USER_VERIFIED) == 1
     assert results.count("APPROVAL_USED") == 7
     assert store_used(first) == 1
@@ -604,21 +611,7 @@ def test_one_apply_among_8_racing_threads(
     first = open_store()
     first.record_validation(new(verdict=Verdict.ALLOW))
     stores = [open_store() if separate_stores else first for _ in range(8)]
-    start = threading.Barrier(8)
-    results: list[object] = [None] * 8
-
-    def worker(k: int) -> None:
-        start.wait()
-        try:
-            results[k] = stores[k].begin_apply("v1", uid=OWNER)
-        except AirlockError as err:
-            results[k] = err.reason
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = race([functools.partial(s.begin_apply, "v1", uid=OWNER) for s in stores])
     claimed = [r for r in results if isinstance(r, ValidationRecord)]
     assert len(claimed) == 1 and claimed[0].state is S.APPLYING
     assert results.count("APPLY_IN_PROGRESS") == 7

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +46,7 @@ from airlock.types import (
     Verdict,
 )
 from tests.helpers import CHECKOUT, DATA
+from tests.helpers.policy import load_policy, policy, policy_problems, rule_yaml, write_policy
 
 DEFAULT_POLICY = CHECKOUT / "airlock" / "policy" / "default"
 NEUTRAL_POLICY = DATA / "neutral-policy"
@@ -56,38 +56,17 @@ WS = "/home/me/proj"
 # --------------------------------------------------------------------------- helpers
 
 
-def write(tmp_path: Path, files: Mapping[str, str]) -> Path:
-    for name, text in files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return tmp_path
-
-
 def load(tmp_path: Path, files: Mapping[str, str], *, run_tests: bool = True) -> PolicyBundle:
-    return load_bundle(write(tmp_path, files), run_tests=run_tests)
+    return load_policy(tmp_path, files, run_tests=run_tests)
 
 
 def problems(tmp_path: Path, files: Mapping[str, str]) -> tuple[PolicyProblem, ...]:
-    with pytest.raises(PolicyError) as info:
-        load(tmp_path, files)
-    return info.value.problems
+    return policy_problems(tmp_path, files, run_tests=True)
 
 
 def rule(effect: str, *, rid: str = "t.effect", decision: str = "deny", extra: str = "") -> str:
     """One effect rule's YAML, with ``effect`` as a flow mapping."""
-    return f"""
-  - id: {rid}
-    title: Test rule {rid}
-    description: For the tests.
-    decision: {decision}
-    severity: high
-    effect: {effect}
-{textwrap.indent(textwrap.dedent(extra), "    ")}"""
-
-
-def policy(*rules: str, header: str = "") -> str:
-    return "version: 1\n" + textwrap.dedent(header) + "rules:" + "".join(rules) + "\n"
+    return rule_yaml("effect", effect, rid=rid, decision=decision, extra=extra)
 
 
 def one(tmp_path: Path, effect: str, **kw: str) -> PolicyBundle:
@@ -884,7 +863,7 @@ def test_cli_lint_test_and_explain_effects(
       match: [{network: [{port: 4444}]}]
       not_match: [{}]
     """
-    pol = write(
+    pol = write_policy(
         tmp_path / "pol", {"p.yaml": policy(rule("{network: {ports: [4444]}}", extra=extra))}
     )
     code, _out, err = run_cli(capsys, "lint", str(pol))
@@ -893,7 +872,10 @@ def test_cli_lint_test_and_explain_effects(
     assert code == 0
     assert out.splitlines()[-1] == "2 passed, 0 failed (2 inline, 0 from 0 fixture file(s))"
     assert "ok: t.effect should fire on '{network: [{port: 4444}]}'" in out
-    eff = write(tmp_path, {"e.yaml": "network: [{address: 203.0.113.7, port: 4444}]\n"}) / "e.yaml"
+    eff = (
+        write_policy(tmp_path, {"e.yaml": "network: [{address: 203.0.113.7, port: 4444}]\n"})
+        / "e.yaml"
+    )
     code, out, _err = run_cli(capsys, "explain", "--policy", str(pol), "--effects", str(eff))
     assert code == 0
     assert "network: tcp 203.0.113.7 203.0.113.7:4444" in out
@@ -906,13 +888,13 @@ def test_cli_lint_test_and_explain_effects(
     assert doc["policy"]["effect_rules"] == 1 and doc["analysis"]["commands"][0]["name"] == "ls"
     assert doc["effects"]["verdict"] == "DENY"
     assert doc["effects"]["findings"][0]["source"] == "DYNAMIC"
-    bad = write(tmp_path, {"bad.yaml": "network: [{port: x}]\n"}) / "bad.yaml"
+    bad = write_policy(tmp_path, {"bad.yaml": "network: [{port: x}]\n"}) / "bad.yaml"
     code, _out, err = run_cli(capsys, "explain", "--policy", str(pol), "--effects", str(bad))
     assert code == 1 and f"{bad}:1:18: error: network[0].port: expected an integer" in err
 
 
 def test_read_effects_file_errors(tmp_path: Path) -> None:
-    f = write(tmp_path, {"e.yaml": "- files: []\n"}) / "e.yaml"
+    f = write_policy(tmp_path, {"e.yaml": "- files: []\n"}) / "e.yaml"
     with pytest.raises(PolicyError) as info:
         read_effects_file(f)
     assert "an effects file is a mapping, found a list" in str(info.value)

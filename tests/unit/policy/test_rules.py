@@ -31,6 +31,7 @@ from airlock.policy.loader import (
 from airlock.policy.model import Analysis, Classification, Redirect, SimpleCommand
 from airlock.policy.rules import Globs
 from airlock.types import Finding, FindingSource, Severity, Verdict
+from tests.helpers.policy import load_policy, policy, policy_problems, rule_yaml, write_policy
 
 # --------------------------------------------------------------------------- helpers
 
@@ -95,38 +96,17 @@ def line(
     )
 
 
-def write(tmp_path: Path, files: Mapping[str, str]) -> Path:
-    for name, text in files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return tmp_path
-
-
 def load(tmp_path: Path, files: Mapping[str, str]) -> PolicyBundle:
-    return load_bundle(write(tmp_path, files), run_tests=False)
+    return load_policy(tmp_path, files, run_tests=False)
 
 
 def problems(tmp_path: Path, files: Mapping[str, str]) -> tuple[PolicyProblem, ...]:
-    with pytest.raises(PolicyError) as info:
-        load(tmp_path, files)
-    return info.value.problems
+    return policy_problems(tmp_path, files, run_tests=False)
 
 
 def rule(match: str, *, rid: str = "t.rule", decision: str = "deny", extra: str = "") -> str:
     """One rule's YAML, with ``match`` as a flow mapping."""
-    return f"""
-  - id: {rid}
-    title: Test rule {rid}
-    description: For the tests.
-    decision: {decision}
-    severity: high
-    match: {match}
-{textwrap.indent(textwrap.dedent(extra), "    ")}"""
-
-
-def policy(*rules: str, header: str = "") -> str:
-    return "version: 1\n" + textwrap.dedent(header) + "rules:" + "".join(rules) + "\n"
+    return rule_yaml("match", match, rid=rid, decision=decision, extra=extra)
 
 
 def fired(bundle: PolicyBundle, analysis: Analysis) -> list[str]:
@@ -877,7 +857,7 @@ def test_inline_tests_run_with_the_real_parser(tmp_path: Path) -> None:
             extra=extra,
         )
     )
-    write(tmp_path, {"p.yaml": text})
+    write_policy(tmp_path, {"p.yaml": text})
     bundle = load_bundle(tmp_path)  # the inline tests pass: no error
     [r] = bundle.rules
     assert len(r.tests) == 7
@@ -893,7 +873,7 @@ def test_failing_inline_tests_reject_the_bundle_and_say_why(tmp_path: Path) -> N
       match: ['chmod -R 777 /']
       not_match: ['rm x']
     """
-    write(tmp_path, {"p.yaml": policy(rule("{argv0: [rm]}", extra=extra))})
+    write_policy(tmp_path, {"p.yaml": policy(rule("{argv0: [rm]}", extra=extra))})
     with pytest.raises(PolicyError) as info:
         load_bundle(tmp_path)
     first, second = info.value.problems
