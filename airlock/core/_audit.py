@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from airlock._errors import Unavailable
 from airlock.audit import (
@@ -140,18 +141,24 @@ def validate_event(caller: Caller, req: CheckedRequest, v: Validation) -> AuditE
     )
 
 
-def approve_event(caller: Caller, record: ValidationRecord, approval: Approval) -> AuditEvent:
-    """The event of an Approve of ``record``: ``approval`` says why (its ``detail``: who)."""
+def _of_record(kind: RpcKind, caller: Caller, record: ValidationRecord, **more: Any) -> AuditEvent:
+    """An event about the kept validation ``record``: its command, cwd, verdict and ids."""
     return AuditEvent(
-        kind=RpcKind.APPROVE,
+        kind=kind,
         caller=caller,
         command=record.command,
         cwd=record.cwd,
-        env_sha256=record.env_sha256,
         verdict=record.verdict,
-        approval=approval,
         validation_id=record.validation_id,
         session_id=record.session_id,
+        **more,
+    )
+
+
+def approve_event(caller: Caller, record: ValidationRecord, approval: Approval) -> AuditEvent:
+    """The event of an Approve of ``record``: ``approval`` says why (its ``detail``: who)."""
+    return _of_record(
+        RpcKind.APPROVE, caller, record, env_sha256=record.env_sha256, approval=approval
     )
 
 
@@ -169,32 +176,20 @@ def apply_event(
     ``approval`` is the one the apply used. On failure, ``error`` is the reason and
     ``applied_paths`` what was written before it (if any).
     """
-    return AuditEvent(
-        kind=RpcKind.APPLY,
-        caller=caller,
-        command=record.command,
-        cwd=record.cwd,
+    return _of_record(
+        RpcKind.APPLY,
+        caller,
+        record,
         env_sha256=record.env_sha256,
         effects=effects,
-        verdict=record.verdict,
         approval=approval,
         outcome=Outcome(applied_paths=tuple(path_text(p) for p in applied_paths), error=error),
-        validation_id=record.validation_id,
-        session_id=record.session_id,
     )
 
 
 def discard_event(caller: Caller, record: ValidationRecord) -> AuditEvent:
     """The event of a Discard of ``record``."""
-    return AuditEvent(
-        kind=RpcKind.DISCARD,
-        caller=caller,
-        command=record.command,
-        cwd=record.cwd,
-        verdict=record.verdict,
-        validation_id=record.validation_id,
-        session_id=record.session_id,
-    )
+    return _of_record(RpcKind.DISCARD, caller, record)
 
 
 def execute_event(
