@@ -237,6 +237,11 @@ def summarize(
             sentences.append("Nothing changed outside the workspace.")
     if changes_truncated:
         sentences.append(f"Only the first {len(changes)} changes are listed.")
+    unreadable = sum(1 for c in changes if c.unreadable)
+    if unreadable:
+        sentences.append(
+            f"{unreadable} changed file(s) hold content you may not read: not shown, not kept."
+        )
     if sensitive_reads:
         paths = list(
             dict.fromkeys(r.path.decode(errors="backslashreplace") for r in sensitive_reads)
