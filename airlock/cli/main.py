@@ -14,6 +14,8 @@
     airlock audit verify [--anchor SEQ:HASH] [--json]          (exit 0 intact, 1 problem)
     airlock audit export --jsonl [FILE]
     airlock policy lint|test|explain ...   (no daemon needed; see airlock.cli.policy)
+    airlock hook claude|codex|gemini|cursor [--socket PATH] [--timeout S]
+                     (an agent's pre-shell hook: JSON on stdin; see airlock.cli.hook)
 
 Exit status: 0 allow (or healthy), 3 ask, 4 deny, 1 error, 2 usage error.
 """
@@ -154,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_audit_parser(sub, socket)
     # Listed for --help only: main() hands "policy ..." to airlock.cli.policy.
     sub.add_parser("policy", help="lint, test and explain policies (no daemon needed)")
+    # Likewise "hook ..." goes to airlock.cli.hook.
+    sub.add_parser("hook", help="answer a coding agent's pre-shell hook (claude, codex, ...)")
     return parser
 
 
@@ -423,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from airlock.cli.policy import main as policy_main
 
         return policy_main(given[1:])
+    if given[:1] == ["hook"]:
+        from airlock.cli.hook import main as hook_main
+
+        return hook_main(given[1:])
     parser = _parser()
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)
