@@ -8,15 +8,17 @@ SOCKET  ?= /run/airlock/airlock.sock
 STATE   ?= /var/lib/airlock
 NODE_BIN := node_modules/.bin
 
-.PHONY: install deps venv proto lock dist test test-unit run bench lint clean install-service uninstall-service
+.PHONY: install deps venv node proto lock dist test test-unit soak run bench lint clean install-service uninstall-service
 
-install: deps venv proto
+install: deps venv node proto
 
-# Debian packages the tests and benchmarks need (bubblewrap is the benchmark's reference).
+# Debian packages the tests and benchmarks need (bubblewrap is the benchmark's reference; node
+# and npm run buf and the tests' npm registry, unless a node is installed some other way).
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for p in bubblewrap iproute2 util-linux nftables libseccomp2 curl; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
 
@@ -30,6 +32,14 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
+	touch $@
+
+# Node tools, exactly package-lock.json: buf (make lint) and verdaccio (the npm registry of
+# tests/daemon/test_egress_npm.py).
+node: node_modules/.installed
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
 	touch $@
 
 # Refresh the lock on purpose: the newest versions pyproject.toml allows, with their hashes.
@@ -57,8 +67,17 @@ dist: venv
 
 # tests/unit needs neither root nor a daemon; tests/sandbox (the kernel) and tests/daemon (a real
 # airlockd) are skipped unless run as root. .ci/unit-as-nobody runs tests/unit as a real user.
+# The long soak and fault runs (marker `soak`) are left out: `make soak` runs them.
 test: install
-	$(BIN)/pytest tests
+	$(BIN)/pytest -m "not soak" tests
+
+# The soak and fault runs (marker `soak`, as root): tests/soak sends SOAK_CALLS mixed dry runs
+# from SOAK_CLIENTS clients to one daemon and checks leaks, the audit log and the RSS slope
+# (figures printed; docs/threat-model.md, "Reliability"). CI runs a bounded count.
+SOAK_CALLS   ?= 5000
+SOAK_CLIENTS ?= 4
+soak: install
+	SOAK_CALLS=$(SOAK_CALLS) SOAK_CLIENTS=$(SOAK_CLIENTS) $(BIN)/pytest -m soak -s tests
 
 test-unit: install
 	$(BIN)/pytest tests/unit
@@ -73,7 +92,6 @@ lint: install
 	$(BIN)/ruff check airlock tests bench
 	$(BIN)/ruff format --check airlock tests bench
 	$(BIN)/mypy airlock
-	@if [ ! -x $(NODE_BIN)/buf ]; then npm ci --silent --no-audit --no-fund; fi
 	$(NODE_BIN)/buf lint
 
 # The daemon as a systemd service (README.md, "Running as a service"): the unit with ExecStart set

@@ -55,6 +55,8 @@ class Reason(enum.StrEnum):
     UNKNOWN_CALLER = "UNKNOWN_CALLER"  # the daemon could not tell who the caller is
     TOO_MANY_VALIDATIONS = "TOO_MANY_VALIDATIONS"  # the daemon is at its concurrency limit
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"  # the caller's uid holds its most connections
+    INVALID_AGENT_CONTEXT = "INVALID_AGENT_CONTEXT"  # an agent context field is too long
+    INVALID_ID = "INVALID_ID"  # an id, token or anchor is too long or holds a control character
 
     # --- The sandbox ------------------------------------------------------------------------------
     SANDBOX_FAILED = "SANDBOX_FAILED"  # the sandbox could not be set up or run; nothing ran
@@ -86,6 +88,9 @@ class Reason(enum.StrEnum):
     APPROVAL_USED = "APPROVAL_USED"  # the one-time approval has been used
     SESSION_ENDED = "SESSION_ENDED"  # the session of the approval has ended
     INVALID_SPECIAL_PATH = "INVALID_SPECIAL_PATH"  # an approval names no special file of it
+    SELF_APPROVAL_NOT_ALLOWED = "SELF_APPROVAL_NOT_ALLOWED"  # its own uid may not approve it
+    NOT_AN_APPROVER = "NOT_AN_APPROVER"  # the caller is not one of the daemon's approvers
+    TOO_MANY_WATCHES = "TOO_MANY_WATCHES"  # the caller holds the most pending-watch streams
 
     # --- Apply ------------------------------------------------------------------------------------
     APPLY_CONFLICT = "APPLY_CONFLICT"  # the host changed since the dry run; nothing written

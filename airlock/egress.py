@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "HOST_SERVICE",
     "REFUSALS",
     "Decision",
     "EgressPolicy",
@@ -58,7 +59,12 @@ REFUSALS: dict[str, str] = {
     "sensitive-read": "the run had read a sensitive file: nothing is forwarded after that",
     "udp": "UDP is never forwarded",
     "limit": "too many connections at once, or forwarded connections or names in one run",
+    "host-service": "a connection or datagram to a loopback port nothing in the sandbox listens"
+    " on: refused there, but on the host a service (a database, a search engine) may listen",
 }
+
+# The refusal code of an attempt to reach a service on this machine (see REFUSALS).
+HOST_SERVICE = "host-service"
 
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 

@@ -123,6 +123,51 @@ class PeerCred:
     groups: tuple[int, ...] = ()
 
 
+# The most UTF-8 bytes of each field of an AgentContext (``airlock.core.request`` refuses
+# more: INVALID_AGENT_CONTEXT; the hooks cut to it). It is stored in the audit events of the
+# call, so it is small.
+AGENT_LIMITS = {
+    "agent_name": 64,
+    "agent_version": 64,
+    "session_id": 256,
+    "tool_use_id": 256,
+    "tool_description": 1024,
+    "transcript_path": 4096,
+    "prompt_excerpt": 4096,
+}
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What made an agent run a command, as its hook or client reports it (not verified).
+
+    Every field is optional and length-capped (``airlock.core.request.AGENT_LIMITS``);
+    the audit log keeps it with the call so that an auditor can tell which agent session
+    and which tool call ran a command.
+    """
+
+    agent_name: str = ""  # "claude-code", "codex", "gemini-cli", "cursor", "mcp", ...
+    agent_version: str = ""
+    session_id: str = ""  # the agent's own session (conversation) id
+    tool_use_id: str = ""  # the id of the tool call, where the agent has one
+    tool_description: str = ""  # the tool call's own description (Claude's tool_input.description)
+    transcript_path: str = ""  # where the agent keeps the conversation's transcript
+    prompt_excerpt: str = ""  # an excerpt of the prompt behind the call (capped)
+
+    def is_empty(self) -> bool:
+        return not any(
+            (
+                self.agent_name,
+                self.agent_version,
+                self.session_id,
+                self.tool_use_id,
+                self.tool_description,
+                self.transcript_path,
+                self.prompt_excerpt,
+            )
+        )
+
+
 @dataclass(frozen=True)
 class ValidateRequest:
     """A Validate request as the client sent it; ``airlock.core.request.check`` checks it."""
@@ -135,6 +180,7 @@ class ValidateRequest:
     gid: int | None = None
     force_dry_run: bool = False
     session_id: str = ""
+    agent: AgentContext | None = None  # what made the agent ask, if it says
 
 
 @dataclass(frozen=True)
@@ -178,6 +224,13 @@ class FileChange:
     # A regular file's file capabilities after the change (its ``security.capability``
     # extended attribute, as text: "cap_net_raw=ep"); "" when it has none.
     capabilities: str = ""
+    # A non-directory with more than one name (hard links) after the change: how many it has
+    # in the dry run's upper layer (a copy-up breaks host links, so the command made them);
+    # 0 for one name, a directory, a deletion, or not counted.
+    links: int = 0
+    # When ``links`` > 1: another name of the same file the dry run shows (one outside the
+    # workspace if there is one), such as /etc/shadow for ``ln /etc/shadow x``; b"" if none.
+    linked_to: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -276,6 +329,31 @@ class NetworkAttemptInfo:
         return self.sni or self.http_host.rsplit(":", 1)[0] or self.dns_name or self.address
 
 
+class LostKind(enum.IntEnum):
+    """What a dry run would destroy in a git repository that exists nowhere else."""
+
+    UNCOMMITTED = 1  # a tracked file's changes not in any commit (unstaged or staged)
+    UNTRACKED = 2  # an untracked file git does not ignore
+    IGNORED = 3  # an ignored file (build output, caches, .env): the policy decides
+    COMMITS = 4  # commits no ref (branch, tag, HEAD, stash) reaches any more
+    STASH = 5  # stash entries dropped and not applied
+    UNCHECKED = 6  # the check could not tell (time or size bound, no git): ``detail`` says why
+
+
+@dataclass(frozen=True)
+class LostWork:
+    """One loss of work the dry run found by comparing a repository before and after.
+
+    ``repo`` is the work tree's host path; ``path`` the file's (UNCOMMITTED, UNTRACKED,
+    IGNORED: a directory's path ends with "/"); ``count`` the commits or stash entries."""
+
+    kind: LostKind
+    repo: bytes
+    path: bytes = b""
+    count: int = 1
+    detail: str = ""
+
+
 @dataclass(frozen=True)
 class Effects:
     """What a dry run did, as the effect rules see it. Paths are host paths."""
@@ -286,6 +364,14 @@ class Effects:
     processes: tuple[ProcessInfo, ...] = ()
     network: tuple[NetworkAttemptInfo, ...] = ()
     sensitive_reads: tuple[SensitiveReadInfo, ...] = ()
+    # The policy's filesystem grants (``writable_paths``) for this caller, absolute: changes
+    # below them are in the ``granted`` scope, not ``home``.
+    granted: tuple[str, ...] = ()
+    # Work the run would destroy in a git repository (airlock/sandbox/gitloss.py).
+    work_lost: tuple[LostWork, ...] = ()
+    # The uid the command ran as (a change's ``owner``: the caller, or another user); None:
+    # not known, every owner counts as another user's (fail closed).
+    uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -311,6 +397,16 @@ class PolicyInfo:
     loaded_at: float  # seconds since the epoch
     last_reload_error: str = ""
     last_reload_at: float = 0.0
+    # The last reload kept the bundle in force (invalid, still changing, or it dropped
+    # files or rules without the operator's acceptance): ``last_reload_error`` says why.
+    last_reload_refused: bool = False
+    # The version the last reload read (the one refused, or the one now in force).
+    last_reload_version: str = ""
+    # What the last reload changed (or, refused, would have changed): rule ids, files.
+    rules_added: tuple[str, ...] = ()
+    rules_removed: tuple[str, ...] = ()
+    files_added: tuple[str, ...] = ()
+    files_removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -368,6 +464,7 @@ class ExecuteRequest:
     approval_token: str = ""
     # The caller's session: a SESSION approval covers matching commands in it.
     session_id: str = ""
+    agent: AgentContext | None = None  # what made the agent ask, if it says
 
     def as_validate(self) -> ValidateRequest:
         return ValidateRequest(
@@ -416,9 +513,13 @@ class ExecFinished:
     stderr_bytes: int = 0
     # Whether the sandbox was prepared before the request arrived.
     warm: bool = False
+    # Every network attempt of the run (each was also sent as an event when it completed),
+    # and how many more there were than the recorder keeps.
+    network_attempts: tuple[NetworkAttemptInfo, ...] = ()
+    network_attempts_lost: int = 0
 
 
-ExecEvent = ExecStarted | ExecOutput | ProcessInfo | ExecFinished
+ExecEvent = ExecStarted | ExecOutput | NetworkAttemptInfo | ProcessInfo | ExecFinished
 
 
 class ApprovalScope(enum.IntEnum):
@@ -434,6 +535,25 @@ class ApprovalGrant:
     approval_id: str
     expires_at: float  # seconds since the epoch
     approver_uid: int
+
+
+@dataclass(frozen=True)
+class PendingValidation:
+    """A validation waiting for an approval (ListPendingValidations, WatchPendingValidations)."""
+
+    validation_id: str
+    command: str
+    cwd: str
+    uid: int  # who asked: the user the command runs as
+    gid: int
+    session_id: str
+    summary: str
+    created_at: float  # seconds since the epoch
+    expires_at: float
+    agent: AgentContext | None = None
+    # The dry run's whole answer (findings, changes and diffs, network attempts), while the
+    # daemon still holds it in memory (not after a restart: then None, and ``summary`` stays).
+    validation: Validation | None = None
 
 
 @dataclass(frozen=True)
@@ -459,7 +579,7 @@ class Limits:
     output_bytes: int = 1024**2
     # Execute streams its output instead of keeping it: a larger cap per stream.
     execute_output_bytes: int = 1024**3
-    command_bytes: int = 128 * 1024
+    command_bytes: int = 128 * 1024 - 1  # the kernel's MAX_ARG_STRLEN, less its NUL
     concurrent_validations: int = 16
     changes: int = 10_000
     diff_file_bytes: int = 64 * 1024

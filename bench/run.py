@@ -30,6 +30,9 @@ Sections (see ``docs/performance.md`` for what each one means):
    what reading the diff and the kept changes as the caller, and resolving the cwd as the
    caller, cost); and, against the same daemon, Execute("true") and Execute("ls -la /")
    (host directories shown through read-only overlays).
+11. ``airlock hook`` start-up (``bench/hook.py``): ``airlock hook claude`` for ``ls`` end to end,
+   a fresh process each time as an agent runs it, interleaved with a bare ``python -c pass``
+   and the imports it cannot do without (grpc, the generated stub).
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--runs N] [--out PATH]``.
 """
@@ -1407,6 +1410,11 @@ def main() -> int:
     done = step("Execute and Apply (bench/execute.py)")
     r["execute"] = execute.measure(30, 3, 1) if a.quick else execute.measure(b.runs, 10, 3)
     done()
+    import hook as hook_bench  # bench/hook.py
+
+    done = step("airlock hook start-up (bench/hook.py)")
+    r["hook"] = hook_bench.measure(10 if a.quick else 30)
+    done()
     r["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     print_report(r)
     print_static(r["static"])
@@ -1422,6 +1430,7 @@ def main() -> int:
             ],
         )
     )
+    hook_bench.print_report(r["hook"])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")

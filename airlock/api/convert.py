@@ -135,7 +135,32 @@ def validate_request_to_proto(req: types.ValidateRequest) -> pb.ValidateRequest:
         msg.gid = _checked_uint32("gid", req.gid)
     msg.force_dry_run = req.force_dry_run
     msg.session_id = _checked_str("session_id", req.session_id)
+    if req.agent is not None:
+        msg.agent.CopyFrom(agent_to_proto(req.agent))
     return msg
+
+
+_AGENT_FIELDS = (
+    "agent_name",
+    "agent_version",
+    "session_id",
+    "tool_use_id",
+    "tool_description",
+    "transcript_path",
+    "prompt_excerpt",
+)
+
+
+def agent_to_proto(a: types.AgentContext) -> pb.AgentContext:
+    return pb.AgentContext(
+        **{name: _checked_str(f"agent.{name}", getattr(a, name)) for name in _AGENT_FIELDS}
+    )
+
+
+def agent_from_proto(msg: pb.AgentContext) -> types.AgentContext | None:
+    """The agent context as sent; None when it is empty (unset)."""
+    agent = types.AgentContext(**{name: getattr(msg, name) for name in _AGENT_FIELDS})
+    return None if agent.is_empty() else agent
 
 
 def validate_request_from_proto(msg: pb.ValidateRequest) -> types.ValidateRequest:
@@ -149,6 +174,7 @@ def validate_request_from_proto(msg: pb.ValidateRequest) -> types.ValidateReques
         gid=msg.gid if msg.HasField("gid") else None,
         force_dry_run=msg.force_dry_run,
         session_id=msg.session_id,
+        agent=agent_from_proto(msg.agent) if msg.HasField("agent") else None,
     )
 
 
@@ -167,6 +193,7 @@ def execute_request_to_proto(req: types.ExecuteRequest) -> pb.ExecuteRequest:
         gid=v.gid if v.HasField("gid") else None,
         approval_token=_checked_str("approval_token", req.approval_token),
         session_id=_checked_str("session_id", req.session_id),
+        agent=agent_to_proto(req.agent) if req.agent is not None else None,
     )
 
 
@@ -180,6 +207,7 @@ def execute_request_from_proto(msg: pb.ExecuteRequest) -> types.ExecuteRequest:
         gid=msg.gid if msg.HasField("gid") else None,
         approval_token=msg.approval_token,
         session_id=msg.session_id,
+        agent=agent_from_proto(msg.agent) if msg.HasField("agent") else None,
     )
 
 
@@ -202,6 +230,8 @@ def exec_event_to_proto(e: types.ExecEvent) -> pb.ExecuteResponse:
         )
     if isinstance(e, types.ProcessInfo):
         return pb.ExecuteResponse(process=_process_to_proto(e))
+    if isinstance(e, types.NetworkAttemptInfo):
+        return pb.ExecuteResponse(network_attempt=network_attempt_to_proto(e))
     if isinstance(e, types.ExecStarted):
         return pb.ExecuteResponse(
             started=pb.ExecuteStarted(
@@ -226,6 +256,8 @@ def exec_event_to_proto(e: types.ExecEvent) -> pb.ExecuteResponse:
             stdout_bytes=e.stdout_bytes,
             stderr_bytes=e.stderr_bytes,
             warm=e.warm,
+            network_attempts=[network_attempt_to_proto(a) for a in e.network_attempts],
+            network_attempts_lost=e.network_attempts_lost,
         )
     )
 
@@ -262,6 +294,41 @@ def approve_response_to_proto(g: types.ApprovalGrant) -> pb.ApproveResponse:
     )
 
 
+def pending_to_proto(p: types.PendingValidation) -> pb.PendingValidation:
+    msg = pb.PendingValidation(
+        validation_id=p.validation_id,
+        command=p.command,
+        cwd=p.cwd,
+        uid=p.uid,
+        gid=p.gid,
+        session_id=p.session_id,
+        summary=p.summary,
+        create_time=_timestamp(p.created_at),
+        expire_time=_timestamp(p.expires_at),
+    )
+    if p.agent is not None:
+        msg.agent.CopyFrom(agent_to_proto(p.agent))
+    if p.validation is not None:
+        msg.dry_run.CopyFrom(validation_to_proto(p.validation))
+    return msg
+
+
+def pending_from_proto(msg: pb.PendingValidation) -> types.PendingValidation:
+    return types.PendingValidation(
+        validation_id=msg.validation_id,
+        command=msg.command,
+        cwd=msg.cwd,
+        uid=msg.uid,
+        gid=msg.gid,
+        session_id=msg.session_id,
+        summary=msg.summary,
+        created_at=msg.create_time.ToNanoseconds() / 1_000_000_000,
+        expires_at=msg.expire_time.ToNanoseconds() / 1_000_000_000,
+        agent=agent_from_proto(msg.agent) if msg.HasField("agent") else None,
+        validation=validation_from_proto(msg.dry_run) if msg.HasField("dry_run") else None,
+    )
+
+
 def apply_response_to_proto(a: types.ApplyOutcome) -> pb.ApplyResponse:
     return pb.ApplyResponse(
         validation_id=a.validation_id,
@@ -289,6 +356,8 @@ def exec_event_from_proto(msg: pb.ExecuteResponse) -> types.ExecEvent:
         return types.ExecOutput(int(o.stream), _duration_from_proto(o.time), o.data)
     if kind == "process":
         return _process_from_proto(msg.process)
+    if kind == "network_attempt":
+        return network_attempt_from_proto(msg.network_attempt)
     if kind == "started":
         s = msg.started
         names = {v: k for k, v in _AUTHORIZATIONS.items()}
@@ -316,6 +385,8 @@ def exec_event_from_proto(msg: pb.ExecuteResponse) -> types.ExecEvent:
             stdout_bytes=f.stdout_bytes,
             stderr_bytes=f.stderr_bytes,
             warm=f.warm,
+            network_attempts=tuple(network_attempt_from_proto(a) for a in f.network_attempts),
+            network_attempts_lost=f.network_attempts_lost,
         )
     raise InvalidRequest("an Execute event with no content", reason="MALFORMED_RESPONSE")
 
@@ -364,6 +435,8 @@ def change_to_proto(c: types.FileChange) -> pb.FileChange:
         unreadable=c.unreadable,
         other_type=pb.OtherType.ValueType(c.other_type.value),
         capabilities=c.capabilities,
+        links=c.links,
+        linked_to=_decode_path(c.linked_to),
     )
     if not _is_utf8(c.path):
         msg.raw_path = c.path
@@ -406,6 +479,8 @@ def change_from_proto(msg: pb.FileChange) -> types.FileChange:
         unreadable=msg.unreadable,
         other_type=_enum_from_proto(types.OtherType, msg.other_type, types.OtherType.NONE),
         capabilities=msg.capabilities,
+        links=msg.links,
+        linked_to=msg.linked_to.encode("utf-8"),
     )
 
 
@@ -670,6 +745,12 @@ def policy_to_proto(p: types.PolicyInfo) -> pb.GetPolicyResponse:
         loaded_at=_timestamp(p.loaded_at),
         last_reload_error=p.last_reload_error,
         last_reload_at=_timestamp(p.last_reload_at),
+        last_reload_refused=p.last_reload_refused,
+        last_reload_version=p.last_reload_version,
+        rules_added=list(p.rules_added),
+        rules_removed=list(p.rules_removed),
+        files_added=list(p.files_added),
+        files_removed=list(p.files_removed),
     )
 
 
@@ -682,6 +763,12 @@ def policy_from_proto(msg: pb.GetPolicyResponse) -> types.PolicyInfo:
         loaded_at=msg.loaded_at.ToNanoseconds() / 1_000_000_000,
         last_reload_error=msg.last_reload_error,
         last_reload_at=msg.last_reload_at.ToNanoseconds() / 1_000_000_000,
+        last_reload_refused=msg.last_reload_refused,
+        last_reload_version=msg.last_reload_version,
+        rules_added=tuple(msg.rules_added),
+        rules_removed=tuple(msg.rules_removed),
+        files_added=tuple(msg.files_added),
+        files_removed=tuple(msg.files_removed),
     )
 
 
@@ -774,6 +861,8 @@ def audit_list_request_to_proto(
         session_id=_checked_str("session_id", f.session_id or ""),
         page_size=page_size,
         page_token=page_token or "",
+        agent_name=_checked_str("agent_name", f.agent_name or ""),
+        tool_use_id=_checked_str("tool_use_id", f.tool_use_id or ""),
     )
     if f.since_ns is not None:
         msg.start_time.CopyFrom(_timestamp_ns(f.since_ns))
@@ -805,6 +894,8 @@ def audit_list_request_from_proto(
         rule_id=msg.rule_id or None,
         session_id=msg.session_id or None,
         uid=msg.caller_uid if msg.HasField("caller_uid") else None,
+        agent_name=msg.agent_name or None,
+        tool_use_id=msg.tool_use_id or None,
     )
     return f, msg.page_size, msg.page_token or None
 
@@ -843,8 +934,22 @@ def audit_event_to_proto(s: audit.StoredEvent) -> pb.AuditEvent:
                 detail=e.approval.detail,
             )
         )
+        who = e.approval.approver
+        if who is not None:
+            msg.approval.approver.CopyFrom(
+                pb.AuditApprover(
+                    uid=who.uid,
+                    gid=who.gid,
+                    asked_by_uid=who.asked_by_uid,
+                    asked_by_gid=who.asked_by_gid,
+                    basis=who.basis,
+                    authenticated_by=who.authenticated_by,
+                )
+            )
     if e.outcome.exit_code is not None:
         msg.outcome.exit_code = e.outcome.exit_code
+    if e.agent is not None:
+        msg.agent.CopyFrom(agent_to_proto(e.agent))
     return msg
 
 
@@ -860,6 +965,18 @@ def audit_event_from_proto(msg: pb.AuditEvent) -> audit.StoredEvent:
                 audit.Authorization.USER_VERIFIED,
             ),
             detail=msg.approval.detail,
+            approver=(
+                audit.Approver(
+                    uid=msg.approval.approver.uid,
+                    gid=msg.approval.approver.gid,
+                    asked_by_uid=msg.approval.approver.asked_by_uid,
+                    asked_by_gid=msg.approval.approver.asked_by_gid,
+                    basis=msg.approval.approver.basis,
+                    authenticated_by=msg.approval.approver.authenticated_by,
+                )
+                if msg.approval.HasField("approver")
+                else None
+            ),
         )
     c = msg.caller
     event = audit.AuditEvent(
@@ -892,6 +1009,7 @@ def audit_event_from_proto(msg: pb.AuditEvent) -> audit.StoredEvent:
         validation_id=msg.validation_id,
         session_id=msg.session_id,
         time_ns=msg.time.ToNanoseconds(),
+        agent=agent_from_proto(msg.agent) if msg.HasField("agent") else None,
     )
     return audit.StoredEvent(seq=msg.seq, prev_hash=msg.prev_hash, hash=msg.hash, event=event)
 

@@ -15,6 +15,9 @@ its code, with the code's name as the reason.
 
 from __future__ import annotations
 
+import grp
+import os
+import stat
 from typing import Any
 
 import grpc
@@ -30,6 +33,7 @@ from airlock._errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
     SandboxError,
     Unavailable,
@@ -52,6 +56,14 @@ _CODE_OF_CLASS: dict[type[AirlockError], grpc.StatusCode] = {
     ApplyIncomplete: grpc.StatusCode.UNKNOWN,
     AirlockError: grpc.StatusCode.UNKNOWN,
 }
+# Reasons with a code of their own, for errors of a class that lives outside airlock._errors
+# (the state store's StateError, which a client must not import): the store could not be read
+# or written, or is closed because the daemon is stopping. Either way the call may succeed
+# later, which is what UNAVAILABLE tells a client; UNKNOWN told it nothing.
+_CODE_OF_REASON: dict[str, grpc.StatusCode] = {
+    Reason.STATE_STORE_FAILED: grpc.StatusCode.UNAVAILABLE,
+    Reason.STATE_STORE_CLOSED: grpc.StatusCode.UNAVAILABLE,
+}
 # The class a client raises for a code: the most general one mapped to it (not a subclass that
 # shares its base's code, such as ApplyIncomplete, whose data the status does not carry).
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[AirlockError]] = {
@@ -60,9 +72,12 @@ _CLASS_OF_CODE: dict[grpc.StatusCode, type[AirlockError]] = {
 
 
 def status_code_of(err: AirlockError) -> grpc.StatusCode:
-    """The gRPC status code of an error: that of its nearest mapped class."""
+    """The gRPC status code of an error: that of its nearest mapped class, unless the class
+    maps to UNKNOWN and its reason has a code of its own (``_CODE_OF_REASON``)."""
     for cls in type(err).__mro__:
         code = _CODE_OF_CLASS.get(cls)
+        if code is grpc.StatusCode.UNKNOWN:
+            return _CODE_OF_REASON.get(err.reason, code)
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN  # pragma: no cover - AirlockError is always in the MRO
@@ -98,7 +113,28 @@ def _unreachable_message(details: str, target: str | None) -> str:
     marker = "error: "
     cause = details.rsplit(marker, 1)[1].strip() if marker in details else details
     where = target if target else "its socket"
+    if "permission denied" in cause.lower() and target:
+        return f"cannot reach the Airlock daemon at {where} ({cause}): {_access_hint(target)}"
     return f"cannot reach the Airlock daemon at {where} ({cause}); is airlockd running?"
+
+
+def _access_hint(path: str) -> str:
+    """Who may connect to the socket ``path``, and how this user can: the daemon is running,
+    its socket's permissions keep this user out."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "this user may not use the socket or a directory above it"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    return (
+        f"the socket is mode {mode:04o}, group {group!r}: join that group "
+        f"(sudo usermod -aG {group} $USER, then log in again), or ask the operator to set "
+        "airlockd --socket-group to a group of yours"
+    )
 
 
 def from_rpc_error(e: grpc.RpcError, *, target: str | None = None) -> AirlockError:

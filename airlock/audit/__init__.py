@@ -37,6 +37,7 @@ from airlock.audit.log import (
 from airlock.audit.model import (
     Anchor,
     Approval,
+    Approver,
     AuditEvent,
     AuditFilter,
     Authorization,
@@ -57,6 +58,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "Anchor",
     "Approval",
+    "Approver",
     "AuditError",
     "AuditEvent",
     "AuditFilter",

@@ -14,7 +14,10 @@ log") states the same rules in prose.
   with :func:`path_text`;
 - no floats: integers in plain decimal (times are integer nanoseconds since the
   epoch), ``true``/``false``/``null``; enums by name (``"VALIDATE"``, ``"DENY"``);
-- arrays in the event's order.
+- arrays in the event's order;
+- keys added after the first version are written only when they hold something, so an
+  older event is encoded as it always was: ``agent`` (the agent context of the call)
+  and ``approval.approver`` (who approved, apart from who asked).
 
 This is exactly ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
 ensure_ascii=False).encode()`` in Python, and agrees with RFC 8785 except that
@@ -41,6 +44,7 @@ from typing import Any, TypeVar
 
 from airlock.audit.model import (
     Approval,
+    Approver,
     AuditEvent,
     Authorization,
     Caller,
@@ -48,7 +52,7 @@ from airlock.audit.model import (
     RpcKind,
     RuleDecision,
 )
-from airlock.types import Finding, Verdict
+from airlock.types import AgentContext, Finding, Verdict
 
 __all__ = [
     "FORMAT",
@@ -91,8 +95,21 @@ def _to_json(e: AuditEvent) -> dict[str, Any]:
             "authorization": Authorization(e.approval.authorization).name,
             "detail": e.approval.detail,
         }
+        who = e.approval.approver
+        if who is not None:
+            approval["approver"] = {
+                "asked_by_gid": _int("approver.asked_by_gid", who.asked_by_gid),
+                "asked_by_uid": _int("approver.asked_by_uid", who.asked_by_uid),
+                "authenticated_by": who.authenticated_by,
+                "basis": who.basis,
+                "gid": _int("approver.gid", who.gid),
+                "uid": _int("approver.uid", who.uid),
+            }
     exit_code = e.outcome.exit_code
-    return {
+    more: dict[str, Any] = {}
+    if e.agent is not None:
+        more["agent"] = {name: getattr(e.agent, name) for name in _AGENT_KEYS}
+    return more | {
         "approval": approval,
         "caller": {
             "exe": e.caller.exe,
@@ -187,6 +204,18 @@ _EVENT_KEYS = frozenset(
 )
 _CALLER_KEYS = frozenset({"exe", "gid", "pid", "uid"})
 _APPROVAL_KEYS = frozenset({"approved", "authorization", "detail"})
+_APPROVER_KEYS = frozenset(
+    {"asked_by_gid", "asked_by_uid", "authenticated_by", "basis", "gid", "uid"}
+)
+_AGENT_KEYS = (
+    "agent_name",
+    "agent_version",
+    "prompt_excerpt",
+    "session_id",
+    "tool_description",
+    "tool_use_id",
+    "transcript_path",
+)
 _OUTCOME_KEYS = frozenset({"applied_paths", "error", "exit_code"})
 _FINDING_KEYS = frozenset({"rule_id", "verdict"})
 
@@ -197,6 +226,11 @@ def decode_event(body: str | bytes) -> AuditEvent:
         raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise MalformedEvent(f"not JSON: {err}") from None
+    agent = None
+    if isinstance(raw, dict) and "agent" in raw:  # written since agent contexts exist
+        raw = dict(raw)
+        g = _obj(raw.pop("agent"), frozenset(_AGENT_KEYS), "agent")
+        agent = AgentContext(**{k: _str(g[k], f"agent.{k}") for k in _AGENT_KEYS})
     d = _obj(raw, _EVENT_KEYS, "event")
     c = _obj(d["caller"], _CALLER_KEYS, "caller")
     o = _obj(d["outcome"], _OUTCOME_KEYS, "outcome")
@@ -208,13 +242,28 @@ def decode_event(body: str | bytes) -> AuditEvent:
         raise MalformedEvent("findings is not an array")
     approval = None
     if d["approval"] is not None:
-        a = _obj(d["approval"], _APPROVAL_KEYS, "approval")
+        approver = None
+        if isinstance(d["approval"], dict) and "approver" in d["approval"]:
+            a = dict(d["approval"])
+            w = _obj(a.pop("approver"), _APPROVER_KEYS, "approval.approver")
+            approver = Approver(
+                uid=_int("approval.approver.uid", w["uid"]),
+                gid=_int("approval.approver.gid", w["gid"]),
+                asked_by_uid=_int("approval.approver.asked_by_uid", w["asked_by_uid"]),
+                asked_by_gid=_int("approval.approver.asked_by_gid", w["asked_by_gid"]),
+                basis=_str(w["basis"], "approval.approver.basis"),
+                authenticated_by=_str(w["authenticated_by"], "approval.approver.authenticated_by"),
+            )
+        else:
+            a = d["approval"]
+        a = _obj(a, _APPROVAL_KEYS, "approval")
         if not isinstance(a["approved"], bool):
             raise MalformedEvent("approval.approved is not a boolean")
         approval = Approval(
             approved=a["approved"],
             authorization=_enum(Authorization, a["authorization"], "approval.authorization"),
             detail=_str(a["detail"], "approval.detail"),
+            approver=approver,
         )
     decisions = []
     for i, item in enumerate(findings):
@@ -248,6 +297,7 @@ def decode_event(body: str | bytes) -> AuditEvent:
         validation_id=_str(d["validation_id"], "validation_id"),
         session_id=_str(d["session_id"], "session_id"),
         time_ns=_int("time_ns", d["time_ns"]),
+        agent=agent,
     )
 
 

@@ -26,7 +26,8 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO
@@ -73,6 +74,16 @@ KEY_BYTES = 32
 _APPLICATION_ID = 0x41415544  # "AAUD" in the database header
 _SCHEMA_VERSION = 1
 _MOVED_WINDOW = 1000  # verify tries this many seqs either side of an event that moved
+# A stalled log (another process holds its write lock: a backup, an operator's sqlite3; a
+# disk that does not answer) must not hold the daemon's callers: an append whose commit has
+# not begun within APPEND_TIMEOUT_S is withdrawn and fails, and at most MAX_QUEUED events
+# wait at once. The one writer thread tries SQLite's write lock _WRITER_BUSY_MS at a time;
+# a read waits _READ_BUSY_MS for a lock before it fails.
+APPEND_TIMEOUT_S = 5.0
+MAX_QUEUED = 4096
+_WRITER_BUSY_MS = 200
+_READ_BUSY_MS = 2000
+_BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -123,12 +134,15 @@ def caller_of(peer: PeerCred) -> Caller:
 def parse_anchor(text: str) -> Anchor:
     """An anchor from its text form ``SEQ:HASH``."""
     seq, sep, digest = text.strip().partition(":")
+    # A real anchor is under 100 characters: the message quotes no more (an error that
+    # echoed a huge one would not fit in a gRPC status).
+    shown = repr(text[:100]) + ("..." if len(text) > 100 else "")
     if not sep or not seq.isdigit() or len(digest) != 64:
-        raise InvalidRequest(f"anchor {text!r} is not SEQ:HASH", reason="INVALID_ANCHOR")
+        raise InvalidRequest(f"anchor {shown} is not SEQ:HASH", reason="INVALID_ANCHOR")
     try:
         bytes.fromhex(digest)
     except ValueError:
-        raise InvalidRequest(f"anchor {text!r} is not SEQ:HASH", reason="INVALID_ANCHOR") from None
+        raise InvalidRequest(f"anchor {shown} is not SEQ:HASH", reason="INVALID_ANCHOR") from None
     return Anchor(seq=int(seq), hash=digest.lower())
 
 
@@ -195,6 +209,8 @@ def _fingerprint(f: AuditFilter) -> str:
         f.session_id,
         f.uid,
     ]
+    if f.agent_name is not None or f.tool_use_id is not None:
+        fields += [f.agent_name, f.tool_use_id]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:12]
 
 
@@ -231,13 +247,21 @@ def _rules_of(body: str) -> builtins.list[str] | None:
 class _Walk:
     """verify's one pass over the events and the rule index, both in seq order."""
 
-    def __init__(self, conn: sqlite3.Connection, key: bytes | None, anchor: Anchor | None):
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        key: bytes | None,
+        anchor: Anchor | None,
+        known: Anchor | None = None,
+    ):
         self.conn = conn
         self.key = key
         self.anchor_seq = anchor.seq if anchor is not None else 0
+        self.known_seq = known.seq if known is not None else 0
         self.expected_seq = 1
         self.expected_prev = GENESIS_HASH
         self.anchored: str | None = None  # the hash of event anchor_seq
+        self.known: str | None = None  # the hash of event known_seq
         self.mismatch: tuple[int, str, str, str] | None = None  # a row whose hash is wrong
         self._needles: dict[str, bytes] = {}
 
@@ -281,6 +305,8 @@ class _Walk:
                 return self._rules_problem(seq, body.decode("utf-8", "replace"), indexed)
             if seq == self.anchor_seq:
                 self.anchored = digest
+            if seq == self.known_seq:
+                self.known = digest
             self.expected_seq, self.expected_prev = seq + 1, digest
         if pending is not None:
             last = self.expected_seq - 1
@@ -332,22 +358,41 @@ def _rule_json(rule: str) -> bytes:
 
 
 def _check_anchor(
-    anchor: Anchor, head: Anchor | None, anchored: str | None
+    anchor: Anchor, head: Anchor | None, anchored: str | None, source: str = "the anchor"
 ) -> VerifyProblem | None:
+    """``anchor`` (an earlier head, from ``source``) against the log's head and the hash the
+    log holds at the anchor's seq."""
     last = head.seq if head else 0
     if anchor.seq > last:
         return VerifyProblem(
             ProblemKind.TRUNCATED,
             last + 1,
-            f"the anchor names event {anchor.seq}, but the log ends at {last}: "
+            f"{source} names event {anchor.seq}, but the log ends at {last}: "
             f"events {last + 1}..{anchor.seq} were removed from its end",
         )
     if anchor.seq >= 1 and anchored != anchor.hash:
         return VerifyProblem(
             ProblemKind.REWRITTEN,
             anchor.seq,
-            f"event {anchor.seq} has hash {anchored}, but the anchor says {anchor.hash}: "
+            f"event {anchor.seq} has hash {anchored}, but {source} says {anchor.hash}: "
             "the chain up to it was rewritten",
+        )
+    return None
+
+
+def _file_problem(path: str) -> VerifyProblem | None:
+    """A log file emptied, seen without opening it (SQLite would wait on it or misread it).
+
+    Only ``stat``: opening and closing the file here would drop the locks SQLite holds on it
+    in this process (POSIX record locks belong to the process, not to a descriptor).
+    """
+    try:
+        size = os.stat(path).st_size
+    except OSError as err:
+        raise AuditError(f"audit log {path}: cannot be read: {err.strerror}") from None
+    if size == 0:
+        return VerifyProblem(
+            ProblemKind.TRUNCATED, 1, f"the file {path} is empty: the log was cut short"
         )
     return None
 
@@ -358,7 +403,8 @@ class _Pending:
 
     events: tuple[AuditEvent, ...]
     bodies: list[bytes]
-    done: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    claimed: bool = False  # its commit began: it is written or fails whole, never withdrawn
     stored: list[StoredEvent] = field(default_factory=list)
     error: AuditError | None = None
 
@@ -367,23 +413,34 @@ class AuditLog:
     """An append-only, hash-chained audit log in the SQLite file ``path``.
 
     Opens (creating if need be) at construction; use it as a context manager or call
-    :meth:`close`. Thread-safe: appends are serialized (and batched when they come at
-    once), reads run beside them. ``key``: HMAC the chain with it (see ``load_key``).
+    :meth:`close`. Thread-safe: one writer thread commits appends (batched when they come
+    at once), reads run beside them. ``key``: HMAC the chain with it (see ``load_key``).
     ``fsync=False`` trades durability across a machine crash for latency (an appended
     event still survives the process being killed); see docs/decisions.md.
+    ``append_timeout_s``: how long an append waits for its commit to begin (see
+    :meth:`append_many`). No thread runs until the first append.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, key: bytes | None = None, fsync: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key: bytes | None = None,
+        fsync: bool = True,
+        append_timeout_s: float = APPEND_TIMEOUT_S,
     ) -> None:
         self.path = os.fspath(path)
         self._key = key
-        self._write_lock = threading.Lock()  # held while committing
-        self._queue_lock = threading.Lock()
+        self.append_timeout_s = append_timeout_s
+        self._cond = threading.Condition()  # guards the queue, its count, _closing, claims
         self._queue: builtins.list[_Pending] = []  # appends waiting for the next commit
+        self._queued = 0  # events in the queue
+        self._writer_thread: threading.Thread | None = None
+        self._closing = False
         self._read_lock = threading.Lock()
         self._closed = False
         self._last: Anchor | None = None
+        self._on_commit: Callable[[Anchor], None] | None = None
         # FULL: the WAL is fsynced at every commit, so an appended event survives a crash of
         # the machine; NORMAL: only the process being killed (see _sqlite.Database.connect).
         self._db = _sqlite.Database(
@@ -402,7 +459,9 @@ class AuditLog:
             self._writer = self._db.connect()
             try:
                 self._setup(self._writer)
+                self._writer.execute(f"PRAGMA busy_timeout = {_WRITER_BUSY_MS}")
                 self._reader = self._db.connect()
+                self._reader.execute(f"PRAGMA busy_timeout = {_READ_BUSY_MS}")
                 self._last = self._head(self._reader)
             except BaseException:
                 self._writer.close()
@@ -426,7 +485,14 @@ class AuditLog:
         self.close()
 
     def close(self) -> None:
-        with self._write_lock, self._read_lock:
+        """Stop the writer (appends still queued fail with AUDIT_LOG_CLOSED), then close."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._writer_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._read_lock:
             if self._closed:
                 return
             self._closed = True
@@ -441,48 +507,125 @@ class AuditLog:
         """Append one event; it is durable (fsynced) when this returns."""
         return self.append_many((event,))[0]
 
-    def append_many(self, events: Sequence[AuditEvent]) -> builtins.list[StoredEvent]:
+    def append_many(
+        self, events: Sequence[AuditEvent], *, timeout: float | None = None
+    ) -> builtins.list[StoredEvent]:
         """Append events in one transaction: all of them or none.
 
-        Concurrent callers share commits (group commit): whoever holds the write lock
-        commits every event queued so far in one transaction and one fsync, and the
-        others find theirs done when they get the lock.
+        One writer thread commits every event queued so far in one transaction and one
+        fsync (group commit); callers wait for theirs. An append whose commit has not
+        begun within ``timeout`` (default ``append_timeout_s``: another process holds the
+        log's write lock, or the disk stalls) is withdrawn and fails, nothing of it
+        written; so does one that finds MAX_QUEUED events waiting. One whose commit has
+        begun is waited for: it is then written, or fails, as a whole.
         """
         try:
             bodies = [encode_event(e) for e in events]
         except MalformedEvent as err:
             raise AuditError(f"cannot log the event: {err}", reason="AUDIT_EVENT_INVALID") from None
         mine = _Pending(tuple(events), bodies)
-        with self._queue_lock:
+        with self._cond:
+            if self._closing or self._closed:
+                raise AuditError(f"the audit log {self.path} is closed", reason="AUDIT_LOG_CLOSED")
+            if self._queued + len(bodies) > MAX_QUEUED:
+                raise AuditError(
+                    f"the audit log {self.path} has {self._queued} events waiting for a commit "
+                    "(it is stalled); nothing was appended"
+                )
             self._queue.append(mine)
-        with self._write_lock:
-            if not mine.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit(batch)
+            self._queued += len(bodies)
+            if self._writer_thread is None:
+                self._writer_thread = threading.Thread(
+                    target=self._write_loop, name="audit-writer", daemon=True
+                )
+                self._writer_thread.start()
+            self._cond.notify_all()
+        wait = self.append_timeout_s if timeout is None else timeout
+        if not mine.done.wait(wait):
+            with self._cond:
+                if not mine.claimed:
+                    self._queue.remove(mine)
+                    self._queued -= len(bodies)
+                    raise AuditError(
+                        f"the audit log {self.path} did not take the event within {wait:g} s "
+                        "(another process holds its write lock, or its disk stalls); "
+                        "nothing was appended"
+                    )
+            mine.done.wait()  # its commit began: it ends, written or failed
         if mine.error is not None:
             raise AuditError(mine.error.message, reason=mine.error.reason)
         return mine.stored
 
-    def _commit(self, batch: builtins.list[_Pending]) -> None:
-        """Write a batch of pending appends in one transaction; mark each done."""
+    def on_commit(self, callback: Callable[[Anchor], None] | None) -> None:
+        """Call ``callback(head)`` after each commit, in the writer thread (it must not block)."""
+        self._on_commit = callback
+
+    def _claim(self) -> builtins.list[_Pending]:
+        """Take every queued append (``_cond`` held): their commit begins."""
+        batch, self._queue, self._queued = self._queue, [], 0
+        for p in batch:
+            p.claimed = True
+        return batch
+
+    def _write_loop(self) -> None:
+        """The one writer: commit whatever is queued until the log closes."""
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    closed = AuditError(
+                        f"the audit log {self.path} is closed", reason="AUDIT_LOG_CLOSED"
+                    )
+                    for p in self._claim():
+                        p.stored, p.error = [], closed
+                        p.done.set()
+                    return
+            if not self._commit_queued():
+                with self._cond:  # locked by another process: try again shortly
+                    self._cond.wait(0.05)
+
+    def _commit_queued(self) -> bool:
+        """Commit the queue in one transaction, marking each append done; False: the log
+        is locked by another process (nothing was taken from the queue)."""
+        conn = self._writer
+        batch: builtins.list[_Pending] = []
         try:
-            with self._db.guard("append"), _sqlite.immediate(self._open_conn(self._writer)) as conn:
-                self._insert(conn, batch)
+            with self._db.guard("append"):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")  # waits _WRITER_BUSY_MS at most
+                except sqlite3.OperationalError as err:
+                    if getattr(err, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES:
+                        return False
+                    raise
+                with self._cond:
+                    batch = self._claim()
+                try:
+                    self._insert(conn, batch)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
         except AuditError as err:
+            if not batch:  # BEGIN failed: the queue fails with it
+                with self._cond:
+                    batch = self._claim()
             for p in batch:
                 p.stored, p.error = [], err
-        except BaseException:
+        except Exception as exc:  # a bug: the callers fail closed, the writer goes on
             for p in batch:
-                p.stored, p.error = [], AuditError("the append was interrupted")
-            raise
+                p.stored, p.error = [], AuditError(f"the append failed: {exc!r}")
         else:
             written = [p.stored[-1] for p in batch if p.stored]
             if written:
                 self._last = Anchor(seq=written[-1].seq, hash=written[-1].hash)
+                if self._on_commit is not None:
+                    self._on_commit(self._last)
         finally:
             for p in batch:
-                p.done = True
+                p.done.set()
+        return True
 
     def _insert(self, conn: sqlite3.Connection, batch: builtins.list[_Pending]) -> None:
         head = self._head(conn)
@@ -565,6 +708,9 @@ class AuditLog:
             ("e.verdict = ?", None if f.verdict is None else f.verdict.name),
             ("e.session_id = ?", f.session_id),
             ("e.uid = ?", f.uid),
+            # No index: a scan of the events the other filters leave (docs/decisions.md §8).
+            ("json_extract(e.body, '$.agent.agent_name') = ?", f.agent_name),
+            ("json_extract(e.body, '$.agent.tool_use_id') = ?", f.tool_use_id),
         ):
             if value is not None:
                 where.append(clause)
@@ -657,8 +803,13 @@ class AuditLog:
         whole chain, without the key) is invisible to the chain alone: pass an
         ``anchor`` (an earlier :meth:`head`, kept elsewhere) to catch it.
         """
+        self._open_conn(self._reader)
+        cut = _file_problem(self.path)
+        if cut is not None:  # answered at once: SQLite may wait on (or misread) such a file
+            return VerifyResult(events=0, head=None, problem=cut)
+        known = self._last  # the last event this log appended or found at open
         with self._db.guard("verify"), self._snapshot() as conn:
-            walk = _Walk(conn, self._key, anchor)
+            walk = _Walk(conn, self._key, anchor, known)
             problem = walk.run()
             if walk.mismatch is not None:
                 problem = self._diagnose(conn, *walk.mismatch)
@@ -666,7 +817,22 @@ class AuditLog:
         head = Anchor(last, walk.expected_prev) if last else None
         if problem is None and anchor is not None:
             problem = _check_anchor(anchor, head, walk.anchored)
+        if problem is None and known is not None:
+            problem = _check_anchor(known, head, walk.known, "the daemon's last append")
         return VerifyResult(events=last, head=head, problem=problem)
+
+    def check_continues(self, anchor: Anchor, source: str) -> VerifyProblem | None:
+        """Whether the log still holds ``anchor`` (a head kept elsewhere, by ``source``):
+        None, or what is wrong (the file cut short, the log ending before it, another hash).
+        Reads the header, the head and one event: prompt on any size of log."""
+        cut = _file_problem(self.path)
+        if cut is not None:
+            return cut
+        with self._read_lock, self._db.guard("read the head"):
+            conn = self._open_conn(self._reader)
+            head = self._head(conn)
+            row = conn.execute("SELECT hash FROM events WHERE seq = ?", (anchor.seq,)).fetchone()
+        return _check_anchor(anchor, head, None if row is None else row[0], source)
 
     def _diagnose(
         self, conn: sqlite3.Connection, seq: int, prev: str, digest: str, body: str
@@ -726,7 +892,16 @@ class AuditLog:
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """A connection of its own in one read transaction: long reads do not block."""
         self._open_conn(self._reader)
-        conn = self._db.connect()
+        # Not _db.connect(): setting the journal mode may wait for a lock; the file is in WAL
+        # mode already. mode=rw: a log that was removed is not created empty.
+        uri = f"file:{urllib.parse.quote(self.path)}?mode=rw"
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=_READ_BUSY_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         try:
             conn.execute("BEGIN")
             yield conn

@@ -1,7 +1,8 @@
 """The audit trail's frozen types (candidates for ``airlock.types``).
 
 An :class:`AuditEvent` is what one RPC (Validate, Approve, Apply, Discard, Execute)
-contributes to the log; the log stores it as a :class:`StoredEvent`, which adds its
+contributes to the log (or, kind ``POLICY``, the operator's acceptance of a policy reload
+that drops rules or files); the log stores it as a :class:`StoredEvent`, which adds its
 place in the hash chain. The other types are the arguments and results of
 ``AuditLog.list`` and ``AuditLog.verify``.
 """
@@ -12,11 +13,12 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from airlock.types import Verdict
+from airlock.types import AgentContext, Verdict
 
 __all__ = [
     "Anchor",
     "Approval",
+    "Approver",
     "AuditEvent",
     "AuditFilter",
     "Authorization",
@@ -39,6 +41,7 @@ class RpcKind(enum.IntEnum):
     APPLY = 3
     DISCARD = 4
     EXECUTE = 5
+    POLICY = 6  # not a call: the operator accepted a policy reload that drops rules or files
 
 
 class Authorization(enum.IntEnum):
@@ -79,10 +82,29 @@ class RuleDecision:
 
 
 @dataclass(frozen=True)
+class Approver:
+    """Who gave an approval and how the daemon knows, apart from who asked for it.
+
+    The approver is the Approve call's caller, known by the kernel's credentials of its
+    connection (SO_PEERCRED: ``authenticated_by`` "peer-credentials"); who asked is the
+    validation's user. ``basis`` says why the approver may approve: "approver" (one of
+    the daemon's approvers) or "self-approval" (its own ask; allow-self-approval is set).
+    """
+
+    uid: int
+    gid: int
+    asked_by_uid: int
+    asked_by_gid: int
+    basis: str
+    authenticated_by: str = "peer-credentials"
+
+
+@dataclass(frozen=True)
 class Approval:
     approved: bool
     authorization: Authorization
     detail: str = ""  # who or what authorized it: a session grant, a policy rule, ...
+    approver: Approver | None = None  # an Approve's approver (None in older events)
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,7 @@ class AuditEvent:
     validation_id: str = ""
     session_id: str = ""
     time_ns: int = field(default_factory=time.time_ns)  # nanoseconds since the epoch
+    agent: AgentContext | None = None  # what made the agent ask, as it said (not verified)
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,8 @@ class AuditFilter:
     rule_id: str | None = None  # the event has a finding of this rule
     session_id: str | None = None
     uid: int | None = None  # the caller's uid
+    agent_name: str | None = None  # the agent context's agent name
+    tool_use_id: str | None = None  # the agent context's tool-use id
 
 
 @dataclass(frozen=True)

@@ -25,20 +25,37 @@ Where the agent cannot ask (Codex, Gemini) an ask is a deny whose reason gives t
 ``airlock approve`` command. The sources these formats were checked against are
 recorded in tests/data/hooks/<agent>.json.
 
-Start-up is kept light: the gRPC client is imported only when a command is judged.
+Start-up is kept light: the one call is made over HTTP/2 by :mod:`airlock.cli._h2call`
+(``h2``, pure Python) without importing grpc, the generated messages are imported only
+when a command is judged, and the typed client (with its conversions) not at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
+import errno
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from airlock import types
+from airlock._errors import (
+    AirlockError,
+    Cancelled,
+    Conflict,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SandboxError,
+    Unavailable,
+)
+from airlock.cli import _h2call
 
 __all__ = [
     "AGENTS",
@@ -79,6 +96,65 @@ class Request:
     command: str
     cwd: str
     session_id: str = ""
+    agent: types.AgentContext | None = None  # what the agent said about the call
+
+
+# The agent context each agent's hook input gives (docs: tests/data/hooks/<agent>.json):
+# (agent name, {AgentContext field: (where in the input, key)}) with "" the top level and
+# "tool_input" the tool call's input.
+_AGENT_FIELDS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "claude": (
+        "claude-code",
+        {
+            "session_id": ("", "session_id"),
+            "tool_use_id": ("", "tool_use_id"),
+            "tool_description": ("tool_input", "description"),
+            "transcript_path": ("", "transcript_path"),
+        },
+    ),
+    "codex": (
+        "codex",
+        {
+            "session_id": ("", "session_id"),
+            "tool_use_id": ("", "tool_use_id"),
+            "transcript_path": ("", "transcript_path"),
+        },
+    ),
+    "gemini": (
+        "gemini-cli",
+        {
+            "session_id": ("", "session_id"),
+            "tool_description": ("tool_input", "description"),
+            "transcript_path": ("", "transcript_path"),
+        },
+    ),
+    "cursor": (
+        "cursor",
+        {
+            "agent_version": ("", "cursor_version"),
+            "session_id": ("", "conversation_id"),
+            "tool_use_id": ("", "generation_id"),
+        },
+    ),
+}
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (never inside a character)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
+
+
+def agent_context(agent: str, data: Mapping[str, Any]) -> types.AgentContext:
+    """What ``agent``'s hook input says about the call, each field cut to its limit."""
+    name, fields = _AGENT_FIELDS[agent]
+    values = {"agent_name": name}
+    tool_input = data.get("tool_input")
+    for field_name, (where, key) in fields.items():
+        source = tool_input if where == "tool_input" else data
+        if isinstance(source, dict):
+            values[field_name] = _string(source, key).replace("\0", "")
+    return types.AgentContext(**{k: _cut(v, types.AGENT_LIMITS[k]) for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -140,7 +216,7 @@ def parse_request(agent: str, raw: str) -> Request:
         raise HookError("the hook input has no command")
     if not cwd or not os.path.isabs(cwd):
         raise HookError(f"the hook input has no absolute working directory (cwd: {cwd!r})")
-    return Request(command=command, cwd=cwd, session_id=session)
+    return Request(command=command, cwd=cwd, session_id=session, agent=agent_context(agent, data))
 
 
 # --- writing the agent's answer ---------------------------------------------------------
@@ -244,16 +320,139 @@ def _environment() -> dict[str, str]:
     return env
 
 
+# The same default as airlock.client (a unit test checks), without importing the client:
+# its conversions pull in the audit types, about a third of the hook's start-up.
+_DEFAULT_SOCKET_PATH = "/run/airlock/airlock.sock"
+_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+VALIDATE_METHOD = "/airlock.v1.SandboxService/Validate"
+_ERROR_DOMAIN = "airlock.dev"  # airlock.api.status.DOMAIN (a unit test checks)
+# gRPC status code -> the error class airlock.api.status maps it to (its _CLASS_OF_CODE, by
+# number: a unit test checks they are the same), without importing grpc.
+_CLASS_OF_CODE: dict[int, type[AirlockError]] = {
+    1: Cancelled,
+    2: AirlockError,
+    3: InvalidRequest,
+    5: NotFound,
+    7: PermissionDenied,
+    8: ResourceExhausted,
+    9: FailedPrecondition,
+    10: Conflict,
+    13: SandboxError,
+    14: Unavailable,
+}
+
+
+_E = TypeVar("_E", bound=enum.IntEnum)
+
+
+def _of(kind: type[_E], value: int, fallback: _E) -> _E:
+    try:
+        return kind(value)
+    except ValueError:
+        return fallback  # unspecified, or newer than this client: the strict side
+
+
+def _reason_in(details: bytes) -> str | None:
+    """The Airlock reason in a ``grpc-status-details-bin`` (a ``google.rpc.Status`` whose
+    details hold an ``ErrorInfo`` of Airlock's domain), or None."""
+    if not details:
+        return None
+    from google.rpc import error_details_pb2, status_pb2
+
+    try:
+        status = status_pb2.Status.FromString(details)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info) and info.domain == _ERROR_DOMAIN and info.reason:
+                    reason: str = info.reason
+                    return reason
+    except Exception:  # unreadable details: treat them as absent, as the typed client does
+        return None
+    return None
+
+
+def error_of_call(e: _h2call.CallError, target: str) -> AirlockError:
+    """The Airlock error a failed call stands for, as :func:`airlock.api.status.from_rpc_error`
+    makes it from a grpc error: the daemon's class and reason when it sent them; otherwise
+    the class of the code, with "cannot reach the daemon" for UNAVAILABLE and "did not answer
+    in time" for DEADLINE_EXCEEDED."""
+    name = _h2call.code_name(e.code)
+    message = e.message or name.replace("_", " ").lower()
+    cls = _CLASS_OF_CODE.get(e.code, AirlockError)
+    reason = _reason_in(e.details) if e.from_server else None
+    if reason is not None:
+        return cls(message, reason=reason)
+    if e.code == _h2call.UNAVAILABLE:
+        if e.errno == errno.EACCES:
+            from airlock.api.status import _access_hint  # only on this error: it loads grpc
+
+            return Unavailable(
+                f"cannot reach the Airlock daemon at {target} ({message}): {_access_hint(target)}"
+            )
+        return Unavailable(
+            f"cannot reach the Airlock daemon at {target} ({message}); is airlockd running?"
+        )
+    if e.code == _h2call.DEADLINE_EXCEEDED:
+        return AirlockError(f"the Airlock daemon did not answer in time: {message}", reason=name)
+    return cls(message, reason=name)
+
+
 def daemon_validator(socket: str | None, deadline: float) -> Validator:
-    """Judge a request with the daemon at ``socket``, waiting at most ``deadline`` seconds."""
+    """Judge a request with the daemon at ``socket``, waiting at most ``deadline`` seconds.
+
+    The hook's one call is made without grpc, by :mod:`airlock.cli._h2call` (HTTP/2 with
+    ``h2``), and only the fields the answer uses are read (the id, verdict, summary and
+    findings, each mapped as :mod:`airlock.api.convert` maps them): ``import grpc`` and the
+    typed client would cost this process, which runs before every shell command, about as
+    much again as all the rest of its start-up (docs/performance.md section 11). Every
+    failure of the call is an :class:`airlock.AirlockError`, as the typed client raises it.
+    """
+    path = os.path.abspath(socket or os.environ.get("AIRLOCK_SOCKET") or _DEFAULT_SOCKET_PATH)
 
     def validate(req: Request) -> types.Validation:
-        from airlock.client import Client  # grpc: imported only when there is a command
+        from google.protobuf.message import DecodeError
 
-        with Client(socket, timeout=deadline) as client:
-            return client.validate(
-                req.command, cwd=req.cwd, env=_environment(), session_id=req.session_id
+        from airlock.v1 import sandbox_pb2 as pb
+
+        msg = pb.ValidateRequest(
+            command=req.command, cwd=req.cwd, env=_environment(), session_id=req.session_id
+        )
+        if req.agent is not None:
+            msg.agent.CopyFrom(
+                pb.AgentContext(**{name: getattr(req.agent, name) for name in types.AGENT_LIMITS})
             )
+        try:
+            raw = _h2call.unary(
+                path,
+                VALIDATE_METHOD,
+                msg.SerializeToString(),
+                deadline,
+                max_response=_MAX_RECEIVE_BYTES,
+            )
+        except _h2call.CallError as e:
+            raise error_of_call(e, path) from None
+        try:
+            r = pb.ValidateResponse.FromString(raw)
+        except DecodeError as e:
+            raise AirlockError(
+                f"the daemon's answer cannot be read ({e})", reason="INTERNAL"
+            ) from None
+        return types.Validation(
+            validation_id=r.validation_id,
+            verdict=_of(types.Verdict, r.verdict, types.Verdict.DENY),
+            summary=r.summary,
+            findings=tuple(
+                types.Finding(
+                    rule_id=f.rule_id,
+                    verdict=_of(types.Verdict, f.verdict, types.Verdict.DENY),
+                    severity=_of(types.Severity, f.severity, types.Severity.CRITICAL),
+                    message=f.message,
+                    source=_of(types.FindingSource, f.source, types.FindingSource.BUILTIN),
+                )
+                for f in r.findings
+            ),
+        )
 
     return validate
 
@@ -279,6 +478,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="airlock hook",
         description="Answer a coding agent's pre-shell hook: read its JSON on stdin, ask the "
         "daemon, print the verdict in the agent's format. Fails closed.",
+        epilog="To add this hook to the agent's settings (or remove it): "
+        "airlock hook install|uninstall AGENT [--project DIR].",
     )
     parser.add_argument("agent", choices=AGENTS, help="whose hook format to read and answer")
     parser.add_argument(

@@ -3,10 +3,14 @@
 ::
 
     airlock policy lint PATH...
-    airlock policy test PATH...
+    airlock policy test [--coverage [--fail-under PERCENT]] [--json] PATH...
     airlock policy explain [--policy DIR] [--json] [--effects FILE] [-- COMMAND...]
+    airlock policy diff OLD NEW [--corpus DIR]... [--json]
 
-Exit status: 0 ok, 1 problems (lint errors, failed tests, an invalid policy), 2 usage error.
+Exit status: 0 ok, 1 problems (lint errors, failed tests, an invalid policy), 2 usage error;
+diff: 0 no verdict changes, 1 changes, 2 a policy does not load or a usage error.
+test --coverage: the rules and exceptions nothing exercises never change the status, unless
+--fail-under PERCENT is given (1 when less than PERCENT is exercised; it implies --coverage).
 """
 
 from __future__ import annotations
@@ -76,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     test.add_argument("paths", nargs="+", metavar="PATH", help="a policy directory or file")
     test.add_argument("-v", "--verbose", action="store_true", help="also list the passing tests")
+    test.add_argument(
+        "--coverage",
+        action="store_true",
+        help="also list the rules and exceptions no inline test or fixture command exercises",
+    )
+    test.add_argument(
+        "--fail-under",
+        type=float,
+        metavar="PERCENT",
+        help="exit 1 when less than PERCENT of the rules, exceptions and "
+        "effect rules are exercised (implies --coverage; without it, coverage never changes "
+        "the exit status)",
+    )
+    test.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser(
         "path",
         help="print where the shipped default policy is installed",
@@ -108,6 +126,22 @@ def _parser() -> argparse.ArgumentParser:
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command's words"
     )
     explain.set_defaults(subparser=explain)
+    diff = sub.add_parser(
+        "diff",
+        help="list every static verdict a policy change changes",
+        description="Replay command lines through the policies OLD and NEW (each with its own "
+        "command catalog) and list every line whose static verdict changes, with the rules "
+        "that decided it on each side. The lines: every command of the fixture files under "
+        "--corpus DIR (repeatable); without it, the fixture files under OLD and NEW and the "
+        "inline tests of both policies' rules.",
+        epilog="Exit status: 0 no verdict changes, 1 changes, 2 a policy does not load.",
+    )
+    diff.add_argument("old", metavar="OLD", help="the policy before (directory or file)")
+    diff.add_argument("new", metavar="NEW", help="the policy after (directory or file)")
+    diff.add_argument(
+        "--corpus", action="append", metavar="DIR", help="a directory or file of command lines"
+    )
+    diff.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -151,7 +185,7 @@ def _test(args: argparse.Namespace) -> int:
         _print_problems(e.problems, "error", sys.stdout)
         sys.stderr.write("the policy does not load; no tests were run\n")
         return EXIT_PROBLEMS
-    results = run_inline_tests((*bundle.rules, *bundle.effect_rules))
+    results = run_inline_tests((*bundle.rules, *bundle.effect_rules), analyze=bundle.analyze)
     inline = sum(len(r.tests) for r in bundle.rules)
     inline += sum(len(r.tests) for r in bundle.effect_rules)
     problems: list[PolicyProblem] = []
@@ -167,16 +201,51 @@ def _test(args: argparse.Namespace) -> int:
         problems.extend(found)
         results.extend(run_fixture(bundle, case) for case in cases)
     failed = [r for r in results if not r.ok]
+    passed = len(results) - len(failed)
+    status = EXIT_PROBLEMS if failed or problems else EXIT_OK
+    covered = None
+    if args.coverage or args.fail_under is not None:
+        from airlock.cli import _policy_coverage as pc
+        from airlock.cli._policy_diff import corpus_lines
+
+        covered = pc.coverage(bundle, [line.command for line in corpus_lines(args.paths)])
+        if args.fail_under is not None and covered.percent < args.fail_under:
+            status = EXIT_PROBLEMS
+    if args.json:
+        doc: dict[str, Any] = {
+            "passed": passed,
+            "failed": len(failed),
+            "inline": inline,
+            "fixture_files": fixtures,
+            "results": [
+                {
+                    "file": r.file,
+                    "line": r.line,
+                    "rule_id": r.rule_id,
+                    "command": r.command,
+                    "expect_fire": r.expect_fire,
+                    "ok": r.ok,
+                    "detail": r.detail,
+                }
+                for r in (results if args.verbose else failed)
+            ],
+            "errors": [{"file": p.file, "line": p.line, "message": p.message} for p in problems],
+        }
+        if covered is not None:
+            doc["coverage"] = pc.json_doc(covered)
+        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        return status
     for r in results if args.verbose else failed:
         sys.stdout.write(f"{r}\n")
     _print_problems(problems, "error", sys.stdout)
-    passed = len(results) - len(failed)
     sys.stdout.write(
         f"{passed} passed, {len(failed)} failed"
         + (f", {len(problems)} error(s)" if problems else "")
         + f" ({inline} inline, {len(results) - inline} from {fixtures} fixture file(s))\n"
     )
-    return EXIT_PROBLEMS if failed or problems else EXIT_OK
+    if covered is not None:
+        pc.write_text(sys.stdout, covered)
+    return status
 
 
 # --------------------------------------------------------------------------- explain
@@ -190,6 +259,7 @@ def _command_json(i: int, c: SimpleCommand) -> dict[str, Any]:
         "args": list(c.args),
         "flags": list(c.flags),
         "positionals": list(c.positionals),
+        "option_values": [{"flag": f, "value": v} for f, v in c.option_values],
         "redirects": [
             {"op": r.op, "fd": r.fd, "target": r.target, "dynamic": r.dynamic} for r in c.redirects
         ],
@@ -295,6 +365,9 @@ def _explain_text(
         lines.append(f"      argv0: {c.argv0!r}  name: {c.name!r}")
         lines.append(f"      flags: {_words(c.flags)}")
         lines.append(f"      positionals: {_words(c.positionals)}")
+        if c.option_values:
+            shown = " ".join(f"{f} {v!r}" for f, v in c.option_values)
+            lines.append(f"      option values: {shown}")
         if c.redirects:
             redirects = " ".join(
                 repr(f"{r.fd if r.fd is not None else ''}{r.op}{r.target}") for r in c.redirects
@@ -361,6 +434,10 @@ def _effects_json(effects: Effects, findings: Sequence[Finding]) -> dict[str, An
             for a in effects.network
         ],
         "sensitive_reads": [os.fsdecode(r.path) for r in effects.sensitive_reads],
+        "work_lost": [
+            {"kind": w.kind.name.lower(), "path": os.fsdecode(w.path), "count": w.count}
+            for w in effects.work_lost
+        ],
         "findings": [_finding_json(f) for f in findings],
         "verdict": verdict.name,
     }
@@ -377,6 +454,9 @@ def _effects_text(path: str, effects: Effects, findings: Sequence[Finding]) -> s
         lines.append(f"  network: {a.protocol.name.lower()} {a.host} {a.address}:{a.port}")
     for r in effects.sensitive_reads:
         lines.append(f"  sensitive read: {os.fsdecode(r.path)}")
+    for w in effects.work_lost:
+        what = os.fsdecode(w.path) if w.path else f"{w.count}"
+        lines.append(f"  work lost: {w.kind.name.lower()} {what}")
     lines.append("effect rules that fire:")
     if not findings:
         lines.append("  (none)")
@@ -422,6 +502,16 @@ def _egress_text(bundle: PolicyBundle) -> str:
     if bundle.egress_presets:
         names = ", ".join(name for name, _ in bundle.egress_presets)
         lines.append(f"egress presets defined (switched on with egress.MODE.presets): {names}")
+    if bundle.writable_paths:
+        lines.append(
+            "writable in Execute besides cwd (dry run: scope granted): "
+            + " ".join(bundle.writable_paths)
+        )
+    else:
+        lines.append("writable in Execute besides cwd: nothing granted")
+    if bundle.writable_presets:
+        names = ", ".join(name for name, _ in bundle.writable_presets)
+        lines.append(f"writable presets defined (writable_paths.presets): {names}")
     return "\n".join(lines) + "\n"
 
 
@@ -456,7 +546,7 @@ def _explain(args: argparse.Namespace) -> int:
     doc: dict[str, Any] = {}
     text = ""
     if words:
-        analysis = _analyzer()(command)
+        analysis = bundle.analyze(command)  # with the bundle's command catalog
         hits = bundle.explain(analysis)
         verdict = bundle.evaluate(analysis)
         doc = _explain_json(command, policy, bundle, analysis, hits, verdict)
@@ -467,6 +557,10 @@ def _explain(args: argparse.Namespace) -> int:
         text = f"policy: {policy} ({_rule_count(bundle)}, version {bundle.version[:12]})\n"
     doc["policy"]["effect_rules"] = len(bundle.effect_rules)
     doc["policy"]["egress"] = _egress_json(bundle)
+    doc["policy"]["writable_paths"] = {
+        "paths": list(bundle.writable_paths),
+        "presets": dict(bundle.writable_presets),
+    }
     text += _egress_text(bundle)
     if effects is not None:
         findings = bundle.judge_effects(effects)
@@ -477,6 +571,28 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from airlock.cli import _policy_diff as pd
+
+    bundles: list[PolicyBundle] = []
+    for path in (args.old, args.new):
+        try:
+            bundles.append(load_bundle(path, run_tests=False))
+        except PolicyError as e:
+            _print_problems(e.problems, "error", sys.stderr)
+            sys.stderr.write(f"airlock policy: error: the policy in {path} does not load\n")
+            return EXIT_USAGE
+    old, new = bundles
+    if args.corpus:
+        lines = pd.corpus_lines(args.corpus)
+    else:
+        lines = [*pd.corpus_lines([args.old, args.new]), *pd.inline_lines(old, new)]
+    changes = pd.diff(old, new, lines)
+    replayed = len({line.command for line in lines})
+    (pd.write_json if args.json else pd.write_text)(sys.stdout, replayed, changes)
+    return EXIT_PROBLEMS if changes else EXIT_OK
 
 
 def _analyzer() -> Callable[[str], Analysis]:
@@ -496,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.action == "lint":
             return _lint(args)
+        if args.action == "diff":
+            return _diff(args)
         return _test(args)
     except SystemExit as e:  # --help or a usage error
         if e.code is None:

@@ -12,6 +12,7 @@ import datetime
 import os
 import signal
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -22,9 +23,11 @@ from rich.tree import Tree
 
 from airlock import types
 from airlock._special import Special, change_specials
-from airlock.audit import StoredEvent, VerifyResult
+from airlock.audit import AuditEvent, StoredEvent, VerifyResult
 
 __all__ = [
+    "ALL",
+    "ReportBounds",
     "change_label",
     "change_tree",
     "diffs",
@@ -39,6 +42,7 @@ __all__ = [
     "render_validation",
     "termination_text",
     "timings_text",
+    "verdict_line",
     "verdict_style",
     "verdict_text",
 ]
@@ -212,15 +216,22 @@ def change_label(c: types.FileChange, *, name: str | None = None) -> Text:
     return label
 
 
-def change_tree(changes: Sequence[types.FileChange], *, truncated: bool = False) -> Tree:
-    """The changes grouped by parent directory, directories and entries sorted."""
+def change_tree(
+    changes: Sequence[types.FileChange], *, truncated: bool = False, limit: int | None = None
+) -> Tree:
+    """The changes grouped by parent directory, directories and entries sorted; with
+    ``limit``, only the first ``limit`` paths (in path order) and how many more there are."""
     outside = sum(1 for c in changes if not c.in_workspace)
     title = Text(f"Changes: {len(changes)}", style="bold")
     if outside:
         title.append(f" ({outside} outside the workspace)", style=_OUTSIDE_STYLE)
     tree = Tree(title, guide_style="dim")
+    shown = list(changes)
+    if limit is not None and len(shown) > limit:
+        # Outside the workspace first: those are the ones a reader must not miss.
+        shown = sorted(shown, key=lambda c: (c.in_workspace, c.path))[:limit]
     groups: dict[bytes, list[tuple[bytes, types.FileChange]]] = {}
-    for c in changes:
+    for c in shown:
         path = c.path.rstrip(b"/") or c.path
         parent, base = os.path.split(path)
         groups.setdefault(parent or b".", []).append((base or path, c))
@@ -228,25 +239,51 @@ def change_tree(changes: Sequence[types.FileChange], *, truncated: bool = False)
         branch = tree.add(Text(display_path(parent), style="bold"))
         for base, c in sorted(groups[parent], key=lambda item: item[0]):
             branch.add(change_label(c, name=display_path(base)))
+    if len(shown) < len(changes):
+        tree.add(
+            Text(
+                f"… and {len(changes) - len(shown)} more (--all lists every change; "
+                "--json prints them all)",
+                style="bold yellow",
+            )
+        )
     if truncated:
         tree.add(Text("… more changes were made than the daemon reports", style="bold yellow"))
     return tree
 
 
-def diffs(changes: Iterable[types.FileChange]) -> list[RenderableType]:
-    """A titled unified diff for every change that carries one."""
+def diffs(
+    changes: Iterable[types.FileChange],
+    *,
+    max_files: int | None = None,
+    max_lines: int | None = None,
+) -> list[RenderableType]:
+    """A titled unified diff for every change that carries one; with the bounds, the diffs
+    of the first ``max_files`` files, each cut after ``max_lines`` lines, and what was left
+    out."""
     out: list[RenderableType] = []
-    for c in changes:
-        if not c.unified_diff:
-            continue
+    with_diff = [c for c in changes if c.unified_diff]
+    for c in with_diff[:max_files]:
         title = Text("diff ", style="bold")
         title.append(display_path(c.path))
         if c.diff_truncated:
             title.append("  (truncated)", style="yellow")
+        lines = escape_controls(c.unified_diff, multiline=True).rstrip("\n").split("\n")
+        cut = max_lines is not None and len(lines) > max_lines
+        if cut and max_lines is not None:
+            title.append(f"  (first {max_lines} of {len(lines)} lines)", style="yellow")
+            lines = lines[:max_lines]
         out.append(Text(""))
         out.append(title)
-        body = escape_controls(c.unified_diff, multiline=True).rstrip("\n")
-        out.append(Syntax(body, "diff", theme="ansi_dark", background_color="default"))
+        out.append(Syntax("\n".join(lines), "diff", theme="ansi_dark", background_color="default"))
+    if max_files is not None and len(with_diff) > max_files:
+        out.append(Text(""))
+        out.append(
+            Text(
+                f"… diffs of {len(with_diff) - max_files} more files left out (--all shows them)",
+                style="bold yellow",
+            )
+        )
     return out
 
 
@@ -315,6 +352,7 @@ def output_panel(name: str, data: bytes, *, truncated: bool) -> Panel:
         title=Text(title, style="bold"),
         title_align="left",
         border_style="yellow" if truncated else "dim",
+        expand=False,  # as wide as the output (piped, the console is very wide)
     )
 
 
@@ -418,15 +456,32 @@ def network_table(attempts: Sequence[types.NetworkAttemptInfo], lost: int) -> Re
     return table
 
 
-def render_validation(v: types.Validation) -> RenderableType:
-    """The whole report of one validation."""
-    parts: list[RenderableType] = []
+@dataclass(frozen=True)
+class ReportBounds:
+    """How much of a validation the human report shows (None: all of it)."""
+
+    changes: int | None = 200  # paths listed in the change tree
+    diff_files: int | None = 20  # files whose diff is shown
+    diff_lines: int | None = 60  # lines of each diff
+    summary_only: bool = False  # verdict, summary and findings only
+
+
+ALL = ReportBounds(changes=None, diff_files=None, diff_lines=None)
+
+
+def verdict_line(v: types.Validation) -> Text:
+    """``Verdict: ALLOW  summary``: the report's first line, repeated next to a prompt."""
     head = Text("Verdict: ", style="bold")
     head.append_text(verdict_text(v.verdict))
     if v.summary:
         head.append("  ")
         head.append(escape_controls(v.summary))
-    parts.append(head)
+    return head
+
+
+def render_validation(v: types.Validation, bounds: ReportBounds = ALL) -> RenderableType:
+    """The report of one validation: all of it, or within ``bounds``."""
+    parts: list[RenderableType] = [verdict_line(v)]
     parts.append(
         Text(f"validation {escape_controls(v.validation_id)} · as uid {v.uid} gid {v.gid}", "dim")
     )
@@ -434,10 +489,18 @@ def render_validation(v: types.Validation) -> RenderableType:
     if v.findings:
         parts.append(Text("\nFindings", style="bold"))
         parts.append(findings_table(v.findings))
+    if v.changes_not_kept and (v.changes or v.changes_truncated):
+        note = Text("Not kept for apply: ", style="bold yellow")
+        note.append(escape_controls(v.changes_not_kept.rstrip(".")))
+        note.append(". `airlock apply` cannot write these changes; validate again to keep them.")
+        parts.append(note)
+    if bounds.summary_only:
+        return Group(*parts)
     parts.append(Text(""))
     if v.changes or v.changes_truncated:
-        parts.append(change_tree(v.changes, truncated=v.changes_truncated))
-        parts.extend(diffs(v.changes))
+        parts.append(change_tree(v.changes, truncated=v.changes_truncated, limit=bounds.changes))
+        if bounds.diff_files != 0:
+            parts.extend(diffs(v.changes, max_files=bounds.diff_files, max_lines=bounds.diff_lines))
     elif v.sandboxed:
         parts.append(Text("Changes: none", style="bold"))
     if v.processes:
@@ -519,6 +582,27 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _context(e: AuditEvent) -> str:
+    """Who else the event names: the agent and its tool call, or the approver."""
+    approver = e.approval.approver if e.approval is not None else None
+    if approver is not None:
+        return f"by uid {approver.uid} ({approver.basis.split(' ', 1)[0]}), asked by uid " + str(
+            approver.asked_by_uid
+        )
+    a = e.agent
+    if a is None:  # an Execute on an approval names it: "once approval ID ... by uid N"
+        detail = e.approval.detail if e.approval is not None else ""
+        return f"approved: {detail}" if " by uid " in detail else ""
+    parts = [a.agent_name or "agent"]
+    if a.tool_use_id:
+        parts.append(a.tool_use_id)
+    if a.tool_description:
+        parts.append(f'"{a.tool_description}"')
+    if a.session_id and a.session_id != e.session_id:
+        parts.append(f"session {a.session_id}")
+    return " ".join(parts)
+
+
 def render_audit_events(events: Sequence[StoredEvent]) -> Table:
     """A compact table of audit events: one line each, long rules and commands cut."""
     table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
@@ -528,7 +612,8 @@ def render_audit_events(events: Sequence[StoredEvent]) -> Table:
     table.add_column("uid", justify="right", no_wrap=True)
     table.add_column("caller", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
-    # Only these two give up width when the terminal is narrow; their cells never wrap.
+    # Only these three give up width when the terminal is narrow; their cells never wrap.
+    table.add_column("context", max_width=40)
     table.add_column("rules", max_width=40)
     table.add_column("command", ratio=1, min_width=24)
     for stored in events:
@@ -543,6 +628,7 @@ def render_audit_events(events: Sequence[StoredEvent]) -> Table:
             str(c.uid),
             Text(escape_controls(caller)),
             verdict_text(e.verdict) if e.verdict is not None else Text("-", style="dim"),
+            Text(escape_controls(_context(e)), no_wrap=True, overflow="ellipsis"),
             Text(escape_controls(rules), no_wrap=True, overflow="ellipsis"),
             Text(escape_controls(_shorten(e.command, 80)), no_wrap=True, overflow="ellipsis"),
         )

@@ -1,4 +1,5 @@
-"""``airlock run``, ``apply``, ``discard`` and ``approve``: acting on a verdict.
+"""``airlock run``, ``apply``, ``discard`` (and, from ``airlock.cli.approvals``,
+``pending`` and ``approve``): acting on a verdict.
 
 ``run`` is for CI: it streams the command's output live and exits with its exit
 code (128 + N for signal N); a command the policy denies exits 126 and one it asks
@@ -17,9 +18,12 @@ from rich.console import Console
 
 from airlock import types
 from airlock._errors import AirlockError, FailedPrecondition, PermissionDenied
+from airlock.cli import _stdin
+from airlock.cli import approvals as _approvals
 from airlock.cli._env import environment
 from airlock.cli.render import escape_controls, render_validation
 from airlock.client import Client
+from airlock.egress import suggestion
 
 __all__ = ["ACTIONS", "EXIT_ASKED", "EXIT_DENIED", "add_parsers", "offer_apply"]
 
@@ -54,28 +58,22 @@ def add_parsers(sub: Any, socket: argparse.ArgumentParser, seconds: Any) -> None
     apply.add_argument("validation_id", metavar="ID")
     discard = sub.add_parser("discard", parents=[socket], help="drop the changes a validation kept")
     discard.add_argument("validation_id", metavar="ID")
-    approve = sub.add_parser(
-        "approve", parents=[socket], help="approve a validation the policy asked about"
-    )
-    approve.add_argument("validation_id", metavar="ID")
-    approve.add_argument(
-        "--session",
-        action="store_true",
-        help="approve the same command in the same session until it ends (default: once)",
-    )
-    approve.add_argument(
-        "--special",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="let Apply write this special file of the validation (made setuid or setgid, "
-        "given file capabilities, a FIFO or a socket): it writes none the approval does not "
-        "name (repeat for each)",
-    )
+    _approvals.add_parsers(sub, socket)  # pending, approve
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     command = " ".join(args.command)
+    waiting = _stdin.waiting_bytes(sys.stdin.fileno()) if sys.stdin is not None else 0
+    if waiting:
+        # A warning, not a refusal: `bash < script.sh` (or `ssh host bash -s < script`) that
+        # calls airlock run has the rest of its script waiting here, and must keep working.
+        err.print(
+            f"airlock: warning: {waiting} bytes are waiting on standard input, but `airlock "
+            "run` does not pass input to the command (it reads end of file). To give it "
+            "input, put it in a file under the working directory and redirect inside the "
+            "command: airlock run -- 'COMMAND < input.txt'",
+            markup=False,
+        )
     env = {} if args.clean_env else environment(err)
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     with Client(args.socket) as client:
@@ -92,6 +90,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
                     target = stdout if event.stream == 1 else stderr
                     target.write(event.data)
                     target.flush()
+                elif isinstance(event, types.NetworkAttemptInfo):
+                    _network_refusal(event, err)
                 elif isinstance(event, types.ExecFinished):
                     return _exit_status(event, err)
         except PermissionDenied as e:
@@ -113,6 +113,20 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             return EXIT_ASKED
     err.print("airlock: error: the daemon ended the stream without a result", markup=False)
     return 1
+
+
+def _network_refusal(a: types.NetworkAttemptInfo, err: Console) -> None:
+    """One line on standard error for a connection the policy refused (the command sees
+    only a reset); forwarded ones and lookups are in the audit log, not on the terminal."""
+    if not a.refusal or a.protocol is types.NetProtocol.DNS:
+        return
+    host = a.dns_name or a.host
+    where = f"[{host}]:{a.port}" if ":" in host else f"{host}:{a.port}"
+    why = a.refusal_detail or a.refusal
+    if a.refusal == "no-grant":
+        line = suggestion(a.dns_name, a.address, a.port)
+        why += f" (`{line}` under egress.execute.allow would allow it)"
+    err.print(f"airlock: refused {where}: {escape_controls(why)}", markup=False)
 
 
 def _exit_status(end: types.ExecFinished, err: Console) -> int:
@@ -145,19 +159,6 @@ def _discard(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-def _approve(args: argparse.Namespace, out: Console, err: Console) -> int:
-    with Client(args.socket) as client:
-        grant = client.approve(args.validation_id, session=args.session, special_paths=args.special)
-    # The token alone on stdout, so that `TOKEN=$(airlock approve ID)` works.
-    print(grant.approval_token)
-    err.print(
-        f"approved ({'for the session' if args.session else 'once'}); the token above is shown "
-        "only now",
-        markup=False,
-    )
-    return 0
-
-
 def offer_apply(client: Client, v: types.Validation, out: Console) -> None:
     """In a terminal, after a validation: "Apply these changes? [y/N]" (approving an ask)."""
     if not v.changes_digest or v.verdict is types.Verdict.DENY:
@@ -178,6 +179,12 @@ def offer_apply(client: Client, v: types.Validation, out: Console) -> None:
         result = client.apply(v.validation_id)
     except AirlockError as e:
         out.print(f"Not applied: {escape_controls(str(e))}", markup=False)
+        if e.reason in ("SELF_APPROVAL_NOT_ALLOWED", "NOT_AN_APPROVER"):
+            out.print(
+                f"An approver approves it (airlock approve {v.validation_id}); then: "
+                f"airlock apply {v.validation_id}",
+                markup=False,
+            )
         return
     out.print(f"Applied {len(result.applied_paths)} path(s).", markup=False)
 
@@ -186,5 +193,5 @@ ACTIONS: dict[str, Action] = {
     "run": _run,
     "apply": _apply,
     "discard": _discard,
-    "approve": _approve,
+    **_approvals.ACTIONS,
 }

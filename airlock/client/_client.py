@@ -20,6 +20,7 @@ from airlock.api.convert import (
     capabilities_from_proto,
     exec_event_from_proto,
     execute_request_to_proto,
+    pending_from_proto,
     validate_request_to_proto,
     validation_from_proto,
     verify_result_from_proto,
@@ -29,7 +30,14 @@ from airlock.audit import Anchor, AuditFilter, StoredEvent, VerifyResult, parse_
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
 
-__all__ = ["DEFAULT_SOCKET_PATH", "SERVICE_NAME", "Client", "ExecStream", "default_socket_path"]
+__all__ = [
+    "DEFAULT_SOCKET_PATH",
+    "SERVICE_NAME",
+    "Client",
+    "ExecStream",
+    "PendingStream",
+    "default_socket_path",
+]
 
 DEFAULT_SOCKET_PATH = "/run/airlock/airlock.sock"
 SERVICE_NAME = "airlock.v1.SandboxService"
@@ -58,6 +66,30 @@ class ExecStream:
             for message in self._call:
                 yield exec_event_from_proto(message)
         except grpc.RpcError as e:
+            raise from_rpc_error(e, target=self._target) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class PendingStream:
+    """The items of one WatchPendingValidations call; iterate it once. ``cancel()`` ends it."""
+
+    def __init__(self, call: Any, target: str) -> None:
+        self._call = call
+        self._target = target
+
+    def __iter__(self) -> Iterator[types.PendingValidation | None]:
+        try:
+            for message in self._call:
+                yield (
+                    pending_from_proto(message.validation)
+                    if message.HasField("validation")
+                    else None
+                )
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.CANCELLED:
+                return
             raise from_rpc_error(e, target=self._target) from None
 
     def cancel(self) -> None:
@@ -122,6 +154,7 @@ class Client:
         gid: int | None = None,
         force_dry_run: bool = False,
         session_id: str = "",
+        agent: types.AgentContext | None = None,
     ) -> pb.ValidateResponse:
         """Like :meth:`validate`, but return the response message as it came."""
         req = types.ValidateRequest(
@@ -133,6 +166,7 @@ class Client:
             gid=gid,
             force_dry_run=force_dry_run,
             session_id=session_id,
+            agent=agent,
         )
         response: pb.ValidateResponse = self._call(
             self._stub.Validate, validate_request_to_proto(req)
@@ -150,6 +184,7 @@ class Client:
         gid: int | None = None,
         force_dry_run: bool = False,
         session_id: str = "",
+        agent: types.AgentContext | None = None,
     ) -> types.Validation:
         """Judge ``bash -c command``: the static pass, then a dry run in a throwaway sandbox.
 
@@ -158,6 +193,8 @@ class Client:
         empty; the daemon adds a standard PATH). ``timeout`` is the command's limit in
         seconds (default: the daemon's). ``uid``/``gid`` are for root callers only.
         ``force_dry_run`` runs the dry run even when the static pass already denies.
+        ``agent`` says what made an agent ask (its session, tool call, ...): the audit
+        log keeps it.
         """
         return validation_from_proto(
             self.validate_raw(
@@ -169,6 +206,7 @@ class Client:
                 gid=gid,
                 force_dry_run=force_dry_run,
                 session_id=session_id,
+                agent=agent,
             )
         )
 
@@ -183,6 +221,7 @@ class Client:
         gid: int | None = None,
         approval_token: str = "",
         session_id: str = "",
+        agent: types.AgentContext | None = None,
     ) -> ExecStream:
         """Run ``bash -c command`` for real; iterate the result for its events, in order.
 
@@ -203,6 +242,7 @@ class Client:
             gid=gid,
             approval_token=approval_token,
             session_id=session_id,
+            agent=agent,
         )
         if self._closed:
             raise Unavailable("the client is closed", reason="CLIENT_CLOSED")
@@ -230,6 +270,30 @@ class Client:
         )
         response: pb.ApproveResponse = self._call(self._stub.Approve, request)
         return approve_response_from_proto(response)
+
+    def list_pending(self) -> list[types.PendingValidation]:
+        """The validations waiting for an approval, oldest first: every user's when the
+        caller is one of the daemon's approvers, its own otherwise."""
+        found: list[types.PendingValidation] = []
+        token = ""
+        while True:
+            response: pb.ListPendingValidationsResponse = self._call(
+                self._stub.ListPendingValidations,
+                pb.ListPendingValidationsRequest(page_token=token),
+            )
+            found += [pending_from_proto(p) for p in response.validations]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    def watch_pending(self) -> PendingStream:
+        """The validations waiting for an approval now, then each new ask as it comes
+        (None: a heartbeat, every 15 s without one). The daemon ends the stream after 10
+        minutes (open another); ``cancel()`` ends it sooner. Not bound by ``timeout``."""
+        if self._closed:
+            raise Unavailable("the client is closed", reason="CLIENT_CLOSED")
+        call = self._stub.WatchPendingValidations(pb.WatchPendingValidationsRequest())
+        return PendingStream(call, self.socket_path)
 
     def apply(self, validation_id: str) -> types.ApplyOutcome:
         """Write exactly the dry run's changes of ``validation_id`` to the host."""

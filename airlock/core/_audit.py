@@ -4,7 +4,9 @@ Every call that decides or acts (Validate, Approve, Apply, Discard, Execute) app
 exactly one event to the :class:`~airlock.audit.AuditLog` *before* it answers, so a
 client never holds a verdict, an approval or a result that the log lacks. A call that
 is refused before it decides anything (a malformed or invalid request, an unknown
-caller, the concurrency limit) is not a decision and is not recorded.
+caller, the concurrency limit) is not a decision and is not recorded. One event is not a
+call: the operator's acceptance of a policy reload that drops rules or files
+(:func:`policy_event`).
 
 The builders take the inside types (``airlock.types``) and plain values, never
 protobuf, and never an environment's values: only its hash (``env_sha256``). Read the
@@ -22,11 +24,13 @@ Usage (``airlock.core.service`` is the one user)::
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
-from airlock._errors import Unavailable
+from airlock._errors import AirlockError, Unavailable
 from airlock.audit import (
+    Anchor,
     Approval,
     AuditError,
     AuditEvent,
@@ -40,16 +44,19 @@ from airlock.audit import (
     rule_decisions,
 )
 from airlock.core.request import CheckedRequest
-from airlock.core.state import ValidationRecord
+from airlock.core.state import StateStore, ValidationRecord
+from airlock.policy.store import Acceptance
 from airlock.types import DryRunSkip, Finding, Termination, Validation, Verdict
 
 __all__ = [
+    "HeadKeeper",
     "apply_event",
     "approve_event",
     "caller_of",
     "discard_event",
     "effects_text",
     "execute_event",
+    "policy_event",
     "record",
     "validate_event",
 ]
@@ -82,6 +89,85 @@ def record(log: AuditLog, event: AuditEvent) -> StoredEvent:
             "daemon's log",
             reason="AUDIT_UNAVAILABLE",
         ) from None
+
+
+class HeadKeeper:
+    """Keeps the audit log's head in the state store, where a restart checks the log against it.
+
+    The log's writer offers each new head (:meth:`offer`, never blocking it); a thread of
+    its own records the latest one, at most once every ``interval_s``, so a stalled state
+    store never holds the log, and the record lags the log by about that much at most (a
+    kill -9 may leave it one interval behind). :meth:`stop` records the final head.
+    A failure to record is logged once (one line) until recording works again.
+    """
+
+    def __init__(self, log: AuditLog, state: StateStore, *, interval_s: float = 1.0) -> None:
+        self._log = log
+        self._state = state
+        self._interval_s = interval_s
+        self._cond = threading.Condition()
+        self._latest: Anchor | None = None  # the newest head offered
+        self._recorded: Anchor | None = None  # the newest head in the state store
+        self._stopping = False
+        self._failing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, recorded: Anchor | None) -> None:
+        """Start recording; ``recorded``: the head the state store holds now."""
+        self._recorded = self._latest = recorded
+        self._log.on_commit(self.offer)
+        self._thread = threading.Thread(target=self._run, name="audit-head", daemon=True)
+        self._thread.start()
+
+    def offer(self, head: Anchor) -> None:
+        with self._cond:
+            self._latest = head
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._latest == self._recorded and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                head = self._latest
+            if head is not None:
+                self._record(head)
+            with self._cond:  # coalesce: at most one write per interval
+                self._cond.wait_for(lambda: self._stopping, timeout=self._interval_s)
+
+    def _record(self, head: Anchor) -> None:
+        try:
+            self._state.record_audit_head(head)
+        except AirlockError as exc:
+            if not self._failing:
+                _log.error(
+                    "cannot record the audit log's head in the state store",
+                    extra={"head": str(head), "reason": exc.reason, "error": exc.message},
+                )
+            self._failing = True
+            return
+        if self._failing:
+            _log.info("recording the audit log's head again", extra={"head": str(head)})
+            self._failing = False
+        with self._cond:
+            self._recorded = head
+
+    def stop(self) -> Anchor | None:
+        """Stop the thread; record the final head (raises the state store's error if it
+        cannot). Returns the final head."""
+        self._log.on_commit(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        head = self._latest
+        if head is not None and head != self._recorded:
+            self._state.record_audit_head(head)
+            self._recorded = head
+        return head
 
 
 def _plural(n: int, word: str, plural: str = "") -> str:
@@ -138,6 +224,7 @@ def validate_event(caller: Caller, req: CheckedRequest, v: Validation) -> AuditE
         verdict=v.verdict,
         validation_id=v.validation_id,
         session_id=req.session_id,
+        agent=req.agent,
     )
 
 
@@ -155,10 +242,18 @@ def _of_record(kind: RpcKind, caller: Caller, record: ValidationRecord, **more: 
     )
 
 
-def approve_event(caller: Caller, record: ValidationRecord, approval: Approval) -> AuditEvent:
-    """The event of an Approve of ``record``: ``approval`` says why (its ``detail``: who)."""
+def approve_event(
+    caller: Caller, record: ValidationRecord, approval: Approval, *, error: str = ""
+) -> AuditEvent:
+    """The event of an Approve of ``record``: ``approval`` says why and who (its
+    ``approver``); a refused one has ``approved`` False and ``error`` its reason."""
     return _of_record(
-        RpcKind.APPROVE, caller, record, env_sha256=record.env_sha256, approval=approval
+        RpcKind.APPROVE,
+        caller,
+        record,
+        env_sha256=record.env_sha256,
+        approval=approval,
+        outcome=Outcome(error=error),
     )
 
 
@@ -223,4 +318,22 @@ def execute_event(
         outcome=Outcome(exit_code=exit_code, error=error),
         validation_id=execution_id,
         session_id=req.session_id,
+        agent=req.agent,
+    )
+
+
+def policy_event(accepted: Acceptance) -> AuditEvent:
+    """The event of the operator's acceptance of a policy reload that drops rules or files
+    (not a call: the caller is the acceptance file's owner, pid 0)."""
+    text = (
+        f"policy {accepted.old_version} -> {accepted.new_version} accepted by the operator\n"
+        f"{accepted.change.text()}"
+    )
+    if accepted.note:
+        text += f"\nnote: {accepted.note}"
+    return AuditEvent(
+        kind=RpcKind.POLICY,
+        caller=Caller(uid=accepted.uid, pid=0),
+        cwd=accepted.directory,
+        effects=text,
     )

@@ -19,12 +19,21 @@ from dataclasses import dataclass
 from airlock import _errors
 from airlock._errors import SandboxError
 from airlock.core.config import DaemonConfig
-from airlock.core.request import CheckedRequest, cwd_not_accessible
-from airlock.policy import builtin, shell
+from airlock.core.request import MAX_CWD_BYTES, CheckedRequest, cwd_not_accessible
+from airlock.policy import builtin
+from airlock.policy.effects import (
+    LOST_WORK_CHECKED_TAG,
+    judges_work_lost,
+    unfinished_findings,
+)
+from airlock.policy.loader import PolicyBundle
 from airlock.policy.model import Analysis
 from airlock.policy.store import PolicyStore
 from airlock.policy.summary import denied_summary, policy_sentence, read_only_summary, summarize
-from airlock.sandbox import mnt, reads, seccomp
+from airlock.policy.worklost import builtin_findings as builtin_work_lost
+from airlock.sandbox import _wire, mnt, reads, seccomp, workdir
+from airlock.sandbox import apply as apply_journal
+from airlock.sandbox.apply import Recovery
 from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.contain import OutputChunk, SandboxResult
 from airlock.sandbox.diff import DiffOptions
@@ -49,6 +58,9 @@ from airlock.types import (
     ExecFinished,
     ExecOutput,
     Finding,
+    FindingSource,
+    LostKind,
+    LostWork,
     NetworkAttemptInfo,
     ProcessInfo,
     ResourceUsage,
@@ -61,6 +73,10 @@ from airlock.types import (
 )
 
 __all__ = ["Engine", "StaticDecision"]
+
+_PATH_MAX = 4096
+# The largest template the spawner's control socket takes (spawner._MAX_CONTROL, less room).
+_WARM_TEMPLATE_BYTES = 192 * 1024
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,13 @@ class Engine:
         """
         return (self.config.socket_path, self.config.state_dir)
 
+    @property
+    def execute_cwd_bytes(self) -> int:
+        """The longest cwd Execute takes: its sandbox mounts the workspace at the same path
+        below its root (``SCRATCH/root``), and a mount point is one path of PATH_MAX bytes."""
+        root = os.fsencode(self.config.scratch_dir + "/root")
+        return min(MAX_CWD_BYTES, _PATH_MAX - 1 - len(root))
+
     def _build_template(
         self,
         mounts: tuple[HostMount, ...],
@@ -115,6 +138,7 @@ class Engine:
         name: str,
         writable: str = "",
         writable_identity: tuple[int, int] | None = None,
+        extra_writable: tuple[tuple[str, tuple[int, int]], ...] = (),
     ) -> SandboxTemplate:
         """A template from this daemon's settings: a dry run's, or (``writable``) Execute's."""
         limits = self.config.limits
@@ -130,12 +154,14 @@ class Engine:
             ),
             host_mounts=mounts,
             trace_processes=self.config.trace_processes,
-            # Execute has no network at all; a dry run's is a recording sinkhole.
-            capture_network=self.config.capture_network and not writable,
+            # A recording sinkhole; egress grants forward through it (dry run: fetch-only;
+            # Execute: the execute grants, anything else refused at once).
+            capture_network=self.config.capture_network,
             proc_connector=self._proc_connector,
             seccomp_program=seccomp.deny_program(),
             writable=writable,
             writable_identity=writable_identity,
+            extra_writable=extra_writable,
         )
 
     def template(self) -> tuple[SandboxTemplate, bytes]:
@@ -196,7 +222,7 @@ class Engine:
 
         # 1. The static pass: parse, model, rules. One bundle judges the whole validation.
         bundle = self._policy.bundle
-        analysis = shell.analyze(req.command)
+        analysis = bundle.analyze(req.command)  # with the bundle's command catalog
         static = bundle.evaluate(analysis)
         summary_static = _static_summary(analysis)
         t_static = time.monotonic()
@@ -259,7 +285,16 @@ class Engine:
 
         # 4. The verdict: the strictest of the static pass and the policy's effect rules
         #    (a policy with none gets the built-in ones: changes outside the workspace and
-        #    sensitive reads ask); an unfinished or truncated dry run always asks.
+        #    sensitive reads ask); an unfinished or truncated dry run always asks: one a limit
+        #    stopped (memory, pids, time), cancelled, or whose output or changes were cut.
+        incomplete = unfinished_findings(
+            termination=result.termination,
+            changes_truncated=truncated,
+            memory_limit_hit=result.cgroup.oom_kills > 0,
+            pids_limit_hit=result.cgroup.pids_limit_hit,
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
+        )
         if bundle.effect_rules:
             effects = Effects(
                 workspace=req.workspace,
@@ -268,16 +303,23 @@ class Engine:
                 processes=processes,
                 network=network,
                 sensitive_reads=sensitive,
+                granted=granted_paths(bundle.writable_paths, plan.run.home),
+                work_lost=result.work_lost,
+                uid=plan.run.uid,
             )
-            _v, incomplete = builtin.judge((), result.termination, truncated, ())
             dynamic_findings = (*bundle.judge_effects(effects), *incomplete)
         else:
-            _v, dynamic_findings = builtin.judge(changes, result.termination, truncated, sensitive)
+            _v, found = builtin.judge(changes, Termination.EXITED, False, sensitive)
+            lost = builtin_work_lost(result.work_lost, req.workspace)
+            dynamic_findings = (*found, *lost, *incomplete)
         dynamic_verdict = max((f.verdict for f in dynamic_findings), default=Verdict.ALLOW)
-        verdict = max(static.verdict or Verdict.ALLOW, dynamic_verdict)
+        static_findings, static_verdict = _lost_work_checked(
+            bundle, static.findings, static.verdict, result.work_lost, incomplete
+        )
+        verdict = max(static_verdict or Verdict.ALLOW, dynamic_verdict)
         findings = tuple(
             sorted(
-                (*static.findings, *dynamic_findings),
+                (*static_findings, *dynamic_findings),
                 key=lambda f: (-f.verdict, -f.severity, f.span, f.rule_id),
             )
         )
@@ -294,6 +336,7 @@ class Engine:
             network=network,
             network_lost=result.network_attempts_lost,
             egress=plan.run.egress is not None,
+            work_lost=result.work_lost,
         ) + policy_sentence(verdict, findings)
         if not req.workspace:
             summary = (
@@ -354,7 +397,7 @@ class Engine:
     def static_decision(self, req: CheckedRequest) -> StaticDecision:
         """The static pass alone: whether ``req`` may run for real, is asked about, or denied."""
         bundle = self._policy.bundle
-        static = bundle.evaluate(shell.analyze(req.command))
+        static = bundle.evaluate(bundle.analyze(req.command))
         return StaticDecision(
             verdict=static.verdict or Verdict.ALLOW,
             findings=static.findings,
@@ -363,11 +406,16 @@ class Engine:
         )
 
     def execute_plan(self, req: CheckedRequest, execution_id: str) -> SandboxPlan:
-        """The plan of one Execute: the host read-only but for the workspace, no network."""
+        """The plan of one Execute: the host read-only but for the workspace; the network
+        is what the policy's execute grants allow, every attempt recorded."""
         limits = self.config.limits
         # The workspace is bound only if it is still the directory the request check found.
         template = self._build_template(
-            mnt.host_mounts(), name="ex", writable=req.cwd, writable_identity=req.cwd_identity
+            mnt.host_mounts(),
+            name="ex",
+            writable=req.cwd,
+            writable_identity=req.cwd_identity,
+            extra_writable=self.granted_directories(req),
         )
         run = self._run(
             req,
@@ -375,7 +423,38 @@ class Engine:
             limits.execute_output_bytes,
             DiffOptions(workspace=os.fsencode(req.cwd)),
         )
+        egress = self._policy.bundle.egress_execute
+        if egress.enabled and self.config.capture_network:
+            run = dataclasses.replace(run, egress=egress, test_resolve=self.config.test_resolve)
         return SandboxPlan(template=template, run=run, template_key=template.key)
+
+    def granted_directories(self, req: CheckedRequest) -> tuple[tuple[str, tuple[int, int]], ...]:
+        """The policy's filesystem grants Execute binds read-write for ``req``: each resolved
+        as the caller (the identity the supervisor binds), and kept only if it exists, is a
+        directory the caller can search, is reached without a symbolic link below the home
+        (a link there, which a command could have made, would point the grant elsewhere:
+        ``~/.npm -> ~/.ssh``), is not on a kernel file system and holds neither the daemon's
+        socket nor its state. The others stay read-only."""
+        home = _home_of(req.uid)
+        granted = granted_paths(self._policy.bundle.writable_paths, home)
+        real_home = os.path.realpath(home).rstrip("/") if granted else ""
+        if not real_home:
+            return ()
+        out: list[tuple[str, tuple[int, int]]] = []
+        for path in granted:
+            expected = real_home + path[len(home.rstrip("/")) :]
+            try:
+                with workdir.resolve(path, req.uid, req.gid, req.groups) as found:
+                    if (
+                        found.path != expected
+                        or found.kernel_fs
+                        or mnt.workspace_conflict(found.fd, self.protected_paths)
+                    ):
+                        continue
+                    out.append((found.path, found.identity))
+            except workdir.NotAccessible:
+                continue
+        return tuple(out)
 
     def _run(
         self,
@@ -408,10 +487,14 @@ class Engine:
         self,
         plan: SandboxPlan,
         on_cancel: Callable[[Callable[[], None]], object] | None = None,
-    ) -> Iterator[ExecOutput | ProcessInfo | ExecFinished]:
-        """Run an authorized plan; yield its output as it comes, then processes, then the end."""
+    ) -> Iterator[ExecOutput | NetworkAttemptInfo | ProcessInfo | ExecFinished]:
+        """Run an authorized plan; yield its output and network attempts as they come, then
+        processes, then the end."""
         t0 = time.monotonic()
-        run = self._spawner.submit(plan, pooled="extra")
+        # A template too large to announce to the helper (a workspace deep below /tmp: the
+        # private /tmp gets one mkdir per level) is not kept warm: it goes with the plan.
+        fits = len(_wire.dumps(plan.template)) <= _WARM_TEMPLATE_BYTES
+        run = self._spawner.submit(plan, pooled="extra" if fits else False)
         if on_cancel is not None:
             on_cancel(run.cancel)
         out_bytes = [0, 0, 0]
@@ -420,6 +503,8 @@ class Engine:
             if isinstance(message, OutputChunk):
                 out_bytes[message.stream] += len(message.data)
                 yield ExecOutput(message.stream, message.time_s, message.data)
+            elif isinstance(message, NetworkAttempt):
+                yield _network_info(message)
             else:
                 result = message
         assert result is not None
@@ -447,6 +532,8 @@ class Engine:
             stdout_bytes=out_bytes[1],
             stderr_bytes=out_bytes[2],
             warm=result.warm,
+            network_attempts=tuple(_network_info(a) for a in result.network_attempts),
+            network_attempts_lost=result.network_attempts_lost,
         )
 
     # --- Apply ---------------------------------------------------------------------------------
@@ -470,7 +557,12 @@ class Engine:
         ``partial`` was written).
         """
         groups = _groups_of(uid, gid)
-        plan = ApplyPlan(changeset_dir, uid, gid, groups, approved_special=approved_special)
+        # The journal first: a crash from here on leaves what recovery needs to find the
+        # apply's temporary entries (recover_changeset).
+        token = apply_journal.write_journal(changeset_dir, approved_special)
+        plan = ApplyPlan(
+            changeset_dir, uid, gid, groups, approved_special=approved_special, token=token
+        )
         run = self._spawner.submit(plan, pooled=False)
         reply: ApplyReply = run.result()
         if reply.error is not None:
@@ -489,6 +581,70 @@ class Engine:
             bytes_written=result.bytes_written,
             duration_s=result.duration_s,
         )
+
+    def recover_changeset(self, changeset_dir: str, uid: int, gid: int) -> Recovery | None:
+        """At start-up: roll an apply of ``changeset_dir`` a crash interrupted forward or back,
+        as ``uid``/``gid`` (``sandbox/apply.py`` recover); None if it had not started writing
+        (no journal). Raises what opening the changeset raises."""
+        journal = apply_journal.read_journal(changeset_dir)
+        if journal is None:
+            return None
+        token, approved = journal
+        plan = ApplyPlan(
+            changeset_dir,
+            uid,
+            gid,
+            _groups_of(uid, gid),
+            approved_special=approved,
+            token=token,
+            recover=True,
+        )
+        reply: ApplyReply = self._spawner.submit(plan, pooled=False).result()
+        if reply.error is not None:
+            raise _errors.error_from_data(reply.error)
+        result: Recovery = reply.result
+        return result
+
+
+def _lost_work_checked(
+    bundle: PolicyBundle,
+    findings: tuple[Finding, ...],
+    verdict: Verdict | None,
+    work_lost: tuple[LostWork, ...],
+    incomplete: tuple[Finding, ...],
+) -> tuple[tuple[Finding, ...], Verdict | None]:
+    """The static findings and verdict once the dry run checked for lost work: a static rule
+    tagged ``dry-run-checks-lost-work`` (``git reset --hard``) is there for when no dry run
+    can tell (Execute); after a finished dry run that checked, and under a policy whose
+    effect rules judge lost work (or the built-in one), its finding stays as information
+    (ALLOW) and the dry run decides: a clean tree loses nothing."""
+    tagged = {r.id for r in bundle.rules if LOST_WORK_CHECKED_TAG in r.tags}
+    if (
+        not tagged
+        or incomplete
+        or any(w.kind is LostKind.UNCHECKED for w in work_lost)
+        or not any(f.rule_id in tagged and f.source is FindingSource.STATIC for f in findings)
+        or (bundle.effect_rules and not judges_work_lost(bundle.effect_rules))
+    ):
+        return findings, verdict
+    lifted = tuple(
+        dataclasses.replace(
+            f,
+            verdict=Verdict.ALLOW,
+            message=f"{f.message} (the dry run checked: it decides)",
+        )
+        if f.rule_id in tagged and f.source is FindingSource.STATIC
+        else f
+        for f in findings
+    )
+    return lifted, max((f.verdict for f in lifted), default=None)
+
+
+def granted_paths(paths: tuple[str, ...], home: str) -> tuple[str, ...]:
+    """The policy's filesystem grants (``~/DIR``) for a caller whose home is ``home``; none
+    without a usable home (empty or "/": every path would be below it)."""
+    home = home.rstrip("/")
+    return tuple(home + p[1:] for p in paths) if home else ()
 
 
 def _groups_of(uid: int, gid: int) -> tuple[int, ...]:

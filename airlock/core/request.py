@@ -12,6 +12,11 @@ The working directory is resolved once, as the command's user: its symbolic link
 followed then and never again. Every rule (kernel file systems, system directories, the
 daemon's socket and state) is checked on the directory found, whose path and device and
 inode the request carries; Execute's sandbox binds that directory or nothing.
+
+Every size is checked here, exactly, against what the kernel takes later (docs/errors.md):
+the command and each variable within MAX_ARG_STRLEN, all of them within ARG_MAX, the cwd
+within PATH_MAX (Execute's below its sandbox's root). What is accepted runs; one byte more is
+INVALID_ARGUMENT naming the field, never an INTERNAL error from execve or mount.
 """
 
 from __future__ import annotations
@@ -25,14 +30,42 @@ from dataclasses import dataclass
 
 from airlock._errors import InvalidRequest, PermissionDenied
 from airlock.audit import env_sha256
+from airlock.core.ids import checked_id
 from airlock.sandbox import workdir
 from airlock.sandbox.mnt import workspace_conflict
 from airlock.sandbox.plan import KERNEL_TREES
-from airlock.types import ExecuteRequest, Limits, PeerCred, ValidateRequest
+from airlock.types import (
+    AGENT_LIMITS,
+    AgentContext,
+    ExecuteRequest,
+    Limits,
+    PeerCred,
+    ValidateRequest,
+)
 
-__all__ = ["SHARED_PARENTS", "SYSTEM_TREES", "CheckedRequest", "check", "cwd_not_accessible"]
+__all__ = [
+    "AGENT_LIMITS",
+    "MAX_ARG_STRLEN",
+    "MAX_CWD_BYTES",
+    "SHARED_PARENTS",
+    "SYSTEM_TREES",
+    "CheckedRequest",
+    "check",
+    "check_agent",
+    "cwd_not_accessible",
+]
 
 _MAX_PATH = 4096
+# The kernel's execve limits (docs/errors.md): one argument or environment string, its NUL
+# included, is at most MAX_ARG_STRLEN (32 pages) bytes, so the command (bash's ``-c``
+# argument) and each ``NAME=value`` are at most one byte less; all of them together, with a
+# pointer each, must fit in ARG_MAX (a quarter of the stack limit). The sandbox adds a few
+# strings of its own (``/bin/bash``, ``-c``, a default PATH): _EXEC_RESERVE keeps room.
+MAX_ARG_STRLEN = 32 * 4096
+_EXEC_RESERVE = 16 * 1024
+# A working directory is one path the kernel accepts: PATH_MAX bytes with its NUL, and the
+# resolver opens it as PATH + "/." (sandbox/workdir.py): 4,093 bytes.
+MAX_CWD_BYTES = _MAX_PATH - 1 - len("/.")
 
 # --- What is never a workspace (docs/policy-reference.md, "What is never a workspace") ---------
 #
@@ -94,6 +127,7 @@ class CheckedRequest:
     session_id: str = ""
     force_dry_run: bool = False  # Validate: dry-run even what the static pass denies
     approval_token: str = ""  # Execute: the approval the caller presents
+    agent: AgentContext | None = None  # what made the agent ask (checked; None if empty)
 
 
 def check(
@@ -102,6 +136,7 @@ def check(
     limits: Limits,
     *,
     protected: tuple[str, ...] = (),
+    max_cwd_bytes: int = MAX_CWD_BYTES,
 ) -> CheckedRequest:
     """Check ``request`` for ``peer``: InvalidRequest or PermissionDenied names the field.
 
@@ -113,13 +148,19 @@ def check(
     directory, ``Engine.protected_paths``), one that contains one of those. A dry run shows
     the host only through overlays, where no host socket answers: there a system directory
     is only no workspace (``CheckedRequest.workspace`` is "").
+    ``max_cwd_bytes``: the longest cwd, as asked and as resolved (Execute's is shorter:
+    ``Engine.execute_cwd_bytes``).
     """
     _check_command(request.command, limits)
-    asked = _normal_cwd(request.cwd)
+    agent = check_agent(request.agent)
+    asked = _normal_cwd(request.cwd, max_cwd_bytes)
     uid, gid, groups = _identity(request.uid, request.gid, peer)
     execute = isinstance(request, ExecuteRequest)
-    cwd, cwd_identity, system = _resolved_cwd(asked, uid, gid, groups, execute, protected)
+    cwd, cwd_identity, system = _resolved_cwd(
+        asked, uid, gid, groups, execute, protected, max_cwd_bytes
+    )
     _check_env(request.env, limits)
+    _check_exec_size(request.command, request.env)
     timeout = _effective_timeout(request.timeout_s, limits)
     return CheckedRequest(
         command=request.command,
@@ -133,10 +174,32 @@ def check(
         gid=gid,
         groups=groups,
         caller=peer,
-        session_id=request.session_id,
+        session_id=checked_id("session_id", request.session_id),
         force_dry_run=isinstance(request, ValidateRequest) and request.force_dry_run,
-        approval_token=request.approval_token if isinstance(request, ExecuteRequest) else "",
+        approval_token=checked_id("approval_token", request.approval_token)
+        if isinstance(request, ExecuteRequest)
+        else "",
+        agent=agent,
     )
+
+
+def check_agent(agent: AgentContext | None) -> AgentContext | None:
+    """The agent context as the audit log will keep it (None if absent or empty), or
+    InvalidRequest (INVALID_AGENT_CONTEXT) naming the field over its limit."""
+    if agent is None or agent.is_empty():
+        return None
+    for name, limit in AGENT_LIMITS.items():
+        value: str = getattr(agent, name)
+        if "\0" in value:
+            raise _fail(f"agent.{name}", "contains a NUL character", "INVALID_AGENT_CONTEXT")
+        size = len(value.encode("utf-8", errors="surrogatepass"))
+        if size > limit:
+            raise _fail(
+                f"agent.{name}",
+                f"is {size} bytes; the limit is {limit}",
+                "INVALID_AGENT_CONTEXT",
+            )
+    return agent
 
 
 def _fail(field_name: str, why: str, reason: str) -> InvalidRequest:
@@ -149,21 +212,23 @@ def _check_command(command: str, limits: Limits) -> None:
     if "\0" in command:
         raise _fail("command", "contains a NUL byte", "INVALID_COMMAND")
     size = len(command.encode("utf-8", errors="surrogatepass"))
-    if size > limits.command_bytes:
-        raise _fail(
-            "command", f"is {size} bytes; the limit is {limits.command_bytes}", "COMMAND_TOO_LARGE"
-        )
+    limit = min(limits.command_bytes, MAX_ARG_STRLEN - 1)
+    if size > limit:
+        raise _fail("command", f"is {size} bytes; the limit is {limit}", "COMMAND_TOO_LARGE")
 
 
-def _normal_cwd(cwd: str) -> str:
+def _normal_cwd(cwd: str, max_bytes: int = MAX_CWD_BYTES) -> str:
     """The working directory as asked, normalised: absolute, no "." or "..", not a kernel tree.
 
     Nothing is looked up yet: ``_resolved_cwd`` does, as the command's user.
     """
     if not cwd:
         raise _fail("cwd", "is required (an absolute path of an existing directory)", "INVALID_CWD")
-    if "\0" in cwd or len(cwd) > _MAX_PATH:
+    if "\0" in cwd:
         raise _fail("cwd", "is not a valid path", "INVALID_CWD")
+    size = len(cwd.encode("utf-8", errors="surrogatepass"))
+    if size > max_bytes:
+        raise _fail("cwd", f"is {size} bytes; the limit is {max_bytes}", "INVALID_CWD")
     if not cwd.startswith("/"):
         raise _fail("cwd", f"must be an absolute path, got {cwd!r}", "INVALID_CWD")
     cwd = posixpath.normpath(cwd)
@@ -206,6 +271,7 @@ def _resolved_cwd(
     groups: tuple[int, ...],
     execute: bool,
     protected: tuple[str, ...],
+    max_bytes: int = MAX_CWD_BYTES,
 ) -> tuple[str, tuple[int, int], str]:
     """(the resolved cwd, its (st_dev, st_ino), why it is no workspace or "").
 
@@ -215,6 +281,13 @@ def _resolved_cwd(
     try:
         with workdir.resolve(asked, uid, gid, groups) as found:
             _refuse_kernel_tree(asked, found.path, found.kernel_fs)
+            size = len(os.fsencode(found.path))
+            if size > max_bytes:  # its symbolic links made it longer than the kernel takes
+                raise _fail(
+                    "cwd",
+                    f"{asked} is {found.path[:64]}..., {size} bytes; the limit is {max_bytes}",
+                    "INVALID_CWD",
+                )
             if execute and protected:
                 problem = workspace_conflict(found.fd, protected)
                 if problem:
@@ -322,9 +395,34 @@ def _check_env(env: tuple[tuple[str, str], ...], limits: Limits) -> None:
             raise _fail("env", f"variable name {key!r} contains '=' or a NUL byte", "INVALID_ENV")
         if "\0" in value:
             raise _fail("env", f"the value of {key} contains a NUL byte", "INVALID_ENV")
-        env_size += len(key.encode()) + len(value.encode()) + 2
+        one = len(key.encode()) + len(value.encode()) + 1  # NAME=value
+        if one > MAX_ARG_STRLEN - 1:
+            raise _fail(
+                "env",
+                f"{key}=... is {one} bytes; the kernel's limit for one variable is "
+                f"{MAX_ARG_STRLEN - 1}",
+                "INVALID_ENV",
+            )
+        env_size += one + 1
     if env_size > limits.env_bytes:
         raise _fail("env", f"is {env_size} bytes; the limit is {limits.env_bytes}", "INVALID_ENV")
+
+
+def _check_exec_size(command: str, env: tuple[tuple[str, str], ...]) -> None:
+    """The command and environment together within the kernel's ARG_MAX (this process's: the
+    sandbox inherits its stack limit), strings, NULs and a pointer each, with room kept for
+    the sandbox's own strings."""
+    arg_max = os.sysconf("SC_ARG_MAX")
+    total = len(command.encode("utf-8", errors="surrogatepass")) + 1 + 8
+    total += sum(len(k.encode()) + len(v.encode()) + 2 + 8 for k, v in env)
+    limit = arg_max - _EXEC_RESERVE
+    if total > limit:
+        raise _fail(
+            "env",
+            f"the command and environment take {total} bytes; the kernel's limit here "
+            f"(ARG_MAX {arg_max}, less {_EXEC_RESERVE} for the sandbox) is {limit}",
+            "INVALID_ENV",
+        )
 
 
 def _effective_timeout(timeout: float | None, limits: Limits) -> float:

@@ -38,7 +38,10 @@ result (:class:`ApplyDone`) and applies nothing; on an APPLYING one it refuses
 at start-up, while the daemon holds the state directory's lock, so that no apply is
 really in flight) moves it to APPLY_INTERRUPTED, and Apply then refuses for good with
 ``APPLY_INTERRUPTED``: some of the changes may be on the host, so a person must check
-it, then discard the validation and validate again.
+it, then discard the validation and validate again. Before that, the workflow settles
+what it can (``Workflow.recover``: ``applying`` lists them): an apply rolled forward on
+the host ends with ``finish_apply``, one rolled back with ``abort_apply``; only those
+recovery could not settle reach APPLY_INTERRUPTED.
 
 Approvals. ``approve`` returns a random token (256 bits, URL-safe) of which only the
 SHA-256 is stored. The token is bound to the validation's uid, command, cwd, policy
@@ -97,7 +100,7 @@ from airlock._errors import (
     Reason,
     ResourceExhausted,
 )
-from airlock.audit.model import Authorization
+from airlock.audit.model import Anchor, Authorization
 from airlock.types import ApprovalScope, Verdict
 
 __all__ = [
@@ -208,6 +211,14 @@ CREATE TABLE approvals (
 CREATE INDEX approvals_validation ON approvals (validation_id);
 CREATE INDEX approvals_grant ON approvals (session_id, command, cwd);
 """
+
+
+# The audit log's last head the daemon knew (one row): a restart refuses a log that no longer
+# reaches it (airlock.daemon.server). Beside the versioned schema, created where missing.
+_AUDIT_HEAD = (
+    "CREATE TABLE IF NOT EXISTS audit_head (one INTEGER PRIMARY KEY CHECK (one = 1), "
+    "seq INTEGER NOT NULL, hash TEXT NOT NULL, recorded_at REAL NOT NULL)"
+)
 
 
 # Version 1 (before special files and per-uid quotas) to 2: three columns, with defaults
@@ -565,6 +576,7 @@ class StateStore:
                 with _sqlite.immediate(self._conn):
                     _migrate(self._conn)
                     self._db.check_schema(self._conn)
+                    self._conn.execute(_AUDIT_HEAD)
             except BaseException:
                 self._conn.close()
                 raise
@@ -592,6 +604,23 @@ class StateStore:
             self._closed = True
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
+
+    # --- The audit log's head ------------------------------------------------------------------
+
+    def audit_head(self) -> Anchor | None:
+        """The audit log's last head recorded here (None: none recorded)."""
+        with self._read("read the audit head") as conn:
+            row = conn.execute("SELECT seq, hash FROM audit_head").fetchone()
+        return None if row is None else Anchor(seq=row[0], hash=row[1])
+
+    def record_audit_head(self, head: Anchor | None) -> None:
+        """Record the audit log's head (None: forget it, for a new, empty log)."""
+        with self._write("record the audit head") as conn:
+            conn.execute("DELETE FROM audit_head")
+            if head is not None:
+                conn.execute(
+                    "INSERT INTO audit_head VALUES (1, ?, ?, ?)", (head.seq, head.hash, time.time())
+                )
 
     # --- Validations --------------------------------------------------------------------------
 
@@ -718,6 +747,57 @@ class StateStore:
             ).fetchall()
         return [_approval(r) for r in rows]
 
+    def approval_used(
+        self,
+        token: str | None,
+        *,
+        command: str,
+        cwd: str,
+        policy_version: str,
+        session_id: str,
+        uid: int,
+    ) -> ApprovalRecord | None:
+        """The approval ``authorize`` rests on (the token's, else the live SESSION grant that
+        covers the command), to say in the audit log who approved; None if there is none."""
+        with self._read("read an approval") as conn:
+            if token:
+                row = conn.execute(
+                    f"SELECT {_A_COLUMNS} FROM approvals WHERE token_sha256 = ?",  # noqa: S608
+                    (_token_hash(token),),
+                ).fetchone()
+                return None if row is None else _approval(row)
+            grant = self._session_grant(
+                conn, self._clock(), session_id, command, cwd, policy_version, uid
+            )
+            if grant is None:
+                return None
+            row = conn.execute(
+                f"SELECT {_A_COLUMNS} FROM approvals WHERE approval_id = ?",  # noqa: S608
+                (grant,),
+            ).fetchone()
+        return None if row is None else _approval(row)
+
+    def pending(
+        self, *, uid: int | None = None, after: tuple[float, str] | None = None, limit: int = 100
+    ) -> list[ValidationRecord]:
+        """Validations waiting for an approval (PENDING_APPROVAL, unexpired), oldest first:
+        of ``uid`` only, or everyone's (None); those after ``(created_at, validation_id)``."""
+        where = ["state = ?", "expires_at > ?"]
+        params: list[object] = [ValidationState.PENDING_APPROVAL.value, self._clock()]
+        if uid is not None:
+            where.append("uid = ?")
+            params.append(uid)
+        if after is not None:
+            where.append("(created_at > ? OR (created_at = ? AND validation_id > ?))")
+            params += [after[0], after[0], after[1]]
+        with self._read("list pending validations") as conn:
+            rows = conn.execute(
+                f"SELECT {_V_COLUMNS} FROM validations WHERE "  # noqa: S608
+                f"{' AND '.join(where)} ORDER BY created_at, validation_id LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [_validation(r) for r in rows]
+
     def changeset_usage(self) -> int:
         """Bytes of the changesets still kept (the quota counts these)."""
         with self._read("read the changeset usage") as conn:
@@ -733,6 +813,7 @@ class StateStore:
         approver_uid: int,
         approver_subject: str = "",
         special_paths: tuple[bytes, ...] = (),
+        may_approve: Callable[[ValidationRecord], None] | None = None,
     ) -> tuple[str, ApprovalRecord]:
         """Approve a validation: returns the token (shown once; only its hash is kept).
 
@@ -741,9 +822,11 @@ class StateStore:
         discarded or expired validation, one that needs no approval (ALLOW verdict and no
         ``special_paths``: ``APPROVAL_NOT_NEEDED``), a SESSION approval of a validation
         without a session (``NO_SESSION``), and any approver but the validation's caller
-        and root. The approval's session is the validation's. ``special_paths`` names the
-        validation's special files the approval lets Apply write; each must be one
-        (``INVALID_SPECIAL_PATH``). An ALLOW validation approved that way is APPROVED.
+        and root; or, given ``may_approve``, whoever it refuses (it raises; run inside the
+        transaction, on the record as stored). The approval's session is the validation's.
+        ``special_paths`` names the validation's special files the approval lets Apply
+        write; each must be one (``INVALID_SPECIAL_PATH``). An ALLOW validation approved
+        that way is APPROVED.
         """
         try:
             scope = ApprovalScope(scope)
@@ -755,7 +838,10 @@ class StateStore:
         with self._write("approve") as conn:
             now = self._clock()
             rec = self._load(conn, validation_id)
-            _check_owner(rec, approver_uid, "approve")
+            if may_approve is None:
+                _check_owner(rec, approver_uid, "approve")
+            else:
+                may_approve(rec)
             refusal = _refusal(rec, now, "approved")
             if refusal is not None:
                 raise refusal
@@ -1117,29 +1203,63 @@ class StateStore:
             )
         return dataclasses.replace(rec, state=ValidationState.DISCARDED, updated_at=now)
 
-    def expire(self, now: float | None = None) -> list[ValidationRecord]:
+    def expire(self, now: float | None = None, limit: int = -1) -> list[ValidationRecord]:
         """Move validations past their time to live to EXPIRED; returns them.
 
         The caller deletes their ``changeset_dir``. APPLYING, APPLIED and final
-        validations are left alone.
+        validations are left alone. ``limit`` (> 0): at most that many, the oldest first.
         """
         with self._write("expire validations") as conn:
             at = self._clock() if now is None else now
             states = tuple(s.value for s in _DROPPABLE)
             rows = conn.execute(
                 f"SELECT {_V_COLUMNS} FROM validations "  # noqa: S608
-                f"WHERE state IN {_in(_DROPPABLE)} AND expires_at <= ?",
-                (*states, at),
+                f"WHERE state IN {_in(_DROPPABLE)} AND expires_at <= ? "
+                "ORDER BY expires_at LIMIT ?",
+                (*states, at, limit),
             ).fetchall()
-            conn.execute(
-                f"UPDATE validations SET state = ?, updated_at = ? "  # noqa: S608
-                f"WHERE state IN {_in(_DROPPABLE)} AND expires_at <= ?",
-                (ValidationState.EXPIRED.value, at, *states, at),
+            conn.executemany(
+                "UPDATE validations SET state = ?, updated_at = ? WHERE validation_id = ?",
+                [(ValidationState.EXPIRED.value, at, r[0]) for r in rows],
             )
         return [
             dataclasses.replace(_validation(r), state=ValidationState.EXPIRED, updated_at=at)
             for r in rows
         ]
+
+    def applying(self) -> list[ValidationRecord]:
+        """The APPLYING validations (at start-up: the applies a crash interrupted), each with
+        the special paths the approval it rests on names."""
+        with self._read("list applies in progress") as conn:
+            rows = conn.execute(
+                f"SELECT {_V_COLUMNS} FROM validations WHERE state = ?",  # noqa: S608
+                (ValidationState.APPLYING.value,),
+            ).fetchall()
+        return [_validation(r) for r in rows]
+
+    def prune(self, before: float, limit: int) -> int:
+        """Delete rows nothing needs any more: approvals that expired or ended before
+        ``before``, then validations that became final (APPLIED, DISCARDED, EXPIRED) before
+        it and that no approval names. At most ``limit`` of each; returns how many rows went.
+
+        Until then a retried Apply still gets its first result and a late Approve or Apply
+        the state's own reason; afterwards VALIDATION_NOT_FOUND (the audit log keeps them).
+        """
+        final = (ValidationState.APPLIED, ValidationState.DISCARDED, ValidationState.EXPIRED)
+        with self._write("prune old rows") as conn:
+            gone = conn.execute(
+                "DELETE FROM approvals WHERE approval_id IN (SELECT approval_id FROM approvals "
+                "WHERE expires_at < ? OR ended_at < ? LIMIT ?)",
+                (before, before, limit),
+            ).rowcount
+            gone += conn.execute(
+                "DELETE FROM validations WHERE validation_id IN ("  # noqa: S608
+                f"SELECT v.validation_id FROM validations v WHERE v.state IN {_in(final)} "
+                "AND v.updated_at < ? AND NOT EXISTS (SELECT 1 FROM approvals a "
+                "WHERE a.validation_id = v.validation_id) LIMIT ?)",
+                (*(s.value for s in final), before, limit),
+            ).rowcount
+        return int(gone)
 
     def recover(self) -> list[ValidationRecord]:
         """At start-up: APPLYING validations (a crash mid-apply) -> APPLY_INTERRUPTED.

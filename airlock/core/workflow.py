@@ -9,7 +9,8 @@ is handed to :meth:`Workflow.apply` by its one caller, ``airlock.core.service``.
 
 Every method takes the caller's kernel credentials (a checked request carries them) and
 leaves the ownership checks to the state store (only the validation's user, or root, may
-act on it).
+act on it), but for Approve: the daemon's :class:`~airlock.core.config.Approvers` decide
+who may approve, and never the validation's own uid unless allow_self_approval is set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import threading
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from airlock._errors import AirlockError
 from airlock._special import change_specials
 from airlock.audit.model import Authorization
+from airlock.core.config import Approvers
 from airlock.core.request import CheckedRequest
 from airlock.core.state import (
     ApplyDone,
@@ -35,21 +38,35 @@ from airlock.core.state import (
     StateStore,
     ValidationRecord,
 )
+from airlock.sandbox.apply import Recovery
 from airlock.types import ApplyOutcome, ApprovalGrant, PeerCred, Validation, Verdict
 
 __all__ = ["Workflow"]
 
+_log = logging.getLogger("airlock.daemon")
+
 _SWEEP_EVERY_S = 30.0
+# The pruning thread (start_pruning): how often it wakes, and at most how many validations it
+# expires and rows it deletes each time (bounded work; a backlog takes a few ticks).
+PRUNE_EVERY_S = 30.0
+PRUNE_BATCH = 500
+# Final rows (applied, discarded, expired validations; expired or ended approvals) are kept
+# this long, so a late retry still gets the state's own answer, then deleted.
+KEEP_FINAL_S = 24 * 3600.0
 
 
 class Workflow:
     """Validations, approvals and changesets of one daemon. Thread-safe."""
 
-    def __init__(self, state: StateStore, changesets_dir: str) -> None:
+    def __init__(
+        self, state: StateStore, changesets_dir: str, approvers: Approvers | None = None
+    ) -> None:
         self.state = state
         self.changesets_dir = changesets_dir
+        self.approvers = approvers or Approvers()
         self._last_sweep = 0.0
         self._sweep_lock = threading.Lock()
+        self._pruning: tuple[threading.Thread, threading.Event] | None = None
         os.makedirs(changesets_dir, mode=0o700, exist_ok=True)
 
     # --- Validate -----------------------------------------------------------------------------
@@ -72,7 +89,6 @@ class Workflow:
         case a transaction and an fsync; the audit log has it. An ALLOW one whose changes
         were not kept is, so that Apply can say why it has nothing to apply.
         """
-        self.sweep()
         not_kept = v.changes_not_kept if v.changes and not v.changeset_dir else ""
         asked, allowed = v.verdict is Verdict.ASK, v.verdict is Verdict.ALLOW
         if not (asked or v.changeset_dir or (allowed and not_kept)):
@@ -133,14 +149,28 @@ class Workflow:
         scope: ApprovalScope,
         peer: PeerCred,
         special_paths: tuple[bytes, ...] = (),
-    ) -> tuple[ApprovalGrant, ValidationRecord]:
-        """Approve a validation: the grant (its token is shown once) and what it approved.
+    ) -> tuple[ApprovalGrant, ValidationRecord, str]:
+        """Approve a validation: the grant (its token is shown once), what it approved, and
+        why ``peer`` may approve it ("approver" or "self-approval ...").
 
         ``special_paths``: the validation's special files (setuid, capabilities, FIFOs, ...)
-        the approval lets Apply write.
+        the approval lets Apply write. Who may approve is :attr:`approvers`' to say, checked
+        in the state store's transaction: PermissionDenied (SELF_APPROVAL_NOT_ALLOWED,
+        NOT_AN_APPROVER) otherwise.
         """
+        basis = ""
+
+        def may_approve(rec: ValidationRecord) -> None:
+            nonlocal basis
+            basis = self.approvers.how(peer, rec.uid)
+
         token, approval = self.state.approve(
-            validation_id, scope, approver_uid=peer.uid, special_paths=special_paths
+            validation_id,
+            scope,
+            approver_uid=peer.uid,
+            approver_subject=f"uid {peer.uid} gid {peer.gid} (peer credentials)",
+            special_paths=special_paths,
+            may_approve=may_approve,
         )
         grant = ApprovalGrant(
             approval_token=token,
@@ -148,7 +178,7 @@ class Workflow:
             expires_at=approval.expires_at,
             approver_uid=approval.approver_uid,
         )
-        return grant, self.state.get(validation_id)
+        return grant, self.state.get(validation_id), basis
 
     def authorize(self, req: CheckedRequest, policy_version: str) -> Authorization | None:
         """For Execute: the approval covering exactly ``req``, or None (it must ask).
@@ -164,6 +194,23 @@ class Workflow:
             uid=req.uid,
         )
 
+    def approver_of(self, req: CheckedRequest, policy_version: str) -> str:
+        """Who approved what ``authorize`` let through, for the audit log ("" if unknown)."""
+        approval = self.state.approval_used(
+            req.approval_token or None,
+            command=req.command,
+            cwd=req.cwd,
+            policy_version=policy_version,
+            session_id=req.session_id,
+            uid=req.uid,
+        )
+        if approval is None:
+            return ""
+        return (
+            f"{approval.scope.name.lower()} approval {approval.approval_id} of validation "
+            f"{approval.validation_id} by uid {approval.approver_uid}"
+        )
+
     # --- Apply and Discard --------------------------------------------------------------------
 
     def apply(
@@ -171,11 +218,15 @@ class Workflow:
         validation_id: str,
         peer: PeerCred,
         write: Callable[[str, int, int, tuple[bytes, ...]], ApplyOutcome],
+        on_begun: Callable[[ValidationRecord], object] | None = None,
     ) -> tuple[ApplyOutcome, ValidationRecord]:
         """Write the validation's kept changes to the host with ``write``, exactly once.
 
         ``write(changeset_dir, uid, gid, approved_special)`` writes them as that user, with
         the special files its approval names and no other, and says what it wrote.
+        ``on_begun(record)`` runs once the apply is claimed (APPLYING, durable) and before
+        anything is written: the audit log records the start there, so an apply a crash
+        cuts short is never unrecorded. If it raises, nothing is written.
         """
         begun = self.state.begin_apply(validation_id, uid=peer.uid)
         if isinstance(begun, ApplyDone):
@@ -192,6 +243,8 @@ class Workflow:
             )
         record = begun
         try:
+            if on_begun is not None:
+                on_begun(record)
             if not record.changeset_dir:
                 outcome = ApplyOutcome(validation_id=validation_id, applied_paths=())
             else:
@@ -242,9 +295,81 @@ class Workflow:
         finally:
             self._sweep_lock.release()
 
-    def recover(self) -> None:
-        """At start-up: flag applies a crash interrupted; delete changesets nobody owns."""
-        self.state.recover()
+    def prune(self, batch: int = PRUNE_BATCH, keep_final_s: float = KEEP_FINAL_S) -> int:
+        """One bounded round: expire up to ``batch`` validations past their time to live and
+        delete their kept changes, then delete up to ``batch`` state rows final for longer
+        than ``keep_final_s``. Returns how much it did (0: nothing was due)."""
+        with self._sweep_lock:
+            expired = self.state.expire(limit=batch)
+            for record in expired:
+                _remove(record.changeset_dir)
+            pruned = self.state.prune(time.time() - keep_final_s, batch)
+        if expired or pruned:
+            _log.info("pruned", extra={"expired": len(expired), "rows_deleted": pruned})
+        return len(expired) + pruned
+
+    def start_pruning(self, every_s: float = PRUNE_EVERY_S) -> None:
+        """Prune every ``every_s`` seconds on a thread of its own (it never forks), until
+        :meth:`stop_pruning`: expired changes leave the disk without waiting for a request."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.prune()
+                except AirlockError as exc:  # the store is locked or full: next time
+                    _log.warning("prune failed", extra={"reason": exc.reason, "error": str(exc)})
+
+        thread = threading.Thread(target=loop, name="airlock-prune", daemon=True)
+        self._pruning = (thread, stop)
+        thread.start()
+
+    def stop_pruning(self) -> None:
+        """Stop the pruning thread and wait for a round in progress (before the store closes)."""
+        if self._pruning is not None:
+            thread, stop = self._pruning
+            stop.set()
+            thread.join()
+            self._pruning = None
+
+    def recover(
+        self, roll: Callable[[ValidationRecord], Recovery | None] | None = None
+    ) -> list[tuple[ValidationRecord, Recovery | None, str]]:
+        """At start-up: settle applies a crash interrupted; delete changesets nobody owns.
+
+        ``roll(record)`` rolls the interrupted apply of ``record`` forward or back on the host
+        (``Engine.recover_changeset``; None: it had not started writing). Then: rolled
+        forward, every path as the changeset says, it is APPLIED (its result says it was
+        recovered); rolled back (or never started), every path as before, it is back to
+        APPROVED/ALLOWED and may be applied again (a ONCE approval it used is usable again);
+        otherwise (a path in neither state, or ``roll`` failed) it is APPLY_INTERRUPTED, for a
+        person to check. Returns (record as settled, what ``roll`` found, its error) for each,
+        for the caller to audit.
+        """
+        settled: list[tuple[ValidationRecord, Recovery | None, str]] = []
+        for record in self.state.applying() if roll is not None else ():
+            assert roll is not None
+            vid = record.validation_id
+            recovery: Recovery | None = None
+            error = ""
+            try:
+                recovery = roll(record) if record.changeset_dir else None
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            if error or (recovery is not None and not recovery.consistent):
+                settled.append((record, recovery, error))  # flagged by state.recover below
+            elif recovery is None or recovery.direction == "back":
+                why = "rolled back at start-up: the daemon stopped before the apply committed"
+                settled.append((self.state.abort_apply(vid, why), recovery, ""))
+            else:
+                outcome = ApplyOutcome(validation_id=vid, applied_paths=recovery.after)
+                text = json.loads(_outcome_to_json(outcome))
+                text["recovered"] = "rolled forward at start-up after the daemon stopped"
+                done = self.state.finish_apply(vid, json.dumps(text))
+                _remove(done.changeset_dir)
+                settled.append((done, recovery, ""))
+        interrupted = {r.validation_id: r for r in self.state.recover()}
+        settled = [(interrupted.get(r.validation_id, r), rc, e) for r, rc, e in settled]
         self._last_sweep = 0.0
         self.sweep()
         for name in os.listdir(self.changesets_dir):
@@ -255,6 +380,7 @@ class Workflow:
                 state = "UNKNOWN"
             if state in ("UNKNOWN", "APPLIED", "DISCARDED", "EXPIRED"):
                 _remove(path)
+        return settled
 
 
 def _specials(v: Validation) -> tuple[SpecialChange, ...]:

@@ -16,13 +16,14 @@ import grp
 import ipaddress
 import logging
 import os
+import pwd
 import re
 import sys
 import tomllib
 from collections.abc import Callable
 
 from airlock._version import __version__
-from airlock.core.config import DaemonConfig
+from airlock.core.config import Approvers, DaemonConfig
 from airlock.daemon import _log
 from airlock.types import Limits
 
@@ -82,6 +83,27 @@ def _mode(text: str) -> int:
     return mode
 
 
+def _users(text: str) -> tuple[int, ...]:
+    """A comma-separated list of users (names or uids), as uids; "" is none."""
+    uids = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item.isdigit():
+            uids.append(int(item))
+            continue
+        try:
+            uids.append(pwd.getpwnam(item).pw_uid)
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"no such user: {item}") from None
+    return tuple(dict.fromkeys(uids))
+
+
+def _groups(text: str) -> tuple[int, ...]:
+    """A comma-separated list of groups (names or gids), as gids; "" is none."""
+    return tuple(
+        dict.fromkeys(_group(item) for item in filter(None, (p.strip() for p in text.split(","))))
+    )
+
+
 def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (true or false)")
@@ -100,6 +122,8 @@ _TOML_TYPES: dict[Callable[[str], object] | None, tuple[type, ...]] = {
     _group: (str, int),
     _mode: (str,),
     _boolean: (bool,),
+    _users: (str, int),
+    _groups: (str, int),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
@@ -144,6 +168,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
         metavar="NAME=ADDR",
         help="FOR TESTS ONLY: the egress relay resolves NAME to ADDR instead of asking the "
         "host's resolver (repeat it for more; the policy's address checks still apply)",
+    )
+    p.add_argument(
+        "--new-audit-log",
+        action="store_true",
+        help="start even if the audit log does not reach the last head this daemon recorded "
+        "(it was emptied, cut short or replaced): an operator starting a new log on purpose, "
+        "for this start only (not a configuration file key; see README)",
     )
     s = p.add_argument_group("settings (each also a configuration file key)")
 
@@ -220,6 +251,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
             help="sandboxes kept prepared ahead of requests (0: prepare each on demand)",
         ),
         s.add_argument(
+            "--warm-idle",
+            type=_positive,
+            default=DaemonConfig.warm_idle_s,
+            metavar="SECONDS",
+            help="retire a warm sandbox unused for this long (it holds the host's mounts; "
+            "an unmount on the host retires them all at once)",
+        ),
+        s.add_argument(
             "--keep-changes-max",
             type=int,
             default=DaemonConfig.keep_changes_max,
@@ -253,6 +292,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
         switch(
             "--no-capture",
             "all three of --no-process-capture, --no-network-capture, --no-read-capture",
+        ),
+        s.add_argument(
+            "--approvers",
+            type=_users,
+            default=Approvers.uids,
+            metavar="USERS",
+            help="users (names or uids, comma-separated) who may approve other users' asks, "
+            "besides root, which always may (default: root only)",
+        ),
+        s.add_argument(
+            "--approver-groups",
+            type=_groups,
+            default=Approvers.gids,
+            metavar="GROUPS",
+            help="groups (names or gids, comma-separated) whose members may approve other "
+            "users' asks (default: none)",
+        ),
+        switch(
+            "--allow-self-approval",
+            "let a validation's own user approve it (off by default: an agent must not "
+            "approve its own ask; turn it on only where the person and the agent are one user)",
         ),
         s.add_argument(
             "--policy-dir",
@@ -321,6 +381,8 @@ def _toml_value(action: argparse.Action, value: object) -> str:
         return str(value)
     if action.type is _mode and isinstance(value, int):
         return f'"{value:04o}"'
+    if isinstance(value, tuple):  # approvers, approver-groups: by number
+        return _toml_string(",".join(map(str, value)))
     if isinstance(value, str):
         return _toml_string(value)
     return repr(value)  # int, float (30.0, inf): valid TOML as written
@@ -380,6 +442,7 @@ def _load(argv: list[str] | None) -> tuple[DaemonConfig, str, str | None]:
         socket_mode=a.socket_mode,
         socket_gid=a.socket_group,
         warm_pool=max(0, a.warm_pool),
+        warm_idle_s=a.warm_idle,
         policy_dir=a.policy_dir,
         trace_processes=not (a.no_process_capture or a.no_capture),
         capture_network=not (a.no_network_capture or a.no_capture),
@@ -391,6 +454,12 @@ def _load(argv: list[str] | None) -> tuple[DaemonConfig, str, str | None]:
         max_connections=a.max_connections,
         max_connections_per_uid=a.max_connections_per_uid,
         first_request_timeout_s=a.first_request_timeout,
+        new_audit_log=a.new_audit_log,
+        approvers=Approvers(
+            uids=tuple(dict.fromkeys((0, *a.approvers))),
+            gids=a.approver_groups,
+            allow_self_approval=a.allow_self_approval,
+        ),
         limits=limits,
         test_resolve=tuple(
             (name, tuple(addr for n, addr in a.test_resolve if n == name))

@@ -10,6 +10,8 @@ Nothing else lives here.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -92,6 +94,37 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
 
         return self._answer("Approve", context, call)
 
+    def ListPendingValidations(  # noqa: N802
+        self, request: pb.ListPendingValidationsRequest, context: grpc.ServicerContext
+    ) -> Any:
+        def call(peer: PeerCred) -> Any:
+            page, token = self._app.list_pending(peer, request.page_size, request.page_token)
+            return pb.ListPendingValidationsResponse(
+                validations=[convert.pending_to_proto(p) for p in page], next_page_token=token
+            )
+
+        return self._answer("ListPendingValidations", context, call)
+
+    def WatchPendingValidations(  # noqa: N802
+        self, request: pb.WatchPendingValidationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchPendingValidationsResponse]:
+        """Stream pending validations; a heartbeat is a response without one."""
+        try:
+            peer = self._peer(context)
+            items = self._app.watch_pending(
+                peer, on_cancel=lambda callback: _on_cancel(context, callback)
+            )
+            with closing(items):
+                for item in items:
+                    if item is None:
+                        yield pb.WatchPendingValidationsResponse()
+                    else:
+                        yield pb.WatchPendingValidationsResponse(
+                            validation=convert.pending_to_proto(item)
+                        )
+        except Exception as exc:
+            _abort(context, exc, {"rpc": "WatchPendingValidations"}, "WatchPendingValidations")
+
     def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         def call(peer: PeerCred) -> Any:
             return convert.apply_response_to_proto(self._app.apply(request.validation_id, peer))
@@ -171,10 +204,48 @@ def _on_cancel(context: grpc.ServicerContext, callback: Callable[[], None]) -> N
         callback()  # the call has already ended
 
 
+class _LogBudget:
+    """At most ``rate`` lines a second (``rate`` at once after a quiet spell): a flood of
+    malformed requests must not flood the log. Lines left out are counted, and the next
+    line that is written says how many (``suppressed``)."""
+
+    def __init__(self, rate: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._at = clock()
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """How many lines were left out since the last one written, or None: leave this out."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                self._suppressed += 1
+                return None
+            self._tokens -= 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return suppressed
+
+
+_MALFORMED_LOG = _LogBudget()
+_MAX_LOGGED_ERROR = 200  # characters of the parser's complaint in the log line
+
+
 def _parsed(
-    method: Callable[[Any, grpc.ServicerContext], Any], message: Any
+    method: Callable[[Any, grpc.ServicerContext], Any],
+    message: Any,
+    rpc: str = "",
+    peer_of: Callable[[grpc.ServicerContext], PeerCred | None] | None = None,
 ) -> Callable[[bytes, grpc.ServicerContext], Any]:
-    """Parse the request ourselves, so malformed bytes get INVALID_ARGUMENT, not INTERNAL."""
+    """Parse the request ourselves, so malformed bytes get INVALID_ARGUMENT, not INTERNAL.
+
+    Each malformed request leaves one bounded "rejected" line in the log (rate-limited by
+    ``_MALFORMED_LOG``): the method, the caller if known, the size and the parser's error.
+    """
 
     def call(raw: bytes, context: grpc.ServicerContext) -> Any:
         try:
@@ -184,14 +255,45 @@ def _parsed(
                 f"request: not a valid {message.DESCRIPTOR.full_name} ({exc})",
                 reason="MALFORMED_REQUEST",
             )
+            _log_malformed(rpc, context, peer_of, len(raw), str(exc))
             context.abort_with_status(to_rpc_status(error))
         return method(request, context)
 
     return call
 
 
+def _log_malformed(
+    rpc: str,
+    context: grpc.ServicerContext,
+    peer_of: Callable[[grpc.ServicerContext], PeerCred | None] | None,
+    size: int,
+    why: str,
+) -> None:
+    suppressed = _MALFORMED_LOG.take()
+    if suppressed is None:
+        return
+    peer = peer_of(context) if peer_of is not None else None
+    _log.info(
+        "rejected",
+        extra={
+            "rpc": rpc,
+            "uid": peer.uid if peer else None,
+            "pid": peer.pid if peer else None,
+            "code": "INVALID_ARGUMENT",
+            "reason": "MALFORMED_REQUEST",
+            "bytes": size,
+            "error": why[:_MAX_LOGGED_ERROR],
+            "suppressed": suppressed,
+        },
+    )
+
+
 def handler(service: SandboxService) -> grpc.GenericRpcHandler:
     """The service's method handlers (equivalent to the generated ``add_..._to_server``)."""
+
+    def peer_of(context: grpc.ServicerContext) -> PeerCred | None:
+        return service._proxy.peer_of(context.peer())
+
     methods: dict[str, tuple[Callable[[Any, grpc.ServicerContext], Any], Any, Any]] = {
         "Validate": (service.Validate, pb.ValidateRequest, pb.ValidateResponse),
         "GetCapabilities": (
@@ -213,15 +315,25 @@ def handler(service: SandboxService) -> grpc.GenericRpcHandler:
         "Approve": (service.Approve, pb.ApproveRequest, pb.ApproveResponse),
         "Apply": (service.Apply, pb.ApplyRequest, pb.ApplyResponse),
         "Discard": (service.Discard, pb.DiscardRequest, pb.DiscardResponse),
+        "ListPendingValidations": (
+            service.ListPendingValidations,
+            pb.ListPendingValidationsRequest,
+            pb.ListPendingValidationsResponse,
+        ),
     }
     streams: dict[str, tuple[Callable[[Any, grpc.ServicerContext], Any], Any, Any]] = {
         "Execute": (service.Execute, pb.ExecuteRequest, pb.ExecuteResponse),
+        "WatchPendingValidations": (
+            service.WatchPendingValidations,
+            pb.WatchPendingValidationsRequest,
+            pb.WatchPendingValidationsResponse,
+        ),
     }
     return grpc.method_handlers_generic_handler(
         "airlock.v1.SandboxService",
         {
             name: grpc.unary_unary_rpc_method_handler(
-                _parsed(method, request),
+                _parsed(method, request, name, peer_of),
                 request_deserializer=None,
                 response_serializer=response.SerializeToString,
             )
@@ -229,7 +341,7 @@ def handler(service: SandboxService) -> grpc.GenericRpcHandler:
         }
         | {
             name: grpc.unary_stream_rpc_method_handler(
-                _parsed(method, request),
+                _parsed(method, request, name, peer_of),
                 request_deserializer=None,
                 response_serializer=response.SerializeToString,
             )

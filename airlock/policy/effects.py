@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 from airlock._globs import glob_regex
 from airlock._special import Special, change_specials
+from airlock.policy import worklost
 from airlock.policy.rules import Compiler, Globs, JsonPath, Layer
 from airlock.types import (
     ChangeKind,
@@ -51,18 +52,22 @@ from airlock.types import (
     FileType,
     Finding,
     FindingSource,
+    LostKind,
+    LostWork,
     NetProtocol,
     NetworkAttemptInfo,
     OtherType,
     ProcessInfo,
     SensitiveReadInfo,
     Severity,
+    Termination,
     Verdict,
 )
 
 __all__ = [
     "KINDS",
     "LISTED",
+    "LOST_WORK_CHECKED_TAG",
     "PROTOCOLS",
     "SCOPES",
     "SPECIALS",
@@ -79,14 +84,18 @@ __all__ = [
     "change_scope",
     "check_effect_test",
     "judge_effects",
+    "judges_work_lost",
     "path_glob_problem",
     "synthetic_effects",
+    "unfinished_findings",
 ]
 
 LISTED = 3  # evidence items named in a finding's message; the rest are counted
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/user")
 TEST_WORKSPACE = "/workspace"  # inline tests: relative paths are inside it
 TEST_HOME = "/home/user"  # inline tests: ~ is this
+TEST_UID = 1000  # inline tests: the uid the command runs as (a file's owner: caller)
+TEST_OTHER_UID = 1001  # inline tests: a file's owner: other
 
 _TEMP_PREFIXES = tuple(os.fsencode(d) + b"/" for d in TEMP_DIRS)
 _ARGV_CHARS = 100  # a program's argv is cut to this many characters in a message
@@ -101,6 +110,9 @@ class ChangeScope(enum.IntEnum):
     HOME = 2  # below the caller's home (not for an empty home or "/")
     TEMP = 3  # below /tmp, /var/tmp, /dev/shm or /run/user (the directories themselves: SYSTEM)
     SYSTEM = 4  # everything else
+    # A directory the policy's writable_paths grant (a package cache) or below; tested right
+    # after WORKSPACE.
+    GRANTED = 5
 
 
 KINDS: Mapping[str, ChangeKind] = {
@@ -139,15 +151,25 @@ def _home_scope_prefix(home: str) -> bytes | None:
     return os.fsencode(stripped) + b"/" if stripped else None
 
 
-def change_scope(change: FileChange, home: str) -> ChangeScope:
-    """The scope of one change, for a caller whose home directory is ``home``."""
-    return _scope(change, _home_scope_prefix(home))
+def change_scope(change: FileChange, home: str, granted: tuple[str, ...] = ()) -> ChangeScope:
+    """The scope of one change, for a caller whose home directory is ``home`` and whose
+    filesystem grants are ``granted`` (absolute paths)."""
+    return _scope(change, _home_scope_prefix(home), _granted_prefixes(granted))
 
 
-def _scope(change: FileChange, home_prefix: bytes | None) -> ChangeScope:
+def _granted_prefixes(granted: tuple[str, ...]) -> tuple[bytes, ...]:
+    """Each grant as ``b"DIR/"``; a grant of "/" or "" counts as none (fail closed)."""
+    return tuple(os.fsencode(g.rstrip("/")) + b"/" for g in granted if g.rstrip("/"))
+
+
+def _scope(
+    change: FileChange, home_prefix: bytes | None, granted: tuple[bytes, ...] = ()
+) -> ChangeScope:
     if change.in_workspace:
         return ChangeScope.WORKSPACE
     path = change.path
+    if granted and (path + b"/").startswith(granted):
+        return ChangeScope.GRANTED
     if home_prefix is not None and path.startswith(home_prefix):
         return ChangeScope.HOME
     if path.startswith(_TEMP_PREFIXES):
@@ -337,6 +359,7 @@ class _Run:
         "_paths",
         "_procs",
         "effects",
+        "granted",
         "home_prefix",
         "home_str",
         "tilde",
@@ -349,6 +372,7 @@ class _Run:
         # What ~ stands for in path globs, exactly as the recorder substitutes it.
         self.tilde: bytes | None = os.fsencode(stripped) if home else None
         self.home_prefix = _home_scope_prefix(home)
+        self.granted = _granted_prefixes(effects.granted)
         self.home_str = stripped or None
         self._changes: list[FileChange] | None = None
         self._paths: list[bytes] = []
@@ -406,7 +430,7 @@ class _Run:
         return out
 
     def scope(self, change: FileChange) -> ChangeScope:
-        return _scope(change, self.home_prefix)
+        return _scope(change, self.home_prefix, self.granted)
 
 
 _PATH = operator.attrgetter("path")
@@ -459,6 +483,10 @@ def _change_text(c: FileChange) -> str:
         kind += ", " + ", ".join(s.value for s in Special if s in specials)
         if Special.CAPABILITIES in specials:
             kind += f" {c.capabilities}"
+    if c.links > 1:
+        kind += f", hard link to {_text(c.linked_to)}" if c.linked_to else ", hard link"
+        if c.uid_after is not None:
+            kind += f", owner uid {c.uid_after}"
     return f"{_text(c.path)} ({kind})"
 
 
@@ -512,6 +540,33 @@ class _Cond:
         raise NotImplementedError
 
 
+class _Links(NamedTuple):
+    """The ``files`` keys about hard links and owners (None: the key is not given)."""
+
+    hard_link: bool | None  # the file has more than one name after the change
+    owner: str | None  # "caller" or "other": who the file belongs to after the change
+    link_scopes: frozenset[ChangeScope] | None  # where another of its names lies
+
+    def holds(self, run: _Run, c: FileChange) -> bool:
+        if self.hard_link is not None and (c.links > 1) != self.hard_link:
+            return False
+        if self.owner is not None:
+            uid = run.effects.uid
+            mine = uid is not None and c.uid_after is not None and c.uid_after == uid
+            if mine != (self.owner == "caller"):  # unknown counts as another user's
+                return False
+        if self.link_scopes is not None:
+            if c.links <= 1 or not c.linked_to:
+                return False
+            ws = os.fsencode(run.effects.workspace.rstrip("/"))
+            other = c.linked_to
+            inside = bool(ws) and (other == ws or other.startswith(ws + b"/"))
+            name = FileChange(path=other, kind=c.kind, file_type=c.file_type, in_workspace=inside)
+            if run.scope(name) not in self.link_scopes:
+                return False
+        return True
+
+
 class _Files(_Cond):
     key = "files"
     rank = 3
@@ -523,12 +578,14 @@ class _Files(_Cond):
         kinds: frozenset[ChangeKind] | None,
         scopes: frozenset[ChangeScope] | None,
         specials: frozenset[Special] | None = None,
+        links: _Links | None = None,
     ) -> None:
         self.paths = paths
         self.not_paths = not_paths
         self.kinds = kinds
         self.scopes = scopes
         self.specials = specials
+        self.links = links
 
     def evidence(self, run: _Run) -> list[_Evidence] | None:
         if not run.effects.changes:
@@ -542,7 +599,7 @@ class _Files(_Cond):
         else:
             indices = range(len(changes))
         kinds, scopes, not_paths, tilde = self.kinds, self.scopes, self.not_paths, run.tilde
-        specials = self.specials
+        specials, links = self.specials, self.links
         hits: list[FileChange] = []
         for i in indices:
             c = changes[i]
@@ -551,6 +608,8 @@ class _Files(_Cond):
             if scopes is not None and run.scope(c) not in scopes:
                 continue
             if specials is not None and not change_specials(c) & specials:
+                continue
+            if links is not None and not links.holds(run, c):
                 continue
             if not_paths is not None and not_paths.match(c.path, tilde):
                 continue
@@ -609,6 +668,49 @@ class _EgressKeys(NamedTuple):
         return self.refusals is None or a.refusal in self.refusals
 
 
+@dataclass(frozen=True)
+class CredentialBinding:
+    """A policy's ``credential_destinations`` entry: files of a credential and the services
+    it is for (npm's configuration and its registry, ~/.aws and the AWS endpoints, ...)."""
+
+    name: str
+    paths: PathGlobs
+    hosts: Globs
+    ports: tuple[tuple[int, int], ...] = ()
+
+    def reaches(self, a: NetworkAttemptInfo) -> bool:
+        """Whether the connection ``a`` goes to one of the services, on one of the ports."""
+        if self.ports and not any(lo <= a.port <= hi for lo, hi in self.ports):
+            return False
+        return any(self.hosts.match(n) for n in _names(a))
+
+
+def _credential_destination(
+    run: _Run, bindings: tuple[CredentialBinding, ...], a: NetworkAttemptInfo
+) -> bool:
+    """Whether ``a`` goes to a service bound to *every* sensitive file the run read: a
+    credential used by its own tool. A run that read nothing, or a file no binding names,
+    has no such destination (one unbound read keeps every attempt suspicious). A DNS
+    lookup counts only for a name the run then connected to, as such a service: a lookup
+    alone can carry data out in the name (``KEY.attacker.example``)."""
+    reads = run.effects.sensitive_reads
+    if not reads or not bindings:
+        return False
+    candidates = [a]
+    if a.protocol is NetProtocol.DNS:
+        name = a.dns_name.rstrip(".").lower()
+        candidates = [
+            t
+            for t in run.effects.network
+            if t.protocol is NetProtocol.TCP and t.dns_name.rstrip(".").lower() == name
+        ]
+    for r in reads:
+        bound = [b for b in bindings if b.paths.match(r.path, run.tilde)]
+        if not any(b.reaches(c) for b in bound for c in candidates):
+            return False
+    return bool(candidates)
+
+
 class _Network(_Cond):
     key = "network"
     rank = 1
@@ -621,6 +723,8 @@ class _Network(_Cond):
         ports: tuple[tuple[int, int], ...],
         protocols: frozenset[NetProtocol] | None,
         egress: _EgressKeys | None = None,
+        credential_destination: bool | None = None,
+        bindings: tuple[CredentialBinding, ...] = (),
     ) -> None:
         self.hosts = hosts
         self.not_hosts = not_hosts
@@ -628,6 +732,8 @@ class _Network(_Cond):
         self.ports = ports
         self.protocols = protocols
         self.egress = egress
+        self.credential_destination = credential_destination
+        self.bindings = bindings
 
     def _address(self, address: str) -> bool:
         try:
@@ -658,8 +764,11 @@ class _Network(_Cond):
 
     def evidence(self, run: _Run) -> list[_Evidence] | None:
         items: dict[str, None] = {}
+        wanted = self.credential_destination
         for a in run.effects.network:
-            if self._holds(a):
+            if self._holds(a) and (
+                wanted is None or _credential_destination(run, self.bindings, a) is wanted
+            ):
                 items[_attempt_text(a)] = None
         return [_evidence(list(items))] if items else None
 
@@ -686,6 +795,42 @@ class _Reads(_Cond):
         if not found:
             return None
         return [_evidence([f"{_text(p)} (read)" for p in sorted(found)])]
+
+
+class _WorkLost(_Cond):
+    """Work the run would destroy in a git repository (Effects.work_lost)."""
+
+    key = "work_lost"
+    rank = 0
+
+    def __init__(
+        self,
+        kinds: frozenset[LostKind] | None,
+        paths: PathGlobs | None,
+        not_paths: PathGlobs | None,
+    ) -> None:
+        self.kinds = kinds
+        self.paths = paths
+        self.not_paths = not_paths
+
+    def evidence(self, run: _Run) -> list[_Evidence] | None:
+        items = run.effects.work_lost
+        if not items:
+            return None
+        tilde = run.tilde
+        hits = []
+        for w in items:
+            if self.kinds is not None and w.kind not in self.kinds:
+                continue
+            path = w.path.rstrip(b"/")
+            if self.paths is not None and not (path and self.paths.match(path, tilde)):
+                continue
+            if self.not_paths is not None and path and self.not_paths.match(path, tilde):
+                continue
+            hits.append(w)
+        if not hits:
+            return None
+        return [_evidence(worklost.phrases(hits, run.effects.workspace))]
 
 
 class _AnyOf(_Cond):
@@ -797,6 +942,25 @@ def judge_effects(rules: Iterable[EffectRule], effects: Effects) -> tuple[Findin
     return tuple(findings)
 
 
+def judges_work_lost(rules: Iterable[EffectRule]) -> bool:
+    """Whether some rule that asks or denies has a ``work_lost`` key (in ``any_of`` too):
+    only then may a dry run's lost-work check stand in for a static rule
+    (``LOST_WORK_CHECKED_TAG``)."""
+
+    def has(m: EffectMatcher) -> bool:
+        return any(
+            c.key == "work_lost" or (isinstance(c, _AnyOf) and any(has(o) for o in c.options))
+            for c in m.conds
+        )
+
+    return any(r.decision > Verdict.ALLOW and has(r.matcher) for r in rules)
+
+
+# A static rule with this tag asks or denies only where no dry run checked for lost work
+# (Execute, a dry run that did not finish or could not check): see core/engine.py.
+LOST_WORK_CHECKED_TAG = "dry-run-checks-lost-work"
+
+
 def _effects_summary(e: Effects) -> str:
     parts = []
     for singular, plural, items in (
@@ -804,6 +968,7 @@ def _effects_summary(e: Effects) -> str:
         ("process", "processes", [_argv_text(p) for p in e.processes]),
         ("network attempt", "network attempts", [_attempt_text(a) for a in e.network]),
         ("sensitive read", "sensitive reads", [_text(r.path) for r in e.sensitive_reads]),
+        ("lost work", "lost work", worklost.phrases(e.work_lost, e.workspace)),
     ):
         if items:
             noun = singular if len(items) == 1 else plural
@@ -863,6 +1028,15 @@ def synthetic_effects(raw: Mapping[str, Any], path: JsonPath, report: Report) ->
                 mode_after=int(f["mode"], 8) if "mode" in f and not deleted else None,
                 other_type=other,
                 capabilities=f.get("capabilities", "") if not deleted else "",
+                uid_after=(
+                    None if deleted else TEST_OTHER_UID if f.get("owner") == "other" else TEST_UID
+                ),
+                links=(
+                    0
+                    if deleted or file_type is FileType.DIRECTORY
+                    else max(f.get("links", 1), 2 if "linked_to" in f else 1)
+                ),
+                linked_to=os.fsencode(_test_path(f["linked_to"])) if "linked_to" in f else b"",
             )
         )
     processes = tuple(
@@ -909,6 +1083,15 @@ def synthetic_effects(raw: Mapping[str, Any], path: JsonPath, report: Report) ->
         SensitiveReadInfo(path=os.fsencode(_test_path(p)), pid=None)
         for p in raw.get("sensitive_reads", ())
     )
+    lost = tuple(
+        LostWork(
+            worklost.LOST_KINDS[w["kind"]],
+            os.fsencode(TEST_WORKSPACE),
+            os.fsencode(_test_path(w["path"])) if "path" in w else b"",
+            w.get("count", 1),
+        )
+        for w in raw.get("work_lost", ())
+    )
     return Effects(
         workspace=TEST_WORKSPACE,
         home=TEST_HOME,
@@ -916,6 +1099,8 @@ def synthetic_effects(raw: Mapping[str, Any], path: JsonPath, report: Report) ->
         processes=processes,
         network=tuple(network),
         sensitive_reads=reads,
+        work_lost=lost,
+        uid=TEST_UID,
     )
 
 
@@ -935,6 +1120,23 @@ class EffectCompiler:
         self.compiler = compiler
         self.report = report
         self._reported: set[JsonPath] = set()
+        # The bundle's credential_destinations (``bind``), compiled before any effect rule.
+        self.bindings: tuple[CredentialBinding, ...] = ()
+
+    def bind(self, entries: Sequence[Mapping[str, Any]], path: JsonPath) -> None:
+        """Add a file's ``credential_destinations`` entries to :attr:`bindings`."""
+        out = list(self.bindings)
+        for i, raw in enumerate(entries):
+            epath: JsonPath = (*path, i)
+            out.append(
+                CredentialBinding(
+                    raw["name"],
+                    self.path_globs(raw["paths"], (*epath, "paths")),
+                    self._hosts(raw["hosts"], (*epath, "hosts")),
+                    tuple(self._ports(raw.get("ports", ()), (*epath, "ports"))),
+                )
+            )
+        self.bindings = tuple(out)
 
     def _problem(self, path: JsonPath, message: str, hint: str) -> None:
         if path not in self._reported:
@@ -1000,6 +1202,17 @@ class EffectCompiler:
             if self._any_alone(value, path):
                 return _Files(None, None, None, None)
             specials = value.get("special")
+            links = None
+            if {"hard_link", "owner", "link_scope"} & value.keys():
+                links = _Links(
+                    value.get("hard_link"),
+                    value.get("owner"),
+                    (
+                        frozenset(SCOPES[s] for s in value["link_scope"])
+                        if "link_scope" in value
+                        else None
+                    ),
+                )
             return _Files(
                 self.path_globs(value["paths"], (*path, "paths")) if "paths" in value else None,
                 (
@@ -1010,11 +1223,28 @@ class EffectCompiler:
                 frozenset(KINDS[k] for k in value["kinds"]) if "kinds" in value else None,
                 frozenset(SCOPES[s] for s in value["scope"]) if "scope" in value else None,
                 frozenset(SPECIALS[s] for s in specials) if specials is not None else None,
+                links,
             )
         if key == "sensitive_reads":
             if self._any_alone(value, path):
                 return _Reads(None, None)
             return _Reads(
+                self.path_globs(value["paths"], (*path, "paths")) if "paths" in value else None,
+                (
+                    self.path_globs(value["not_paths"], (*path, "not_paths"))
+                    if "not_paths" in value
+                    else None
+                ),
+            )
+        if key == "work_lost":
+            if self._any_alone(value, path):
+                return _WorkLost(None, None, None)
+            return _WorkLost(
+                (
+                    frozenset(worklost.LOST_KINDS[k] for k in value["kinds"])
+                    if "kinds" in value
+                    else None
+                ),
                 self.path_globs(value["paths"], (*path, "paths")) if "paths" in value else None,
                 (
                     self.path_globs(value["not_paths"], (*path, "not_paths"))
@@ -1059,6 +1289,8 @@ class EffectCompiler:
                     else None
                 ),
                 self._egress_keys(value, path),
+                value.get("credential_destination"),
+                self.bindings,
             )
         self.report(path, f"unknown effect key {key!r}", "", None)  # the schema prevents this
         return None
@@ -1111,3 +1343,53 @@ class EffectCompiler:
                 )
                 continue
             yield (lo, hi)
+
+
+# --- A dry run that did not finish -----------------------------------------------------------
+
+INCOMPLETE_RULE = "builtin.incomplete-dry-run"
+
+
+def unfinished_findings(
+    *,
+    termination: Termination,
+    changes_truncated: bool = False,
+    memory_limit_hit: bool = False,
+    pids_limit_hit: bool = False,
+    stdout_truncated: bool = False,
+    stderr_truncated: bool = False,
+) -> tuple[Finding, ...]:
+    """The ASK finding of a dry run that was cut short, naming why; () if it finished.
+
+    A run stopped by a limit (out of memory, the pids limit, the timeout), cancelled, or
+    whose output or changes were cut, may have stopped before the effect that matters (an
+    allocation that fails before ``>> ~/.bashrc``): what it shows is not all the command
+    does, so no verdict may rest on it alone. This holds whatever the policy's rules say.
+    """
+    why = []
+    if termination is Termination.TIMED_OUT:
+        why.append("it ran out of time")
+    if termination is Termination.CANCELLED:
+        why.append("it was cancelled")
+    if memory_limit_hit or termination is Termination.OUT_OF_MEMORY:
+        why.append("it hit the memory limit (a process was killed out of memory)")
+    if pids_limit_hit:
+        why.append("it hit the process limit (a fork failed)")
+    if changes_truncated:
+        why.append("more changes were made than are reported")
+    if stdout_truncated or stderr_truncated:
+        cut = [("standard output", stdout_truncated), ("standard error", stderr_truncated)]
+        which = " and ".join(name for name, was_cut in cut if was_cut)
+        why.append(f"its {which} went past the limit and was cut")
+    if not why:
+        return ()
+    return (
+        Finding(
+            rule_id=INCOMPLETE_RULE,
+            verdict=Verdict.ASK,
+            severity=Severity.LOW,
+            message="The verdict is not certain: the dry run did not finish as the command "
+            "would: " + "; ".join(why) + ".",
+            source=FindingSource.BUILTIN,
+        ),
+    )

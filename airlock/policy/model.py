@@ -62,7 +62,8 @@ class SimpleCommand:
     args: tuple[str, ...]  # every word after argv0, quote-removed, in order
     flags: tuple[str, ...]  # option flags: clusters split ("-rf" -> "-r", "-f"); long as written
     # without "=value" ("--data=@x" -> "--data"); none after "--"
-    positionals: tuple[str, ...]  # the non-flag arguments (values of "--opt=value" excluded)
+    positionals: tuple[str, ...]  # the non-flag arguments; option values excluded ("--opt=v",
+    # "-n5", and the word after an option the command catalog says takes one: "curl -d DATA")
     redirects: tuple[Redirect, ...]
     assignments: tuple[tuple[str, str], ...]  # leading NAME=value pairs (quote-removed values)
     wrappers: tuple[str, ...]  # enclosing wrappers, outermost first: ("sudo", "bash -c")
@@ -76,6 +77,9 @@ class SimpleCommand:
     pipeline: int = -1  # index of the pipeline it belongs to in Analysis.pipelines, or -1
     pipeline_position: int = 0  # 0-based position within that pipeline
     classification: Classification = Classification()
+    # Option values, in order: (flag, value) for "--opt=value", "-n5", and the options the
+    # command catalog (or the policy bundle's `commands:`) says take the next word: "-d DATA".
+    option_values: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from airlock.policy.model import Analysis, SimpleCommand
-from airlock.types import Finding, FindingSource, Severity, Verdict
+from airlock.types import ActionClass, Finding, FindingSource, RiskTier, Scope, Severity, Verdict
 
 __all__ = [
     "DECISIONS",
@@ -329,6 +329,31 @@ class _Words(_Cond):
         return f"{self.key}: {_quote(hit)} matches {self.globs.which(hit)}"
 
 
+class _OptionValues(_Cond):
+    """``option_values``: the value of some option (of ``flags``, if given) matches."""
+
+    key = "option_values"
+
+    def __init__(self, flags: frozenset[str] | None, globs: Globs) -> None:
+        self.flags = flags
+        self.globs = globs
+
+    def _hit(self, cmd: SimpleCommand) -> tuple[str, str] | None:
+        for flag, value in cmd.option_values:
+            if (self.flags is None or flag in self.flags) and self.globs.match(value):
+                return flag, value
+        return None
+
+    def test(self, line: _Line, cmd: SimpleCommand) -> bool:
+        return bool(cmd.option_values) and self._hit(cmd) is not None
+
+    def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
+        hit = self._hit(cmd)
+        if hit is None:
+            return None
+        return f"option_values: {hit[0]} {_quote(hit[1])} matches {self.globs.which(hit[1])}"
+
+
 class _Redirects(_Cond):
     key = "redirects"
 
@@ -379,6 +404,27 @@ class _Flag(_Cond):
 
     def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
         return f"{self.key}: {str(self.wanted).lower()}" if self.test(line, cmd) else None
+
+
+class _Classified(_Cond):
+    """``classified``: the command's four-axis classification (the command catalog's
+    baseline, refined by its arguments) has one of the wanted values on each axis given."""
+
+    key = "classified"
+
+    def __init__(self, axes: tuple[tuple[str, frozenset[int]], ...]) -> None:
+        self.axes = axes
+
+    def test(self, line: _Line, cmd: SimpleCommand) -> bool:
+        c = cmd.classification
+        return all(int(getattr(c, axis)) in wanted for axis, wanted in self.axes)
+
+    def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
+        if not self.test(line, cmd):
+            return None
+        c = cmd.classification
+        shown = ", ".join(f"{axis}={getattr(c, axis).name.lower()}" for axis, _ in self.axes)
+        return f"classified: {shown}"
 
 
 class _Regex(_Cond):
@@ -661,6 +707,13 @@ class Compiler:
             )
         if key == "args":
             return _Words("args", self.globs(value["any"], (*path, "any"), home=True))
+        if key == "option_values":
+            flags = (
+                frozenset(self.strings(value["flags"], (*path, "flags")))
+                if "flags" in value
+                else None
+            )
+            return _OptionValues(flags, self.globs(value["any"], (*path, "any"), home=True))
         if key == "assignments":
             return _Words("assignments", self.globs(value["any"], (*path, "any"), home=False))
         if key == "redirects":
@@ -673,6 +726,15 @@ class Compiler:
             return _Wrapped(self.globs(value, path, home=False))
         if key in ("background", "dynamic"):
             return _Flag(key, bool(value))
+        if key == "classified":
+            enums = {"action": ActionClass, "risk": RiskTier, "scope": Scope}
+            return _Classified(
+                tuple(
+                    (axis, frozenset(int(enums[axis][v.upper()]) for v in value[axis]))
+                    for axis in ("action", "risk", "scope")
+                    if axis in value
+                )
+            )
         if key == "pipeline":
             from_ = self.match(value["from"], (*path, "from"))
             to = self.match(value["to"], (*path, "to")) if "to" in value else None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from airlock.egress import suggestion
+from airlock.egress import HOST_SERVICE, suggestion
+from airlock.policy.worklost import summary_sentence
 from airlock.types import (
     ChangeKind,
     FileChange,
     FileType,
     Finding,
+    LostWork,
     NetProtocol,
     NetworkAttemptInfo,
     ProcessInfo,
@@ -131,11 +133,17 @@ _REFUSED = {
     "sensitive-read": "after a sensitive read nothing is forwarded",
     "udp": "UDP is never forwarded",
     "limit": "too many connections at once, or forwarded connections or names in one run",
+    HOST_SERVICE: "a service on this machine: refused in the sandbox; on the host something"
+    " may listen",
 }
 
+# Execute forwards any TLS or HTTP: only a stream it cannot check the name of is refused.
+_REFUSED_EXECUTE = {"not-fetch": "neither TLS nor HTTP, whose server name could be checked"}
 
-def _egress(attempts: Sequence[NetworkAttemptInfo]) -> list[str]:
-    """Under an egress policy: what was downloaded from where, what was refused and why."""
+
+def _egress(attempts: Sequence[NetworkAttemptInfo], *, mode: str = "dry_run") -> list[str]:
+    """Under an egress policy: what was downloaded from where (Execute: sent and received),
+    what was refused and why, with the ``egress.MODE.allow`` line that would allow it."""
     sentences: list[str] = []
     fetched: dict[str, list[NetworkAttemptInfo]] = {}
     for a in attempts:
@@ -145,12 +153,14 @@ def _egress(attempts: Sequence[NetworkAttemptInfo]) -> list[str]:
         size = _size(sum(a.bytes_received for a in conns))
         grants = ", ".join(dict.fromkeys(a.grant for a in conns))
         n = len(conns)
-        sentences.append(
-            f"Downloaded {size} from {host} over {n} connection{'s' if n != 1 else ''} "
-            f"(egress grant {grants})."
-        )
+        over = f"over {n} connection{'s' if n != 1 else ''} (egress grant {grants})"
+        if mode == "execute":
+            sent = _size(sum(a.bytes_sent for a in conns))
+            sentences.append(f"Sent {sent} to and received {size} from {host} {over}.")
+        else:
+            sentences.append(f"Downloaded {size} from {host} {over}.")
     if len(fetched) > _LISTED:
-        sentences.append(f"Downloaded from {len(fetched) - _LISTED} more host(s).")
+        sentences.append(f"Reached {len(fetched) - _LISTED} more host(s).")
     refused: dict[str, dict[str, NetworkAttemptInfo]] = {}
     for a in attempts:
         if a.protocol is not NetProtocol.DNS and a.refusal:
@@ -162,7 +172,7 @@ def _egress(attempts: Sequence[NetworkAttemptInfo]) -> list[str]:
             line = suggestion(first.dns_name, first.address, first.port)
             sentences.append(
                 f"Refused {_listed(places)} (no egress grant; `{line}` under "
-                f"egress.dry_run.allow would allow {places[0]})."
+                f"egress.{mode}.allow would allow {places[0]})."
             )
         elif code == "address":
             first = next(iter(by_place.values()))
@@ -172,8 +182,8 @@ def _egress(attempts: Sequence[NetworkAttemptInfo]) -> list[str]:
                 "cidrs can grant such an address)."
             )
         else:
-            why = _REFUSED.get(code, code)
-            sentences.append(f"Refused {_listed(places)} ({why}).")
+            why = (_REFUSED_EXECUTE if mode == "execute" else _REFUSED).get(code)
+            sentences.append(f"Refused {_listed(places)} ({why or _REFUSED.get(code, code)}).")
     return sentences
 
 
@@ -181,7 +191,17 @@ def _network(
     attempts: Sequence[NetworkAttemptInfo], lost: int, *, egress: bool = False
 ) -> list[str]:
     """ "Tried to reach pypi.org:443 (blocked during the dry run)." and the lone DNS lookups;
-    under an egress policy, what was downloaded and what was refused instead."""
+    under an egress policy, what was downloaded and what was refused instead. Attempts to
+    reach a service on this machine (refused on the sandbox's loopback) have a sentence of
+    their own: on the host, that request would have reached whatever listens there."""
+    local = list(
+        dict.fromkeys(
+            _where(a) + ("/udp" if a.protocol is NetProtocol.UDP else "")
+            for a in attempts
+            if a.refusal == HOST_SERVICE
+        )
+    )
+    attempts = [a for a in attempts if a.refusal != HOST_SERVICE]
     reached: dict[str, None] = {}
     for a in attempts:
         if a.protocol is not NetProtocol.DNS and not egress:
@@ -196,6 +216,11 @@ def _network(
         )
     )
     sentences: list[str] = _egress(attempts) if egress else []
+    if local:
+        sentences.append(
+            f"Tried to reach a service on this machine: {_listed(local)} (refused in the "
+            "sandbox; on the host something may listen)."
+        )
     for items, template in (
         (list(reached), "Tried to reach {} (blocked during the dry run)."),
         (looked_up, "Looked up {} (answered with a placeholder address)."),
@@ -206,6 +231,14 @@ def _network(
     if lost:
         sentences.append(f"{lost} more network attempt(s) were not recorded.")
     return sentences
+
+
+def execute_network_summary(attempts: Sequence[NetworkAttemptInfo], lost: int) -> str:
+    """What an Execute's network attempts came to: reached under which grant, refused why."""
+    sentences = _egress(attempts, mode="execute")
+    if lost:
+        sentences.append(f"{lost} more network attempt(s) were not recorded.")
+    return " ".join(sentences)
 
 
 def summarize(
@@ -222,6 +255,7 @@ def summarize(
     network: Sequence[NetworkAttemptInfo] = (),
     network_lost: int = 0,
     egress: bool = False,
+    work_lost: Sequence[LostWork] = (),
 ) -> str:
     sentences = [_ending(termination, exit_code, signal, timeout_s) + _programs(processes)]
     inside = [c for c in changes if c.in_workspace]
@@ -248,6 +282,9 @@ def summarize(
         )
         more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
         sentences.append(f"Read {', '.join(paths[:_LISTED])}{more}.")
+    lost = summary_sentence(work_lost, workspace)
+    if lost:
+        sentences.append(lost)
     sentences += _network(network, network_lost, egress=egress)
     return " ".join(sentences)
 

@@ -8,6 +8,7 @@ no ``mount``, ``pivot_root``, ``capset`` or ``prctl`` at all.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 
@@ -463,3 +464,64 @@ _libc.setns.restype = ctypes.c_int
 def setns(fd: int, nstype: int) -> None:
     """Move the calling thread into the namespace ``fd`` refers to (``setns(2)``)."""
     _check(int(_libc.setns(fd, nstype)), "setns")
+
+
+# --- libnftables, for airlock.sandbox.netcap (appended block) ---------------------------------
+#
+# The sandbox's nftables rules are loaded with the library the nft binary is a front end of
+# (same parser, same netlink batch: the ruleset listed afterwards is identical), which saves
+# forking and exec'ing nft per sandbox (~3-9 ms wall, ~3 ms CPU on the 2-core VM). Loaded once
+# by the spawner before it forks (load_libnftables), so supervisors do not dlopen it again.
+# Where the library is missing, netcap runs the nft binary as before.
+
+_NFT_CTX_DEFAULT = 0
+_nftables: ctypes.CDLL | None = None
+_nftables_looked_up = False
+
+
+def load_libnftables() -> bool:
+    """Load libnftables.so.1 (once); whether it is there."""
+    global _nftables, _nftables_looked_up
+    if not _nftables_looked_up:
+        _nftables_looked_up = True
+        try:
+            lib = ctypes.CDLL("libnftables.so.1")
+        except OSError:
+            return False
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_free.restype = None
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.restype = ctypes.c_int
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.restype = ctypes.c_int
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        _nftables = lib
+    return _nftables is not None
+
+
+def nft_run(commands: bytes) -> None:
+    """Run ``commands`` (what ``nft -f`` reads) in this network namespace with libnftables.
+
+    Raises FileNotFoundError if the library is not installed (nothing was run), OSError with
+    nft's message if the commands failed (a batch is all or nothing: then nothing changed).
+    """
+    if not load_libnftables() or _nftables is None:
+        raise FileNotFoundError(errno.ENOENT, "libnftables.so.1 is not installed")
+    lib = _nftables
+    ctx = lib.nft_ctx_new(_NFT_CTX_DEFAULT)
+    if not ctx:
+        raise OSError(errno.ENOMEM, "nft_ctx_new failed")
+    try:
+        # Messages into buffers, never onto the process's stdout/stderr.
+        if lib.nft_ctx_buffer_output(ctx) != 0 or lib.nft_ctx_buffer_error(ctx) != 0:
+            raise OSError(errno.ENOMEM, "nft: cannot buffer its output")
+        if lib.nft_run_cmd_from_buffer(ctx, commands) != 0:
+            message = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+            raise OSError(errno.EINVAL, message.strip() or "nft: the commands failed")
+    finally:
+        lib.nft_ctx_free(ctx)

@@ -15,9 +15,10 @@ import socket
 import struct
 from typing import Any
 
-__all__ = ["dumps", "loads", "read_fd", "recv", "send"]
+__all__ = ["HEADER_BYTES", "dumps", "loads", "read_fd", "recv", "send"]
 
 _HEADER = struct.Struct("!Q")
+HEADER_BYTES = _HEADER.size  # what dumps() puts before the pickle
 MAX_MESSAGE = 256 * 1024 * 1024
 
 

@@ -61,6 +61,15 @@ could not be removed). ``ApplyResult.complete`` is False then: a half-applied
 changeset is never silent. Errors before the commit raise and leave the host as
 it was.
 
+Crash recovery: the daemon writes a journal (:func:`write_journal`: the token that names
+every temporary entry, ``.airlock-TOKEN-N`` and ``.airlock-TOKEN-N-old``, and the approved
+special paths) into the changeset directory before it starts an apply, and the process
+that runs it dies with the daemon. At the next start, :func:`recover` (same user) removes
+every temporary entry of that token, then rolls forward (if any change was committed:
+the changeset has the new content but only hashes of the old, so a committed change cannot
+be undone) or back (nothing committed: the directories prepare made are removed and those
+set aside put back), and names each path's state: after, before, or neither.
+
 Ownership: the after uid/gid are the dry run's, i.e. the requesting user's own
 (or, for a file edited in place, its owner's). As root, every written entry is
 chowned to them. As another user, new entries get the kernel's choice (the
@@ -78,6 +87,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -113,7 +123,18 @@ from airlock.sandbox.changeset import (
 )
 from airlock.types import ChangeKind, FileType
 
-__all__ = ["ApplyResult", "Changeset", "apply", "open_changeset", "record_specials"]
+__all__ = [
+    "JOURNAL_NAME",
+    "ApplyResult",
+    "Changeset",
+    "Recovery",
+    "apply",
+    "open_changeset",
+    "read_journal",
+    "record_specials",
+    "recover",
+    "write_journal",
+]
 
 # New content up to this size is kept in memory between its check and its write.
 _KEEP_ONE = 1024 * 1024
@@ -218,7 +239,9 @@ def open_changeset(changeset_dir: str) -> Changeset:
     return Changeset(manifest, content_fd)
 
 
-def apply(changeset: str | Changeset, *, approved: Collection[bytes] = ()) -> ApplyResult:
+def apply(
+    changeset: str | Changeset, *, approved: Collection[bytes] = (), token: bytes = b""
+) -> ApplyResult:
     """Write a changeset (a directory, or one already open) to the host: see the module doc.
 
     ``approved``: the paths whose special files (setuid, setgid, file capabilities, FIFOs,
@@ -228,11 +251,13 @@ def apply(changeset: str | Changeset, *, approved: Collection[bytes] = ()) -> Ap
     :class:`airlock.InvalidRequest`, :class:`airlock.ResourceExhausted`
     (``APPLY_NO_SPACE``) or :class:`airlock.AirlockError` (``APPLY_FAILED``) with the
     host unchanged; returns an incomplete :class:`ApplyResult` if the commit stopped.
+    ``token``: the journal's (:func:`write_journal`): it names every temporary entry, so
+    that :func:`recover` finds them after a crash; random if not given.
     """
     if isinstance(changeset, str):
         with open_changeset(changeset) as opened:
-            return _Applier(opened, approved).run()
-    return _Applier(changeset, approved).run()
+            return _Applier(opened, approved, token=token).run()
+    return _Applier(changeset, approved, token=token).run()
 
 
 def record_specials(rec: ChangeRecord) -> frozenset[Special]:
@@ -246,6 +271,98 @@ def record_specials(rec: ChangeRecord) -> frozenset[Special]:
         mode_after=after.mode if after.exists else None,
         capabilities=bool(after.caps),
     )
+
+
+# --- The journal and recovery -------------------------------------------------------------------
+
+JOURNAL_NAME = "apply-journal.json"
+
+
+def write_journal(changeset_dir: str, approved: Collection[bytes]) -> bytes:
+    """Before an apply starts: record, durably, the token that names its temporary entries
+    and the special paths it may write, in the (root's) changeset directory. Returns the
+    token to pass to :func:`apply`. A crash after this leaves what :func:`recover` needs.
+    """
+    token = secrets.token_hex(6).encode()
+    body = json.dumps(
+        {
+            "token": token.decode(),
+            "approved": [p.decode("utf-8", "surrogateescape") for p in approved],
+        }
+    ).encode()
+    path = os.path.join(changeset_dir, JOURNAL_NAME)
+    temp = path + ".new"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        _write_all(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temp, path)
+    dfd = os.open(changeset_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return token
+
+
+def read_journal(changeset_dir: str) -> tuple[bytes, tuple[bytes, ...]] | None:
+    """The (token, approved special paths) :func:`write_journal` recorded; None if it never
+    ran (then the apply never started: nothing was written)."""
+    try:
+        with open(os.path.join(changeset_dir, JOURNAL_NAME), "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(
+            f"the apply journal of {changeset_dir!r} cannot be read: {exc}",
+            reason=Reason.CHANGESET_CORRUPT,
+        ) from None
+    token = str(data.get("token", "")).encode()
+    if not token.isalnum():
+        raise InvalidRequest("the apply journal has no token", reason=Reason.CHANGESET_CORRUPT)
+    approved = tuple(p.encode("utf-8", "surrogateescape") for p in data.get("approved", ()))
+    return token, approved
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover` found and did, path by path.
+
+    ``direction``: ``"forward"`` (some changes were committed: the rest were written, so
+    every path is as the changeset says), ``"back"`` (none were: what the apply had
+    prepared was removed, so every path is as before it), or ``"stuck"`` (some path is
+    in neither state: the host changed, or a step failed; see ``neither`` and ``error``).
+    """
+
+    direction: str
+    after: tuple[bytes, ...]  # paths now in their after state
+    before: tuple[bytes, ...]  # paths now in their before state
+    neither: tuple[tuple[bytes, str], ...]  # paths in neither state, and what they are
+    removed: tuple[bytes, ...]  # temporary and set-aside entries removed (host paths)
+    written: tuple[bytes, ...] = ()  # paths recovery itself wrote (rolling forward)
+    error: str = ""
+
+    @property
+    def consistent(self) -> bool:
+        return self.direction in ("forward", "back") and not self.neither and not self.error
+
+
+def recover(changeset: Changeset, token: bytes, *, approved: Collection[bytes] = ()) -> Recovery:
+    """After a crash during :func:`apply` with ``token``: roll it forward or back.
+
+    Run with the rights :func:`apply` had (the validation's user). Every temporary entry
+    the apply may have made (``.airlock-TOKEN-N``) is removed. If any change had been
+    committed (a target is in its after state and is not a directory the prepare step
+    makes), the apply is rolled forward: directories set aside are removed or put back,
+    the changes still in their before state are applied (checked like any apply), and
+    directories get their final mode. Else it is rolled back: the directories prepare
+    made are removed and those set aside put back. Then each path is classified again:
+    before, after, or neither (named, with what it is).
+    """
+    return _Applier(changeset, approved, token=token).recover()
 
 
 # --- Internals ----------------------------------------------------------------------------------
@@ -383,12 +500,23 @@ def _listing(items: list[tuple[bytes, str]]) -> str:
 
 
 class _Applier:
-    def __init__(self, changeset: Changeset, approved: Collection[bytes] = ()) -> None:
+    def __init__(
+        self,
+        changeset: Changeset,
+        approved: Collection[bytes] = (),
+        *,
+        token: bytes = b"",
+        only: Collection[int] | None = None,
+    ) -> None:
         self.content_fd = changeset.content_fd
         self.manifest = changeset.manifest
         self.approved = frozenset(approved)
-        token = secrets.token_hex(6).encode()
-        self.ops = [_Op(i, rec, token) for i, rec in enumerate(self.manifest.changes)]
+        token = token or secrets.token_hex(6).encode()
+        self.ops = [
+            _Op(i, rec, token)
+            for i, rec in enumerate(self.manifest.changes)
+            if only is None or i in only
+        ]
         self.euid = os.geteuid()
         self.root = self.euid == 0
         self.groups = {os.getegid(), *os.getgroups()}
@@ -967,6 +1095,188 @@ class _Applier:
             ),
             leftovers=leftovers,
         )
+
+    # -- recovery (after a crash) --------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        removed = self._remove_temps()
+        states = self._states()
+        committed = any(
+            states[i][0] == "after" and op.rec.after.file_type is not _DIRECTORY
+            for i, op in enumerate(self.ops)
+        )
+        written: tuple[bytes, ...] = ()
+        error = ""
+        try:
+            if committed:
+                written, error = self._forward(states, removed)
+            else:
+                self._back(states, removed)
+        except (OSError, _Moved) as exc:
+            error = f"recovery stopped: {exc}"
+        states = self._states()
+        after = tuple(op.rec.path for i, op in enumerate(self.ops) if states[i][0] == "after")
+        before = tuple(op.rec.path for i, op in enumerate(self.ops) if states[i][0] == "before")
+        neither = tuple(
+            (op.rec.path, states[i][1] or states[i][0])
+            for i, op in enumerate(self.ops)
+            if states[i][0] not in ("after", "before")
+        )
+        whole = len(after) == len(self.ops) if committed else len(before) == len(self.ops)
+        direction = ("forward" if committed else "back") if whole and not error else "stuck"
+        return Recovery(
+            direction=direction,
+            after=after,
+            before=before,
+            neither=neither,
+            removed=tuple(removed),
+            written=written,
+            error=error,
+        )
+
+    def _remove_temps(self) -> list[bytes]:
+        """Unlink every temporary entry (``TAG``) the apply may have made; the removed."""
+        removed: list[bytes] = []
+        cursor = DirCursor(os.open(b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        try:
+            for op in self.ops:
+                try:
+                    pfd = cursor.open(op.parent)
+                    st = lstat_at(op.tag, pfd)
+                    if st is not None and not stat.S_ISDIR(st.st_mode):
+                        os.unlink(op.tag, dir_fd=pfd)
+                        removed.append(_path(op.parent, op.tag))
+                except OSError:
+                    continue  # its directory is gone or shut: nothing of ours is in it
+        finally:
+            cursor.close()
+        return removed
+
+    def _states(self) -> list[tuple[str, str]]:
+        """Each op's target: ("after" | "made" | "before" | "neither", what it is)."""
+        found: list[tuple[str, str]] = []
+        cursor = DirCursor(os.open(b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        try:
+            for op in self.ops:
+                found.append(self._state(op, cursor))
+        finally:
+            cursor.close()
+        return found
+
+    def _state(self, op: _Op, cursor: DirCursor) -> tuple[str, str]:
+        rec = op.rec
+        try:
+            pfd = cursor.open(op.parent)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not rec.before.exists:
+                return "before", ""  # its parent (made by the apply) is gone: so is it
+            return "neither", f"its directory cannot be opened ({exc.strerror})"
+        try:
+            st = lstat_at(op.name, pfd)
+            if self._is_after(op, st, pfd):
+                return "after", ""
+            if (
+                st is not None
+                and stat.S_ISDIR(st.st_mode)
+                and rec.after.file_type is _DIRECTORY
+                and rec.kind is not ChangeKind.METADATA_CHANGED
+                and stat.S_IMODE(st.st_mode) == 0o700
+                and (st.st_uid, st.st_gid) == (rec.after.uid, rec.after.gid)
+            ):
+                return "made", "a directory the apply made, its final mode not yet set"
+            why = self._differs(op, st, pfd, [])
+        except OSError as exc:
+            return "neither", f"cannot be examined ({exc.strerror})"
+        return ("before", "") if not why else ("neither", why)
+
+    def _is_after(self, op: _Op, st: os.stat_result | None, pfd: int) -> bool:
+        after = op.rec.after
+        if not after.exists:
+            return st is None
+        if st is None:
+            return False
+        ftype = file_type(st.st_mode)
+        if ftype is not after.file_type or (st.st_uid, st.st_gid) != (after.uid, after.gid):
+            return False
+        if ftype is not _SYMLINK and stat.S_IMODE(st.st_mode) != after.mode:
+            return False
+        if ftype is _REGULAR and op.rec.writes_content:
+            return st.st_size == after.size and hash_file(op.name, pfd, st) == after.sha256
+        if ftype is _SYMLINK:
+            return os.readlink(op.name, dir_fd=pfd) == after.target
+        if ftype is FileType.OTHER:
+            return stat.S_IFMT(st.st_mode) == after.fmt
+        return True
+
+    def _asides(self, cursor: DirCursor) -> list[tuple[_Op, int, bool]]:
+        """The ops whose old entry is set aside (``TAG-old``): (op, parent fd, is a dir)."""
+        found = []
+        for op in reversed(self.ops):
+            try:
+                pfd = cursor.open(op.parent)
+            except OSError:
+                continue
+            st = lstat_at(op.tag + b"-old", pfd)
+            if st is not None:
+                found.append((op, pfd, stat.S_ISDIR(st.st_mode)))
+        return found
+
+    def _forward(
+        self, states: list[tuple[str, str]], removed: list[bytes]
+    ) -> tuple[tuple[bytes, ...], str]:
+        cursor = DirCursor(os.open(b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        try:
+            for op, pfd, is_dir in self._asides(cursor):
+                aside = op.tag + b"-old"
+                if lstat_at(op.name, pfd) is not None or op.rec.kind is ChangeKind.DELETED:
+                    if is_dir:
+                        _remove_tree(pfd, aside)  # committed (or replaced): the old one goes
+                    else:
+                        os.unlink(aside, dir_fd=pfd)
+                    removed.append(_path(op.parent, aside))
+                else:  # set aside, the new one not yet in place: put the old one back
+                    sc.renameat2(pfd, aside, pfd, op.name, sc.RENAME_NOREPLACE)
+        finally:
+            cursor.close()
+        states = self._states()
+        left = {i for i, (state, _) in enumerate(states) if state == "before"}
+        written: tuple[bytes, ...] = ()
+        error = ""
+        if left:
+            changeset = Changeset(self.manifest, self.content_fd)
+            token = self.ops[0].tag[len(_TEMP) :].split(b"-")[0]
+            try:
+                result = _Applier(changeset, self.approved, token=token, only=left).run()
+                written = result.applied
+                error = result.error
+            except AirlockError as exc:
+                error = str(exc)
+        cursor = DirCursor(os.open(b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        try:
+            for i in reversed(range(len(self.ops))):  # children first: final modes last
+                op = self.ops[i]
+                if states[i][0] == "made":
+                    self._set_metadata(op, cursor.open(op.parent))
+        finally:
+            cursor.close()
+        os.sync()
+        return written, error
+
+    def _back(self, states: list[tuple[str, str]], removed: list[bytes]) -> None:
+        cursor = DirCursor(os.open(b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        try:
+            for i in reversed(range(len(self.ops))):  # children first
+                op = self.ops[i]
+                if states[i][0] != "made":
+                    continue
+                with contextlib.suppress(OSError):  # not empty: someone wrote there; neither
+                    os.rmdir(op.name, dir_fd=cursor.open(op.parent))
+                    removed.append(op.rec.path)
+            for op, pfd, _is_dir in self._asides(cursor):
+                sc.renameat2(pfd, op.tag + b"-old", pfd, op.name, sc.RENAME_NOREPLACE)
+        finally:
+            cursor.close()
+        os.sync()
 
 
 def _remove_tree(parent_fd: int, name: bytes) -> None:

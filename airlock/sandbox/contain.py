@@ -37,14 +37,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from airlock import _errors
+from airlock.egress import EgressPolicy
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, changeset, mnt, net, netcap, proctrace, reads, seccomp, user
-from airlock.sandbox.apply import apply, open_changeset
+from airlock.sandbox import (
+    _wire,
+    changeset,
+    gitloss,
+    mnt,
+    net,
+    netcap,
+    proctrace,
+    reads,
+    seccomp,
+    user,
+)
+from airlock.sandbox.apply import apply, open_changeset, recover
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import Caller, DiffResult, compute_changes
-from airlock.sandbox.plan import ApplyPlan, ApplyReply, RunSpec, SandboxPlan, SandboxTemplate
+from airlock.sandbox.plan import (
+    ApplyPlan,
+    ApplyReply,
+    PlanOnWire,
+    RunSpec,
+    SandboxPlan,
+    SandboxTemplate,
+)
 from airlock.sandbox.upstream import Upstream
-from airlock.types import Termination
+from airlock.types import LostWork, Termination
 
 __all__ = [
     "OutputChunk",
@@ -95,6 +114,8 @@ class SandboxResult:
     changeset_digest: str = ""
     changeset_bytes: int = 0
     changeset_error: str = ""
+    # Work the run would destroy in a git repository (sandbox/gitloss.py).
+    work_lost: tuple[LostWork, ...] = ()
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
@@ -130,9 +151,14 @@ class Prepared:
     network: netcap.NetworkRecorder | None = None
     # The host's network namespace (opened before unsharing), for egress's upstream side.
     host_net: int = -1
+    # A dry run's lost-work checker (sandbox/gitloss.py), forked before the pid namespace.
+    lost_work: gitloss.Helper | None = None
 
     def close(self) -> None:
         """Kill what is left and remove the cgroup; the namespaces go with the supervisor."""
+        if self.lost_work is not None:
+            self.lost_work.close()
+            self.lost_work = None
         for sock in (self.connector, self.trace_channel):
             if sock is not None:
                 sock.close()
@@ -162,7 +188,12 @@ class _Capture:
     With ``emit`` (Execute), chunks are handed on as they come instead of kept.
     """
 
-    def __init__(self, limit: int, stream: int, emit: Callable[[OutputChunk], None] | None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        stream: int,
+        emit: Callable[[OutputChunk | netcap.NetworkAttempt], None] | None,
+    ) -> None:
         self.limit = limit
         self.stream = stream
         self.emit = emit
@@ -322,6 +353,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     trace_cmd: socket.socket | None = None
     network: netcap.NetworkRecorder | None = None
     host_net = -1
+    lost_work: gitloss.Helper | None = None
     pid = 0
     try:
         # 1b. Process tracing: the proc connector lives in the initial network namespace, so
@@ -349,6 +381,10 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         net.loopback_up()
         if template.capture_network:
             network = netcap.install()
+        # 5b. A dry run's lost-work checker: forked now, as no process can join the pid
+        #     namespace once the sandbox's init has exited (when the check runs).
+        if not template.writable:
+            lost_work = gitloss.Helper()
         # 6. Init (pid 1: /proc, pivot_root) and the command process, which joins the cgroup
         #    and waits for its run spec.
         #    The pid namespace only now: the first process forked after it is its pid 1, and
@@ -388,6 +424,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
             raise OSError(f"sandbox init failed: {_status(report, None)[3]}")
         mount_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     except BaseException:
+        if lost_work is not None:
+            lost_work.close()
         for sock in (connector, trace_sup, trace_cmd):
             if sock is not None:
                 sock.close()
@@ -417,6 +455,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         trace_channel=trace_sup,
         network=network,
         host_net=host_net,
+        lost_work=lost_work,
     )
 
 
@@ -452,14 +491,14 @@ def run(
     prepared: Prepared,
     spec: RunSpec,
     cancel_fd: int,
-    emit: Callable[[OutputChunk], None] | None = None,
+    emit: Callable[[OutputChunk | netcap.NetworkAttempt], None] | None = None,
 ) -> SandboxResult:
     """Hand ``spec`` to the waiting command; watch output, deadline and cancellation.
 
     ``cancel_fd`` becomes readable (data or EOF) when the caller gives up; the
     whole process tree is then killed. With ``emit`` (Execute), output goes there
-    as it is read instead of into the result. The caller must ``prepared.close()``
-    after.
+    as it is read instead of into the result, and so does each network attempt as it
+    completes (it is in the result too). The caller must ``prepared.close()`` after.
     """
     started = time.monotonic()
     stdout = _Capture(spec.output_bytes, 1, emit)
@@ -482,7 +521,23 @@ def run(
     network = prepared.network
     if network is not None:
         network.origin = started  # attempt times count from the command's start
-        if spec.egress is not None and spec.egress.enabled and recorder is not None:
+        if prepared.template.writable:
+            # Execute: what the policy grants is forwarded as is (no fetch-only, no taint),
+            # anything else is refused at once; each attempt is streamed as it completes.
+            execute_egress = spec.egress or EgressPolicy()
+            network.configure(
+                execute_egress,
+                Upstream(
+                    prepared.host_net,
+                    execute_egress,
+                    resolve=dict(spec.test_resolve),
+                    connect_timeout_s=network.limits.connect_timeout_s,
+                )
+                if execute_egress.enabled
+                else None,
+                fetch_only=False,
+            )
+        elif spec.egress is not None and spec.egress.enabled and recorder is not None:
             # Forward what the policy grants; the read recorder says when the run is tainted.
             network.configure(
                 spec.egress,
@@ -530,6 +585,12 @@ def run(
         ready = poller.poll(wait_s * 1000)
         if network is not None and not ready:
             network.handle()
+        if network is not None and emit is not None:
+            for attempt in network.take_done():
+                try:
+                    emit(attempt)
+                except OSError:  # the caller is gone: the next output's send says so
+                    break
         for fd, _events in ready:
             if network is not None and fd == network.fileno():
                 network.handle()
@@ -627,6 +688,18 @@ def run(
             changeset_digest, changeset_bytes = manifest.digest, manifest.content_bytes
         except (_errors.AirlockError, OSError) as exc:
             changeset_error = str(exc)
+    # Work the run would destroy in a git repository: before (the host) against after (the
+    # merged view), while the upper layers exist; costs nothing unless a repository was touched.
+    work_lost: tuple[LostWork, ...] = ()
+    if prepared.lost_work is not None:
+        helper, prepared.lost_work = prepared.lost_work, None
+        work_lost = helper.check(
+            diff.changes,
+            os.fsencode(prepared.template.scratch_dir + "/root"),
+            spec.uid,
+            spec.gid,
+            tuple(spec.groups),
+        )
     return SandboxResult(
         termination=termination,
         exit_code=exit_code,
@@ -648,16 +721,33 @@ def run(
         changeset_digest=changeset_digest,
         changeset_bytes=changeset_bytes,
         changeset_error=changeset_error,
+        work_lost=work_lost,
     )
 
 
 def _apply(plan: ApplyPlan) -> ApplyReply:
-    """Open the changeset as root, become its user (unless root), write it to the host."""
+    """Open the changeset as root, become its user (unless root), write it to the host
+    (or, ``plan.recover``, roll an interrupted apply forward or back).
+
+    It dies with the spawner, which dies with the daemon: an apply never outlives the
+    daemon that records it. The parent-death signal is set after the change of user (which
+    clears it), then the parent checked: one that died before that is caught too.
+    """
+    parent = os.getppid()
     try:
         with open_changeset(plan.changeset_dir) as changeset:
             if plan.uid != 0:
                 user.become(plan.uid, plan.gid, plan.groups)
-            return ApplyReply(result=apply(changeset, approved=plan.approved_special))
+            sc.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)  # the spawner (so the daemon) is gone: write nothing
+            if plan.recover:
+                return ApplyReply(
+                    result=recover(changeset, plan.token, approved=plan.approved_special)
+                )
+            return ApplyReply(
+                result=apply(changeset, approved=plan.approved_special, token=plan.token)
+            )
     except Exception as exc:  # an AirlockError as it is, anything else as an AirlockError
         return ApplyReply(error=_errors.error_to_data(exc))
 
@@ -665,7 +755,7 @@ def _apply(plan: ApplyPlan) -> ApplyReply:
 def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
     """Read a plan from ``sock``, run it (in ``prepared`` if it fits), send the result back."""
     try:
-        plan: SandboxPlan | ApplyPlan = _wire.recv(sock)
+        plan: SandboxPlan | PlanOnWire | ApplyPlan = _wire.recv(sock)
     except (OSError, EOFError):
         if prepared is not None:
             prepared.close()
@@ -681,12 +771,15 @@ def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
         if not warm:
             if prepared is not None:
                 prepared.close()  # built from an older template: throw it away
-            prepared = prepare(plan.template, plan.template_key)
+            template = plan.template
+            if isinstance(template, bytes):  # PlanOnWire: unpickled only when it is needed
+                template = _wire.loads(template[_wire.HEADER_BYTES :])
+            prepared = prepare(template, plan.template_key)
         assert prepared is not None
         emit = None
-        if plan.template.writable:  # Execute: stream the output as it comes
+        if prepared.template.writable:  # Execute: stream the output as it comes
 
-            def emit(chunk: OutputChunk) -> None:
+            def emit(chunk: OutputChunk | netcap.NetworkAttempt) -> None:
                 _wire.send(sock, chunk)
 
         result = run(prepared, plan.run, sock.fileno(), emit)

@@ -23,7 +23,12 @@ What is reported:
 With each change: for an entry of type OTHER, what it is (``other_type``: a device, FIFO or
 socket); for a regular file after the change, its file capabilities (the
 ``security.capability`` attribute, as text; a ``security.*`` attribute needs no permission to
-read). What makes such a change *special* is :mod:`airlock._special`'s to say.
+read); for a non-directory with more than one name in the upper layer (a hard link), how
+many (``links``) and another of them (``linked_to``). Overlayfs copies a file up before a hard
+link is made to it, so ``ln /etc/shadow x`` leaves both names in the upper layer, linked
+(the copy-up itself is no change); a copy-up never keeps the host's links, so ``links`` > 1
+means the command made the link. What makes such a change *special* is
+:mod:`airlock._special`'s to say.
 
 Everything is read relative to directory descriptors opened with ``O_NOFOLLOW``,
 so no symbolic link in the upper or in the (live, host) lower is ever followed
@@ -127,6 +132,8 @@ _CHUNK = 1024 * 1024
 _MAX_COUNT = 1_000_000
 # How deep a walk goes; each level holds up to two open directory descriptors.
 _MAX_DEPTH = 256
+# How many names of one hard-linked file are kept to pick ``linked_to`` from.
+_MAX_LINK_NAMES = 8
 # List a lower directory instead of an lstat per upper entry from this many upper
 # entries on, unless the lower directory is larger than this many bytes per entry.
 _LIST_LOWER_MIN = 64
@@ -339,7 +346,7 @@ def compute_changes(
     finally:
         if collect:
             gc.enable()
-    changes = sorted(walker.changes, key=attrgetter("path"))
+    changes = sorted(walker.linked(walker.changes), key=attrgetter("path"))
     return DiffResult(tuple(changes), walker.truncated, walker.scratch_bytes)
 
 
@@ -651,6 +658,10 @@ class _Walker:
         self.scratch_bytes = 0
         self.count_budget = _MAX_COUNT
         self._linked: set[tuple[int, int]] = set()
+        # Hard links in the upper layers: each multiply-linked file's (st_dev, st_ino) by path,
+        # and its first names (``linked_to`` of the changes, filled in by :meth:`linked`).
+        self._inode_of: dict[bytes, tuple[int, int]] = {}
+        self._names: dict[tuple[int, int], list[bytes]] = {}
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -661,6 +672,28 @@ class _Walker:
                 return
             self._linked.add(key)
         self.scratch_bytes += st.st_blocks * 512
+
+    def _link_name(self, path: bytes, inode: tuple[int, int]) -> None:
+        self._inode_of[path] = inode
+        names = self._names.setdefault(inode, [])
+        if len(names) < _MAX_LINK_NAMES:
+            names.append(path)
+
+    def linked(self, changes: list[FileChange]) -> list[FileChange]:
+        """``changes`` with ``linked_to`` set on each multiply-linked file: another of its
+        names, one outside the workspace when the walk saw one."""
+        if not self._names:
+            return changes
+        out = []
+        for c in changes:
+            inode = self._inode_of.get(c.path) if c.links > 1 else None
+            if inode is not None:
+                others = [n for n in self._names[inode] if n != c.path]
+                outside = [n for n in others if not self._in_workspace(n)]
+                if others:
+                    c = dataclasses.replace(c, linked_to=(outside or others)[0])
+            out.append(c)
+        return out
 
     def _in_workspace(self, path: bytes) -> bool:
         return path == self.workspace or path.startswith(self.workspace_prefix)
@@ -760,9 +793,13 @@ class _Walker:
             is_dir = s_isdir(st.st_mode)
             if st.st_nlink == 1 or is_dir:
                 scratch += st.st_blocks * 512
-            elif (st.st_dev, st.st_ino) not in linked:  # count a hard-linked file once
-                linked.add((st.st_dev, st.st_ino))
-                scratch += st.st_blocks * 512
+            else:
+                inode = (st.st_dev, st.st_ino)
+                if inode not in linked:  # count a hard-linked file once
+                    linked.add(inode)
+                    scratch += st.st_blocks * 512
+                if report:
+                    self._link_name(frame.prefix + os.fsencode(name), inode)
             if not report:
                 if is_dir:
                     items.append((b"/", _DESCEND, name, None))
@@ -870,6 +907,7 @@ class _Walker:
                 symlink_target=(_readlink(name, frame.ufd) or b"") if ftype is _SYMLINK else b"",
                 entries_deleted=self._replaced_dir(lfd, name, lower),
                 other_type=other_type(mode) if ftype is _OTHER else _NO_OTHER,
+                links=st.st_nlink if st.st_nlink > 1 else 0,
             )
         self._add(change)
 
@@ -1027,6 +1065,7 @@ class _Walker:
                 entries_deleted=self._replaced_dir(lfd, name, lower),
                 unreadable=denied,
                 capabilities=caps,
+                links=st.st_nlink if st.st_nlink > 1 else 0,
             )
         )
 
@@ -1225,6 +1264,8 @@ def _file_change(
     symlink_target: bytes = b"",
     other_type: OtherType = OtherType.NONE,
     capabilities: str = "",
+    links: int = 0,
+    linked_to: bytes = b"",
 ) -> FileChange:
     """A :class:`FileChange` with every field given (see :func:`_build`)."""
     return _build(
@@ -1249,6 +1290,8 @@ def _file_change(
             "unreadable": unreadable,
             "other_type": other_type,
             "capabilities": capabilities,
+            "links": links,
+            "linked_to": linked_to,
         }
     )
 
@@ -1286,6 +1329,8 @@ def _created_fields(
         "unreadable": False,
         "other_type": _NO_OTHER,
         "capabilities": capabilities,
+        "links": st.st_nlink if st.st_nlink > 1 else 0,
+        "linked_to": b"",
     }
 
 

@@ -22,7 +22,10 @@ runs), makes it look like a network without being one:
 
 The sandbox's own loopback (127.0.0.0/8, ::1, other than port 53) is left alone:
 a server the command starts on localhost still works, and the host's loopback is
-another namespace's, unreachable from here.
+another namespace's, unreachable from here. What the sandbox's loopback *refuses* (a SYN
+answered with a reset, a datagram with ICMP port unreachable) is logged by an nftables
+``output`` chain to NFLOG and recorded as a ``host-service`` attempt: on the host, a
+service may listen at that address and port.
 
 The recorder is driven from the supervisor's single-threaded poll loop through
 one descriptor: poll ``fileno()`` (an epoll set) for POLLIN, call ``handle()``
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import ipaddress
 import os
 import re
 import select
@@ -46,7 +50,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from airlock.egress import Decision, EgressPolicy, normalize_name
+from airlock.egress import HOST_SERVICE, Decision, EgressPolicy, normalize_name
+from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.upstream import Upstream
 from airlock.types import NetProtocol
 
@@ -98,8 +103,34 @@ table inet airlock_netcap {{
     ip6 daddr ::1 accept
     meta l4proto {{ tcp, udp }} tproxy to :{port} accept
   }}
+  chain output {{
+    type filter hook output priority filter; policy accept;
+    tcp flags == (rst | ack) tcp sequence 0 log group {group}
+    icmp type destination-unreachable icmp code port-unreachable log group {group}
+    icmpv6 type destination-unreachable icmpv6 code port-unreachable log group {group}
+  }}
 }}
 """
+
+# Refused loopback attempts. Everything that is not loopback goes to the sinkhole, so
+# the only packets the output chain logs are the kernel's answers to a connection or
+# datagram no socket of the sandbox takes: the RST+ACK with sequence 0 that answers a SYN
+# to a closed port (a reset that aborts an open connection has its real sequence number),
+# and ICMP port unreachable for UDP. They go to NFLOG group _NFLOG_GROUP of this network
+# namespace, read by NetworkRecorder as "host-service" attempts: on the host, something
+# may listen at that address and port (a search engine, a database), and the command
+# that tried it would reach it there.
+HOST_SERVICE_DETAIL = "refused in the sandbox; on the host something may listen there"
+_NFLOG_GROUP = 7
+_NFLOG_COPY = 128  # bytes of each logged packet: IPv6 + ICMPv6 + inner IPv6 + UDP is 96
+_NETLINK_NETFILTER = 12
+_NFNL_SUBSYS_ULOG = 4
+_NFULNL_MSG_PACKET, _NFULNL_MSG_CONFIG = 0, 1
+_NFULA_PAYLOAD = 9
+_NFULA_CFG_CMD, _NFULA_CFG_MODE, _NFULA_CFG_QTHRESH = 1, 2, 5
+_NFULNL_CFG_CMD_BIND = 1
+_NFULNL_COPY_PACKET = 2
+_NFLOG_RCVBUF = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -167,6 +198,9 @@ class NetcapLimits:
     relay_buffer: int = 256 * 1024  # per direction and connection, before reading pauses
 
 
+# Execute's per-run counts (configure(fetch_only=False)): an install may fetch from many names.
+EXECUTE_LIMITS = NetcapLimits(forwarded_connections=4096, upstream_names=512)
+
 _DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA"}
 _DNS_TYPES |= {33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
 
@@ -204,7 +238,14 @@ def _nft_binary() -> str:
 
 
 def _program_nftables() -> None:
-    ruleset = _RULESET.format(dns=_DNS_PORT, port=SINK_PORT)
+    ruleset = _RULESET.format(dns=_DNS_PORT, port=SINK_PORT, group=_NFLOG_GROUP)
+    try:
+        sc.nft_run(ruleset.encode())  # what nft would run, without its process
+        return
+    except FileNotFoundError:
+        pass  # no libnftables: the nft binary, as a child process
+    except OSError as exc:
+        raise OSError(f"netcap: nft failed: {exc.strerror or exc}") from None
     done = subprocess.run(
         [_nft_binary(), "-f", "-"], input=ruleset.encode(), capture_output=True, check=False
     )
@@ -234,12 +275,105 @@ def _transparent(family: int, kind: int) -> socket.socket:
     return s
 
 
+def _nflog_attr(kind: int, data: bytes) -> bytes:
+    length = 4 + len(data)
+    return struct.pack("=HH", length, kind) + data + bytes(-length % 4)
+
+
+def _nflog_socket() -> socket.socket:
+    """A netlink socket bound to NFLOG group ``_NFLOG_GROUP`` of this network namespace,
+    copying ``_NFLOG_COPY`` bytes of each packet and handing on every packet at once."""
+    nl = socket.socket(
+        socket.AF_NETLINK,
+        socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+        _NETLINK_NETFILTER,
+    )
+    try:
+        nl.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _NFLOG_RCVBUF)
+        nl.bind((0, 0))
+        for seq, attr in enumerate(
+            (
+                _nflog_attr(_NFULA_CFG_CMD, bytes([_NFULNL_CFG_CMD_BIND])),
+                _nflog_attr(
+                    _NFULA_CFG_MODE, struct.pack("!IBB", _NFLOG_COPY, _NFULNL_COPY_PACKET, 0)
+                ),
+                _nflog_attr(_NFULA_CFG_QTHRESH, struct.pack("!I", 1)),
+            ),
+            start=1,
+        ):
+            body = struct.pack("!BBH", socket.AF_UNSPEC, 0, _NFLOG_GROUP) + attr
+            kind = (_NFNL_SUBSYS_ULOG << 8) | _NFULNL_MSG_CONFIG
+            flags = _NLM_F_REQUEST | _NLM_F_ACK
+            nl.sendto(struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body, (0, 0))
+            select.select([nl], [], [], 1.0)
+            reply = nl.recv(65536)
+            _length, kind = struct.unpack_from("=IH", reply)
+            if kind != _NLMSG_ERROR:
+                raise OSError(f"netcap: unexpected NFLOG reply {kind}")
+            (error,) = struct.unpack_from("=i", reply, 16)
+            if error:
+                raise OSError(-error, f"netcap: binding NFLOG: {os.strerror(-error)}")
+    except BaseException:
+        nl.close()
+        raise
+    return nl
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _refused_loopback(packet: bytes) -> tuple[NetProtocol, str, int] | None:
+    """What a logged packet refused: (protocol, address, port) of the attempt, or None.
+
+    A TCP RST answering a SYN comes *from* the address and port that were tried; an ICMP
+    port unreachable carries the datagram's IP and UDP headers, whose destination it is.
+    Only loopback destinations count (everything else goes to the sinkhole), and not a
+    DNS answer of the sinkhole that found its client gone (its source port is 53)."""
+    try:
+        version = packet[0] >> 4
+        if version == 4:
+            family, header, proto = socket.AF_INET, (packet[0] & 0xF) * 4, packet[9]
+            src, dst = packet[12:16], packet[16:20]
+        elif version == 6:
+            family, header, proto = socket.AF_INET6, 40, packet[6]
+            src, dst = packet[8:24], packet[24:40]
+        else:
+            return None
+        if proto == socket.IPPROTO_TCP:
+            (port,) = struct.unpack_from("!H", packet, header)
+            address = socket.inet_ntop(family, src)
+            return (NetProtocol.TCP, address, port) if _loopback(address) else None
+        if proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
+            inner = packet[header + 8 :]
+            if version == 4:
+                inner_proto, inner_header = inner[9], (inner[0] & 0xF) * 4
+                dst = inner[16:20]
+            else:
+                inner_proto, inner_header = inner[6], 40
+                dst = inner[24:40]
+            if inner_proto != socket.IPPROTO_UDP or len(dst) != len(src):
+                return None
+            source_port, port = struct.unpack_from("!HH", inner, inner_header)
+            address = socket.inet_ntop(family, dst)
+            if source_port == _DNS_PORT or not _loopback(address):
+                return None
+            return NetProtocol.UDP, address, port
+    except (IndexError, struct.error, ValueError):
+        pass
+    return None
+
+
 def install(limits: NetcapLimits | None = None) -> NetworkRecorder:
     """Turn the current (sandbox) network namespace into a recorded sinkhole.
 
     Run as root in a fresh network namespace whose ``lo`` is up, before the
-    command starts. Costs a few ms, most of it the ``nft`` process, so it belongs
-    to sandbox preparation (the warm pool), not to a request.
+    command starts. Costs a few ms (the rules go in through libnftables, or an ``nft``
+    process where the library is missing), so it belongs to sandbox preparation (the warm
+    pool), not to a request.
     """
     recorder = NetworkRecorder(limits or NetcapLimits())
     try:
@@ -253,6 +387,7 @@ def install(limits: NetcapLimits | None = None) -> NetworkRecorder:
             udp = _transparent(family, socket.SOCK_DGRAM)
             recorder._add_datagram(udp)
             udp.bind((addr, SINK_PORT))
+        recorder._add_nflog(_nflog_socket())
         _program_nftables()  # last: until now nothing was redirected to unbound sockets
     except BaseException:
         recorder.close()
@@ -408,13 +543,19 @@ class HttpFetch:
     NUL, folded lines: what a server and this check could read differently).
     """
 
-    def __init__(self, name: str, max_head: int) -> None:
+    def __init__(self, name: str, max_head: int, *, fetch_only: bool = True) -> None:
         self.name = name
         self.max_head = max_head
+        # Execute (not fetch-only): any method and a body; only the first request's head is
+        # checked (its Host and target), then the stream passes as it is.
+        self.fetch_only = fetch_only
+        self.passthrough = False
         self.pending = bytearray()
         self.requests = 0
 
     def feed(self, data: bytes) -> tuple[bytes, str, str]:
+        if self.passthrough:
+            return data, "", ""
         self.pending += data
         out = bytearray()
         while True:
@@ -430,6 +571,11 @@ class HttpFetch:
             out += head
             del self.pending[: end + 4]
             self.requests += 1
+            if not self.fetch_only:
+                self.passthrough = True
+                out += self.pending
+                self.pending.clear()
+                return bytes(out), "", ""
 
     def _check(self, head: bytes) -> tuple[str, str]:
         if len(head) > self.max_head:
@@ -441,7 +587,7 @@ class HttpFetch:
         if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             return "not-fetch", "not an HTTP/1 request"
         method, target = parts[0], parts[1]
-        if method not in _FETCH_METHODS:
+        if self.fetch_only and method not in _FETCH_METHODS:
             shown = method[:16].decode("ascii", "replace")
             return "not-fetch", f"HTTP {shown} is not a fetch (a dry run forwards GET and HEAD)"
         if not target.startswith(b"/"):
@@ -454,6 +600,8 @@ class HttpFetch:
             key, text = name.lower(), value.strip()
             if key == b"host":
                 hosts.append(text.decode("ascii", "replace"))
+            elif not self.fetch_only:
+                continue
             elif (key == b"content-length" and text != b"0") or key == b"transfer-encoding":
                 return "not-fetch", "an HTTP request with a body"
             elif key == b"upgrade":
@@ -536,6 +684,8 @@ class NetworkRecorder:
         self._epoll = select.epoll()
         self._listeners: dict[int, socket.socket] = {}
         self._datagrams: dict[int, socket.socket] = {}
+        self._nflog: socket.socket | None = None  # refused loopback attempts (install())
+        self._nflog_lost = 0  # NFLOG messages the kernel dropped (ENOBUFS)
         self._connections: dict[int, _Connection] = {}
         self._attempts: list[NetworkAttempt] = []
         self._name_to_addr: dict[str, str] = {}
@@ -552,15 +702,20 @@ class NetworkRecorder:
         self._uploaded = 0  # client bytes forwarded in this run, counted against the cap
         self._forwarded = 0  # connections forwarded in this run
         self._names: set[str] = set()  # names resolved upstream in this run
+        # Execute: no fetch-only checks, caps or taint (configure()); attempts that are
+        # complete, by index, not yet taken by ``take_done()`` (the Execute stream).
+        self._fetch_only = True
+        self._done: list[int] = []
 
     # The supervisor's side.
 
     def configure(
         self,
         egress: EgressPolicy,
-        upstream: Upstream,
+        upstream: Upstream | None,
         *,
         tainted: Callable[[], bool] | None = None,
+        fetch_only: bool = True,
     ) -> None:
         """Forward what ``egress`` grants, fetch-only, through ``upstream`` (host side).
 
@@ -571,17 +726,38 @@ class NetworkRecorder:
         connection is cut and nothing more is forwarded. None: no read recorder, so nothing
         is forwarded at all (fail closed). Call before the command starts; a policy without
         an allow entry changes nothing.
+
+        Not ``fetch_only`` (Execute, the command runs for real): a granted connection is
+        still checked to name what it was granted for (TLS server name, the first HTTP
+        request's Host), but may send anything, without caps, and no read taints it; every
+        refused one (also with no grant at all) is reset at once, and ``limits`` are those
+        of ``EXECUTE_LIMITS``.
         """
-        if not egress.enabled:
-            upstream.close()
+        if not fetch_only:
+            self._fetch_only = False
+            self.limits = dataclasses.replace(
+                self.limits,
+                forwarded_connections=EXECUTE_LIMITS.forwarded_connections,
+                upstream_names=EXECUTE_LIMITS.upstream_names,
+            )
+            self._egress = egress  # refusals reset at once, also with no allow entry
+        if not egress.enabled or upstream is None:
+            if upstream is not None:
+                upstream.close()
             return
         self._egress, self._upstream, self._tainted = egress, upstream, tainted
         self._epoll.register(upstream.fileno(), select.EPOLLIN)
 
+    def take_done(self) -> tuple[NetworkAttempt, ...]:
+        """The attempts completed since the last call (a connection once it is closed)."""
+        done = tuple(self._attempts[i] for i in self._done)
+        self._done.clear()
+        return done
+
     @property
     def lost(self) -> int:
         """Datagrams the kernel dropped because a flood outran the supervisor (4 MiB queue)."""
-        return sum(self._overflows.values())
+        return sum(self._overflows.values()) + self._nflog_lost
 
     def fileno(self) -> int:
         """One descriptor to poll for POLLIN: readable when any sinkhole socket is."""
@@ -606,6 +782,8 @@ class NetworkRecorder:
                 self._accept(self._listeners[fd])
             elif fd in self._datagrams:
                 self._receive(self._datagrams[fd])
+            elif self._nflog is not None and fd == self._nflog.fileno():
+                self._refusals(self._nflog)
             elif fd in self._connections:
                 self._read(self._connections[fd])
             elif fd in self._relay_fds:
@@ -639,6 +817,10 @@ class NetworkRecorder:
         self.close()
         return self.attempts()
 
+    def _completed(self, index: int) -> None:
+        if index >= 0:
+            self._done.append(index)
+
     def _read_drop_counters(self) -> None:
         """Per UDP socket, the datagrams its full queue dropped (the last column of
         /proc/net/udp{,6} in this namespace); SO_RXQ_OVFL misses drops after the last read."""
@@ -665,6 +847,9 @@ class NetworkRecorder:
             s.close()
         self._listeners.clear()
         self._datagrams.clear()
+        if self._nflog is not None:
+            self._nflog.close()
+            self._nflog = None
         self._epoll.close()
 
     # Internals.
@@ -676,6 +861,59 @@ class NetworkRecorder:
     def _add_datagram(self, s: socket.socket) -> None:
         self._datagrams[s.fileno()] = s
         self._epoll.register(s.fileno(), select.EPOLLIN)
+
+    def _add_nflog(self, s: socket.socket) -> None:
+        self._nflog = s
+        self._epoll.register(s.fileno(), select.EPOLLIN)
+
+    def _refusals(self, nl: socket.socket) -> None:
+        """Record the loopback attempts the kernel refused (NFLOG messages; a bounded batch)."""
+        packet_type = (_NFNL_SUBSYS_ULOG << 8) | _NFULNL_MSG_PACKET
+        for _ in range(self.limits.batch):
+            try:
+                data = nl.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # the queue overflowed: some were lost
+                    self._nflog_lost += 1
+                    continue
+                return
+            offset = 0
+            while offset + 20 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if length < 16:
+                    break
+                end, p = min(offset + length, len(data)), offset + 20  # nlmsghdr, nfgenmsg
+                offset += (length + 3) & ~3
+                if kind != packet_type:
+                    continue
+                while p + 4 <= end:
+                    attr_length, attr_type = struct.unpack_from("=HH", data, p)
+                    if attr_length < 4:
+                        break
+                    if attr_type & 0x7FFF == _NFULA_PAYLOAD:
+                        self._record_refused(data[p + 4 : p + attr_length])
+                        break
+                    p += (attr_length + 3) & ~3
+
+    def _record_refused(self, packet: bytes) -> None:
+        found = _refused_loopback(packet)
+        if found is None:
+            return
+        protocol, address, port = found
+        self._completed(
+            self._record(
+                NetworkAttempt(
+                    protocol=protocol,
+                    address=address,
+                    port=port,
+                    time=self._now(),
+                    refusal=HOST_SERVICE,
+                    refusal_detail=HOST_SERVICE_DETAIL,
+                )
+            )
+        )
 
     def _record(self, attempt: NetworkAttempt) -> int:
         if len(self._attempts) >= self.limits.max_attempts:
@@ -723,6 +961,7 @@ class NetworkRecorder:
             self._attempts[index] = attempt
         else:
             index = self._record(attempt)
+            self._completed(index)
         answer = None
         if qtype == 1:  # A; a name is remembered only for a recorded query (bounded)
             answer = self._fake_address(name) if index >= 0 else self._name_to_addr.get(name)
@@ -758,6 +997,7 @@ class NetworkRecorder:
                     self._attempts[index] = dataclasses.replace(
                         self._attempts[index], refusal="limit", refusal_detail=_LIMIT
                     )
+                self._completed(index)
                 _close(conn, reset=reset)
                 continue
             conn.setblocking(False)
@@ -826,7 +1066,8 @@ class NetworkRecorder:
 
     def _forget(self, conn: _Connection) -> None:
         fd = conn.sock.fileno()
-        self._connections.pop(fd, None)
+        if self._connections.pop(fd, None) is not None:
+            self._completed(conn.index)
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
         _close(conn.sock, reset=conn.reset)
@@ -864,18 +1105,20 @@ class NetworkRecorder:
                 decision = self._egress.connection(name, address, port)
                 if decision.allowed:
                     decision = Decision(decision.grant, "udp", "UDP is never forwarded")
-            self._record(
-                NetworkAttempt(
-                    protocol=NetProtocol.UDP,
-                    address=address,
-                    port=port,
-                    dns_name=name,
-                    payload_prefix=data[: self.limits.payload_bytes],
-                    bytes_sent=len(data),
-                    time=self._now(),
-                    grant=decision.grant,
-                    refusal=decision.refusal,
-                    refusal_detail=decision.detail,
+            self._completed(
+                self._record(
+                    NetworkAttempt(
+                        protocol=NetProtocol.UDP,
+                        address=address,
+                        port=port,
+                        dns_name=name,
+                        payload_prefix=data[: self.limits.payload_bytes],
+                        bytes_sent=len(data),
+                        time=self._now(),
+                        grant=decision.grant,
+                        refusal=decision.refusal,
+                        refusal_detail=decision.detail,
+                    )
                 )
             )
 
@@ -919,7 +1162,7 @@ class NetworkRecorder:
             if len(self._names) >= limits.upstream_names:
                 return "limit", f"more than {limits.upstream_names} names resolved in one run"
             cost = len(name)  # what the queries carry out, whoever answers them
-            if self._uploaded + cost > limits.upload_bytes_per_run:
+            if self._fetch_only and self._uploaded + cost > limits.upload_bytes_per_run:
                 return "upload-cap", f"more than {limits.upload_bytes_per_run} bytes in one run"
             self._names.add(name)
         self._forwarded += 1
@@ -928,6 +1171,8 @@ class NetworkRecorder:
 
     def _check_taint(self) -> bool:
         """Whether the run has read a sensitive file; the first time, cut every relay."""
+        if not self._fetch_only:
+            return False  # Execute: the command runs for real, reading is no secret kept
         if self._taint:
             return True
         if self._tainted is not None and not self._tainted():
@@ -1054,7 +1299,9 @@ class NetworkRecorder:
             self._upload(relay, hello + bytes(data[5 + length :]))  # the caps count it too
         elif _HTTP_START.match(data):
             relay.mode, relay.first = "http", bytearray()
-            relay.http = HttpFetch(relay.name, self.limits.http_head_bytes)
+            relay.http = HttpFetch(
+                relay.name, self.limits.http_head_bytes, fetch_only=self._fetch_only
+            )
             self._upload(relay, bytes(data))
         elif len(data) > 17 or not re.fullmatch(rb"[A-Z]*", data):
             self._cut(relay, "not-fetch", "neither a TLS ClientHello nor an HTTP request")
@@ -1073,7 +1320,9 @@ class NetworkRecorder:
         refusal = detail = ""
         if relay.http is not None:
             data, refusal, detail = relay.http.feed(data)
-        if data:
+        if data and not self._fetch_only:
+            relay.to_upstream += data  # Execute: no caps
+        elif data:
             limits = self.limits
             if relay.uploaded + len(data) > limits.upload_bytes:
                 detail = f"more than {limits.upload_bytes} bytes sent on one connection"
@@ -1203,6 +1452,7 @@ class NetworkRecorder:
         if relay.upstream is None and self._upstream is not None:
             self._upstream.cancel(relay.key)  # still connecting: stop
         self._record_relay(relay)
+        self._completed(relay.index)
         self._drop_upstream(relay, reset=reset)
         fd = relay.client.fileno()
         self._relay_fds.pop(fd, None)

@@ -33,6 +33,7 @@ __all__ = [
     "MountOp",
     "Overlay",
     "PivotRoot",
+    "PlanOnWire",
     "Proc",
     "ReadOnlyRebind",
     "RunSpec",
@@ -302,6 +303,10 @@ class ApplyPlan:
     approved_special: tuple[bytes, ...] = ()
     # Never a warm sandbox's key: an apply always goes to a fresh supervisor.
     template_key: bytes = b""
+    # The apply journal's token (sandbox/apply.py write_journal): names its temporary entries.
+    token: bytes = b""
+    # At start-up: roll an apply a crash interrupted forward or back (sandbox/apply.py recover).
+    recover: bool = False
 
 
 @dataclass(frozen=True)
@@ -323,6 +328,19 @@ class SandboxPlan:
     template: SandboxTemplate
     run: RunSpec
     template_key: bytes
+
+
+@dataclass(frozen=True)
+class PlanOnWire:
+    """A :class:`SandboxPlan` as the spawner's client sends it to a supervisor.
+
+    The template stays a pickle (``_wire.dumps``, made once per template by the daemon):
+    a warm sandbox already holds the template of its key and never unpickles it; a cold
+    supervisor does."""
+
+    template_key: bytes
+    run: RunSpec
+    template: bytes
 
 
 # --- Host mount table -------------------------------------------------------------------------
@@ -523,9 +541,12 @@ def _writable_ops(
     below: list[HostMount],
     host: dict[str, HostMount],
     identity: tuple[int, int] | None = None,
+    extra: tuple[tuple[str, tuple[int, int]], ...] = (),
 ) -> list[MountOp]:
     """Execute: the workspace bound read-write, with the data mounts below it, and private,
-    empty /tmp and /var/tmp that nothing covers.
+    empty /tmp and /var/tmp that nothing covers; before the workspace, the ``extra``
+    directories the policy grants (package caches: each bound only if it is still the
+    directory its identity names), but none inside the workspace or a private tmp.
 
     A private tmp that contains the workspace comes first (the workspace's mount point is
     made inside it); one below the workspace comes after it (cwd / or /var must not uncover
@@ -551,6 +572,10 @@ def _writable_ops(
     for tmp in _PRIVATE_TMP:
         if tmp not in after:
             ops += private_tmp(tmp)
+    for path, extra_identity in extra:
+        if _under(path, writable) or any(_under(path, t) for t in _PRIVATE_TMP):
+            continue
+        ops.append(Bind(path, _at(root, path), readonly=False, identity=extra_identity))
     ops.append(Bind(writable, _at(root, writable), readonly=False, identity=identity))
     ops += _mounts_with_points(root, below, host, writable, rebind)
     for tmp in after:
@@ -596,6 +621,7 @@ def build_template(
     seccomp_program: bytes = b"",
     writable: str = "",
     writable_identity: tuple[int, int] | None = None,
+    extra_writable: tuple[tuple[str, tuple[int, int]], ...] = (),
 ) -> SandboxTemplate:
     """Decide every set-up step shared by this daemon's dry runs (or, with ``writable``, of
     an Execute in that directory). Pure.
@@ -606,6 +632,8 @@ def build_template(
     private tmp dirs, /dev, /sys, and the hidden paths, last, so that nothing covers them.
     ``writable_identity``: the workspace's (st_dev, st_ino) as the request check found it;
     the workspace is bound only if the directory at ``writable`` is still that one.
+    ``extra_writable``: Execute's other read-write directories (the policy's filesystem
+    grants, resolved as the caller), each with its identity.
     """
     scratch = settings.scratch_dir
     root = f"{scratch}/root"
@@ -645,7 +673,7 @@ def build_template(
             and m.path != writable
             and not any(_under(m.path, c) for c in covered)
         ]
-        ops += _writable_ops(root, writable, below, host, writable_identity)
+        ops += _writable_ops(root, writable, below, host, writable_identity, extra_writable)
     ops += _dev_ops(root)
     ops.append(Sysfs(root + "/sys"))
     for hidden in settings.hidden_paths:

@@ -18,8 +18,20 @@ the spawner keeps ``pool`` sandboxes prepared from it (``contain.serve_warm``),
 each waiting for a request socket. A request (``R`` message) whose template key
 matches goes to a warm sandbox; otherwise, or when none is ready, a cold
 supervisor prepares one on the spot. Every sandbox serves exactly one request.
-Warm sandboxes older than ``_MAX_IDLE_S`` are retired, so none sees a host that
-changed long after it was built.
+Warm sandboxes idle for longer than ``idle_s`` (``--warm-idle``, 30 s by default) are
+retired, so none sees a host that changed long after it was built. A warm sandbox holds a
+copy of every host mount in its private mount namespace, so it also pins each mounted file
+system: a disk unmounted on the host stays busy (its loop device, its block device) while
+any sandbox built before the unmount waits. So the spawner watches its mount table
+(``/proc/self/mountinfo`` signals POLLPRI on every mount or unmount) and retires the whole
+pool at once when a mount went away; it refills once the table has been quiet for
+``_SETTLE_S``. (A new mount needs no watch: the daemon's next template has it, and a new
+template retires the pool.)
+
+Per request the daemon sends a :class:`PlanOnWire`: the run spec, and the template still
+pickled (pickled once per template), which a warm sandbox of the same key never unpickles.
+Before a template, the daemon announces the sensitive-read globs when they change (``G``
+message); the spawner compiles them (``reads.precompile``) so every later fork inherits them.
 """
 
 from __future__ import annotations
@@ -27,8 +39,10 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import json
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -41,13 +55,18 @@ from typing import Any
 
 from airlock._errors import Cancelled, SandboxError, Unavailable
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire
+from airlock.sandbox import _wire, reads
 from airlock.sandbox.contain import OutputChunk
+from airlock.sandbox.netcap import NetworkAttempt
+from airlock.sandbox.plan import PlanOnWire, SandboxPlan
 
 __all__ = ["Run", "Spawner", "main"]
 
 _KEY_BYTES = 32
-_MAX_IDLE_S = 30.0
+DEFAULT_IDLE_S = 30.0
+# After a change of the mount table, the pool refills only once it has been quiet this long
+# (an unmount often comes with more: the loop device's, a remount).
+_SETTLE_S = 1.0
 # Extra templates kept warm at once (Execute: one per recently used workspace).
 _MAX_EXTRAS = 4
 _TICK_S = 1.0
@@ -79,8 +98,11 @@ class _Extra:
 class _Pool:
     """Warm sandboxes: ``size`` of the main (dry-run) template and of each recent extra."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, idle_s: float = DEFAULT_IDLE_S) -> None:
         self.size = size
+        self.idle_s = idle_s
+        # No refill before this (time.monotonic): the mount table changed a moment ago.
+        self.settle_until = 0.0
         self.template: Any = None
         self.key = b""
         self.ready: list[_Warm] = []
@@ -130,7 +152,19 @@ class _Pool:
         theirs.close()
         return _Warm(pid, ours, time.monotonic())
 
+    def retire_all(self) -> int:
+        """Retire every warm sandbox (main and extras); the templates stay. How many went."""
+        warm = self.all_warm()
+        for w in warm:
+            self.retire(w)
+        self.ready = []
+        for extra in self.extras.values():
+            extra.ready = []
+        return len(warm)
+
     def refill(self, control: socket.socket) -> None:
+        if time.monotonic() < self.settle_until:
+            return
         while self.template is not None and len(self.ready) < self.size:
             self.ready.append(self._fork_warm(control, self.template, self.key))
         for key, extra in self.extras.items():
@@ -156,13 +190,13 @@ class _Pool:
         now = time.monotonic()
         keep = []
         for warm in self.ready:
-            if now - warm.born > _MAX_IDLE_S or not _alive(warm.sock):
+            if now - warm.born > self.idle_s or not _alive(warm.sock):
                 self.retire(warm)
             else:
                 keep.append(warm)
         self.ready = keep
         for key, extra in list(self.extras.items()):
-            if now - extra.used > _MAX_IDLE_S:
+            if now - extra.used > self.idle_s:
                 self.drop_extra(key)  # not used for a while: no longer kept warm
             else:
                 for warm in [w for w in extra.ready if not _alive(w.sock)]:
@@ -178,8 +212,14 @@ def _alive(sock: socket.socket) -> bool:
     return not readable
 
 
+# The spawner's watch on its mount table (main): no supervisor needs a copy of it.
+_mount_watch = -1
+
+
 def _child(body: Any, *args: Any) -> None:
     """In a forked child: default SIGCHLD (supervisors wait for their init), run, exit."""
+    if _mount_watch >= 0:
+        os.close(_mount_watch)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         body(*args)
@@ -204,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="airlock-spawner")
     parser.add_argument("fd", type=int)
     parser.add_argument("--pool", type=int, default=0)
+    parser.add_argument("--idle", type=float, default=DEFAULT_IDLE_S)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     control = socket.socket(fileno=args.fd)
     control.set_inheritable(False)
@@ -216,16 +257,31 @@ def main(argv: list[str] | None = None) -> int:
     # Warm the imports every supervisor needs, so forks do not repeat them.
     import airlock.sandbox.contain  # noqa: F401
 
-    pool = _Pool(args.pool)
+    sc.load_libnftables()  # netcap's rules go in through it: one dlopen, not one per sandbox
+
+    pool = _Pool(args.pool, args.idle)
     control.settimeout(_TICK_S)
+    # The mount table: POLLPRI (and POLLERR) whenever a mount comes or goes in this namespace.
+    global _mount_watch
+    _mount_watch = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    poller.register(_mount_watch, select.POLLPRI | select.POLLERR)
+    mount_ids = _mount_ids(set())
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(control, _MAX_CONTROL, 1)
-        except TimeoutError:
+            ready = dict(poller.poll(_TICK_S * 1000))
+        except InterruptedError:
+            continue
+        if _mount_watch in ready:
+            _mounts_changed(pool, mount_ids)
+        if control.fileno() not in ready:
             pool.expire()
             pool.refill(control)
             continue
-        except InterruptedError:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(control, _MAX_CONTROL, 1)
+        except (TimeoutError, InterruptedError):
             continue
         if not msg:
             pool.set_template(None, b"")
@@ -236,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             pool.set_template(template, body[:_KEY_BYTES])
         elif kind == b"X":
             pool.touch_extra(body[:_KEY_BYTES], body[_KEY_BYTES:])
+        elif kind == b"G":
+            # The sensitive-read globs of the requests to come: compiled here, once, so that
+            # every supervisor forked from now on inherits them (sandbox/reads.py).
+            reads.precompile(_wire.loads(body[8:]))
         elif kind == b"R" and fds:
             warm = pool.take(body[:_KEY_BYTES])
             if warm is not None:
@@ -255,6 +315,40 @@ def main(argv: list[str] | None = None) -> int:
         for fd in fds:
             os.close(fd)
         pool.refill(control)
+
+
+def _mount_ids(ids: set[str]) -> set[str]:
+    """``ids`` made the ids of the mounts in the mount table now (first field of each line)."""
+    chunks = []
+    os.lseek(_mount_watch, 0, os.SEEK_SET)
+    while chunk := os.read(_mount_watch, 65536):
+        chunks.append(chunk)
+    now = {line.split(b" ", 1)[0].decode() for line in b"".join(chunks).splitlines() if line}
+    ids.clear()
+    ids.update(now)
+    return ids
+
+
+def _mounts_changed(pool: _Pool, ids: set[str]) -> None:
+    """The mount table changed. If a mount went away, every warm sandbox still holds it
+    (and keeps the file system busy), so all of them go now, and the pool refills once the
+    table is quiet. One log line (the daemon's format) per quiet period."""
+    before = set(ids)
+    if before <= _mount_ids(ids):
+        return  # only new mounts: the daemon's next template has them
+    quiet = time.monotonic() >= pool.settle_until
+    retired = pool.retire_all()
+    pool.settle_until = time.monotonic() + _SETTLE_S
+    if retired and quiet:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "level": "info",
+            "msg": "warm sandboxes retired: a mount went away on the host",
+            "retired": retired,
+        }
+        with contextlib.suppress(OSError):
+            sys.stderr.write(json.dumps(line) + "\n")
+            sys.stderr.flush()
 
 
 # --- Daemon side ------------------------------------------------------------------------------
@@ -279,12 +373,13 @@ class Run:
             self._sock.close()
 
     def messages(self) -> Iterator[Any]:
-        """Execute: every message the supervisor sends (output chunks), the result last."""
+        """Execute: every message the supervisor sends (output chunks, network attempts), the
+        result last."""
         try:
             while True:
                 message = self._recv()
                 yield message
-                if not isinstance(message, OutputChunk):
+                if not isinstance(message, (OutputChunk, NetworkAttempt)):
                     return
         finally:
             self._sock.close()
@@ -301,13 +396,16 @@ class Run:
 class Spawner:
     """The daemon's handle on the helper process. Thread-safe."""
 
-    def __init__(self, pool: int = 0) -> None:
+    def __init__(self, pool: int = 0, idle_s: float = DEFAULT_IDLE_S) -> None:
         self._pool = pool
+        self._idle_s = idle_s
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._announced = b""
+        self._announced_body = b""
         self._extra_bodies: dict[bytes, bytes] = {}
+        self._globs: tuple[str, ...] = ()
 
     def start(self) -> None:
         """Exec the helper. Call before any gRPC thread exists, and again to restart it."""
@@ -320,6 +418,8 @@ class Spawner:
                 str(theirs.fileno()),
                 "--pool",
                 str(self._pool),
+                "--idle",
+                repr(self._idle_s),
             ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
@@ -328,6 +428,7 @@ class Spawner:
         theirs.close()
         self._control = ours
         self._announced = b""
+        self._globs = ()
 
     @property
     def pid(self) -> int | None:
@@ -348,12 +449,20 @@ class Spawner:
                     self.start()  # exec (not fork) from a threaded process is safe
                 assert self._control is not None
                 key: bytes = plan.template_key
+                # Before the template: warm sandboxes forked for it inherit the globs compiled.
+                run = getattr(plan, "run", None)
+                globs = run.sensitive_globs if run is not None else ()
+                if globs and globs != self._globs:
+                    globs_body = _wire.dumps(globs)
+                    if len(globs_body) + 1 <= _MAX_CONTROL:  # else each supervisor compiles
+                        self._control.send(b"G" + globs_body)
+                    self._globs = globs
                 if pooled is True and key != self._announced:
                     body = _wire.dumps(plan.template)
                     if len(body) + 1 + len(key) > _MAX_CONTROL:
                         raise SandboxError(f"the sandbox template is too large ({len(body)} B)")
                     self._control.send(b"T" + key + body)
-                    self._announced = key
+                    self._announced, self._announced_body = key, body
                 elif pooled == "extra":
                     body = self._extra_bodies.get(key) or _wire.dumps(plan.template)
                     if len(body) + 1 + len(key) > _MAX_CONTROL:
@@ -365,6 +474,15 @@ class Spawner:
                     while len(self._extra_bodies) > _MAX_EXTRAS:
                         del self._extra_bodies[next(iter(self._extra_bodies))]
                     self._control.send(b"X" + key + body)
+                message: Any = plan
+                if isinstance(plan, SandboxPlan):
+                    # The template goes pickled once per template, not once per request; a
+                    # warm supervisor never unpickles it (contain.serve_request).
+                    if pooled is True:
+                        body = self._announced_body
+                    elif pooled != "extra":
+                        body = _wire.dumps(plan.template)
+                    message = PlanOnWire(key, plan.run, body)
                 self._control.sendmsg(
                     [b"R" + key],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
@@ -375,7 +493,7 @@ class Spawner:
         finally:
             theirs.close()
         try:
-            _wire.send(ours, plan)
+            _wire.send(ours, message)
         except OSError as exc:
             ours.close()
             raise SandboxError(f"could not hand the plan to the sandbox: {exc}") from None

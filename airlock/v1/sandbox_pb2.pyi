@@ -523,6 +523,12 @@ class _AuditEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """Discarding a validation's changes."""
     AUDIT_EVENT_KIND_EXECUTE: _AuditEventKind.ValueType  # 5
     """Running a command on the host."""
+    AUDIT_EVENT_KIND_POLICY: _AuditEventKind.ValueType  # 6
+    """Not a call: the operator accepted a policy reload that drops rules or
+    files. `caller.uid` owns the acceptance file, `cwd` is the policy
+    directory, `effects` gives the versions, what was added and removed, and
+    the operator's note.
+    """
 
 class AuditEventKind(_AuditEventKind, metaclass=_AuditEventKindEnumTypeWrapper):
     """AuditEventKind names the call an audit log event records."""
@@ -539,6 +545,12 @@ AUDIT_EVENT_KIND_DISCARD: AuditEventKind.ValueType  # 4
 """Discarding a validation's changes."""
 AUDIT_EVENT_KIND_EXECUTE: AuditEventKind.ValueType  # 5
 """Running a command on the host."""
+AUDIT_EVENT_KIND_POLICY: AuditEventKind.ValueType  # 6
+"""Not a call: the operator accepted a policy reload that drops rules or
+files. `caller.uid` owns the acceptance file, `cwd` is the policy
+directory, `effects` gives the versions, what was added and removed, and
+the operator's note.
+"""
 Global___AuditEventKind: _TypeAlias = AuditEventKind  # noqa: Y015
 
 class _AuditProblemKind:
@@ -615,6 +627,7 @@ class ExecuteRequest(_message.Message):
     GID_FIELD_NUMBER: _builtins.int
     APPROVAL_TOKEN_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     """The bash command line, run as `bash -c COMMAND`; the same limits as in
     ValidateRequest.command.
@@ -643,6 +656,12 @@ class ExecuteRequest(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """The wall-clock limit; unset or zero means the daemon's default."""
 
+    @_builtins.property
+    def agent(self) -> Global___AgentContext:
+        """What made the agent run the command, if it says (recorded in the audit
+        log, never verified).
+        """
+
     def __init__(
         self,
         *,
@@ -654,10 +673,11 @@ class ExecuteRequest(_message.Message):
         gid: _builtins.int | None = ...,
         approval_token: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        agent: Global___AgentContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "gid", b"gid", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "gid", b"gid", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "approval_token", b"approval_token", "command", b"command", "cwd", b"cwd", "env", b"env", "gid", b"gid", "session_id", b"session_id", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "approval_token", b"approval_token", "command", b"command", "cwd", b"cwd", "env", b"env", "gid", b"gid", "session_id", b"session_id", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gid: _TypeAlias = _typing.Literal["gid"]  # noqa: Y015
     _WhichOneofArgType__gid: _TypeAlias = _typing.Literal["_gid", b"_gid"]  # noqa: Y015
@@ -671,6 +691,60 @@ class ExecuteRequest(_message.Message):
 Global___ExecuteRequest: _TypeAlias = ExecuteRequest  # noqa: Y015
 
 @_typing.final
+class AgentContext(_message.Message):
+    """AgentContext is what made an agent run a command, as its hook or client
+    reports it. Every field is optional and capped in UTF-8 bytes (a longer one
+    is refused: INVALID_ARGUMENT, INVALID_AGENT_CONTEXT). The daemon records it
+    with the call's audit events; it does not verify it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    TOOL_DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_PATH_FIELD_NUMBER: _builtins.int
+    PROMPT_EXCERPT_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent: "claude-code", "codex", "gemini-cli", "cursor", "mcp", ...
+    (at most 64 bytes).
+    """
+    agent_version: _builtins.str
+    """The agent's version (at most 64 bytes)."""
+    session_id: _builtins.str
+    """The agent's own session or conversation id (at most 256 bytes)."""
+    tool_use_id: _builtins.str
+    """The id of the tool call that runs the command (at most 256 bytes)."""
+    tool_description: _builtins.str
+    """The tool call's own description of the command, such as Claude Code's
+    tool_input.description (at most 1 KiB).
+    """
+    transcript_path: _builtins.str
+    """Where the agent keeps the conversation's transcript (at most 4 KiB)."""
+    prompt_excerpt: _builtins.str
+    """An excerpt of the prompt behind the call (at most 4 KiB)."""
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+        agent_version: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        tool_use_id: _builtins.str = ...,
+        tool_description: _builtins.str = ...,
+        transcript_path: _builtins.str = ...,
+        prompt_excerpt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_version", b"agent_version", "prompt_excerpt", b"prompt_excerpt", "session_id", b"session_id", "tool_description", b"tool_description", "tool_use_id", b"tool_use_id", "transcript_path", b"transcript_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentContext: _TypeAlias = AgentContext  # noqa: Y015
+
+@_typing.final
 class ExecuteResponse(_message.Message):
     """ExecuteResponse is one event of a running command."""
 
@@ -680,6 +754,7 @@ class ExecuteResponse(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     PROCESS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    NETWORK_ATTEMPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___ExecuteStarted:
         """The command passed the policy and is starting; always the first event."""
@@ -696,6 +771,12 @@ class ExecuteResponse(_message.Message):
     def finished(self) -> Global___ExecuteFinished:
         """The command ended; always the last event."""
 
+    @_builtins.property
+    def network_attempt(self) -> Global___NetworkAttempt:
+        """A network attempt, sent when it completed (a connection once closed):
+        forwarded under an execute egress grant, or refused and why.
+        """
+
     def __init__(
         self,
         *,
@@ -703,12 +784,13 @@ class ExecuteResponse(_message.Message):
         output: Global___OutputChunk | None = ...,
         process: Global___Process | None = ...,
         finished: Global___ExecuteFinished | None = ...,
+        network_attempt: Global___NetworkAttempt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "output", b"output", "process", b"process", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "network_attempt", b"network_attempt", "output", b"output", "process", b"process", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "output", b"output", "process", b"process", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "network_attempt", b"network_attempt", "output", b"output", "process", b"process", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "output", "process", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "output", "process", "finished", "network_attempt"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -810,6 +892,8 @@ class ExecuteFinished(_message.Message):
     STDOUT_BYTES_FIELD_NUMBER: _builtins.int
     STDERR_BYTES_FIELD_NUMBER: _builtins.int
     WARM_FIELD_NUMBER: _builtins.int
+    NETWORK_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NETWORK_ATTEMPTS_LOST_FIELD_NUMBER: _builtins.int
     termination: Global___Termination.ValueType
     """How the command ended."""
     exit_code: _builtins.int
@@ -828,6 +912,8 @@ class ExecuteFinished(_message.Message):
     """Whether the sandbox was prepared before the request arrived (the daemon
     keeps a few warm for recently used working directories).
     """
+    network_attempts_lost: _builtins.int
+    """Attempts past the recorder's limit, not recorded."""
     @_builtins.property
     def wall_time(self) -> _duration_pb2.Duration:
         """Wall time from the start to the end of the sandbox."""
@@ -835,6 +921,10 @@ class ExecuteFinished(_message.Message):
     @_builtins.property
     def resource_usage(self) -> Global___ResourceUsage:
         """CPU time, peak memory and limits hit."""
+
+    @_builtins.property
+    def network_attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkAttempt]:
+        """Every network attempt of the run (also sent one by one as they completed)."""
 
     def __init__(
         self,
@@ -849,10 +939,12 @@ class ExecuteFinished(_message.Message):
         stdout_bytes: _builtins.int = ...,
         stderr_bytes: _builtins.int = ...,
         warm: _builtins.bool = ...,
+        network_attempts: _abc.Iterable[Global___NetworkAttempt] | None = ...,
+        network_attempts_lost: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resource_usage", b"resource_usage", "wall_time", b"wall_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "resource_usage", b"resource_usage", "signal", b"signal", "stderr_bytes", b"stderr_bytes", "stderr_truncated", b"stderr_truncated", "stdout_bytes", b"stdout_bytes", "stdout_truncated", b"stdout_truncated", "termination", b"termination", "wall_time", b"wall_time", "warm", b"warm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "network_attempts", b"network_attempts", "network_attempts_lost", b"network_attempts_lost", "resource_usage", b"resource_usage", "signal", b"signal", "stderr_bytes", b"stderr_bytes", "stderr_truncated", b"stderr_truncated", "stdout_bytes", b"stdout_bytes", "stdout_truncated", b"stdout_truncated", "termination", b"termination", "wall_time", b"wall_time", "warm", b"warm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -934,6 +1026,180 @@ class ApproveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApproveResponse: _TypeAlias = ApproveResponse  # noqa: Y015
+
+@_typing.final
+class ListPendingValidationsRequest(_message.Message):
+    """ListPendingValidationsRequest asks for the validations waiting for an
+    approval.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most validations to return in one page. Zero means 100, the most;
+    a negative value is rejected.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of an earlier response, for the page after it.
+    Empty asks for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingValidationsRequest: _TypeAlias = ListPendingValidationsRequest  # noqa: Y015
+
+@_typing.final
+class ListPendingValidationsResponse(_message.Message):
+    """ListPendingValidationsResponse is one page of pending validations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page, or empty when this page is the last one."""
+    @_builtins.property
+    def validations(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingValidation]:
+        """The validations, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        validations: _abc.Iterable[Global___PendingValidation] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "validations", b"validations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingValidationsResponse: _TypeAlias = ListPendingValidationsResponse  # noqa: Y015
+
+@_typing.final
+class WatchPendingValidationsRequest(_message.Message):
+    """WatchPendingValidationsRequest opens a watch of new asks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPendingValidationsRequest: _TypeAlias = WatchPendingValidationsRequest  # noqa: Y015
+
+@_typing.final
+class WatchPendingValidationsResponse(_message.Message):
+    """WatchPendingValidationsResponse is one pending validation, or a heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def validation(self) -> Global___PendingValidation:
+        """The validation waiting for an approval; unset in a heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        validation: Global___PendingValidation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["validation", b"validation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["validation", b"validation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPendingValidationsResponse: _TypeAlias = WatchPendingValidationsResponse  # noqa: Y015
+
+@_typing.final
+class PendingValidation(_message.Message):
+    """PendingValidation is a validation waiting for an approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATION_ID_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    validation_id: _builtins.str
+    """The validation (ApproveRequest.validation_id)."""
+    command: _builtins.str
+    """The command line it is about."""
+    cwd: _builtins.str
+    """Its working directory."""
+    uid: _builtins.int
+    """Who asked: the user the command runs as."""
+    gid: _builtins.int
+    """The group the command runs as."""
+    session_id: _builtins.str
+    """Its session, empty if none."""
+    summary: _builtins.str
+    """What the dry run did, in one paragraph."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was validated."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it expires unless approved and applied."""
+
+    @_builtins.property
+    def agent(self) -> Global___AgentContext:
+        """What made the agent ask, if it said."""
+
+    @_builtins.property
+    def dry_run(self) -> Global___ValidateResponse:
+        """The dry run's whole answer (findings, changes and diffs, network
+        attempts; output cut to 16 KiB a stream), while the daemon still holds
+        it: unset after a restart, or once 256 newer asks have come.
+        """
+
+    def __init__(
+        self,
+        *,
+        validation_id: _builtins.str = ...,
+        command: _builtins.str = ...,
+        cwd: _builtins.str = ...,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        summary: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        agent: Global___AgentContext | None = ...,
+        dry_run: Global___ValidateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "dry_run", b"dry_run", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "command", b"command", "create_time", b"create_time", "cwd", b"cwd", "dry_run", b"dry_run", "expire_time", b"expire_time", "gid", b"gid", "session_id", b"session_id", "summary", b"summary", "uid", b"uid", "validation_id", b"validation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingValidation: _TypeAlias = PendingValidation  # noqa: Y015
 
 @_typing.final
 class ApplyRequest(_message.Message):
@@ -1079,15 +1345,19 @@ class ValidateRequest(_message.Message):
     GID_FIELD_NUMBER: _builtins.int
     FORCE_DRY_RUN_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     """The bash command line, run as `bash -c COMMAND`. It must be non-empty,
-    contain no NUL character and be at most 128 KiB of UTF-8.
+    contain no NUL character and be at most 131,071 bytes of UTF-8 (the
+    kernel's limit for one argument, MAX_ARG_STRLEN, less its NUL;
+    Limits.command_bytes).
     """
     cwd: _builtins.str
     """The absolute path of an existing directory to run the command in. It is
     also the workspace: changes inside it are "in the workspace". Resolved
     once, as the command's user (symbolic links followed then); a system
-    directory (/, /etc, /usr, ...) is run in but is no workspace.
+    directory (/, /etc, /usr, ...) is run in but is no workspace. At most
+    4,093 bytes, as asked and as resolved (PATH_MAX less its NUL and "/.").
     """
     uid: _builtins.int
     """The user id to run the command as. Only a root caller may set it; by
@@ -1108,13 +1378,22 @@ class ValidateRequest(_message.Message):
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The exact environment of the command. The daemon's own environment is
-        never passed on; PATH is set to a standard value when absent here.
+        never passed on; PATH is set to a standard value when absent here. Each
+        NAME=value is at most 131,071 bytes, all of them at most 256 KiB (with a
+        NUL each), and command and environment together within the kernel's
+        ARG_MAX less 16 KiB.
         """
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """The wall-clock limit for the command. Unset or zero means the daemon's
         default; a value above the daemon's maximum is rejected.
+        """
+
+    @_builtins.property
+    def agent(self) -> Global___AgentContext:
+        """What made the agent ask, if it says (recorded in the audit log, never
+        verified).
         """
 
     def __init__(
@@ -1128,10 +1407,11 @@ class ValidateRequest(_message.Message):
         gid: _builtins.int | None = ...,
         force_dry_run: _builtins.bool = ...,
         session_id: _builtins.str = ...,
+        agent: Global___AgentContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "gid", b"gid", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "gid", b"gid", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "command", b"command", "cwd", b"cwd", "env", b"env", "force_dry_run", b"force_dry_run", "gid", b"gid", "session_id", b"session_id", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "command", b"command", "cwd", b"cwd", "env", b"env", "force_dry_run", b"force_dry_run", "gid", b"gid", "session_id", b"session_id", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gid: _TypeAlias = _typing.Literal["gid"]  # noqa: Y015
     _WhichOneofArgType__gid: _TypeAlias = _typing.Literal["_gid", b"_gid"]  # noqa: Y015
@@ -1373,9 +1653,10 @@ class NetworkAttempt(_message.Message):
     """
     refusal: _builtins.str
     """Why it was refused, or cut part way: no-grant, denied, address, resolve,
-    connect, name-mismatch, not-fetch, upload-cap, sensitive-read, udp, limit
-    (airlock/egress.py, REFUSALS). Empty when nothing refused it. With no
-    grant, every attempt is no-grant.
+    connect, name-mismatch, not-fetch, upload-cap, sensitive-read, udp, limit,
+    host-service (airlock/egress.py, REFUSALS). Empty when nothing refused it.
+    With no grant, every attempt is no-grant. host-service: a loopback port
+    nothing in the sandbox listens on (a service on the host may).
     """
     refusal_detail: _builtins.str
     """The refusal in a sentence."""
@@ -1622,6 +1903,12 @@ class GetPolicyResponse(_message.Message):
     LOADED_AT_FIELD_NUMBER: _builtins.int
     LAST_RELOAD_ERROR_FIELD_NUMBER: _builtins.int
     LAST_RELOAD_AT_FIELD_NUMBER: _builtins.int
+    LAST_RELOAD_REFUSED_FIELD_NUMBER: _builtins.int
+    LAST_RELOAD_VERSION_FIELD_NUMBER: _builtins.int
+    RULES_ADDED_FIELD_NUMBER: _builtins.int
+    RULES_REMOVED_FIELD_NUMBER: _builtins.int
+    FILES_ADDED_FIELD_NUMBER: _builtins.int
+    FILES_REMOVED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The content hash of the bundle in force."""
     directory: _builtins.str
@@ -1630,6 +1917,16 @@ class GetPolicyResponse(_message.Message):
     """How many rules the bundle holds."""
     last_reload_error: _builtins.str
     """The error of the last reload attempt, empty if it succeeded."""
+    last_reload_refused: _builtins.bool
+    """Whether the last reload kept the bundle in force instead of the files on
+    disk: they were invalid, still being written, or they dropped a file or
+    a rule the operator did not accept (`last_reload_error` says which, and
+    how to accept).
+    """
+    last_reload_version: _builtins.str
+    """The version of the files the last reload read: the bundle now in force,
+    or the one it refused; empty if none could be read at rest and valid.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The files of the bundle, relative to `directory`."""
@@ -1642,6 +1939,22 @@ class GetPolicyResponse(_message.Message):
     def last_reload_at(self) -> _timestamp_pb2.Timestamp:
         """When the last reload was attempted."""
 
+    @_builtins.property
+    def rules_added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rule ids the last reload added (refused: would have added)."""
+
+    @_builtins.property
+    def rules_removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rule ids the last reload removed (refused: would have removed)."""
+
+    @_builtins.property
+    def files_added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The files, relative to `directory`, the last reload added."""
+
+    @_builtins.property
+    def files_removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The files, relative to `directory`, the last reload removed."""
+
     def __init__(
         self,
         *,
@@ -1652,10 +1965,16 @@ class GetPolicyResponse(_message.Message):
         loaded_at: _timestamp_pb2.Timestamp | None = ...,
         last_reload_error: _builtins.str = ...,
         last_reload_at: _timestamp_pb2.Timestamp | None = ...,
+        last_reload_refused: _builtins.bool = ...,
+        last_reload_version: _builtins.str = ...,
+        rules_added: _abc.Iterable[_builtins.str] | None = ...,
+        rules_removed: _abc.Iterable[_builtins.str] | None = ...,
+        files_added: _abc.Iterable[_builtins.str] | None = ...,
+        files_removed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reload_at", b"last_reload_at", "loaded_at", b"loaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory", b"directory", "files", b"files", "last_reload_at", b"last_reload_at", "last_reload_error", b"last_reload_error", "loaded_at", b"loaded_at", "rule_count", b"rule_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory", b"directory", "files", b"files", "files_added", b"files_added", "files_removed", b"files_removed", "last_reload_at", b"last_reload_at", "last_reload_error", b"last_reload_error", "last_reload_refused", b"last_reload_refused", "last_reload_version", b"last_reload_version", "loaded_at", b"loaded_at", "rule_count", b"rule_count", "rules_added", b"rules_added", "rules_removed", b"rules_removed", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1738,6 +2057,8 @@ class FileChange(_message.Message):
     UNREADABLE_FIELD_NUMBER: _builtins.int
     OTHER_TYPE_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    LINKED_TO_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The absolute path as the host sees it. Bytes that are not valid UTF-8
     are written as \\xNN escapes; `raw_path` then holds the exact bytes.
@@ -1796,6 +2117,16 @@ class FileChange(_message.Message):
     `mode_after`), they raise the privileges of whoever runs the file: Apply
     writes such a file only when the approval names it (special_paths).
     """
+    links: _builtins.int
+    """A non-directory with more than one name (hard link) after the change: how
+    many names it has in the dry run; 0 for one name. A copy-up never keeps
+    the host's links, so more than one means the command made a hard link.
+    """
+    linked_to: _builtins.str
+    """When `links` > 1: another name of the same file (one outside the workspace
+    if the dry run saw one), such as /etc/shadow after `ln /etc/shadow x`;
+    written like `path`.
+    """
     def __init__(
         self,
         *,
@@ -1820,10 +2151,12 @@ class FileChange(_message.Message):
         unreadable: _builtins.bool = ...,
         other_type: Global___OtherType.ValueType = ...,
         capabilities: _builtins.str = ...,
+        links: _builtins.int = ...,
+        linked_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "gid_after", b"gid_after", "mode_after", b"mode_after", "mode_before", b"mode_before", "size_after", b"size_after", "size_before", b"size_before", "uid_after", b"uid_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "binary", b"binary", "capabilities", b"capabilities", "diff_truncated", b"diff_truncated", "entries_deleted", b"entries_deleted", "file_type", b"file_type", "gid_after", b"gid_after", "in_workspace", b"in_workspace", "kind", b"kind", "mode_after", b"mode_after", "mode_before", b"mode_before", "other_type", b"other_type", "path", b"path", "previous_file_type", b"previous_file_type", "raw_path", b"raw_path", "sha256_after", b"sha256_after", "size_after", b"size_after", "size_before", b"size_before", "symlink_target", b"symlink_target", "uid_after", b"uid_after", "unified_diff", b"unified_diff", "unreadable", b"unreadable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after", "_mode_after", b"_mode_after", "_mode_before", b"_mode_before", "_size_after", b"_size_after", "_size_before", b"_size_before", "_uid_after", b"_uid_after", "binary", b"binary", "capabilities", b"capabilities", "diff_truncated", b"diff_truncated", "entries_deleted", b"entries_deleted", "file_type", b"file_type", "gid_after", b"gid_after", "in_workspace", b"in_workspace", "kind", b"kind", "linked_to", b"linked_to", "links", b"links", "mode_after", b"mode_after", "mode_before", b"mode_before", "other_type", b"other_type", "path", b"path", "previous_file_type", b"previous_file_type", "raw_path", b"raw_path", "sha256_after", b"sha256_after", "size_after", b"size_after", "size_before", b"size_before", "symlink_target", b"symlink_target", "uid_after", b"uid_after", "unified_diff", b"unified_diff", "unreadable", b"unreadable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gid_after: _TypeAlias = _typing.Literal["gid_after"]  # noqa: Y015
     _WhichOneofArgType__gid_after: _TypeAlias = _typing.Literal["_gid_after", b"_gid_after"]  # noqa: Y015
@@ -2103,6 +2436,8 @@ class ListAuditEventsRequest(_message.Message):
     CALLER_UID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     """Only events with this verdict. VERDICT_UNSPECIFIED matches every event,
     including events that carry no verdict.
@@ -2120,6 +2455,14 @@ class ListAuditEventsRequest(_message.Message):
     page_token: _builtins.str
     """The `next_page_token` of an earlier response to a request with the same
     filters, to get the page after it. Empty asks for the first page.
+    """
+    agent_name: _builtins.str
+    """Only events whose agent context names this agent. Empty matches every
+    event.
+    """
+    tool_use_id: _builtins.str
+    """Only events whose agent context has this tool-use id. Empty matches every
+    event.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -2140,10 +2483,12 @@ class ListAuditEventsRequest(_message.Message):
         caller_uid: _builtins.int | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        agent_name: _builtins.str = ...,
+        tool_use_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid", "caller_uid", b"caller_uid", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid", "caller_uid", b"caller_uid", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "rule_id", b"rule_id", "session_id", b"session_id", "start_time", b"start_time", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid", "agent_name", b"agent_name", "caller_uid", b"caller_uid", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "rule_id", b"rule_id", "session_id", b"session_id", "start_time", b"start_time", "tool_use_id", b"tool_use_id", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__caller_uid: _TypeAlias = _typing.Literal["caller_uid"]  # noqa: Y015
     _WhichOneofArgType__caller_uid: _TypeAlias = _typing.Literal["_caller_uid", b"_caller_uid"]  # noqa: Y015
@@ -2253,26 +2598,80 @@ class AuditApproval(_message.Message):
     APPROVED_FIELD_NUMBER: _builtins.int
     AUTHORIZATION_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
     approved: _builtins.bool
     """Whether the call was approved."""
     authorization: Global___Authorization.ValueType
     """Why it was approved or refused."""
     detail: _builtins.str
     """Who or what authorized it, for example a session grant or a rule."""
+    @_builtins.property
+    def approver(self) -> Global___AuditApprover:
+        """Who approved, apart from who asked (Approve events; unset in older
+        events and other kinds).
+        """
+
     def __init__(
         self,
         *,
         approved: _builtins.bool = ...,
         authorization: Global___Authorization.ValueType = ...,
         detail: _builtins.str = ...,
+        approver: Global___AuditApprover | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "authorization", b"authorization", "detail", b"detail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "approver", b"approver", "authorization", b"authorization", "detail", b"detail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditApproval: _TypeAlias = AuditApproval  # noqa: Y015
+
+@_typing.final
+class AuditApprover(_message.Message):
+    """AuditApprover is who gave an approval and how the daemon knows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    ASKED_BY_UID_FIELD_NUMBER: _builtins.int
+    ASKED_BY_GID_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    AUTHENTICATED_BY_FIELD_NUMBER: _builtins.int
+    uid: _builtins.int
+    """The approver's user id (the Approve call's caller)."""
+    gid: _builtins.int
+    """The approver's group id."""
+    asked_by_uid: _builtins.int
+    """Who asked: the validation's user id."""
+    asked_by_gid: _builtins.int
+    """The validation's group id."""
+    basis: _builtins.str
+    """Why the approver may approve: "approver" (one of the daemon's approvers)
+    or "self-approval ..." (its own ask; the operator set allow-self-approval).
+    """
+    authenticated_by: _builtins.str
+    """How the daemon knows the approver: "peer-credentials" (the kernel's
+    SO_PEERCRED of the connection).
+    """
+    def __init__(
+        self,
+        *,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        asked_by_uid: _builtins.int = ...,
+        asked_by_gid: _builtins.int = ...,
+        basis: _builtins.str = ...,
+        authenticated_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asked_by_gid", b"asked_by_gid", "asked_by_uid", b"asked_by_uid", "authenticated_by", b"authenticated_by", "basis", b"basis", "gid", b"gid", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditApprover: _TypeAlias = AuditApprover  # noqa: Y015
 
 @_typing.final
 class AuditOutcome(_message.Message):
@@ -2332,6 +2731,7 @@ class AuditEvent(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     VALIDATION_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The event's sequence number: 1 for the first event, then one more for
     each event.
@@ -2383,6 +2783,12 @@ class AuditEvent(_message.Message):
     def outcome(self) -> Global___AuditOutcome:
         """What the call did to the host."""
 
+    @_builtins.property
+    def agent(self) -> Global___AgentContext:
+        """What made the agent make the call, as it said (Validate and Execute
+        events); unset if it said nothing.
+        """
+
     def __init__(
         self,
         *,
@@ -2402,10 +2808,11 @@ class AuditEvent(_message.Message):
         outcome: Global___AuditOutcome | None = ...,
         validation_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        agent: Global___AgentContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_verdict", b"_verdict", "approval", b"approval", "caller", b"caller", "outcome", b"outcome", "time", b"time", "verdict", b"verdict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_verdict", b"_verdict", "agent", b"agent", "approval", b"approval", "caller", b"caller", "outcome", b"outcome", "time", b"time", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_verdict", b"_verdict", "approval", b"approval", "caller", b"caller", "command", b"command", "cwd", b"cwd", "effects", b"effects", "env_sha256", b"env_sha256", "findings", b"findings", "hash", b"hash", "kind", b"kind", "outcome", b"outcome", "prev_hash", b"prev_hash", "seq", b"seq", "session_id", b"session_id", "time", b"time", "validation_id", b"validation_id", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_verdict", b"_verdict", "agent", b"agent", "approval", b"approval", "caller", b"caller", "command", b"command", "cwd", b"cwd", "effects", b"effects", "env_sha256", b"env_sha256", "findings", b"findings", "hash", b"hash", "kind", b"kind", "outcome", b"outcome", "prev_hash", b"prev_hash", "seq", b"seq", "session_id", b"session_id", "time", b"time", "validation_id", b"validation_id", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__verdict: _TypeAlias = _typing.Literal["verdict"]  # noqa: Y015
     _WhichOneofArgType__verdict: _TypeAlias = _typing.Literal["_verdict", b"_verdict"]  # noqa: Y015

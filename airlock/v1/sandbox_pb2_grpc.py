@@ -56,6 +56,16 @@ class SandboxServiceStub:
                 request_serializer=airlock_dot_v1_dot_sandbox__pb2.ApproveRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_sandbox__pb2.ApproveResponse.FromString,
                 _registered_method=True)
+        self.ListPendingValidations = channel.unary_unary(
+                '/airlock.v1.SandboxService/ListPendingValidations',
+                request_serializer=airlock_dot_v1_dot_sandbox__pb2.ListPendingValidationsRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_sandbox__pb2.ListPendingValidationsResponse.FromString,
+                _registered_method=True)
+        self.WatchPendingValidations = channel.unary_stream(
+                '/airlock.v1.SandboxService/WatchPendingValidations',
+                request_serializer=airlock_dot_v1_dot_sandbox__pb2.WatchPendingValidationsRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_sandbox__pb2.WatchPendingValidationsResponse.FromString,
+                _registered_method=True)
         self.Apply = channel.unary_unary(
                 '/airlock.v1.SandboxService/Apply',
                 request_serializer=airlock_dot_v1_dot_sandbox__pb2.ApplyRequest.SerializeToString,
@@ -125,7 +135,32 @@ class SandboxServiceServicer:
     def Approve(self, request, context):
         """Approve records a person's approval of a validation the policy asked
         about, and returns a token bound to its command, working directory,
-        policy version and dry-run changes.
+        policy version and dry-run changes. The approver is a principal apart
+        from the asker: the validation's own uid may not approve it
+        (PERMISSION_DENIED, SELF_APPROVAL_NOT_ALLOWED) unless the daemon's
+        operator set allow-self-approval, and only the daemon's approvers (root,
+        and the uids and groups its configuration names) approve another uid's
+        (PERMISSION_DENIED, NOT_AN_APPROVER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPendingValidations(self, request, context):
+        """ListPendingValidations returns the validations waiting for an approval,
+        oldest first: every user's for an approver, the caller's own otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchPendingValidations(self, request, context):
+        """WatchPendingValidations streams the validations waiting for an approval
+        (those ListPendingValidations returns, then each new ask as it comes) to
+        an approver's tool. A heartbeat comes after 15 s without an ask; the
+        stream ends (OK) after 10 minutes or when the daemon stops: open a new
+        one. A user holds at most 2 at once and the daemon 4 (RESOURCE_EXHAUSTED,
+        TOO_MANY_WATCHES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,6 +237,16 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Approve,
                     request_deserializer=airlock_dot_v1_dot_sandbox__pb2.ApproveRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_sandbox__pb2.ApproveResponse.SerializeToString,
+            ),
+            'ListPendingValidations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPendingValidations,
+                    request_deserializer=airlock_dot_v1_dot_sandbox__pb2.ListPendingValidationsRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_sandbox__pb2.ListPendingValidationsResponse.SerializeToString,
+            ),
+            'WatchPendingValidations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPendingValidations,
+                    request_deserializer=airlock_dot_v1_dot_sandbox__pb2.WatchPendingValidationsRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_sandbox__pb2.WatchPendingValidationsResponse.SerializeToString,
             ),
             'Apply': grpc.unary_unary_rpc_method_handler(
                     servicer.Apply,
@@ -322,6 +367,60 @@ class SandboxService:
             '/airlock.v1.SandboxService/Approve',
             airlock_dot_v1_dot_sandbox__pb2.ApproveRequest.SerializeToString,
             airlock_dot_v1_dot_sandbox__pb2.ApproveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPendingValidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.SandboxService/ListPendingValidations',
+            airlock_dot_v1_dot_sandbox__pb2.ListPendingValidationsRequest.SerializeToString,
+            airlock_dot_v1_dot_sandbox__pb2.ListPendingValidationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPendingValidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/airlock.v1.SandboxService/WatchPendingValidations',
+            airlock_dot_v1_dot_sandbox__pb2.WatchPendingValidationsRequest.SerializeToString,
+            airlock_dot_v1_dot_sandbox__pb2.WatchPendingValidationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

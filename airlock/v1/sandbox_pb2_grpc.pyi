@@ -59,7 +59,24 @@ class SandboxServiceStub:
     Approve: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ApproveRequest, _sandbox_pb2.ApproveResponse]
     """Approve records a person's approval of a validation the policy asked
     about, and returns a token bound to its command, working directory,
-    policy version and dry-run changes.
+    policy version and dry-run changes. The approver is a principal apart
+    from the asker: the validation's own uid may not approve it
+    (PERMISSION_DENIED, SELF_APPROVAL_NOT_ALLOWED) unless the daemon's
+    operator set allow-self-approval, and only the daemon's approvers (root,
+    and the uids and groups its configuration names) approve another uid's
+    (PERMISSION_DENIED, NOT_AN_APPROVER).
+    """
+    ListPendingValidations: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ListPendingValidationsRequest, _sandbox_pb2.ListPendingValidationsResponse]
+    """ListPendingValidations returns the validations waiting for an approval,
+    oldest first: every user's for an approver, the caller's own otherwise.
+    """
+    WatchPendingValidations: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.WatchPendingValidationsRequest, _sandbox_pb2.WatchPendingValidationsResponse]
+    """WatchPendingValidations streams the validations waiting for an approval
+    (those ListPendingValidations returns, then each new ask as it comes) to
+    an approver's tool. A heartbeat comes after 15 s without an ask; the
+    stream ends (OK) after 10 minutes or when the daemon stops: open a new
+    one. A user holds at most 2 at once and the daemon 4 (RESOURCE_EXHAUSTED,
+    TOO_MANY_WATCHES).
     """
     Apply: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ApplyRequest, _sandbox_pb2.ApplyResponse]
     """Apply writes exactly the changes of a validation's dry run to the host.
@@ -123,7 +140,24 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Approve: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ApproveRequest, _sandbox_pb2.ApproveResponse]  # type: ignore[assignment]
     """Approve records a person's approval of a validation the policy asked
     about, and returns a token bound to its command, working directory,
-    policy version and dry-run changes.
+    policy version and dry-run changes. The approver is a principal apart
+    from the asker: the validation's own uid may not approve it
+    (PERMISSION_DENIED, SELF_APPROVAL_NOT_ALLOWED) unless the daemon's
+    operator set allow-self-approval, and only the daemon's approvers (root,
+    and the uids and groups its configuration names) approve another uid's
+    (PERMISSION_DENIED, NOT_AN_APPROVER).
+    """
+    ListPendingValidations: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ListPendingValidationsRequest, _sandbox_pb2.ListPendingValidationsResponse]  # type: ignore[assignment]
+    """ListPendingValidations returns the validations waiting for an approval,
+    oldest first: every user's for an approver, the caller's own otherwise.
+    """
+    WatchPendingValidations: _aio.UnaryStreamMultiCallable[_sandbox_pb2.WatchPendingValidationsRequest, _sandbox_pb2.WatchPendingValidationsResponse]  # type: ignore[assignment]
+    """WatchPendingValidations streams the validations waiting for an approval
+    (those ListPendingValidations returns, then each new ask as it comes) to
+    an approver's tool. A heartbeat comes after 15 s without an ask; the
+    stream ends (OK) after 10 minutes or when the daemon stops: open a new
+    one. A user holds at most 2 at once and the daemon 4 (RESOURCE_EXHAUSTED,
+    TOO_MANY_WATCHES).
     """
     Apply: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ApplyRequest, _sandbox_pb2.ApplyResponse]  # type: ignore[assignment]
     """Apply writes exactly the changes of a validation's dry run to the host.
@@ -202,7 +236,36 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sandbox_pb2.ApproveResponse, _abc.Awaitable[_sandbox_pb2.ApproveResponse]]:
         """Approve records a person's approval of a validation the policy asked
         about, and returns a token bound to its command, working directory,
-        policy version and dry-run changes.
+        policy version and dry-run changes. The approver is a principal apart
+        from the asker: the validation's own uid may not approve it
+        (PERMISSION_DENIED, SELF_APPROVAL_NOT_ALLOWED) unless the daemon's
+        operator set allow-self-approval, and only the daemon's approvers (root,
+        and the uids and groups its configuration names) approve another uid's
+        (PERMISSION_DENIED, NOT_AN_APPROVER).
+        """
+
+    @_abc_1.abstractmethod
+    def ListPendingValidations(
+        self,
+        request: _sandbox_pb2.ListPendingValidationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.ListPendingValidationsResponse, _abc.Awaitable[_sandbox_pb2.ListPendingValidationsResponse]]:
+        """ListPendingValidations returns the validations waiting for an approval,
+        oldest first: every user's for an approver, the caller's own otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchPendingValidations(
+        self,
+        request: _sandbox_pb2.WatchPendingValidationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.WatchPendingValidationsResponse], _abc.AsyncIterator[_sandbox_pb2.WatchPendingValidationsResponse]]:
+        """WatchPendingValidations streams the validations waiting for an approval
+        (those ListPendingValidations returns, then each new ask as it comes) to
+        an approver's tool. A heartbeat comes after 15 s without an ask; the
+        stream ends (OK) after 10 minutes or when the daemon stops: open a new
+        one. A user holds at most 2 at once and the daemon 4 (RESOURCE_EXHAUSTED,
+        TOO_MANY_WATCHES).
         """
 
     @_abc_1.abstractmethod

@@ -25,7 +25,8 @@ from tests.helpers import (
 
 from .test_validate import tree_digest
 
-DAEMON_ARGS = NEUTRAL_POLICY
+# Its validations are root's and root approves them: that needs allow-self-approval.
+DAEMON_ARGS = (*NEUTRAL_POLICY, "--allow-self-approval")
 
 
 def seed(ws: Path) -> None:
@@ -140,7 +141,7 @@ def test_an_asked_validation_needs_approval_and_survives_a_restart(tmp_path: Pat
     ws = tmp_path / "ws"
     ws.mkdir()
     with public_dir() as base:
-        with running_daemon(base, *SANDBOX_ARGS) as d, d.client() as c:
+        with running_daemon(base, *SANDBOX_ARGS, "--allow-self-approval") as d, d.client() as c:
             v = c.validate(f"echo reviewed > {target}", cwd=str(ws))
             assert v.verdict is Verdict.ASK  # a change outside the workspace
             with pytest.raises(FailedPrecondition) as info:
@@ -194,16 +195,18 @@ def test_every_decision_and_action_is_in_the_audit_log(client: Client, tmp_path:
     assert kinds == [
         RpcKind.VALIDATE,
         RpcKind.APPROVE,
-        RpcKind.APPLY,
+        RpcKind.APPLY,  # its start, before anything is written
+        RpcKind.APPLY,  # its outcome
         RpcKind.VALIDATE,
         RpcKind.DISCARD,
         RpcKind.EXECUTE,  # the decision, before the command runs
         RpcKind.EXECUTE,  # the outcome
     ]
-    apply_event = stored[2].event
+    assert stored[2].event.effects.startswith("starting:")
+    apply_event = stored[3].event
     assert apply_event.outcome.applied_paths == (str(outside),)
     assert apply_event.validation_id == asked.validation_id
-    assert stored[5].event.outcome.exit_code is None and stored[6].event.outcome.exit_code == 0
+    assert stored[6].event.outcome.exit_code is None and stored[7].event.outcome.exit_code == 0
     assert client.verify_audit_log().ok
 
 

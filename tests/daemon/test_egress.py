@@ -165,3 +165,37 @@ def test_nothing_is_forwarded_after_a_sensitive_read(env: Env, workspace: Path) 
     assert "effect.exfiltration" in {f.rule_id for f in v.findings}
     assert "Refused pkg.test:443 (after a sensitive read nothing is forwarded)." in v.summary
     assert not [r for r in env.lab.requests() if "s3cr3t" in str(r["path"])]
+
+
+def test_curl_git_clone_and_pip_against_a_host_without_a_grant_fail_and_are_recorded(
+    env: Env, workspace: Path
+) -> None:
+    """Each client gets a reset at once (how fast: bench/egress.py), so the dry run completes:
+    every step's status is in the output, and every attempt is recorded as refused."""
+    before = len(env.lab.requests())
+    v = env.client.validate(
+        "curl -sS https://blocked.test/tool.tar.gz -o tool.tar.gz; echo curl=$?;"
+        " git clone -q https://blocked.test/repo.git repo; echo git=$?;"
+        f" {PY} -m pip --disable-pip-version-check install --no-cache-dir --retries 1"
+        " --index-url https://blocked.test/simple/ somepackage; echo pip=$?",
+        cwd=str(workspace),
+        env={"PIP_CONFIG_FILE": "/dev/null", "HOME": str(workspace)},
+        timeout=60,
+    )
+    assert v.signal == 0 and v.exit_code == 0, v.stderr
+    status = dict(line.split("=") for line in v.stdout.decode().split() if "=" in line)
+    assert set(status) == {"curl", "git", "pip"} and "0" not in status.values(), status
+    attempts = tcp(v)
+    assert attempts and {a.dns_name for a in attempts} == {"blocked.test"}
+    refused = [(a.port, a.forwarded, a.refusal) for a in attempts]
+    assert set(refused) == {(443, False, "no-grant")}, attempts
+    # curl once, git at least once, pip once per try (--retries 1: twice), each labelled with
+    # the name it looked up. A client that sends its TLS ClientHello within refuse_wait_s
+    # (50 ms) of connect has it kept (its server name); a slower one is reset without it.
+    assert len(attempts) >= 4, attempts
+    assert all(a.sni == "blocked.test" for a in attempts if a.payload_prefix), attempts
+    dns = [a for a in v.network_attempts if a.protocol is NetProtocol.DNS]
+    assert {a.dns_name for a in dns} == {"blocked.test"} and all(a.refusal for a in dns)
+    assert "Refused blocked.test:443 (no egress grant;" in v.summary
+    assert env.lab.requests()[before:] == []
+    assert "effect.network" in {f.rule_id for f in v.findings}

@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from airlock import AirlockError
 from tests.helpers import AIRLOCK, Daemon
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hooks"
+# The hooks run as root here, and root approves what they asked: allow-self-approval (the
+# rule that an agent's own uid cannot approve is tests/daemon/test_approvals.py's).
+DAEMON_ARGS = ("--allow-self-approval",)
 
 
 def hook(daemon: Daemon, agent: str, command: str, cwd: Path) -> tuple[int, Any, str]:
@@ -84,7 +89,7 @@ def test_chmod_777_asks_claude_and_codex_gets_approve_instructions(
     assert reason.startswith("Airlock asks a person before this runs; it was not run: ")
     vid = reason.split("airlock approve ", 1)[1].split(".", 1)[0]
     # The id names a real validation of this daemon, pending approval.
-    approved = daemon.cli("approve", vid, cwd=str(workspace))
+    approved = daemon.cli("approve", "--yes", vid, cwd=str(workspace))
     assert approved.returncode == 0, approved.stderr
     # Nothing ran on the host: the dry run's chmod stayed in the sandbox.
     assert (workspace / "build" / "a.o").stat().st_mode & 0o777 != 0o777
@@ -95,3 +100,47 @@ def test_daemon_down_blocks(tmp_path: Path, workspace: Path) -> None:
     code, out, err = hook(down, "claude", "ls", workspace)
     assert (code, err) == (0, "")
     assert spec(out)["permissionDecision"] == "deny"
+
+
+_PROBE = """
+import sys
+from airlock.cli.main import main
+code = main(sys.argv[1:])
+print("@@", code, *sorted(sys.modules), file=sys.stderr)
+"""
+
+
+def test_allowed_command_is_judged_without_grpc(daemon: Daemon, workspace: Path) -> None:
+    """The fast path an agent pays on every shell call: the daemon's allow, over
+    airlock.cli._h2call, with neither grpc nor the generated stub imported."""
+    data = json.loads((DATA / "claude.json").read_text())["input"]
+    data["tool_input"]["command"], data["cwd"] = "ls", str(workspace)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, "hook", "claude"],
+        input=json.dumps(data),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "AIRLOCK_SOCKET": daemon.socket},
+    )
+    assert spec(json.loads(done.stdout))["permissionDecision"] == "allow", done.stdout
+    words = done.stderr.split("@@ ", 1)[1].split()
+    assert words[0] == "0"
+    loaded = set(words[1:])
+    assert "airlock.cli._h2call" in loaded
+    assert not {m for m in loaded if m == "grpc" or m.startswith("grpc.")}
+    assert "airlock.v1.sandbox_pb2_grpc" not in loaded
+
+
+def test_daemon_error_keeps_its_reason(daemon: Daemon, tmp_path: Path) -> None:
+    """An error status from the daemon (a cwd that does not exist) reaches the agent with
+    the daemon's reason, read from its ErrorInfo as the typed client reads it."""
+    code, out, err = hook(daemon, "claude", "ls", tmp_path / "no-such-dir")
+    assert (code, err) == (0, "")
+    result = spec(out)
+    assert result["permissionDecision"] == "deny"
+    reason = result["permissionDecisionReason"]
+    assert reason.startswith("Airlock could not judge this, so it is blocked: ")
+    with pytest.raises(AirlockError) as e:
+        daemon.client().validate("ls", cwd=str(tmp_path / "no-such-dir"))
+    assert reason.endswith(f"[{e.value.reason}]") and e.value.reason != "UNKNOWN"

@@ -154,10 +154,16 @@ def test_a_host_listener_on_loopback_receives_nothing(
     )
     v = client.validate(py(code), cwd=str(workspace))
     assert v.exit_code == 0, v.stderr
-    # The sandbox's own loopback is empty, so connecting there is refused and not an attempt;
-    # every other address reaches only the sinkhole.
+    # The sandbox's own loopback is empty, so connecting there is refused (and recorded as an
+    # attempt to reach a service on this machine); every other address reaches only the
+    # sinkhole.
     assert b"refused" in v.stdout
-    assert [a.address for a in v.network_attempts] == ["203.0.113.1", "10.0.0.1", "192.168.1.1"]
+    assert [(a.address, a.refusal) for a in v.network_attempts] == [
+        ("127.0.0.1", "host-service"),
+        ("203.0.113.1", "no-grant"),
+        ("10.0.0.1", "no-grant"),
+        ("192.168.1.1", "no-grant"),
+    ]
     # Probe the listener from the host: it works, and it has seen nothing from the sandbox.
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
         s.sendall(b"probe")

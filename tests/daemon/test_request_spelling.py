@@ -22,6 +22,9 @@ from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
 from tests.helpers import Daemon
 
+# Root asks and approves: allow-self-approval (tests/daemon/test_approvals.py has the rule).
+DAEMON_ARGS = ("--allow-self-approval",)
+
 COMMAND = "sudo -n true || echo ran-after-approval"  # the shipped policy asks about sudo
 
 

@@ -30,7 +30,8 @@ from airlock.client import Client
 from airlock.types import ChangeKind
 from tests.helpers import CLIENT_PRELUDE, NEUTRAL_POLICY, NOBODY, Daemon, mount_table
 
-DAEMON_ARGS = NEUTRAL_POLICY
+# Callers approve their own asks here: allow-self-approval (test_approvals.py has the rule).
+DAEMON_ARGS = (*NEUTRAL_POLICY, "--allow-self-approval")
 
 OTHER_USER = 4321  # another user, who owns nothing of the caller's
 CALLER_GROUP = 4242  # a supplementary group of the caller (in the group test)

@@ -64,7 +64,9 @@ def shipped() -> Iterator[Daemon]:
 @pytest.fixture(scope="module")
 def neutral() -> Iterator[Daemon]:
     """A daemon whose policy has no opinion at all: a policy that forgot special files."""
-    with public_dir() as base, running_daemon(base, *TEST_LIMITS, *NEUTRAL_POLICY) as d:
+    # Its callers approve their own validations: allow-self-approval (test_approvals.py).
+    args = (*TEST_LIMITS, *NEUTRAL_POLICY, "--allow-self-approval")
+    with public_dir() as base, running_daemon(base, *args) as d:
         yield d
 
 
@@ -429,7 +431,7 @@ def test_apply_of_changes_not_kept_says_why(base: Path) -> None:
     policy = base / "policy"
     policy.mkdir()
     (policy / "ask.yaml").write_text(ASK_POLICY)
-    args = ("--keep-changes-max", "1", "--policy-dir", str(policy))
+    args = ("--keep-changes-max", "1", "--policy-dir", str(policy), "--allow-self-approval")
     with running_daemon(base / "d", *TEST_LIMITS, *args) as d, d.client() as client:
         allowed = client.validate("echo 1 > one; echo 2 > two", cwd=str(ws))
         assert allowed.verdict is Verdict.ALLOW and "more than the 1" in allowed.changes_not_kept

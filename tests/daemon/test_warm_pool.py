@@ -76,3 +76,85 @@ def test_new_host_mount_retires_the_pool(public_tmp: Path) -> None:
             assert (mnt / "inside.txt").read_text() == "from the new mount\n"
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _holders(daemon_pid: int, needle: str) -> list[int]:
+    """Processes below the daemon whose mount table lists ``needle`` (a mount source)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/mountinfo") as f:
+                if needle not in f.read().split():
+                    continue
+        except OSError:
+            continue
+        if _below(int(entry), daemon_pid):
+            found.append(int(entry))
+    return found
+
+
+def _below(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def test_an_unmounted_host_disk_is_released_while_sandboxes_are_warm(public_tmp: Path) -> None:
+    """Warm sandboxes hold a copy of every host mount: an unmounted loop disk stayed busy
+    (its loop device could not be freed) until they expired (22 s in the soak). A change of
+    the mount table now retires the pool at once. --warm-idle 600: expiry cannot explain it."""
+    image, point = public_tmp / "disk.img", public_tmp / "disk"
+    point.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    mounted = False
+    try:
+        subprocess.run(["mount", loop, str(point)], check=True)
+        mounted = True
+        (point / "data.txt").write_text("on the disk\n")
+        with (
+            running_daemon(public_tmp / "d", *SANDBOX_ARGS, "--warm-idle", "600") as d,
+            d.client() as c,
+        ):
+            wait_warm(c)
+            v = c.validate(f"cat {point}/data.txt", cwd="/home")
+            assert v.stdout == b"on the disk\n"
+            # The pool refilled: its sandboxes hold the disk (what the fix is about).
+            deadline = time.monotonic() + 30
+            while not _holders(d.proc.pid, loop):
+                assert time.monotonic() < deadline, "no warm sandbox holds the disk"
+                time.sleep(0.1)
+            subprocess.run(["umount", str(point)], check=True)
+            mounted = False
+            # The sandboxes let go of it: no process of the daemon's has it mounted, and the
+            # loop device is free (its backing file gone) once detached. The guard is a hang
+            # guard, far below the 600 s idle time.
+            deadline = time.monotonic() + 20
+            while _holders(d.proc.pid, loop):
+                assert time.monotonic() < deadline, "warm sandboxes still hold the unmounted disk"
+                time.sleep(0.05)
+            subprocess.run(["losetup", "--detach", loop], check=True)
+            backing = Path("/sys/block") / Path(loop).name / "loop" / "backing_file"
+            while backing.exists():
+                assert time.monotonic() < deadline, f"{loop} is still busy"
+                time.sleep(0.05)
+            # And the pool comes back, from the new mount table.
+            wait_warm(c, timeout=30)
+            v = c.validate(f"ls {point}", cwd="/home")
+            assert v.stdout == b"" and v.timings.warm
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(point)], check=False)
+        subprocess.run(["losetup", "--detach", loop], check=False, capture_output=True)

@@ -2,13 +2,14 @@
 
 ``paths`` the checkout, tests/data and the installed commands · ``host`` mounts, cgroups,
 world-readable temporary directories and a loopback listener · ``users`` client code as a
-real non-root user · ``egress`` a lab "internet" in a network namespace (HTTPS/HTTP servers,
-a resolver, pypiserver) and a recorder harness · ``fork`` code run in a forked child (or a
-private mount namespace) · ``policy`` small YAML policies for tests/unit/policy · ``audit``
-audit events · ``packaging`` ``make install-service`` into a DESTDIR · ``daemon`` the daemon
-starters (``start_daemon``, ``running_daemon``) and their arguments: only tests/daemon may
-start a daemon, and tests/conftest.py fails the run if a test under tests/unit imports a
-starter.
+real non-root user, and a temporary user with a home of the test's · ``egress`` a lab
+"internet" in a network namespace (HTTPS/HTTP servers, a resolver, pypiserver) and a recorder
+harness · ``npm`` verdaccio, a real npm registry, in that lab · ``fork`` code run in a forked
+child (or a private mount namespace) · ``policy`` small YAML policies for tests/unit/policy ·
+``audit`` audit events · ``packaging`` ``make install-service`` into a DESTDIR · ``daemon``
+the daemon starters (``start_daemon``, ``running_daemon``) and their arguments: only
+tests/daemon may start a daemon, and tests/conftest.py fails the run if a test under tests/unit
+imports a starter.
 """
 
 from .audit import event

@@ -672,3 +672,44 @@ def test_devices_fifos_and_a_cut_before_the_no_newline_marker(tmp_path: Path) ->
     full = created_diff("/ws-root/k.txt", body)
     assert len(full) == 228
     assert (k.unified_diff, k.diff_truncated) == (full[: 51 + 13 * 11], True)
+
+
+def test_a_hard_link_to_a_lower_file_names_its_other_name(tmp_path: Path) -> None:
+    """``ln`` in an overlay copies the lower file up and links the copy: both names are in the
+    upper layer, linked. The new name is reported CREATED with ``links`` and ``linked_to`` (the
+    name outside the workspace); the copy-up alone is no change. A file copied up for another
+    reason keeps one name (a copy-up breaks the host's links), so ``links`` stays 0."""
+    lower = tmp_path / "L"
+    write(lower / "etc" / "shadow", "root:*:1::::::\n", 0o640)
+    os.chown(lower / "etc" / "shadow", 0, 42)
+    mkdir(lower / "ws")
+    write(lower / "ws" / "mine", "mine\n")
+    write(lower / "ws" / "host-a", "linked on the host\n")
+    os.link(lower / "ws" / "host-a", lower / "ws" / "host-b")
+    got = run_overlay(
+        tmp_path,
+        """
+        ln etc/shadow ws/x
+        ln ws/mine ws/mine2
+        echo new > ws/new && ln ws/new ws/new2
+        echo more >> ws/host-a
+        """,
+        DiffOptions(workspace=b"/ws-root/ws"),
+    )["results"][0]
+    changes = {c.path: c for c in got.changes}
+    assert set(changes) == {
+        b"/ws-root/ws/x",
+        b"/ws-root/ws/mine2",
+        b"/ws-root/ws/new",
+        b"/ws-root/ws/new2",
+        b"/ws-root/ws/host-a",
+    }
+    x = changes[b"/ws-root/ws/x"]
+    assert (x.kind, x.uid_after, x.gid_after, x.mode_after) == (C, 0, 42, 0o640)
+    assert (x.links, x.linked_to) == (2, b"/ws-root/etc/shadow")
+    mine2 = changes[b"/ws-root/ws/mine2"]
+    assert (mine2.kind, mine2.links, mine2.linked_to) == (C, 2, b"/ws-root/ws/mine")
+    assert changes[b"/ws-root/ws/new"].linked_to == b"/ws-root/ws/new2"
+    assert changes[b"/ws-root/ws/new2"].linked_to == b"/ws-root/ws/new"
+    host_a = changes[b"/ws-root/ws/host-a"]
+    assert (host_a.kind, host_a.links, host_a.linked_to) == (M, 0, b"")

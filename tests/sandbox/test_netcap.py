@@ -7,6 +7,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -142,9 +143,17 @@ def test_every_attempt_is_recorded_and_nothing_leaves() -> None:
     pypi = text.split("pypi.org is ")[1].split()[0]
     assert ipaddress.ip_address(pypi) in FAKE
 
+    # The refused connection to the host's port is recorded with its target, marked: in the
+    # sandbox nothing listens there, on the host something does.
+    refused = [a for a in out.attempts if a.refusal == netcap.HOST_SERVICE]
+    assert [(a.protocol, a.address, a.port) for a in refused] == [
+        (NetProtocol.TCP, "127.0.0.1", port)
+    ]
+    assert refused[0].refusal_detail == netcap.HOST_SERVICE_DETAIL
+
     # Order holds per socket, not across them: one handle() batch takes the TCP listener's
     # and the UDP socket's events in epoll's order, whichever was sent first.
-    tcp = [a for a in out.attempts if a.protocol == NetProtocol.TCP]
+    tcp = [a for a in out.attempts if a.protocol == NetProtocol.TCP and a.refusal != "host-service"]
     udps = [a for a in out.attempts if a.protocol == NetProtocol.UDP]
     assert [(a.address, a.port, a.dns_name) for a in tcp] == [
         ("203.0.113.7", 4444, ""),
@@ -269,3 +278,116 @@ EOF
         21,
         "files.test",
     )
+
+
+def test_refused_loopback_attempts_are_recorded_with_their_target() -> None:
+    """A connection or datagram no socket of the sandbox takes on loopback is recorded (on
+    the host, something may listen there); the command's own loopback server is not, nor is
+    a connection it aborts with a reset, nor a UDP exchange with its own socket."""
+    script = """
+python3 - <<'EOF'
+import socket, struct, threading
+for family, addr in ((socket.AF_INET, ("127.0.0.1", 9200)), (socket.AF_INET6, ("::1", 9300)),
+                     (socket.AF_INET, ("127.0.0.5", 5432))):
+    try:
+        socket.socket(family).connect(addr)
+    except OSError as e:
+        print(addr, e.errno, flush=True)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b"metric:1|c", ("127.0.0.1", 8125))
+server = socket.create_server(("127.0.0.1", 8000))
+def serve():
+    for _ in range(2):
+        conn, _peer = server.accept()
+        conn.sendall(b"own ok")
+        conn.recv(1)  # the client has read it and closed
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # an abort: a reset with its real sequence number
+threading.Thread(target=serve, daemon=True).start()
+for _ in range(2):
+    with socket.create_connection(("127.0.0.1", 8000), timeout=5) as c:
+        print(c.recv(100).decode(), flush=True)
+mine = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+mine.bind(("127.0.0.1", 0))
+u.sendto(b"to myself", mine.getsockname())
+print(mine.recv(100).decode(), flush=True)
+EOF
+"""
+    out = _sandboxed(script)
+    text = out.output.decode(errors="replace")
+    assert out.status == 0, text
+    assert text.count("own ok") == 2 and "to myself" in text
+    assert text.count(" 111") == 3, text  # ECONNREFUSED, each of them
+    assert [(a.protocol, a.address, a.port, a.refusal) for a in out.attempts] == [
+        (NetProtocol.TCP, "127.0.0.1", 9200, "host-service"),
+        (NetProtocol.TCP, "::1", 9300, "host-service"),
+        (NetProtocol.TCP, "127.0.0.5", 5432, "host-service"),
+        (NetProtocol.UDP, "127.0.0.1", 8125, "host-service"),
+    ]
+    assert all(a.refusal_detail == netcap.HOST_SERVICE_DETAIL for a in out.attempts)
+    assert out.dropped == out.lost == 0
+    assert out.fds_after == out.fds_before
+
+
+def test_refused_loopback_attempts_are_bounded() -> None:
+    script = """
+python3 - <<'EOF'
+import socket
+for i in range(1100):
+    try:
+        socket.socket().connect(("127.0.0.1", 20000 + i % 5))
+    except OSError:
+        pass
+EOF
+"""
+    out = _sandboxed(script)
+    assert out.status == 0, out.output
+    assert len(out.attempts) == 1000 and out.dropped + out.lost == 100
+    assert {a.port for a in out.attempts} == set(range(20000, 20005))
+
+
+def _rules_in_fresh_netns(program: str) -> tuple[str, str]:
+    """(error, `nft list ruleset`) after ``program`` loaded netcap's rules in a fresh netns."""
+
+    def run() -> tuple[str, str]:
+        sc.unshare(sc.CLONE_NEWNET)
+        net.loopback_up()
+        error = ""
+        try:
+            if program == "library":
+
+                def no_binary() -> str:
+                    raise AssertionError("the nft binary was run")
+
+                netcap._nft_binary = no_binary  # in this child only: the library must do it
+                netcap._program_nftables()
+            elif program == "binary":  # as on a host without libnftables
+                sc._nftables, sc._nftables_looked_up = None, True
+                netcap._program_nftables()
+            else:
+                sc.nft_run(program.encode())
+        except OSError as exc:
+            error = str(exc)
+        nft = shutil.which("nft") or "/usr/sbin/nft"
+        listed = subprocess.run([nft, "list", "ruleset"], capture_output=True, check=True)
+        return error, listed.stdout.decode()
+
+    result: tuple[str, str] = in_child(run)
+    return result
+
+
+def test_libnftables_loads_the_rules_the_nft_binary_loads() -> None:
+    """The rules go in through libnftables, no nft process; the ruleset is the same."""
+    assert sc.load_libnftables(), "libnftables.so.1 is installed with nftables"
+    error, via_library = _rules_in_fresh_netns("library")
+    error_binary, via_binary = _rules_in_fresh_netns("binary")
+    assert error == error_binary == ""
+    assert "tproxy to :1" in via_library and "table inet airlock_netcap" in via_library
+    assert via_library == via_binary
+
+
+def test_libnftables_reports_a_bad_ruleset_and_loads_none_of_it() -> None:
+    bad = "table inet t {\n chain c { type filter hook prerouting priority 0; }\n}\nnonsense x\n"
+    error, listed = _rules_in_fresh_netns(bad)
+    assert "syntax error" in error or "Error" in error, error
+    assert listed.strip() == ""  # a batch is all or nothing

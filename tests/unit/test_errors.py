@@ -183,18 +183,18 @@ def _engine(reply: ApplyReply) -> Engine:
     return engine
 
 
-def test_the_engine_raises_the_supervisors_error() -> None:
+def test_the_engine_raises_the_supervisors_error(tmp_path: Path) -> None:
     engine = _engine(ApplyReply(error=_across(error_to_data(_make(Conflict)))))
     with pytest.raises(Conflict) as caught:
-        engine.apply_changeset("/nowhere", 0, 0)
+        engine.apply_changeset(str(tmp_path), 0, 0)  # its apply journal is written there
     assert caught.value.paths == PATHS and caught.value.reason == "SOME_REASON"
 
 
-def test_an_apply_that_stopped_part_way_raises_apply_incomplete() -> None:
+def test_an_apply_that_stopped_part_way_raises_apply_incomplete(tmp_path: Path) -> None:
     result = ApplyResult(applied=(b"/srv/a",), failed=(b"/srv/b",), error="disk gone")
     engine = _engine(_sent(ApplyReply(result=result)))
     with pytest.raises(ApplyIncomplete) as caught:
-        engine.apply_changeset("/nowhere", 0, 0)
+        engine.apply_changeset(str(tmp_path), 0, 0)
     error = caught.value
     assert error.partial == (b"/srv/a",) and error.reason == Reason.APPLY_INCOMPLETE
     assert getattr(error, "partial", ()) == (b"/srv/a",)  # how the service reads it

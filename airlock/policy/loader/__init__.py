@@ -14,6 +14,7 @@ from airlock.policy.loader._compile import PolicyBundle as PolicyBundle
 from airlock.policy.loader._files import MAX_FILE_BYTES as MAX_FILE_BYTES
 from airlock.policy.loader._load import load_bundle as load_bundle
 from airlock.policy.loader._load import read_effects_file as read_effects_file
+from airlock.policy.loader._load import snapshot as snapshot
 from airlock.policy.loader._problems import PolicyError as PolicyError
 from airlock.policy.loader._problems import PolicyProblem as PolicyProblem
 from airlock.policy.loader._tests import FixtureCase as FixtureCase

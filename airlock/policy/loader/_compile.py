@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -41,6 +41,9 @@ from airlock.policy.rules import (
 )
 from airlock.types import Effects, Finding
 
+if TYPE_CHECKING:
+    from airlock.policy.shell import Catalog
+
 _T = TypeVar("_T")
 
 
@@ -61,10 +64,24 @@ class PolicyBundle:
     egress_dry_run: EgressPolicy = field(default_factory=EgressPolicy)
     egress_execute: EgressPolicy = field(default_factory=EgressPolicy)
     egress_presets: tuple[tuple[str, str], ...] = ()
+    # Filesystem grants (``writable_paths:``, presets expanded): ``~/DIR`` each, sorted;
+    # Execute binds them read-write, effect rules put a dry run's changes there in the
+    # ``granted`` scope. The presets the bundle defines: name -> description.
+    writable_paths: tuple[str, ...] = ()
+    writable_presets: tuple[tuple[str, str], ...] = ()
+    # The command catalog its lines are analysed with: the built-in one with the bundle's
+    # ``commands:`` merged over it; None when the bundle declares none (the built-in one).
+    catalog: Catalog | None = field(default=None, repr=False, compare=False)
     _ruleset: RuleSet = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ruleset", RuleSet(self.rules))
+
+    def analyze(self, command: str) -> Analysis:
+        """The static analysis of ``command`` with this bundle's command catalog."""
+        from airlock.policy.shell import analyze  # the parser, imported late (tree-sitter)
+
+        return analyze(command, catalog=self.catalog)
 
     def evaluate(self, analysis: Analysis, *, today: date | None = None) -> StaticVerdict:
         """The static verdict of ``analysis`` (``today``: for exception expiry; default UTC)."""

@@ -178,13 +178,4 @@ def compile_egress(
                 rule = _rule(entry, epath, problems, deny=True, label=_where(problems, epath))
                 if rule is not None:
                     mode.deny.append(rule)
-            if mode_name == "execute" and (raw.get("allow") or raw.get("presets")):
-                problems.add(
-                    path,
-                    "egress.execute grants are not used yet: Execute has no network",
-                    "they will apply once Execute forwards through the recorder; "
-                    "see docs/policy-reference.md, Egress",
-                    key=True,
-                    warning=True,
-                )
     return modes["dry_run"].policy(), modes["execute"].policy(), presets

@@ -25,8 +25,10 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from datetime import date
+from typing import TYPE_CHECKING
 
 from airlock.policy.effects import EffectCompiler, EffectRule, synthetic_effects
+from airlock.policy.loader._commands import compile_commands
 from airlock.policy.loader._compile import (
     PolicyBundle,
     _collect_definitions,
@@ -41,9 +43,13 @@ from airlock.policy.loader._files import StrPath, _decode, _parse, _paths, _read
 from airlock.policy.loader._problems import PolicyError, PolicyProblem, _order, _Problems
 from airlock.policy.loader._schema import _effects_validator, _kind, _schema_problems
 from airlock.policy.loader._tests import Analyzer, _inline_test_problems
+from airlock.policy.loader._writable import compile_writable
 from airlock.policy.loader._yaml import _Doc
 from airlock.policy.rules import Compiler, Layer, Rule
 from airlock.types import Effects
+
+if TYPE_CHECKING:
+    from airlock.policy.shell import Catalog
 
 
 def _version(files: Sequence[tuple[str, str, bytes]]) -> str:
@@ -53,6 +59,30 @@ def _version(files: Sequence[tuple[str, str, bytes]]) -> str:
         h.update(len(name).to_bytes(8, "big") + name)
         h.update(len(data).to_bytes(8, "big") + data)
     return h.hexdigest()
+
+
+def snapshot(path: StrPath | Iterable[StrPath]) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """The policy files under ``path`` as :func:`load_bundle` would read them right now:
+    (the version a bundle of exactly these bytes gets, each file's (relative path, size,
+    mtime in ns)). A file that cannot be read counts with size -1. For the policy store's
+    reloads: two equal snapshots a moment apart say the files are at rest, and a loaded
+    bundle whose version equals a snapshot's was compiled from exactly those bytes."""
+    found, _missing = collect_files(_paths(path))
+    read: list[tuple[str, str, bytes]] = []
+    stats: list[tuple[str, int, int]] = []
+    for file, rel in found:
+        try:
+            st = os.stat(file)
+        except OSError:
+            stats.append((rel, -1, 0))
+            continue
+        data = _read(file, _Problems())
+        if data is None:
+            stats.append((rel, -1, st.st_mtime_ns))
+            continue
+        read.append((file, rel, data))
+        stats.append((rel, st.st_size, st.st_mtime_ns))
+    return _version(read), tuple(stats)
 
 
 def load_bundle(
@@ -110,6 +140,10 @@ def load_bundle(
     effects = EffectCompiler(compiler, problems.report)
     for name, (mpath, _raw) in ctx.macros.items():
         compiler.macro(name, mpath)
+    for doc in docs:  # before the effect rules, whose network conditions use them
+        effects.bind(
+            doc.value.get("credential_destinations", ()), (doc.file, "credential_destinations")
+        )
     rules: list[Rule] = []
     effect_rules: list[EffectRule] = []
     for doc in docs:
@@ -125,7 +159,11 @@ def load_bundle(
                 rules.append(rule)
     sensitive = _sensitive_globs(docs, effects, problems)
     egress_dry_run, egress_execute, presets = compile_egress(docs, problems)
+    writable, writable_presets = compile_writable(docs, problems)
+    catalog = compile_commands(docs, problems)
     _unused(ctx, compiler, problems)
+    if analyze is None and catalog is not None:  # inline tests read the bundle's catalog
+        analyze = _analyzer_with(catalog)
 
     if run_tests and not problems.errors:
         problems.errors.extend(_inline_test_problems(rules, analyze))
@@ -142,7 +180,16 @@ def load_bundle(
         egress_dry_run=egress_dry_run,
         egress_execute=egress_execute,
         egress_presets=tuple((p.name, p.description) for p in presets.values()),
+        writable_paths=writable,
+        writable_presets=writable_presets,
+        catalog=catalog,
     )
+
+
+def _analyzer_with(catalog: Catalog) -> Analyzer:
+    from airlock.policy.shell import analyze  # the real parser, imported late (tree-sitter)
+
+    return lambda command: analyze(command, catalog=catalog)
 
 
 def read_effects_file(path: StrPath) -> Effects:

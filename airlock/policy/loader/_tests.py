@@ -222,7 +222,7 @@ def run_fixture(
     bundle: PolicyBundle, case: FixtureCase, *, analyze: Analyzer | None = None
 ) -> TestResult:
     """Evaluate the whole bundle on the case's command; did its rule fire as annotated?"""
-    analyzer = analyze or _default_analyzer()
+    analyzer = analyze or bundle.analyze
 
     def result(ok: bool, detail: str) -> TestResult:
         return TestResult(

@@ -13,6 +13,8 @@ conventions of the model).
 """
 
 from airlock.policy.shell._analyze import analyze as analyze
+from airlock.policy.shell._catalog import BUILTIN as BUILTIN
+from airlock.policy.shell._catalog import Catalog as Catalog
 from airlock.policy.shell._draft import DECODE_TO_SHELL as DECODE_TO_SHELL
 from airlock.policy.shell._draft import DYNAMIC_COMMAND_NAME as DYNAMIC_COMMAND_NAME
 from airlock.policy.shell._draft import DYNAMIC_EVAL as DYNAMIC_EVAL

@@ -11,6 +11,9 @@ Pure: no I/O except reading the two data files once, at import. Thread-safe (one
 tree-sitter parser per thread). Never raises: anything it cannot analyse becomes a finding
 (``parse.error``, ``parse.too-deep``, ``parse.too-large``, ``dynamic.*``,
 ``decode-to-shell``). The tree is walked with an explicit stack, never by recursion.
+Bounded: one work budget per analysis (``max_work``, :mod:`._budget`) counts every node
+visited and every character of model made, so that neither memory nor time can grow with
+the square of the line (nested ``$( )`` repeat each level's text in every outer one).
 
 Spans are byte offsets into the UTF-8 encoding of the original line; a command found
 inside a re-parsed string (``bash -c '...'``, ``eval``, a here-document) carries the span
@@ -35,6 +38,8 @@ Conventions of the model this package fills in:
 
 from __future__ import annotations
 
+from typing import Final
+
 from airlock.policy.model import (
     ActionClass,
     Analysis,
@@ -44,6 +49,8 @@ from airlock.policy.model import (
     Scope,
     SimpleCommand,
 )
+from airlock.policy.shell._budget import _OverBudget
+from airlock.policy.shell._catalog import Catalog
 from airlock.policy.shell._classify import _classify
 from airlock.policy.shell._draft import (
     _RULES,
@@ -53,8 +60,14 @@ from airlock.policy.shell._draft import (
     _Limit,
 )
 from airlock.policy.shell._walker import _Walker
-from airlock.policy.shell._words import _dec, _encode
+from airlock.policy.shell._words import _encode, _text
 from airlock.types import Finding, FindingSource
+
+# The work budget of one analysis (see analyze). The largest ordinary lines the daemon accepts
+# (128 KiB: 60,000 arguments, a 10,000-command script in `bash -c` or a here-document) use at
+# most 0.8 M units, a tenth of it; a nested shape that would make quadratic text (each level
+# of `$( )` copies all inner ones) stops here, having made at most ~8 M characters of model.
+MAX_WORK: Final = 8 << 20
 
 
 def analyze(
@@ -64,15 +77,22 @@ def analyze(
     max_bytes: int = 1 << 20,
     max_commands: int = 10_000,
     max_parse_seconds: float = 1.0,
+    max_work: int = MAX_WORK,
+    catalog: Catalog | None = None,
 ) -> Analysis:
     """Parse a bash command line into the command model. Never raises.
 
     ``max_depth`` bounds re-parsing (``bash -c`` in ``bash -c`` ...), ``max_bytes`` the
     size of the line and of everything re-parsed from it, ``max_commands`` the number of
-    simple commands extracted; every tree-sitter parse (the line's, and those of the strings
-    re-parsed from it) must end within ``max_parse_seconds`` of the start of the analysis.
-    Exceeding one adds a ``parse.too-deep`` or ``parse.too-large`` finding and the analysis
-    keeps what it found so far.
+    simple commands extracted, ``max_work`` the work of the whole analysis (one unit per
+    syntax node visited and per character of model made: words, command texts, the
+    normalised line, here-document bodies, strings re-parsed); every tree-sitter parse (the
+    line's, and those of the strings re-parsed from it) must end within
+    ``max_parse_seconds`` of the start of the analysis. Exceeding one adds a
+    ``parse.too-deep`` or ``parse.too-large`` finding and the analysis keeps what it found
+    so far. ``catalog`` is the command catalog the words are read with (which options take a
+    value, subcommands, classification): by default the built-in one; a policy bundle's is
+    ``PolicyBundle.catalog`` (``PolicyBundle.analyze`` passes it).
     """
     if isinstance(command, bytes | bytearray):  # tolerated: typed str, but never raise
         command = bytes(command).decode("utf-8", "surrogateescape")
@@ -83,7 +103,9 @@ def analyze(
     data = _encode(command)
     if len(data) > max_bytes:
         return _too_large(command, len(data), max_bytes)
-    walker = _Walker(command, data, max_depth, max_bytes, max_commands, max_parse_seconds)
+    walker = _Walker(command, data, max_depth, max_bytes, max_commands, max_parse_seconds, max_work)
+    if catalog is not None:  # a policy bundle's catalog (its `commands:` merged over ours)
+        walker.catalog = catalog
     try:
         try:
             walker.run()
@@ -92,6 +114,14 @@ def analyze(
                 PARSE_TOO_LARGE,
                 f"The command line holds more than {max_commands} commands; the rest were "
                 "not analysed.",
+                (0, len(data)),
+                "",
+            )
+        except _OverBudget:
+            walker.finding(
+                PARSE_TOO_LARGE,
+                "The command line is too large or too deeply nested to analyse (its analysis "
+                f"took more than {max_work} units of work); the rest was not analysed.",
                 (0, len(data)),
                 "",
             )
@@ -154,7 +184,7 @@ def _result(draft: _Draft) -> Analysis:
     action, risk, scope = ActionClass.READ, RiskTier.SAFE, Scope.WORKSPACE
     for cmd in draft.commands:
         span = draft.real_span(cmd.job, cmd.nspan)
-        classification, cmd_read_only = _classify(cmd)
+        classification, cmd_read_only = _classify(cmd, draft.catalog)
         read_only = read_only and cmd_read_only
         action = max(action, classification.action)
         risk = max(risk, classification.risk)
@@ -166,13 +196,14 @@ def _result(draft: _Draft) -> Analysis:
                 args=tuple(cmd.args),
                 flags=cmd.flags,
                 positionals=cmd.positionals,
+                option_values=cmd.option_values,
                 redirects=tuple(
                     Redirect(op=r.op, fd=r.fd, target=r.target, dynamic=r.dynamic, body=r.body)
                     for r in cmd.redirects
                 ),
                 assignments=tuple(cmd.assignments),
                 wrappers=cmd.wrappers,
-                text=_dec(cmd.job.data[cmd.nspan[0] : cmd.nspan[1]]),
+                text=_text(cmd.job.data, cmd.nspan[0], cmd.nspan[1]),
                 span=span,
                 depth=cmd.depth,
                 dynamic=cmd.dynamic,

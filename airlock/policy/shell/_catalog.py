@@ -3,8 +3,10 @@
 Read once, at import, from ``airlock/policy/data/commands.yaml`` (per command: action, risk,
 scope, read-only conditions, flag syntax, subcommands; the shells, interpreters, downloaders and
 decoders; the path classes) and ``airlock/policy/data/wrappers.yaml`` (sudo, env, xargs, ssh,
-``bash -c``, ``find -exec``, ...). :func:`_lookup` and :func:`_interpreter` answer by command
-name; everything else reads :data:`_COMMANDS` and :data:`_WRAPPERS`.
+``bash -c``, ``find -exec``, ...). A :class:`Catalog` answers look-ups by command name:
+:data:`BUILTIN` (the data files), or a policy bundle's (its ``commands:`` entries merged over
+it, :meth:`Catalog.extended`); :func:`_interpreter` and everything else read
+:data:`_COMMANDS` and :data:`_WRAPPERS`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import fnmatch
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -149,6 +151,8 @@ class _Spec:
     global_options_with_value: frozenset[str]
     when: tuple[_Cond, ...]
     subcommands: Mapping[str, _Spec]
+    posix_options: bool = False
+    optional_value: frozenset[str] = frozenset()  # short options whose value is attached only
 
     @property
     def dynamic_ok(self) -> bool:
@@ -175,6 +179,8 @@ _SPEC_KEYS: Final = (
     "global_options_with_value",
     "when",
     "subcommands",
+    "posix_options",
+    "options_with_optional_value",
 )
 _FLAG_STYLES: Final = ("default", "single_dash", "bundled_first_arg")
 
@@ -206,6 +212,9 @@ def _spec(where: str, raw: Any, parent: _Spec) -> _Spec:
         global_options_with_value=frozenset(_strs(raw.get("global_options_with_value"), where)),
         when=parent.when + when,
         subcommands={},
+        posix_options=bool(raw.get("posix_options", parent.posix_options)),
+        optional_value=parent.optional_value
+        | frozenset(_strs(raw.get("options_with_optional_value"), where)),
     )
     subs = raw.get("subcommands") or {}
     if subs:
@@ -224,6 +233,8 @@ def _spec(where: str, raw: Any, parent: _Spec) -> _Spec:
             global_options_with_value=frozenset(),
             when=spec.when,
             subcommands={},
+            posix_options=spec.posix_options,
+            optional_value=spec.optional_value,
         )
         children = {str(k): _spec(f"{where}.{k}", v, child_parent) for k, v in subs.items()}
         spec = dataclasses.replace(spec, subcommands=children)
@@ -252,7 +263,7 @@ class _CommandData:
     decoders: Mapping[str, _Cond]
 
 
-def _load_commands() -> _CommandData:
+def _load_commands() -> tuple[_CommandData, dict[str, Any]]:
     raw = _load_yaml("commands.yaml")
     _check_keys(
         "commands.yaml",
@@ -287,7 +298,8 @@ def _load_commands() -> _CommandData:
     )
     exact: dict[str, _Spec] = {}
     globs: list[tuple[str, _Spec]] = []
-    for key, value in (raw.get("commands") or {}).items():
+    raw_commands: dict[str, Any] = {str(k): v for k, v in (raw.get("commands") or {}).items()}
+    for key, value in raw_commands.items():
         spec = _spec(f"commands.{key}", value, base)
         if any(c in str(key) for c in "*?["):
             globs.append((str(key), spec))
@@ -310,7 +322,7 @@ def _load_commands() -> _CommandData:
         )
     paths = raw.get("paths") or {}
     _check_keys("paths", paths, ("workspace", "user_home"))
-    return _CommandData(
+    data = _CommandData(
         default=base,
         exact=exact,
         globs=tuple(globs),
@@ -329,6 +341,7 @@ def _load_commands() -> _CommandData:
             for k, v in (groups.get("decoders") or {}).items()
         },
     )
+    return data, raw_commands
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,19 +429,82 @@ def _load_wrappers() -> dict[str, tuple[_Wrapper, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-_COMMANDS: Final = _load_commands()
+_COMMANDS, _RAW_COMMANDS = _load_commands()
 _WRAPPERS: Final = _load_wrappers()
 
+# Keys whose lists a bundle's entry adds to the built-in entry's (the others replace).
+_LIST_KEYS: Final = frozenset(
+    {
+        "options_with_value",
+        "global_options_with_value",
+        "options_with_optional_value",
+        "unsafe_flags",
+        "read_only_args",
+        "when",
+    }
+)
 
-@functools.lru_cache(maxsize=4096)
-def _lookup(name: str) -> _Spec | None:
-    spec = _COMMANDS.exact.get(name)
-    if spec is not None:
-        return spec
-    for pattern, candidate in _COMMANDS.globs:
-        if fnmatch.fnmatchcase(name, pattern):
-            return candidate
-    return None
+
+def _merge(base: Any, over: Any) -> dict[str, Any]:
+    """A bundle's entry merged over a built-in one: scalars replace, the lists of
+    :data:`_LIST_KEYS` are extended, subcommands are merged one by one."""
+    merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
+    if not isinstance(over, dict):
+        return merged if over is None else over  # not a mapping: _spec reports it
+    for key, value in over.items():
+        if key == "subcommands" and isinstance(value, dict):
+            subs = dict(merged.get("subcommands") or {})
+            for name, entry in value.items():
+                subs[str(name)] = _merge(subs.get(str(name)), entry)
+            merged[key] = subs
+        elif key in _LIST_KEYS and isinstance(value, list):
+            merged[key] = [*(merged.get(key) or ()), *value]
+        else:
+            merged[key] = value
+    return merged
+
+
+class Catalog:
+    """The command catalog an analysis reads: the built-in one (:data:`BUILTIN`) or a
+    policy bundle's (the built-in one with the bundle's ``commands:`` entries merged over it,
+    :meth:`extended`). Immutable; its look-ups are cached per catalog (bounded)."""
+
+    __slots__ = ("_data", "entries", "lookup")
+
+    def __init__(self, data: _CommandData, entries: tuple[str, ...] = ()) -> None:
+        self._data = data
+        self.entries = entries  # the command keys a bundle declared (none for the built-in)
+        self.lookup: Callable[[str], _Spec | None] = functools.lru_cache(maxsize=4096)(self._lookup)
+
+    def _lookup(self, name: str) -> _Spec | None:
+        spec = self._data.exact.get(name)
+        if spec is not None:
+            return spec
+        for pattern, candidate in self._data.globs:
+            if fnmatch.fnmatchcase(name, pattern):
+                return candidate
+        return None
+
+    def extended(self, entries: Mapping[str, Any], where: str = "commands") -> Catalog:
+        """This catalog with ``entries`` (keys as in commands.yaml's ``commands``) merged
+        over it. Raises ValueError naming the entry (``where.KEY...``) that is wrong."""
+        if not entries:
+            return self
+        exact = dict(self._data.exact)
+        globs = list(self._data.globs)
+        for key, value in entries.items():
+            key = str(key)
+            spec = _spec(f"{where}.{key}", _merge(_RAW_COMMANDS.get(key), value), _COMMANDS.default)
+            if any(c in key for c in "*?["):
+                globs = [(key, spec), *((k, s) for k, s in globs if k != key)]
+            else:
+                exact[key] = spec
+        data = dataclasses.replace(self._data, exact=exact, globs=tuple(globs))
+        return Catalog(data, (*self.entries, *(str(k) for k in entries)))
+
+
+BUILTIN: Final = Catalog(_COMMANDS)
+_lookup: Final = BUILTIN.lookup
 
 
 @functools.lru_cache(maxsize=1024)

@@ -12,42 +12,84 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from airlock.policy.model import ActionClass, Classification, RiskTier, Scope
-from airlock.policy.shell._catalog import _COMMANDS, _lookup, _Spec
-from airlock.policy.shell._draft import _Cmd, _split_flags
+from airlock.policy.shell._catalog import _COMMANDS, Catalog, _Spec
+from airlock.policy.shell._draft import _Cmd, _Parsed, _split_options, _takes_next
 
 _TRUNCATE_OPS: Final = frozenset({">", ">|", "&>"})
 _URL_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|[^/\s:@]+@[^/\s:]+:")
 
 
-def _subcommand(spec: _Spec, args: Sequence[str]) -> tuple[_Spec, list[str], bool]:
-    """The subcommand entry, the arguments after the subcommand word, whether one matched."""
-    if not spec.subcommands:
-        return spec, list(args), False
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            i += 1
+def _parse(top: _Spec, args: Sequence[str]) -> _Parsed:
+    """``args`` read with ``top``: the options before each subcommand word (global options
+    and the level's options, with their values), the subcommand words, then the options,
+    option values and positionals after the last one."""
+    flags: list[str] = []
+    positionals: list[str] = []
+    values: list[tuple[str, str]] = []
+    global_flags: list[str] = []
+    spec, start, matched = top, 0, False
+    while spec.subcommands:
+        with_value = spec.global_options_with_value | spec.options_with_value
+        i = start
+        while i < len(args):
+            arg = args[i]
+            if arg == "--" or len(arg) < 2 or arg[0] != "-":
+                break
+            i += 2 if _takes_next(arg, spec.flag_style, with_value) else 1
+        if i >= len(args) or args[i] not in spec.subcommands:
             break
-        if arg.startswith("-") and len(arg) > 1:
-            if arg in spec.global_options_with_value:
-                i += 1
-            i += 1
-            continue
-        break
-    if i < len(args) and args[i] in spec.subcommands:
-        sub, rest, _ = _subcommand(spec.subcommands[args[i]], args[i + 1 :])
-        return sub, rest, True
-    return spec, list(args), False
+        f, p, v = _split_options(
+            args[start:i], spec.flag_style, with_value, spec.posix_options, spec.optional_value
+        )
+        flags += f
+        positionals += p
+        values += v
+        if not matched:
+            global_flags = f
+        positionals.append(args[i])
+        spec, start, matched = spec.subcommands[args[i]], i + 1, True
+    rest = args[start:]
+    f, p, v = _split_options(
+        rest, spec.flag_style, spec.options_with_value, spec.posix_options, spec.optional_value
+    )
+    flags += f
+    positionals += p
+    values += v
+    if not matched:
+        f, p, rest = flags, positionals, args
+    return _Parsed(
+        spec=spec,
+        matched=matched,
+        flags=tuple(flags),
+        positionals=tuple(positionals),
+        option_values=tuple(values),
+        global_flags=tuple(global_flags),
+        sub_flags=tuple(f),
+        sub_positionals=tuple(p),
+        sub_args=tuple(rest),
+    )
 
 
-@functools.lru_cache(maxsize=8192)
+# Only short words are cached: the cache outlives the analysis, and 8,192 long words (each
+# level of a nested `$( )` is one) would keep hundreds of megabytes alive after it.
+_CACHED_PATH_MAX: Final = 512
+
+
 def _path_info(value: str) -> tuple[Scope | None, bool]:
     """The scope a word reaches if it is a path (None if not), and whether it is sensitive."""
+    if len(value) <= _CACHED_PATH_MAX:
+        return _cached_path_info(value)
+    return _uncached_path_info(value)
+
+
+def _uncached_path_info(value: str) -> tuple[Scope | None, bool]:
     if value.startswith(("$HOME", "${HOME}")):
         value = "~" + value[5 if value.startswith("$HOME") else 7 :]
     sensitive = _COMMANDS.sensitive_paths.match(value) is not None
     return _path_scope(value), sensitive
+
+
+_cached_path_info: Final = functools.lru_cache(maxsize=8192)(_uncached_path_info)
 
 
 def _path_scope(value: str) -> Scope | None:
@@ -78,25 +120,21 @@ def _classification(action: ActionClass, risk: RiskTier, scope: Scope) -> Classi
     return Classification(action, risk, scope)
 
 
-def _classify(cmd: _Cmd) -> tuple[Classification, bool]:
+def _classify(cmd: _Cmd, catalog: Catalog) -> tuple[Classification, bool]:
     """The command's classification, and whether it is read-only on its own."""
-    base = _lookup(cmd.name) if cmd.words and not cmd.dynamic else None
+    base = catalog.lookup(cmd.name) if cmd.words and not cmd.dynamic else None
     if not cmd.words:
         spec = None
         action, risk, scope = ActionClass.READ, RiskTier.SAFE, Scope.WORKSPACE
     else:
         top = base or _COMMANDS.default
         own = cmd.own_args()
-        spec, sub_args, matched = _subcommand(top, own)
+        parsed = cmd.parsed if cmd.parsed is not None else _parse(top, own)
+        spec = parsed.spec
+        flags, positionals = parsed.sub_flags, parsed.sub_positionals
+        sub_args = parsed.sub_args
         action, risk, scope = spec.action, spec.risk, spec.scope
-        unsafe = False
-        if matched:
-            flags, positionals = _split_flags(sub_args, spec.flag_style, spec.options_with_value)
-            prefix = own[: len(own) - len(sub_args)]  # global options and subcommand words
-            global_flags, _ = _split_flags(prefix, top.flag_style, top.options_with_value)
-            unsafe = bool(top.unsafe_flags.intersection(global_flags))
-        else:
-            flags, positionals = list(cmd.flags), list(cmd.positionals)
+        unsafe = parsed.matched and bool(top.unsafe_flags.intersection(parsed.global_flags))
         unsafe = unsafe or bool(spec.unsafe_flags.intersection(flags))
         for cond in spec.when:
             if cond.holds(flags, positionals, sub_args):

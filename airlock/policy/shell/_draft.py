@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from airlock.policy.shell._words import _dec, _encode, _Word
+from airlock.policy.shell._budget import _Budget
+from airlock.policy.shell._catalog import BUILTIN, Catalog, _Spec
+from airlock.policy.shell._words import _encode, _text, _Word
 from airlock.types import Finding, FindingSource, Severity, Verdict
 
 PARSE_ERROR: Final = "parse.error"
@@ -68,6 +70,21 @@ class _Job:
     background: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A command's own arguments read with its catalog entry, subcommands followed."""
+
+    spec: _Spec  # the deepest entry that matched (the command's, without a subcommand)
+    matched: bool  # a subcommand matched
+    flags: tuple[str, ...]  # all of them (global options included)
+    positionals: tuple[str, ...]  # the subcommand words included, option values excluded
+    option_values: tuple[tuple[str, str], ...]
+    global_flags: tuple[str, ...]  # flags before the (first) subcommand word
+    sub_flags: tuple[str, ...]  # after the last subcommand word (all when none matched)
+    sub_positionals: tuple[str, ...]
+    sub_args: tuple[str, ...]
+
+
 @dataclass
 class _Cmd:
     """A simple command under construction (becomes a model.SimpleCommand)."""
@@ -89,6 +106,8 @@ class _Cmd:
     reads_stdin: bool = False
     flags: tuple[str, ...] = ()
     positionals: tuple[str, ...] = ()
+    option_values: tuple[tuple[str, str], ...] = ()  # (flag, value), set by finish()
+    parsed: _Parsed | None = None  # its arguments read with the catalog, set by finish()
     own: list[str] | None = None  # own_args(), once computed
     dynamic_args: bool = False  # set by finish()
     argv0: str = field(init=False)
@@ -104,7 +123,7 @@ class _Cmd:
         self.argv0 = self.name = w.value
         self.dynamic = w.dynamic or w.procsub or w.glob or w.brace
         slash = w.value.rfind("/")
-        if 0 <= slash < len(w.value) - 1 and not any(k in "XP" for k in w.kinds[slash + 1 :]):
+        if 0 <= slash < len(w.value) - 1 and not w.expands_after(slash):
             self.name = w.value[slash + 1 :]
 
     @property
@@ -121,11 +140,8 @@ class _Cmd:
         if not self.excluded:
             self.own = [w.value for w in self.words[1:end]]
         else:
-            self.own = [
-                self.words[i].value
-                for i in range(1, end)
-                if not any(a <= i < b for a, b in self.excluded)
-            ]
+            skip = {i for a, b in self.excluded for i in range(a, b)}
+            self.own = [self.words[i].value for i in range(1, end) if i not in skip]
         return self.own
 
 
@@ -133,10 +149,45 @@ def _split_flags(
     args: Sequence[str], style: str, with_value: frozenset[str]
 ) -> tuple[list[str], list[str]]:
     """Flags (clusters split, long ones without =value) and positionals; none after --."""
+    flags, positionals, _values = _split_options(args, style, with_value)
+    return flags, positionals
+
+
+def _takes_next(arg: str, style: str, with_value: frozenset[str]) -> bool:
+    """Whether the option word ``arg`` takes the next word as its value."""
+    if arg.startswith("--") or style == "single_dash":
+        return arg in with_value  # "--opt=value" carries its value
+    if arg[1:].isdigit():
+        return False
+    for i in range(1, len(arg)):
+        if "-" + arg[i] in with_value:
+            return i == len(arg) - 1  # the value is attached unless the option ends the word
+    return False
+
+
+def _split_options(
+    args: Sequence[str],
+    style: str,
+    with_value: frozenset[str],
+    posix: bool = False,
+    optional: frozenset[str] = frozenset(),
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Flags (clusters split, long ones without =value), positionals (none after --, no
+    option value) and option values: (flag, value) for ``--opt=value``, an attached short
+    value (``-n5``) and an option of ``with_value`` followed by its value (``-d DATA``,
+    ``--data DATA``; for ``bundled_first_arg``, ``tar czf FILE``: the next words in order).
+    ``posix``: options end at the first positional (``python script.py -c x``: -c is the
+    script's). ``optional``: short options whose value is optional, so only attached
+    (``mysql -pSECRET``, ``sed -i.bak``): the rest of the word, never the next one."""
     flags: list[str] = []
     positionals: list[str] = []
+    values: list[tuple[str, str]] = []
+    pending: list[str] = []  # options waiting for their value (the next words)
     ended = False
     for index, arg in enumerate(args):
+        if pending:
+            values.append((pending.pop(0), arg))
+            continue
         if ended:
             positionals.append(arg)
             continue
@@ -145,21 +196,34 @@ def _split_flags(
             continue
         if len(arg) < 2 or arg[0] != "-":
             if style == "bundled_first_arg" and index == 0 and arg.isalpha():
-                flags.extend("-" + c for c in arg)
+                for c in arg:
+                    flags.append("-" + c)
+                    if "-" + c in with_value:
+                        pending.append("-" + c)
                 continue
             positionals.append(arg)
+            ended = posix
             continue
         if arg.startswith("--") or style == "single_dash":
-            flags.append(arg.split("=", 1)[0])
+            name, eq, value = arg.partition("=")
+            flags.append(name)
+            if eq:
+                values.append((name, value))
+            elif name in with_value:
+                pending.append(name)
         elif arg[1:].isdigit():
             flags.append(arg)
         else:
             for i in range(1, len(arg)):
                 flag = "-" + arg[i]
                 flags.append(flag)
-                if flag in with_value:
-                    break  # the rest of the word is the option's value
-    return flags, positionals
+                if flag in with_value or flag in optional:
+                    if i + 1 < len(arg):
+                        values.append((flag, arg[i + 1 :]))  # the rest of the word
+                    elif flag in with_value:
+                        pending.append(flag)
+                    break
+    return flags, positionals, values
 
 
 class _Limit(Exception):
@@ -178,8 +242,10 @@ class _Draft:
         max_bytes: int,
         max_commands: int,
         max_parse_seconds: float,
+        max_work: int,
     ):
         self.source = source
+        self.budget = _Budget(max_work)
         self.max_parse_seconds = max_parse_seconds
         self.deadline = time.monotonic() + max_parse_seconds
         self.data = data
@@ -193,6 +259,7 @@ class _Draft:
         self.jobs: list[_Job] = []
         self.bytes_parsed = 0
         self.decode_checks: list[tuple[_Cmd, _Word, str]] = []
+        self.catalog: Catalog = BUILTIN  # the analysis's command catalog (analyze sets it)
 
     # -- findings --------------------------------------------------------------------------
 
@@ -224,7 +291,10 @@ class _Draft:
         return job.outer_span if job.outer_span is not None else span
 
     def real_text(self, span: tuple[int, int]) -> str:
-        return _dec(self.data[span[0] : span[1]])
+        # Never raises: a finding is not lost to the budget (there are at most
+        # _MAX_FINDINGS_PER_RULE of each); the next charge stops the analysis.
+        self.budget.left -= span[1] - span[0]
+        return _text(self.data, span[0], span[1])
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -250,6 +320,7 @@ class _Draft:
                 span,
             )
             return
+        self.budget.charge(len(text))
         data = _encode(text)
         if self.bytes_parsed + len(data) > self.max_bytes:
             self.finding_at(
@@ -267,6 +338,15 @@ class _Draft:
     def add(self, cmd: _Cmd) -> None:
         if len(self.commands) >= self.max_commands:
             raise _Limit
+        # What the model will make of it: its text, its line in the normalised line, its
+        # redirects (inherited ones are copied into every command).
+        self.budget.charge(
+            cmd.nspan[1]
+            - cmd.nspan[0]
+            + sum(len(w.value) + 1 for w in cmd.words)
+            + len(cmd.redirects)
+            + len(cmd.assignments)
+        )
         self.commands.append(cmd)
         if cmd.pid >= 0:
             self.pipes[cmd.pid].append(cmd)

@@ -13,7 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
-from airlock.policy.shell._catalog import _COMMANDS, _WRAPPERS, _interpreter, _lookup, _Wrapper
+from airlock.policy.shell._catalog import _COMMANDS, _WRAPPERS, _interpreter, _Wrapper
+from airlock.policy.shell._classify import _parse
 from airlock.policy.shell._draft import (
     DECODE_TO_SHELL,
     DYNAMIC_COMMAND_NAME,
@@ -24,7 +25,6 @@ from airlock.policy.shell._draft import (
     _Draft,
     _Job,
     _short,
-    _split_flags,
 )
 from airlock.policy.shell._words import _ansi_c, _Word
 
@@ -53,8 +53,10 @@ class _Unwrapper(_Draft):
                 )
                 self.finish(cmd)
                 continue
-            inner = self.unwrap_one(cmd)
-            self.finish(cmd)
+            try:
+                inner = self.unwrap_one(cmd)
+            finally:  # finished even when the budget runs out: it is in the model already
+                self.finish(cmd)
             for child in inner:
                 self.add(child)
                 todo.append(child)
@@ -388,12 +390,12 @@ class _Unwrapper(_Draft):
 
     def finish(self, cmd: _Cmd) -> None:
         """Flags and positionals of the command's own arguments; dynamic name finding."""
-        spec = _lookup(cmd.name) if cmd.words else None
-        style = spec.flag_style if spec else "default"
-        with_value = spec.options_with_value if spec else frozenset()
-        flags, positionals = _split_flags(cmd.own_args(), style, with_value)
-        cmd.flags = tuple(flags)
-        cmd.positionals = tuple(positionals)
+        spec = self.catalog.lookup(cmd.name) if cmd.words and not cmd.dynamic else None
+        parsed = _parse(spec or _COMMANDS.default, cmd.own_args())
+        cmd.parsed = parsed
+        cmd.flags = parsed.flags
+        cmd.positionals = parsed.positionals
+        cmd.option_values = parsed.option_values
         cmd.dynamic_args = cmd.dynamic_args_extra or any(
             w.dynamic or w.brace for w in cmd.words[1:]
         )
@@ -410,17 +412,17 @@ class _Unwrapper(_Draft):
     # -- after each job: decode-to-shell and literal feeds into shells ----------------------
 
     def after_job(self, job: _Job, first_pipe: int, first_check: int, first_cmd: int) -> None:
-        job_cmds = [c for c in self.commands[first_cmd:] if c.job is job]
+        producers = [
+            c
+            for c in self.commands[first_cmd:]
+            if c.job is job and (self.is_decoder(c) or c.name in _COMMANDS.downloaders)
+        ]
         for cmd, word, label in self.decode_checks[first_check:]:
             if cmd.job is not job:
                 continue
-            for other in job_cmds:
-                if (
-                    other is not cmd
-                    and word.start <= other.nspan[0]
-                    and other.nspan[1] <= word.end
-                    and (self.is_decoder(other) or other.name in _COMMANDS.downloaders)
-                ):
+            self.budget.charge(len(producers))
+            for other in producers:
+                if other is not cmd and word.start <= other.nspan[0] and other.nspan[1] <= word.end:
                     self.finding_at(
                         DECODE_TO_SHELL,
                         f"`{label}` runs code produced by `{other.name}` "
@@ -432,22 +434,30 @@ class _Unwrapper(_Draft):
                     break
         for pid in range(first_pipe, len(self.pipes)):
             members = sorted(self.pipes[pid], key=lambda c: c.pos)
-            for cmd in members:
-                if not cmd.reads_stdin:
-                    continue
-                decoder = next((m for m in members if m.pos < cmd.pos and self.is_decoder(m)), None)
-                if decoder is not None:
-                    starts = [m.nspan[0] for m in members]
-                    ends = [m.nspan[1] for m in members]
-                    self.finding_at(
-                        DECODE_TO_SHELL,
-                        f"`{cmd.name}` runs what `{decoder.name}` decodes: the code that runs "
-                        "is hidden from review.",
-                        job,
-                        (min(starts), max(ends)),
-                    )
-                if cmd.name in _COMMANDS.shells:
-                    self.literal_feed(cmd, [m for m in members if m.pos == cmd.pos - 1])
+            if not any(m.reads_stdin for m in members):
+                continue
+            at: dict[int, list[_Cmd]] = {}
+            for m in members:
+                at.setdefault(m.pos, []).append(m)
+            span = (min(m.nspan[0] for m in members), max(m.nspan[1] for m in members))
+            decoder: _Cmd | None = None  # the first decoder before the current position
+            for pos in sorted(at):
+                cmds = at[pos]
+                for cmd in cmds:
+                    if not cmd.reads_stdin:
+                        continue
+                    if decoder is not None:
+                        self.finding_at(
+                            DECODE_TO_SHELL,
+                            f"`{cmd.name}` runs what `{decoder.name}` decodes: the code that "
+                            "runs is hidden from review.",
+                            job,
+                            span,
+                        )
+                    if cmd.name in _COMMANDS.shells:
+                        self.literal_feed(cmd, at.get(pos - 1, []))
+                if decoder is None:
+                    decoder = next((m for m in cmds if self.is_decoder(m)), None)
 
     def is_decoder(self, cmd: _Cmd) -> bool:
         cond = _COMMANDS.decoders.get(cmd.name)

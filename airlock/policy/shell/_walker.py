@@ -3,8 +3,9 @@
 Pipelines, lists, subshells, ``$( )``, backticks, process substitution, function, loop and
 branch bodies, redirects and here-documents, with an explicit stack (never recursion). Each
 job (the line, or a string found in it) is parsed and walked in turn; each command found is
-unwrapped (:mod:`._unwrap`) as it is added. Also here: the work-arounds for what
-tree-sitter-bash gets wrong (docs/decisions.md lists them).
+unwrapped (:mod:`._unwrap`) as it is added. Every node visited is charged to the analysis's
+budget (:mod:`._budget`), as is every character of model made from it. Also here: the
+work-arounds for what tree-sitter-bash gets wrong (docs/decisions.md lists them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Final, TypeAlias
 import tree_sitter
 import tree_sitter_bash
 
+from airlock.policy.shell._budget import _Budget
 from airlock.policy.shell._draft import PARSE_ERROR, PARSE_TOO_LARGE, _Cmd, _Job, _Redir, _short
 from airlock.policy.shell._unwrap import _Unwrapper
 from airlock.policy.shell._words import (
@@ -26,6 +28,7 @@ from airlock.policy.shell._words import (
     _assignment,
     _dec,
     _group_words,
+    _text,
     _Word,
     _word,
     _WordBuilder,
@@ -35,40 +38,88 @@ _LANGUAGE: Final = tree_sitter.Language(tree_sitter_bash.language())
 _local = threading.local()
 
 
-def _parser() -> tree_sitter.Parser:
-    parser: tree_sitter.Parser | None = getattr(_local, "parser", None)
-    if parser is None:
-        parser = tree_sitter.Parser(_LANGUAGE)
-        _local.parser = parser
-    return parser
+class _Input:
+    """One thread's parser, and the one buffer its read callback ever returns.
+
+    py-tree-sitter (0.26) never releases the object a read callback returns: its wrapper
+    takes a buffer view of it and releases that, but keeps the reference from the call. A
+    fresh slice per call (bytes or memoryview) is therefore never freed, and a memoryview
+    also keeps the whole line alive. So the callback returns ``buffer``, a bytearray made
+    once per thread: refilled with ``data[offset:]`` at each call (the wrapper has released
+    its view of it by then), emptied after each parse. The references it leaks all point at
+    this one object, which lives as long as the thread anyway.
+    """
+
+    __slots__ = ("buffer", "data", "deadline", "parser")
+
+    def __init__(self) -> None:
+        self.parser = tree_sitter.Parser(_LANGUAGE)
+        self.buffer = bytearray()
+        self.data = b""
+        self.deadline = 0.0
+
+    def read(self, offset: int, _point: tree_sitter.Point) -> bytearray:
+        self.buffer[:] = memoryview(self.data)[offset:] if offset else self.data
+        return self.buffer
+
+    def progress(self, _offset: int, _has_error: bool) -> bool:
+        return time.monotonic() > self.deadline
+
+    def parse(self, data: bytes, deadline: float) -> tree_sitter.Tree | None:
+        self.data, self.deadline = data, deadline
+        try:
+            return self.parser.parse(self.read, progress_callback=self.progress)
+        except ValueError:  # cancelled
+            self.parser.reset()  # or the next parse would resume this one
+            return None
+        finally:
+            self.data = b""
+            self.buffer.clear()
 
 
 def _parse(data: bytes, deadline: float) -> tree_sitter.Tree | None:
     """Parse, giving up at ``deadline`` (time.monotonic): tree-sitter's error recovery is
     superlinear on some garbage (a few thousand `)` take a second)."""
-    parser = _parser()
-    view = memoryview(data)
+    state: _Input | None = getattr(_local, "input", None)
+    if state is None:
+        state = _local.input = _Input()
+    return state.parse(data, deadline)
 
-    def read(offset: int, _point: tree_sitter.Point) -> memoryview:
-        return view[offset:]
 
-    def progress(_offset: int, _has_error: bool) -> bool:
-        return time.monotonic() > deadline
+# tree-sitter-bash takes time quadratic in the length of one pipeline (0.25 s for 1,000
+# commands, 10 s for 8,000), after its last progress check: no deadline can stop it. Lines
+# whose longest pipeline may be longer than this are not parsed.
+MAX_PIPELINE: Final = 512
+# A rough lexer for that, on bytes: escapes and quoted strings (skipped), the pipe operators
+# (`|`, `|&`), and what ends a pipeline (`||`, `;`, `&`, a newline). Quotes it gets wrong
+# can only make it count more.
+_PIPES_RE: Final = re.compile(rb"""\\.|'[^']*'|"(?:[^"\\]|\\.)*"|\|\||\|&?|[;&\n]""", re.DOTALL)
 
-    try:
-        return parser.parse(read, progress_callback=progress)
-    except ValueError:  # cancelled
-        parser.reset()  # or the next parse would resume this one
-        return None
+
+def _longest_pipeline(data: bytes) -> int:
+    """An upper bound of the number of `|` in one pipeline of ``data`` (roughly: in one
+    run of the line without a `;`, `&`, `||` or newline outside quotes)."""
+    longest = count = 0
+    for match in _PIPES_RE.finditer(data):
+        token = match.group()
+        if token == b"|" or token == b"|&":
+            count += 1
+            longest = max(longest, count)
+        elif token in (b"||", b";", b"&", b"\n"):
+            count = 0
+    return longest
 
 
 _REDIRECT_TYPES: Final = frozenset({"file_redirect", "heredoc_redirect", "herestring_redirect"})
 _SUBSTITUTIONS: Final = frozenset({"command_substitution", "process_substitution"})
 _BACKTICKS_RE: Final = re.compile(r"\\.|`((?:[^`\\]|\\.)*)`", re.DOTALL)  # group 1: `...`
 
+# Redirects inherited from enclosing compound commands, innermost first, as a chain that
+# each level extends without copying what the outer levels added (`( ( ls ) >a ) >b`).
+Inherited: TypeAlias = "tuple[tuple[_Redir, ...], Inherited] | None"
 # The walk's context: (pipeline id or -1, position in it, background, inherited redirects).
-Ctx: TypeAlias = tuple[int, int, bool, tuple[_Redir, ...]]
-_NO_CTX: Final[Ctx] = (-1, 0, False, ())
+Ctx: TypeAlias = tuple[int, int, bool, Inherited]
+_NO_CTX: Final[Ctx] = (-1, 0, False, None)
 
 
 class _Walker(_Unwrapper):
@@ -107,6 +158,16 @@ class _Walker(_Unwrapper):
                 job,
                 (at, at + 1),
             )
+        self.budget.charge(len(parse_data))  # the scan below, and the parse
+        if parse_data.count(b"|") > MAX_PIPELINE and _longest_pipeline(parse_data) > MAX_PIPELINE:
+            self.finding_at(
+                PARSE_TOO_LARGE,
+                f"The command has a pipeline of more than {MAX_PIPELINE} commands (the parser "
+                "would take too long on it); it was not analysed.",
+                job,
+                (0, len(job.data)),
+            )
+            return
         tree = _parse(parse_data, self.deadline)
         if tree is None:
             self.finding_at(
@@ -123,12 +184,14 @@ class _Walker(_Unwrapper):
         first_pipe = len(self.pipes)
         first_check = len(self.decode_checks)
         first_cmd = len(self.commands)
-        ctx0: Ctx = (-1, 0, job.background, ())
+        ctx0: Ctx = (-1, 0, job.background, None)
         stack: list[tuple[Node, Ctx]] = [(root, ctx0)]
         data = job.data
         self.pending = {}
+        charge = self.budget.charge
         while stack:
             node, ctx = stack.pop()
+            charge(1)
             t = node.type
             extra: list[Node] = []
             if self.pending:
@@ -141,7 +204,7 @@ class _Walker(_Unwrapper):
                 continue
             if extra:
                 redirs = tuple(r for red in extra for r in self.redirect(red, data))
-                ctx = (ctx[0], ctx[1], ctx[2], ctx[3] + redirs)
+                ctx = self.with_redirects(ctx, redirs)
             if t == "pipeline":
                 self.pipeline(node, ctx, stack)
                 continue
@@ -157,11 +220,27 @@ class _Walker(_Unwrapper):
                 self.heredoc_children(node, ctx, stack)
                 continue
             if t in _SUBSTITUTIONS or t == "function_definition":
-                ctx = (-1, 0, False, ())
+                ctx = _NO_CTX
             elif t == "comment":
                 continue
             self.push_children(node, ctx, stack)
         self.after_job(job, first_pipe, first_check, first_cmd)
+
+    def with_redirects(self, ctx: Ctx, redirs: tuple[_Redir, ...]) -> Ctx:
+        """``ctx`` with more inherited redirects (``( ( ls ) >a ) >b``: ls has both)."""
+        if not redirs:
+            return ctx
+        return (ctx[0], ctx[1], ctx[2], (redirs, ctx[3]))
+
+    def inherited(self, ctx: Ctx) -> list[_Redir]:
+        """The redirects ``ctx`` passes down, outermost first (each command gets a copy)."""
+        levels: list[tuple[_Redir, ...]] = []
+        chain = ctx[3]
+        while chain is not None:
+            levels.append(chain[0])
+            chain = chain[1]
+        self.budget.charge(len(levels))
+        return [r for level in reversed(levels) for r in level]
 
     def push_children(self, node: Node, ctx: Ctx, stack: list[tuple[Node, Ctx]]) -> None:
         children = node.children
@@ -190,7 +269,8 @@ class _Walker(_Unwrapper):
         if found.is_missing:
             detail = f"expected `{found.type}`"
         else:
-            snippet = _dec(job.data[found.start_byte : found.end_byte])
+            end = min(found.end_byte, found.start_byte + 160)  # enough for 40 characters
+            snippet = _text(job.data, found.start_byte, end)
             snippet = snippet if len(snippet) <= 40 else snippet[:37] + "..."
             detail = f"near `{snippet}`" if snippet.strip() else "at the end of the input"
         inside = " in a nested command line" if job.outer_span is not None else ""
@@ -212,7 +292,7 @@ class _Walker(_Unwrapper):
             nodes = [c for c in node.named_children if c.type == "variable_assignment"]
         parts = [part for a in nodes for part in a.named_children[1:] if part.child_count]
         stack.extend((part, _NO_CTX) for part in reversed(parts))
-        self.statement(node, ctx, job, [], [_assignment(a, job.data) for a in nodes])
+        self.statement(node, ctx, job, [], [_assignment(a, job.data, self.budget) for a in nodes])
 
     # -- structure -------------------------------------------------------------------------
 
@@ -236,6 +316,7 @@ class _Walker(_Unwrapper):
         todo = [node]
         while todo:
             current = todo.pop()
+            self.budget.charge(current.child_count)
             for child in current.children:
                 if not child.is_named or child.type == "comment":
                     continue
@@ -246,7 +327,7 @@ class _Walker(_Unwrapper):
                     body = _statement_body(child)
                     if body is not None and body.type == "pipeline":
                         reds = [c for c in child.children if c.type in _REDIRECT_TYPES]
-                        last = _last_pipeline_element(body)
+                        last = _last_pipeline_element(body, self.budget)
                         key = (last.start_byte, last.end_byte, last.type)
                         self.pending.setdefault(key, []).extend(reds)
                         stack.extend((red, _NO_CTX) for red in reds)  # $( ) in targets
@@ -289,20 +370,21 @@ class _Walker(_Unwrapper):
                 for i in range(len(elements) - 1, -1, -1):
                     stack.append((elements[i], (pid, pos + 1 + i, ctx[2], ctx[3])))
             elif child.type == "heredoc_body":
-                stack.append((child, (-1, 0, False, ())))
+                stack.append((child, _NO_CTX))
             else:
                 stack.append((child, ctx))
 
     def heredoc_quoted(self, node: Node) -> bool:
         data = self.job.data
         start = next((c for c in node.children if c.type == "heredoc_start"), None)
-        text = data[start.start_byte : start.end_byte] if start is not None else b""
-        return any(q in text for q in (b"'", b'"', b"\\"))
+        if start is None:
+            return False
+        return any(data.find(q, start.start_byte, start.end_byte) >= 0 for q in b"'\"\\")
 
     def heredoc_backticks(self, body: Node) -> None:
         """`cmd` in an unquoted here-document runs; tree-sitter-bash leaves it as text."""
         data = self.job.data
-        if b"`" not in data[body.start_byte : body.end_byte]:
+        if data.find(b"`", body.start_byte, body.end_byte) < 0:
             return
         texts: list[tuple[int, int]] = []  # the literal text between expansions
         pos = body.start_byte
@@ -312,7 +394,8 @@ class _Walker(_Unwrapper):
                 pos = part.end_byte
         texts.append((pos, body.end_byte))
         for start, end in texts:
-            text = _dec(data[start:end])
+            self.budget.charge(end - start)
+            text = _text(data, start, end)
             for match in _BACKTICKS_RE.finditer(text):
                 if match.group(1) is None:
                     continue  # an escaped character
@@ -353,7 +436,7 @@ class _Walker(_Unwrapper):
             target = kids[-1]
         if target is body:  # a compound command: the redirects apply to all of it
             redirs = tuple(r for red in reds for r in self.redirect(red, job.data))
-            stack.append((body, (ctx[0], ctx[1], ctx[2], ctx[3] + redirs)))
+            stack.append((body, self.with_redirects(ctx, redirs)))
         else:
             key = (target.start_byte, target.end_byte, target.type)
             self.pending.setdefault(key, []).extend(reds)
@@ -369,10 +452,10 @@ class _Walker(_Unwrapper):
         for child in node.children:
             ct = child.type
             if ct == "file_descriptor":
-                text = _dec(data[child.start_byte : child.end_byte])
+                text = _text(data, child.start_byte, min(child.end_byte, child.start_byte + 10))
                 fd = int(text) if text.isdigit() and len(text) < 10 else None
             elif not child.is_named and not op and ct not in ("(", ")"):
-                op = _dec(data[child.start_byte : child.end_byte])
+                op = _text(data, child.start_byte, child.end_byte)
             elif ct in ("file_redirect", "herestring_redirect") and t == "heredoc_redirect":
                 out.extend(self.redirect(child, data))
             elif ct in ("heredoc_start", "heredoc_body", "heredoc_end", "pipeline", "ERROR"):
@@ -382,7 +465,7 @@ class _Walker(_Unwrapper):
         if t == "heredoc_redirect":
             out.insert(0, self.heredoc(node, data, fd))
             return out
-        word = _word([dests[0]], data) if dests else None
+        word = _word([dests[0]], data, self.budget) if dests else None
         target = word.value if word else ""
         if op.endswith("-") and len(op) > 1 and op[-2] == "&":  # >&- <&- : close
             op, target = op[:-1], "-"
@@ -418,28 +501,28 @@ class _Walker(_Unwrapper):
             if not child.is_named and ct in ("<<", "<<-"):
                 strip_tabs = data[child.start_byte : child.end_byte].endswith(b"-")
             elif ct == "heredoc_start":
-                start = data[child.start_byte : child.end_byte]
-                quoted = any(q in start for q in (b"'", b'"', b"\\"))
+                quoted = any(data.find(q, child.start_byte, child.end_byte) >= 0 for q in b"'\"\\")
             elif ct == "heredoc_body":
                 span = (child.start_byte, child.end_byte)
-                builder = _WordBuilder()
+                builder = _WordBuilder(self.budget)
                 if quoted:
-                    builder.add(_dec(data[child.start_byte : child.end_byte]), "Q")
+                    builder.add(_text(data, child.start_byte, child.end_byte), "Q")
                 else:
                     pos = child.start_byte
                     for part in child.children:
                         if part.type in _EXPANSIONS:
                             if part.start_byte > pos:
-                                builder.double_quoted(_dec(data[pos : part.start_byte]), "$`\\")
-                            builder.add(_dec(data[part.start_byte : part.end_byte]), "X")
+                                builder.double_quoted(_text(data, pos, part.start_byte), "$`\\")
+                            builder.add(_text(data, part.start_byte, part.end_byte), "X")
                             pos = part.end_byte
                     if child.end_byte > pos:
-                        builder.double_quoted(_dec(data[pos : child.end_byte]), "$`\\")
+                        builder.double_quoted(_text(data, pos, child.end_byte), "$`\\")
                 built = builder.build(child.start_byte, child.end_byte)
                 body, dynamic = built.value, built.dynamic
                 if not quoted and any(m.group(1) is not None for m in _BACKTICKS_RE.finditer(body)):
                     dynamic = True
                 if strip_tabs:
+                    self.budget.charge(len(body))
                     body = "\n".join(line.lstrip("\t") for line in body.split("\n"))
         return _Redir(
             op=op,
@@ -489,7 +572,7 @@ class _Walker(_Unwrapper):
                     stack.append((child, (ctx[0], ctx[1], bg, ctx[3])))
                 elif child.is_named or t == "$":
                     word_nodes.append(child)
-        redirs: list[_Redir] = list(ctx[3])
+        redirs = self.inherited(ctx)
         if red_nodes:
             red_nodes.sort(key=lambda n: n.start_byte)
             for red in red_nodes:
@@ -524,13 +607,13 @@ class _Walker(_Unwrapper):
             and data[word_nodes[0].start_byte : word_nodes[0].end_byte] == b"}"
         ):
             return  # a stray `}` of `coproc NAME { ...; }`, which tree-sitter-bash splits
-        words = [_word(group, data) for group in _group_words(word_nodes, data)]
+        words = [_word(group, data, self.budget) for group in _group_words(word_nodes, data)]
         dropped = self.dropped_words(job, span_node, assign_nodes, word_nodes, red_nodes)
         if dropped:
             words = sorted([*words, *dropped], key=lambda w: w.start)
         if not words and not redirs:
             return
-        assignments = [_assignment(a, data) for a in assign_nodes]
+        assignments = [_assignment(a, data, self.budget) for a in assign_nodes]
         end = node.end_byte
         for red in red_nodes:
             if red.type == "heredoc_redirect":
@@ -576,7 +659,7 @@ class _Walker(_Unwrapper):
             if red.type == "heredoc_redirect":
                 op = next((c for c in red.children if not c.is_named), None)
                 if op is not None and data[op.start_byte : op.start_byte + 1] == b"-":
-                    out.append(_Word("-", "L", op.start_byte, op.start_byte + 1))
+                    out.append(_Word.literal("-", op.start_byte, op.start_byte + 1))
                     items.append((op.start_byte, red.end_byte))
                     continue
             items.append((red.start_byte, red.end_byte))
@@ -584,15 +667,17 @@ class _Walker(_Unwrapper):
         pos = span_node.start_byte
         for start, end in items:
             if start > pos and (start > pos + 1 or data[pos] != 0x20):
+                self.budget.charge(start - pos)
                 gap = data[pos:start].replace(b"\\\n", b"").strip(b" \t\n\r\x0b\x0c\x00")
                 if gap == b"-":
                     at = data.index(b"-", pos, start)
-                    out.append(_Word("-", "L", at, at + 1))
+                    out.append(_Word.literal("-", at, at + 1))
                 elif gap:
                     self.finding_at(
                         PARSE_ERROR,
                         "Part of the command could not be parsed "
-                        f"({_short(_dec(gap))}); only the parts that parsed were analysed.",
+                        f"({_short(_dec(gap[:200]))}); only the parts that parsed were "
+                        "analysed.",
                         job,
                         (pos, start),
                     )
@@ -608,18 +693,18 @@ class _Walker(_Unwrapper):
         for child in node.children:
             if not child.is_named:
                 if not keyword:
-                    keyword = _dec(data[child.start_byte : child.end_byte])
+                    keyword = _text(data, child.start_byte, child.end_byte)
                 continue
             if child.type == "comment":
                 continue
-            words.append(_word([child], data))
+            words.append(_word([child], data, self.budget))
             if child.type == "variable_assignment":
-                assignments.append(_assignment(child, data))
+                assignments.append(_assignment(child, data, self.budget))
                 parts.extend(child.named_children[1:])
             else:
                 parts.append(child)
         stack.extend((part, _NO_CTX) for part in reversed(parts) if part.child_count)
-        kw = _Word(keyword, "L" * len(keyword), node.start_byte, node.start_byte + len(keyword))
+        kw = _Word.literal(keyword, node.start_byte, node.start_byte + len(keyword))
         self.statement(node, ctx, job, [kw, *words], assignments)
 
     def statement(
@@ -635,7 +720,7 @@ class _Walker(_Unwrapper):
         cmd = _Cmd(
             words=words,
             assignments=assignments,
-            redirects=list(ctx[3]),
+            redirects=self.inherited(ctx),
             wrappers=job.wrappers,
             job=job,
             nspan=(node.start_byte, node.end_byte),
@@ -656,9 +741,10 @@ def _statement_body(node: Node) -> Node | None:
     return None
 
 
-def _last_pipeline_element(pipeline: Node) -> Node:
+def _last_pipeline_element(pipeline: Node, budget: _Budget) -> Node:
     node = pipeline
-    for _ in range(1_000_000):  # bounded by the tree's depth
+    for _ in range(1_000_000):  # bounded by the tree's depth, and by the budget
+        budget.charge(1)
         kids = [c for c in node.children if c.is_named and c.type != "comment"]
         if not kids:
             return node

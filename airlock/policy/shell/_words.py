@@ -3,7 +3,11 @@
 Single, double, ANSI-C (``$'\\x72m'``) and translated (``$"..."``) quoting, backslash escapes
 and line continuations (``\\rm``, ``r''m`` and ``r\\<newline>m`` are all ``rm``), with one
 kind letter per character so that callers can tell literal text from expansions. Also here:
-``_dec`` and ``_encode``, between the line's bytes and text, losing no byte.
+``_dec``, ``_text`` and ``_encode``, between the line's bytes and text, losing no byte.
+
+Text is taken from the line by offsets and decoded straight from a view of its bytes (no
+intermediate copy), and every character a word is made of is charged to the analysis's
+budget (:mod:`._budget`) before it is kept.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Final, TypeAlias
 
 import tree_sitter
 
+from airlock.policy.shell._budget import _Budget
+
 Node: TypeAlias = tree_sitter.Node
 
 _EXPANSIONS: Final = frozenset(
@@ -23,8 +29,19 @@ _BRACE_RE: Final = re.compile(r"\{[^{}]*(?:,|\.\.)[^{}]*\}")
 _CONTINUATION_RE: Final = re.compile(rb"(?:\\\n)*")
 
 
-def _dec(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
+def _dec(data: bytes | memoryview) -> str:
+    return str(data, "utf-8", "surrogateescape")
+
+
+# Below this many bytes a slice is cheaper than a view.
+_VIEW_MIN: Final = 256
+
+
+def _text(data: bytes, start: int, end: int) -> str:
+    """``data[start:end]`` decoded, without copying the bytes first when they are many."""
+    if end - start < _VIEW_MIN:
+        return data[start:end].decode("utf-8", "surrogateescape")
+    return str(memoryview(data)[start:end], "utf-8", "surrogateescape")
 
 
 def _encode(text: str) -> bytes:
@@ -101,43 +118,78 @@ def _ansi_c(text: str) -> str:
     return _dec(bytes(out))
 
 
+Runs: TypeAlias = tuple[tuple[str, int], ...]
+
+
 class _Word:
     """One shell word after quote removal.
 
-    ``kinds`` has one letter per character of ``value``: L unquoted literal, Q quoted or
-    escaped literal, X expansion (kept as its source text), P process substitution.
-    ``dynamic``: it contains an expansion; ``procsub``: a process substitution; ``glob``
-    and ``brace``: unquoted pathname or brace expansion.
+    ``runs`` says what each stretch of ``value`` is, as (kind, length) pairs: L unquoted
+    literal, Q quoted or escaped literal, X expansion (kept as its source text), P process
+    substitution. ``dynamic``: it contains an expansion; ``procsub``: a process substitution;
+    ``glob`` and ``brace``: unquoted pathname or brace expansion.
     """
 
-    __slots__ = ("brace", "dynamic", "end", "glob", "kinds", "procsub", "start", "value")
+    __slots__ = ("brace", "dynamic", "end", "glob", "procsub", "runs", "start", "value")
 
-    def __init__(self, value: str, kinds: str, start: int, end: int) -> None:
+    def __init__(self, value: str, runs: Runs, start: int, end: int) -> None:
         self.value = value
-        self.kinds = kinds
+        self.runs = runs
         self.start = start
         self.end = end
+        kinds = {k for k, _ in runs}
         self.dynamic = "X" in kinds
         self.procsub = "P" in kinds
         self.glob = self.brace = False
         if "L" in kinds and ("*" in value or "?" in value or "[" in value or "{" in value):
-            plain = "".join(c if k == "L" else "\0" for c, k in zip(value, kinds, strict=True))
+            plain = self.plain()
             bracket = plain.find("[")
             self.glob = "*" in plain or "?" in plain or (bracket >= 0 and "]" in plain[bracket:])
             self.brace = "{" in plain and _BRACE_RE.search(plain) is not None
 
+    @classmethod
+    def literal(cls, value: str, start: int, end: int) -> _Word:
+        return cls(value, (("L", len(value)),) if value else (), start, end)
+
+    def plain(self) -> str:
+        """The value with every character that is not an unquoted literal made a NUL."""
+        if len(self.runs) == 1:
+            return self.value if self.runs[0][0] == "L" else "\0" * len(self.value)
+        parts: list[str] = []
+        pos = 0
+        for kind, length in self.runs:
+            parts.append(self.value[pos : pos + length] if kind == "L" else "\0" * length)
+            pos += length
+        return "".join(parts)
+
+    def expands_after(self, index: int) -> bool:
+        """Whether an expansion or a process substitution ends after ``value[index]``."""
+        pos = 0
+        for kind, length in self.runs:
+            pos += length
+            if pos > index and kind in "XP":
+                return True
+        return False
+
 
 class _WordBuilder:
-    __slots__ = ("kinds", "parts")
+    """Builds one word from its parts; every character is charged to ``budget``."""
 
-    def __init__(self) -> None:
+    __slots__ = ("budget", "parts", "runs")
+
+    def __init__(self, budget: _Budget) -> None:
+        self.budget = budget
         self.parts: list[str] = []
-        self.kinds: list[str] = []
+        self.runs: list[tuple[str, int]] = []
 
     def add(self, text: str, kind: str) -> None:
         if text:
+            self.budget.charge(len(text))
             self.parts.append(text)
-            self.kinds.append(kind * len(text))
+            if self.runs and self.runs[-1][0] == kind:
+                self.runs[-1] = (kind, self.runs[-1][1] + len(text))
+            else:
+                self.runs.append((kind, len(text)))
 
     def unquoted(self, text: str) -> None:
         if "\\" not in text:
@@ -179,76 +231,68 @@ class _WordBuilder:
         self.add("".join(out), "Q")
 
     def build(self, start: int, end: int) -> _Word:
-        return _Word("".join(self.parts), "".join(self.kinds), start, end)
+        value = self.parts[0] if len(self.parts) == 1 else "".join(self.parts)
+        return _Word(value, tuple(self.runs), start, end)
 
 
 def _quoted_body(node: Node, data: bytes, builder: _WordBuilder, prefix: int) -> None:
     """A double-quoted string: literal text between expansions, escapes per bash."""
     start, end = node.start_byte + prefix, node.end_byte
-    if end - 1 >= start and data[end - 1 : end] == b'"':
+    if end - 1 >= start and data[end - 1] == 0x22:  # "
         end -= 1
     pos = start
     for child in node.children:
         if child.type in _EXPANSIONS:
             if child.start_byte > pos:
-                builder.double_quoted(_dec(data[pos : child.start_byte]))
-            builder.add(_dec(data[child.start_byte : child.end_byte]), "X")
+                builder.double_quoted(_text(data, pos, child.start_byte))
+            builder.add(_text(data, child.start_byte, child.end_byte), "X")
             pos = child.end_byte
     if end > pos:
-        builder.double_quoted(_dec(data[pos:end]))
+        builder.double_quoted(_text(data, pos, end))
 
 
 def _word_part(node: Node, data: bytes, builder: _WordBuilder) -> None:
     t = node.type
-    text_bytes = data[node.start_byte : node.end_byte]
+    start, end = node.start_byte, node.end_byte
     if t == "raw_string":
-        inner = (
-            text_bytes[1:-1]
-            if len(text_bytes) >= 2 and text_bytes.endswith(b"'")
-            else text_bytes[1:]
-        )
-        builder.add(_dec(inner), "Q")
+        closed = end - start >= 2 and data[end - 1] == 0x27  # '
+        builder.add(_text(data, start + 1, end - 1 if closed else end), "Q")
     elif t == "ansi_c_string":
-        inner = (
-            text_bytes[2:-1]
-            if len(text_bytes) >= 3 and text_bytes.endswith(b"'")
-            else text_bytes[2:]
-        )
-        builder.add(_ansi_c(_dec(inner)), "Q")
+        closed = end - start >= 3 and data[end - 1] == 0x27
+        builder.add(_ansi_c(_text(data, start + 2, end - 1 if closed else end)), "Q")
     elif t == "string":
         _quoted_body(node, data, builder, 1)
     elif t == "translated_string":
         _quoted_body(node, data, builder, 2)
     elif t in _EXPANSIONS:
-        builder.add(_dec(text_bytes), "X")
+        builder.add(_text(data, start, end), "X")
     elif t == "process_substitution":
-        builder.add(_dec(text_bytes), "P")
+        builder.add(_text(data, start, end), "P")
     elif t == "concatenation":
-        pos = node.start_byte
+        pos = start
         for child in node.children:
             if child.start_byte > pos:
-                builder.unquoted(_dec(data[pos : child.start_byte]))
+                builder.unquoted(_text(data, pos, child.start_byte))
             if child.type == "concatenation":  # not produced by the grammar; stay shallow
-                builder.unquoted(_dec(data[child.start_byte : child.end_byte]))
+                builder.unquoted(_text(data, child.start_byte, child.end_byte))
             else:
                 _word_part(child, data, builder)
             pos = max(pos, child.end_byte)
-        if node.end_byte > pos:
-            builder.unquoted(_dec(data[pos : node.end_byte]))
+        if end > pos:
+            builder.unquoted(_text(data, pos, end))
     else:
         # word, number, brace_expression, extglob_pattern, '$', regex, ... : unquoted text
-        builder.unquoted(_dec(text_bytes))
+        builder.unquoted(_text(data, start, end))
 
 
-def _word(nodes: Sequence[Node], data: bytes) -> _Word:
+def _word(nodes: Sequence[Node], data: bytes, budget: _Budget) -> _Word:
     """One word from one node, or from several joined by line continuations."""
     if len(nodes) == 1 and nodes[0].type in ("word", "number"):  # the common case, fast
         start, end = nodes[0].start_byte, nodes[0].end_byte
-        raw = data[start:end]
-        if b"\\" not in raw:
-            value = _dec(raw)
-            return _Word(value, "L" * len(value), start, end)
-    builder = _WordBuilder()
+        if data.find(b"\\", start, end) < 0:
+            budget.charge(end - start)
+            return _Word.literal(_text(data, start, end), start, end)
+    builder = _WordBuilder(budget)
     for i, node in enumerate(nodes):
         if (
             node.type == "$"
@@ -261,12 +305,13 @@ def _word(nodes: Sequence[Node], data: bytes) -> _Word:
     return builder.build(nodes[0].start_byte, nodes[-1].end_byte)
 
 
-def _assignment(node: Node, data: bytes) -> tuple[str, str]:
+def _assignment(node: Node, data: bytes, budget: _Budget) -> tuple[str, str]:
     """NAME and quote-removed value of a variable_assignment node."""
     name_node = node.child_by_field_name("name")
     value_node = node.child_by_field_name("value")
-    name = _dec(data[name_node.start_byte : name_node.end_byte]) if name_node else ""
-    return name, _word([value_node], data).value if value_node else ""
+    name = _text(data, name_node.start_byte, name_node.end_byte) if name_node else ""
+    budget.charge(len(name))
+    return name, _word([value_node], data, budget).value if value_node else ""
 
 
 def _group_words(nodes: Sequence[Node], data: bytes) -> list[list[Node]]:

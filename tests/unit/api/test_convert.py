@@ -584,6 +584,12 @@ def test_foreign_error_info_domain_is_ignored() -> None:
         loaded_at=st.integers(0, 2**40).map(lambda ns: ns / 1_000_000_000),
         last_reload_error=TEXT,
         last_reload_at=st.integers(0, 2**40).map(lambda ns: ns / 1_000_000_000),
+        last_reload_refused=st.booleans(),
+        last_reload_version=TEXT,
+        rules_added=st.lists(TEXT, max_size=3).map(tuple),
+        rules_removed=st.lists(TEXT, max_size=3).map(tuple),
+        files_added=st.lists(TEXT, max_size=3).map(tuple),
+        files_removed=st.lists(TEXT, max_size=3).map(tuple),
     )
 )
 def test_policy_info_round_trip(info: types.PolicyInfo) -> None:

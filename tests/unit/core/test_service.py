@@ -41,6 +41,7 @@ from airlock.audit import (
     StoredEvent,
     VerifyResult,
 )
+from airlock.core.config import Approvers
 from airlock.core.engine import StaticDecision
 from airlock.core.request import CheckedRequest
 from airlock.core.service import Service
@@ -67,6 +68,8 @@ from airlock.types import (
 
 ROOT = PeerCred(pid=os.getpid(), uid=0, gid=0)
 USER = PeerCred(pid=os.getpid(), uid=1000, gid=1000)
+# Validations here are ROOT's; their own uid may not approve them: an approver does.
+APPROVER = PeerCred(pid=os.getpid(), uid=4242, gid=4242)
 POLICY_VERSION = "p1"
 
 # The fake engine's verdict of a command is its first word.
@@ -128,6 +131,7 @@ class FakeEngine:
     apply_error: AirlockError | None = None
     cancels: list[Callable[[], None]] = field(default_factory=list)
     protected_paths: tuple[str, ...] = ()  # Engine's: what an Execute's cwd must not contain
+    execute_cwd_bytes: int = 4093  # Engine's: the longest cwd Execute takes
 
     def validate(
         self, req: CheckedRequest, validation_id: str, on_cancel: Any = None
@@ -220,7 +224,7 @@ class App:
 def make_app(tmp_path: Path, slots: int = 4) -> App:
     journal = Journal()
     state = StateStore(tmp_path / "state.db")
-    workflow = Workflow(state, str(tmp_path / "changesets"))
+    workflow = Workflow(state, str(tmp_path / "changesets"), Approvers(uids=(0, APPROVER.uid)))
     engine = FakeEngine(journal, workflow)
     audit = FakeAudit(journal)
     capabilities = Capabilities(
@@ -285,7 +289,7 @@ def test_the_request_is_checked_once_and_spelled_alike_everywhere(app: App) -> N
     [event] = app.audit.events
     assert record.cwd == event.cwd == app.cwd
     assert record.env_sha256 == event.env_sha256 != ""
-    grant = app.service.approve(v.validation_id, ApprovalScope.ONCE, ROOT)
+    grant = app.service.approve(v.validation_id, ApprovalScope.ONCE, APPROVER)
     events = app.run("ask", approval_token=grant.approval_token)
     assert events[0].authorization == "USER_VERIFIED"
 
@@ -349,7 +353,7 @@ def test_an_execute_refusal_is_audited_before_it_is_raised(
 def test_a_slot_is_taken_before_a_once_token_is_spent(tmp_path: Path) -> None:
     app = make_app(tmp_path, slots=1)
     v = app.validate("ask")
-    token = app.service.approve(v.validation_id, ApprovalScope.ONCE, ROOT).approval_token
+    token = app.service.approve(v.validation_id, ApprovalScope.ONCE, APPROVER).approval_token
     busy = app.execute("allow")
     next(busy)  # holds the daemon's only sandbox
     with pytest.raises(ResourceExhausted):
@@ -456,7 +460,7 @@ def test_the_slot_is_released_on_every_path(tmp_path: Path, path: Callable[[App]
 
 def test_approve_is_audited_before_it_returns(app: App) -> None:
     v = app.validate("ask", session_id="s1")
-    grant = app.service.approve(v.validation_id, ApprovalScope.SESSION, ROOT)
+    grant = app.service.approve(v.validation_id, ApprovalScope.SESSION, APPROVER)
     assert grant.approval_token
     event = app.audit.events[-1]
     assert (event.kind, event.validation_id) == (RpcKind.APPROVE, v.validation_id)
@@ -464,11 +468,46 @@ def test_approve_is_audited_before_it_returns(app: App) -> None:
     assert event.approval.authorization is Authorization.SESSION_GRANTED
 
 
+def test_the_askers_own_uid_may_not_approve_and_the_approver_is_audited(app: App) -> None:
+    v = app.validate("ask")
+    for who in (ROOT, PeerCred(pid=os.getpid(), uid=0, gid=5, groups=(4242,))):
+        with pytest.raises(PermissionDenied) as refused:
+            app.service.approve(v.validation_id, ApprovalScope.ONCE, who)
+        assert refused.value.reason == "SELF_APPROVAL_NOT_ALLOWED"
+    with pytest.raises(PermissionDenied) as refused:
+        app.service.approve(v.validation_id, ApprovalScope.ONCE, USER)  # not an approver
+    assert refused.value.reason == "NOT_AN_APPROVER"
+    # Each refusal is evidence (an agent approving its own ask?): audited, approved False.
+    refusals = app.audit.events[1:]
+    assert [(e.kind, e.outcome.error) for e in refusals] == [
+        (RpcKind.APPROVE, "SELF_APPROVAL_NOT_ALLOWED"),
+        (RpcKind.APPROVE, "SELF_APPROVAL_NOT_ALLOWED"),
+        (RpcKind.APPROVE, "NOT_AN_APPROVER"),
+    ]
+    assert all(e.approval is not None and not e.approval.approved for e in refusals)
+    app.service.approve(v.validation_id, ApprovalScope.ONCE, APPROVER)
+    event = app.audit.events[-1]
+    assert event.approval is not None and event.approval.approver is not None
+    who = event.approval.approver
+    assert (who.uid, who.gid, who.asked_by_uid, who.asked_by_gid) == (4242, 4242, 0, 0)
+    assert (who.basis, who.authenticated_by) == ("approver", "peer-credentials")
+    assert event.caller.uid == 4242
+
+
+def test_allow_self_approval_lets_the_askers_uid_approve_and_says_so(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    app.workflow.approvers = Approvers(allow_self_approval=True)
+    v = app.validate("ask")
+    app.service.approve(v.validation_id, ApprovalScope.ONCE, ROOT)
+    who = app.audit.events[-1].approval.approver  # type: ignore[union-attr]
+    assert who is not None and who.basis.startswith("self-approval") and who.uid == 0
+
+
 def test_an_approval_the_log_cannot_take_is_not_returned(app: App) -> None:
     v = app.validate("ask")
     app.audit.fail_at = 2
     with pytest.raises(Unavailable) as info:
-        app.service.approve(v.validation_id, ApprovalScope.ONCE, ROOT)
+        app.service.approve(v.validation_id, ApprovalScope.ONCE, APPROVER)
     assert_unavailable(info)
 
 
@@ -480,7 +519,10 @@ def test_apply_is_audited_before_it_returns_and_a_replay_adds_nothing(app: App) 
     assert (event.kind, event.validation_id) == (RpcKind.APPLY, v.validation_id)
     assert event.outcome.applied_paths == ("/ws/new.txt",) and event.outcome.error == ""
     again = app.service.apply(v.validation_id, ROOT)
-    assert again.replayed and app.audit.kinds() == [RpcKind.VALIDATE, RpcKind.APPLY]
+    # Two Apply events: its start, before anything is written, and its outcome.
+    assert again.replayed and app.audit.kinds() == [RpcKind.VALIDATE, RpcKind.APPLY, RpcKind.APPLY]
+    started = app.audit.events[1]
+    assert started.effects.startswith("starting:") and started.outcome.applied_paths == ()
 
 
 def test_an_apply_the_log_cannot_take_is_not_returned(app: App) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airlock.core.config import DaemonConfig
+from airlock.core.config import Approvers, DaemonConfig
 from airlock.daemon import main
 from airlock.types import Limits
 from tests.helpers import AIRLOCKD, CHECKOUT, NEUTRAL_POLICY
@@ -23,8 +23,8 @@ from tests.helpers.packaging import install_service, unit_settings
 EXAMPLE = CHECKOUT / "packaging" / "airlockd.toml"
 UNIT = CHECKOUT / "packaging" / "systemd" / "airlockd.service"
 TMPFILES = CHECKOUT / "packaging" / "tmpfiles.d" / "airlock.conf"
-# --test-resolve is for tests only: never a configuration file key.
-NOT_SETTINGS = {"help", "config", "print-config", "version", "test-resolve"}
+# --test-resolve is for tests only, --new-audit-log for one start: never configuration file keys.
+NOT_SETTINGS = {"help", "config", "print-config", "version", "test-resolve", "new-audit-log"}
 
 
 def airlockd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -74,6 +74,7 @@ def test_defaults_are_the_built_in_ones(empty: Path) -> None:
         "max-connections-per-uid": d.max_connections_per_uid,
         "first-request-timeout": d.first_request_timeout_s,
         "warm-pool": d.warm_pool,
+        "warm-idle": d.warm_idle_s,
         "keep-changes-max": d.keep_changes_max,
         "keep-changes-quota": "2G",
         "keep-changes-share-per-uid": d.keep_changes_share_per_uid,
@@ -81,9 +82,32 @@ def test_defaults_are_the_built_in_ones(empty: Path) -> None:
         "no-network-capture": False,
         "no-read-capture": False,
         "no-capture": False,
+        "approvers": "0",
+        "approver-groups": "",
+        "allow-self-approval": False,
         "log-level": "info",
     }
     assert main.parse_args(["--config", str(empty)]) == (DaemonConfig(), "info")
+
+
+def test_approvers_are_named_in_the_file_or_on_the_command_line(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "airlockd.toml",
+        'approvers = "nobody, 1234"\napprover-groups = "root"\nallow-self-approval = true\n',
+    )
+    config, _ = main.parse_args(["--config", str(cfg)])
+    # Root always approves; names are resolved once, at start.
+    assert config.approvers == Approvers(uids=(0, 65534, 1234), gids=(0,), allow_self_approval=True)
+    config, _ = main.parse_args(
+        ["--config", str(cfg), "--approvers", "", "--allow-self-approval=false"]
+    )
+    assert config.approvers == Approvers(uids=(0,), gids=(0,), allow_self_approval=False)
+    round_trip = write(tmp_path / "printed.toml", print_config("--config", str(cfg)))
+    assert main.parse_args(["--config", str(round_trip)])[0].approvers.uids == (0, 65534, 1234)
+    bad = write(tmp_path / "bad.toml", 'approvers = "no-such-user-here"\n')
+    with pytest.raises(SystemExit) as exited:
+        main.parse_args(["--config", str(bad)])
+    assert exited.value.code == 2
 
 
 def test_the_file_sets_and_flags_win(tmp_path: Path) -> None:

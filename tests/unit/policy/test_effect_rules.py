@@ -241,7 +241,7 @@ def test_schema_errors_are_located_with_hints(tmp_path: Path) -> None:
         "metadata"
     )
     assert got[(9, 51)][0] == "unknown key 'scpoe' in rules[0].effect.files"
-    assert got[(9, 51)][1].startswith("did you mean 'scope'? allowed keys: any, kinds,")
+    assert got[(9, 51)][1].startswith("did you mean 'scope'? allowed keys: any, hard_link, kinds,")
     assert got[(15, 5)] == (
         "a rule has either `match:` (a static rule) or `effect:` (an effect rule), not both",
         "split it into two rules with their own ids",
@@ -899,7 +899,7 @@ def test_read_effects_file_errors(tmp_path: Path) -> None:
         read_effects_file(f)
     assert "an effects file is a mapping, found a list" in str(info.value)
     f.write_text("")
-    assert read_effects_file(f) == Effects(workspace="/workspace", home="/home/user")
+    assert read_effects_file(f) == Effects(workspace="/workspace", home="/home/user", uid=1000)
 
 
 # --------------------------------------------------------------------------- the default policy
@@ -1004,7 +1004,7 @@ def test_schema_documents_every_effect_key() -> None:
         resources.files("airlock.policy").joinpath("data/policy.schema.json").read_text()
     )
     effect = schema["$defs"]["effect"]["properties"]
-    assert set(effect) == {"files", "programs", "network", "sensitive_reads", "any_of"}
+    assert set(effect) == {"files", "programs", "network", "sensitive_reads", "work_lost", "any_of"}
     for key, sub in effect.items():
         assert sub.get("description"), key
         for inner, spec in sub.get("properties", {}).items():

@@ -148,12 +148,14 @@ def test_unknown_and_duplicate_presets_and_schema_errors(tmp_path: Path) -> None
     assert got == ["2:unknown key 'dryrun' in egress"], got
 
 
-def test_execute_grants_load_with_a_warning(tmp_path: Path) -> None:
+def test_execute_grants_load_apart_from_the_dry_run_s(tmp_path: Path) -> None:
     b = bundle(
         tmp_path, "version: 1\negress: {execute: {allow: [{hosts: [x.org], ports: [443]}]}}\n"
     )
     assert b.egress_execute.enabled and not b.egress_dry_run.enabled
-    assert ["not used yet" in w.message for w in b.warnings] == [True]
+    assert b.egress_execute.connection("x.org", "198.18.0.1", 443).allowed
+    assert not b.egress_dry_run.connection("x.org", "198.18.0.1", 443).allowed
+    assert b.warnings == ()
 
 
 def test_the_shipped_preset_is_off_until_switched_on_in_one_line(tmp_path: Path) -> None:

@@ -125,7 +125,8 @@ def test_double_quote_escapes_and_concatenation() -> None:
 def test_flags_split_long_flags_and_double_dash() -> None:
     c = analyze("curl -sSL --fail --data=@secret.txt -o out -- -n file").commands[0]
     assert c.flags == ("-s", "-S", "-L", "--fail", "--data", "-o")
-    assert c.positionals == ("out", "-n", "file")
+    assert c.positionals == ("-n", "file")  # -o takes "out" (catalog: curl)
+    assert c.option_values == (("--data", "@secret.txt"), ("-o", "out"))
     assert "--data=@secret.txt" in c.args
     assert c.args == ("-sSL", "--fail", "--data=@secret.txt", "-o", "out", "--", "-n", "file")
 
@@ -136,8 +137,10 @@ def test_flags_split_long_flags_and_double_dash() -> None:
         ("rm -rf --force x", ("-r", "-f", "--force"), ("x",)),
         ("head -n5 f", ("-n",), ("f",)),  # an option's attached value is not split
         ("kill -9 123", ("-9",), ("123",)),
-        ("tar xzf a.tgz", ("-x", "-z", "-f"), ("a.tgz",)),  # bundled first argument
-        ("find . -name '*.py' -delete", ("-name", "-delete"), (".", "*.py")),
+        ("tar xzf a.tgz", ("-x", "-z", "-f"), ()),  # bundled first argument; f takes a.tgz
+        ("tar xzf a.tgz dir", ("-x", "-z", "-f"), ("dir",)),
+        ("tar -C /tmp -xf a.tgz", ("-C", "-x", "-f"), ()),
+        ("find . -name '*.py' -delete", ("-name", "-delete"), (".",)),  # '*.py' is -name's
         ("cat - file", (), ("-", "file")),
         ('rm "-rf" x', ("-r", "-f"), ("x",)),  # quoting does not make a flag a word
     ],
@@ -661,7 +664,8 @@ def test_find_exec_variants() -> None:
     find = a.commands[0]
     assert find.name == "find"
     assert find.flags == ("-name", "-exec", "-execdir", "-ok", "-okdir", "-delete")
-    assert find.positionals == (".", "*.tmp")
+    assert find.positionals == (".",)
+    assert find.option_values == (("-name", "*.tmp"),)
     assert only(a, "rm").dynamic_args
 
 

@@ -99,3 +99,30 @@ def test_dns_answers_give_their_a_and_aaaa_records() -> None:
     )
     assert parse_dns_answer(dns_response(7, "nope.example", [], rcode=3)) == (7, 3, [])
     assert _query(1, "pypi.org", 28)[12:] == b"\x04pypi\x03org\x00\x00\x1c\x00\x01"
+
+
+# --- Execute: not fetch-only, but still the granted name -------------------------------------
+
+
+def test_execute_lets_any_method_and_body_through_after_the_first_head_names_the_grant() -> None:
+    check = HttpFetch("pkg.test", 16 * 1024, fetch_only=False)
+    body = b"x" * 100_000
+    head = b"POST /upload HTTP/1.1\r\nHost: pkg.test\r\nContent-Length: 100000\r\n\r\n"
+    out, refusal, _ = check.feed(head + body[:10])
+    assert (out, refusal) == (head + body[:10], "")
+    # From then on the stream passes as it is (bodies, later requests).
+    assert check.feed(body[10:]) == (body[10:], "", "")
+
+
+@pytest.mark.parametrize(
+    ("head", "refusal"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: other.test\r\n\r\n", "name-mismatch"),
+        (b"PUT / HTTP/1.1\r\n\r\n", "name-mismatch"),
+        (b"GET http://other.test/ HTTP/1.1\r\nHost: pkg.test\r\n\r\n", "not-fetch"),
+        (b"GET / HTTP/1.1\r\nHost: pkg.test\r\nHost: other.test\r\n\r\n", "name-mismatch"),
+    ],
+)
+def test_execute_still_refuses_a_first_request_for_another_name(head: bytes, refusal: str) -> None:
+    out, got, _ = HttpFetch("pkg.test", 16 * 1024, fetch_only=False).feed(head)
+    assert (out, got) == (b"", refusal)
