@@ -677,12 +677,23 @@ class CredentialBinding:
     paths: PathGlobs
     hosts: Globs
     ports: tuple[tuple[int, int], ...] = ()
+    # Services reached by address (a local database on 127.0.0.1:5432), for attempts that
+    # carry no name.
+    addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def reaches(self, a: NetworkAttemptInfo) -> bool:
         """Whether the connection ``a`` goes to one of the services, on one of the ports."""
         if self.ports and not any(lo <= a.port <= hi for lo, hi in self.ports):
             return False
-        return any(self.hosts.match(n) for n in _names(a))
+        if any(self.hosts.match(n) for n in _names(a)):
+            return True
+        if not self.addresses:
+            return False
+        try:
+            ip = ipaddress.ip_address(a.address.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.addresses)
 
 
 def _credential_destination(
@@ -1132,8 +1143,9 @@ class EffectCompiler:
                 CredentialBinding(
                     raw["name"],
                     self.path_globs(raw["paths"], (*epath, "paths")),
-                    self._hosts(raw["hosts"], (*epath, "hosts")),
+                    self._hosts(raw.get("hosts", ()), (*epath, "hosts")),
                     tuple(self._ports(raw.get("ports", ()), (*epath, "ports"))),
+                    tuple(self._networks(raw.get("addresses", ()), (*epath, "addresses"))),
                 )
             )
         self.bindings = tuple(out)

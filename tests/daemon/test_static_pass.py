@@ -63,7 +63,8 @@ def test_writing_redirect_is_not_read_only(client: Client, workspace: Path) -> N
 
 
 def test_static_ask_merges_with_the_dry_run(client: Client, workspace: Path) -> None:
-    v = client.validate("git reset --hard 2>/dev/null; echo done", cwd=str(workspace))
+    # (Not `git reset --hard`: the dry run's lost-work check now decides that one.)
+    v = client.validate("kill 999999 2>/dev/null; echo done", cwd=str(workspace))
     assert v.sandboxed and v.stdout == b"done\n"
     assert v.verdict is Verdict.ASK
     assert any(f.source is FindingSource.STATIC and f.verdict is Verdict.ASK for f in v.findings)

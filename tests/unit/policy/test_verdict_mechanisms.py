@@ -102,3 +102,16 @@ def test_a_credential_used_by_its_own_tool_asks_and_anything_else_is_exfiltratio
     assert "effect.exfiltration" in judged(
         ["~/.aws/credentials"], [tcp("amazonaws.com.evil.example")]
     )
+
+
+def local(port: int) -> NetworkAttemptInfo:
+    return NetworkAttemptInfo(
+        protocol=NetProtocol.TCP, address="127.0.0.1", port=port, refusal="host-service"
+    )
+
+
+def test_a_local_database_password_file_is_bound_to_the_local_server_by_address() -> None:
+    found = judged(["~/.pgpass"], [local(5432)])
+    assert "effect.exfiltration" not in found and "effect.network" in found
+    assert "effect.exfiltration" in judged(["~/.pgpass"], [local(6379)])
+    assert "effect.exfiltration" in judged(["~/.pgpass"], [tcp("db.evil.example", 5432)])
