@@ -41,7 +41,7 @@ from airlock.audit import (
 )
 from airlock.cli import workflow as _workflow_cli
 from airlock.cli._env import environment
-from airlock.cli.main import EXIT_ASK, EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from airlock.cli._exit import EXIT_ASK, EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from airlock.cli.render import (
     ALL,
     ReportBounds,

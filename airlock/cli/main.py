@@ -34,13 +34,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-__all__ = ["EXIT_ASK", "EXIT_DENY", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
+from airlock.cli._exit import EXIT_ASK, EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_ASK = 3
-EXIT_DENY = 4
+__all__ = ["EXIT_ASK", "EXIT_DENY", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

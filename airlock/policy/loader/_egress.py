@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from airlock.egress import EgressPolicy, EgressRule, host_pattern_problem
+from airlock.policy.loader._presets import read_presets, where
 from airlock.policy.loader._problems import _Problems
 from airlock.policy.loader._yaml import _Doc
 from airlock.policy.rules import JsonPath
@@ -41,11 +41,6 @@ class _Mode:
 
     def policy(self) -> EgressPolicy:
         return EgressPolicy(tuple(dict.fromkeys(self.allow)), tuple(dict.fromkeys(self.deny)))
-
-
-def _where(problems: _Problems, path: JsonPath) -> str:
-    file, line, _column = problems.where(path)
-    return f"{os.path.basename(file)}:{line}"
 
 
 def _ports(
@@ -113,35 +108,20 @@ def _rule(
 
 
 def _presets(docs: Sequence[_Doc], problems: _Problems) -> dict[str, EgressPreset]:
-    presets: dict[str, EgressPreset] = {}
-    for doc in docs:
-        for name, raw in doc.value.get("egress_presets", {}).items():
-            path: JsonPath = (doc.file, "egress_presets", name)
-            if name in presets:
-                problems.add(
-                    path,
-                    f"egress preset {name!r} is already defined at {presets[name].where}",
-                    "preset names are shared by every file of the bundle; define it once",
-                    key=True,
-                )
-                continue
-            compiled = [
-                _rule(entry, (*path, "allow", i), problems, deny=False, label=name)
-                for i, entry in enumerate(raw["allow"])
-            ]
-            # A preset's entries are reported as PRESET or PRESET/NAME.
-            rules = [
-                dataclasses.replace(r, label=name if r.label == name else f"{name}/{r.label}")
-                for r in compiled
-                if r is not None
-            ]
-            presets[name] = EgressPreset(
-                name,
-                raw["description"],
-                tuple(rules),
-                _where(problems, path),
-            )
-    return presets
+    def build(name: str, raw: dict[str, Any], path: JsonPath, at: str) -> EgressPreset:
+        compiled = [
+            _rule(entry, (*path, "allow", i), problems, deny=False, label=name)
+            for i, entry in enumerate(raw["allow"])
+        ]
+        # A preset's entries are reported as PRESET or PRESET/NAME.
+        rules = [
+            dataclasses.replace(r, label=name if r.label == name else f"{name}/{r.label}")
+            for r in compiled
+            if r is not None
+        ]
+        return EgressPreset(name, raw["description"], tuple(rules), at)
+
+    return read_presets(docs, "egress_presets", "egress", problems, build)
 
 
 def compile_egress(
@@ -170,12 +150,12 @@ def compile_egress(
                 mode.presets.append(name)
             for i, entry in enumerate(raw.get("allow", ())):
                 epath: JsonPath = (*path, "allow", i)
-                rule = _rule(entry, epath, problems, deny=False, label=_where(problems, epath))
+                rule = _rule(entry, epath, problems, deny=False, label=where(problems, epath))
                 if rule is not None:
                     mode.allow.append(rule)
             for i, entry in enumerate(raw.get("deny", ())):
                 epath = (*path, "deny", i)
-                rule = _rule(entry, epath, problems, deny=True, label=_where(problems, epath))
+                rule = _rule(entry, epath, problems, deny=True, label=where(problems, epath))
                 if rule is not None:
                     mode.deny.append(rule)
     return modes["dry_run"].policy(), modes["execute"].policy(), presets

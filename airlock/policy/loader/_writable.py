@@ -11,12 +11,12 @@ outside the home (a cache elsewhere is the operator's to bind, not a policy's to
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airlock.policy.loader._presets import read_presets
 from airlock.policy.loader._problems import _Problems
 from airlock.policy.loader._yaml import _Doc
 from airlock.policy.rules import JsonPath
@@ -61,26 +61,11 @@ def _paths(raw: Sequence[str], path: JsonPath, problems: _Problems) -> list[str]
 
 
 def _presets(docs: Sequence[_Doc], problems: _Problems) -> dict[str, WritablePreset]:
-    presets: dict[str, WritablePreset] = {}
-    for doc in docs:
-        for name, raw in doc.value.get("writable_presets", {}).items():
-            path: JsonPath = (doc.file, "writable_presets", name)
-            if name in presets:
-                problems.add(
-                    path,
-                    f"writable preset {name!r} is already defined at {presets[name].where}",
-                    "preset names are shared by every file of the bundle; define it once",
-                    key=True,
-                )
-                continue
-            file, line, _column = problems.where(path)
-            presets[name] = WritablePreset(
-                name,
-                raw["description"],
-                tuple(_paths(raw["paths"], (*path, "paths"), problems)),
-                f"{os.path.basename(file)}:{line}",
-            )
-    return presets
+    def build(name: str, raw: dict[str, Any], path: JsonPath, at: str) -> WritablePreset:
+        paths = tuple(_paths(raw["paths"], (*path, "paths"), problems))
+        return WritablePreset(name, raw["description"], paths, at)
+
+    return read_presets(docs, "writable_presets", "writable", problems, build)
 
 
 def compile_writable(
