@@ -10,27 +10,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
-class Verdict(enum.IntEnum):
-    """The decision about a command, ordered from least to most strict."""
-
-    ALLOW = 1
-    ASK = 2
-    DENY = 3
-
-
-class Severity(enum.IntEnum):
-    INFO = 1
-    LOW = 2
-    MEDIUM = 3
-    HIGH = 4
-    CRITICAL = 5
-
-
-class FindingSource(enum.IntEnum):
-    BUILTIN = 1
-    STATIC = 2
-    DYNAMIC = 3
+# Re-exported unchanged: defined apart so that ``airlock hook`` need not import this module.
+from airlock._vocab import AGENT_LIMITS as AGENT_LIMITS
+from airlock._vocab import FindingSource as FindingSource
+from airlock._vocab import Severity as Severity
+from airlock._vocab import Verdict as Verdict
 
 
 class ChangeKind(enum.IntEnum):
@@ -121,20 +105,6 @@ class PeerCred:
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
-
-
-# The most UTF-8 bytes of each field of an AgentContext (``airlock.core.request`` refuses
-# more: INVALID_AGENT_CONTEXT; the hooks cut to it). It is stored in the audit events of the
-# call, so it is small.
-AGENT_LIMITS = {
-    "agent_name": 64,
-    "agent_version": 64,
-    "session_id": 256,
-    "tool_use_id": 256,
-    "tool_description": 1024,
-    "transcript_path": 4096,
-    "prompt_excerpt": 4096,
-}
 
 
 @dataclass(frozen=True)
@@ -286,6 +256,7 @@ class NetProtocol(enum.IntEnum):
     DNS = 1
     TCP = 2
     UDP = 3
+    UNIX = 4  # a dry run's connection to a host Unix socket: address = its path
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ msg = pb.ValidateRequest(command=req.command, cwd=req.cwd, env=dict(os.environ),
                          session_id=req.session_id)
 with grpc.insecure_channel("unix:" + os.environ["AIRLOCK_SOCKET"]) as channel:
     r = pb_grpc.SandboxServiceStub(channel).Validate(msg, timeout=45)
-v = hook.types.Validation(validation_id=r.validation_id, verdict=hook.types.Verdict(r.verdict),
-                          summary=r.summary, findings=())
+v = hook.Judgement(validation_id=r.validation_id, verdict=hook.Verdict(r.verdict),
+                   summary=r.summary, findings=())
 sys.stdout.write(hook.answer_verdict("claude", v).stdout)
 """
 

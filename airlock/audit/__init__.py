@@ -33,6 +33,7 @@ from airlock.audit.log import (
     caller_of,
     load_key,
     parse_anchor,
+    read_events,
 )
 from airlock.audit.model import (
     Anchor,
@@ -80,5 +81,6 @@ __all__ = [
     "load_key",
     "parse_anchor",
     "path_text",
+    "read_events",
     "rule_decisions",
 ]

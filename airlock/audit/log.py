@@ -50,6 +50,7 @@ from airlock.audit.model import (
     AuditFilter,
     Caller,
     ProblemKind,
+    RpcKind,
     StoredEvent,
     VerifyProblem,
     VerifyResult,
@@ -65,6 +66,7 @@ __all__ = [
     "caller_of",
     "load_key",
     "parse_anchor",
+    "read_events",
 ]
 
 LOG_FILE = "audit.sqlite3"
@@ -84,6 +86,7 @@ MAX_QUEUED = 4096
 _WRITER_BUSY_MS = 200
 _READ_BUSY_MS = 2000
 _BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
+_NOT_A_DATABASE = 26  # SQLITE_NOTADB
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -909,3 +912,86 @@ class AuditLog:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             conn.close()
+
+
+def read_events(
+    path: str | os.PathLike[str],
+    *,
+    kinds: Sequence[RpcKind] = (),
+    limit: int,
+    newest_first: bool = False,
+) -> builtins.list[StoredEvent]:
+    """The first (or, ``newest_first``, the last) ``limit`` events of the audit log ``path``
+    (of ``kinds``, if given), in that order of seq.
+
+    Read-only, without the daemon and without its key: the file is opened with SQLite's
+    ``mode=ro`` (never created, never written, its journal mode left alone; like any reader
+    of a WAL database, SQLite may create its empty ``-wal`` and ``-shm`` side files) and must
+    be an Airlock audit log of this schema version. The chain is not verified (``verify`` does
+    that); a body that does not decode is an AUDIT_LOG_CORRUPT error.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        why = "it does not exist" if not os.path.lexists(name) else "it is not a regular file"
+        raise AuditError(f"cannot read the audit log {name}: {why}")
+    db = _sqlite.Database(
+        path=name,
+        noun="audit log",
+        error=AuditError,
+        corrupt_reason=Reason.AUDIT_LOG_CORRUPT,
+        corrupt_advice="move it aside and restore a verified copy",
+        application_id=_APPLICATION_ID,
+        schema_version=_SCHEMA_VERSION,
+        schema=_SCHEMA,
+    )
+    with db.guard("read events"):
+        conn = sqlite3.connect(
+            f"file:{urllib.parse.quote(name)}?mode=ro",
+            uri=True,
+            timeout=_READ_BUSY_MS / 1000,
+            isolation_level=None,
+        )
+        try:
+            try:
+                app = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as err:
+                if getattr(err, "sqlite_errorcode", 0) & 0xFF != _NOT_A_DATABASE:
+                    raise
+                raise AuditError(
+                    f"{name} is not an Airlock audit log (not an SQLite database)",
+                    reason=Reason.AUDIT_LOG_CORRUPT,
+                ) from None
+            if app != _APPLICATION_ID:
+                raise AuditError(
+                    f"{name} is not an Airlock audit log (application_id {app:#x})",
+                    reason=Reason.AUDIT_LOG_CORRUPT,
+                )
+            if version != _SCHEMA_VERSION:
+                raise AuditError(
+                    f"the audit log {name} has schema version {version}; "
+                    f"this Airlock reads version {_SCHEMA_VERSION}",
+                    reason=Reason.AUDIT_LOG_CORRUPT,
+                )
+            sql = "SELECT seq, prev_hash, hash, body FROM events"
+            params: builtins.list[object] = []
+            if kinds:
+                marks = ", ".join("?" for _ in kinds)
+                sql += f" WHERE json_extract(body, '$.kind') IN ({marks})"
+                params += [RpcKind(k).name for k in kinds]
+            order = "DESC" if newest_first else "ASC"
+            rows = conn.execute(f"{sql} ORDER BY seq {order} LIMIT ?", [*params, limit]).fetchall()
+        finally:
+            conn.close()
+    out: builtins.list[StoredEvent] = []
+    for seq, prev_hash, digest, body in rows:
+        try:
+            event = decode_event(body)
+        except MalformedEvent as err:
+            raise AuditError(
+                f"event {seq} of the audit log {name} is malformed ({err}); "
+                "run verify: the log was probably tampered with",
+                reason=Reason.AUDIT_LOG_CORRUPT,
+            ) from None
+        out.append(StoredEvent(seq=seq, prev_hash=prev_hash, hash=digest, event=event))
+    return out

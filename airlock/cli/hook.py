@@ -27,7 +27,10 @@ recorded in tests/data/hooks/<agent>.json.
 
 Start-up is kept light: the one call is made over HTTP/2 by :mod:`airlock.cli._h2call`
 (``h2``, pure Python) without importing grpc, the generated messages are imported only
-when a command is judged, and the typed client (with its conversions) not at all.
+when a command is judged, and the typed client (with its conversions) not at all. Nor is
+:mod:`airlock.types`: the few shared types used here come from :mod:`airlock._vocab`
+(which ``airlock.types`` re-exports), and the daemon's answer is read into a
+:class:`Judgement`; :func:`answer_verdict` takes it or an ``airlock.types.Validation``.
 """
 
 from __future__ import annotations
@@ -39,29 +42,27 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol, TypeVar
 
-from airlock import types
-from airlock._errors import (
-    AirlockError,
-    Cancelled,
-    Conflict,
-    FailedPrecondition,
-    InvalidRequest,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    SandboxError,
-    Unavailable,
-)
+from airlock._vocab import AGENT_LIMITS, FindingSource, Severity, Verdict
 from airlock.cli import _h2call
+
+if TYPE_CHECKING:
+    from airlock._errors import AirlockError
+    from airlock.types import AgentContext
+
+# Nothing here imports airlock.types or airlock._errors on the allow path, nor defines a
+# dataclass: they cost this process, which runs before every shell command, about a fifth of
+# its start-up (docs/performance.md section 11). The error path imports the error tree.
 
 __all__ = [
     "AGENTS",
     "DEFAULT_DEADLINE_S",
     "Answer",
     "HookError",
+    "Judged",
+    "JudgedFinding",
+    "Judgement",
     "Request",
     "answer_error",
     "answer_verdict",
@@ -89,14 +90,73 @@ class HookError(Exception):
     """The hook's input cannot be judged (the message is the one-line reason)."""
 
 
-@dataclass(frozen=True)
 class Request:
-    """What the agent is about to run, read from its hook JSON."""
+    """What the agent is about to run, read from its hook JSON (immutable).
 
+    ``agent`` (what the agent said about the call) is an ``airlock.types.AgentContext``,
+    made when first read: the hook itself sends :meth:`agent_values`, so that it need not
+    import ``airlock.types``.
+    """
+
+    __slots__ = ("_agent", "_agent_values", "command", "cwd", "session_id")
     command: str
     cwd: str
-    session_id: str = ""
-    agent: types.AgentContext | None = None  # what the agent said about the call
+    session_id: str
+    _agent: AgentContext | None
+    _agent_values: dict[str, str] | None
+
+    def __init__(
+        self,
+        command: str,
+        cwd: str,
+        session_id: str = "",
+        agent: AgentContext | None = None,
+        *,
+        agent_values: Mapping[str, str] | None = None,
+    ) -> None:
+        if agent is not None:
+            agent_values = {name: getattr(agent, name) for name in AGENT_LIMITS}
+        init = object.__setattr__
+        init(self, "command", command)
+        init(self, "cwd", cwd)
+        init(self, "session_id", session_id)
+        init(self, "_agent", agent)
+        init(self, "_agent_values", None if agent_values is None else dict(agent_values))
+
+    @property
+    def agent(self) -> AgentContext | None:
+        if self._agent is None and self._agent_values is not None:
+            from airlock.types import AgentContext
+
+            object.__setattr__(self, "_agent", AgentContext(**self._agent_values))
+        return self._agent
+
+    def agent_values(self) -> dict[str, str] | None:
+        """The agent context's fields by name (all of ``AGENT_LIMITS``'s), or None."""
+        if self._agent_values is None:
+            return None
+        return {name: self._agent_values.get(name, "") for name in AGENT_LIMITS}
+
+    def _key(self) -> tuple[str, str, str, dict[str, str] | None]:
+        return (self.command, self.cwd, self.session_id, self.agent_values())
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, Request) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.command, self.cwd, self.session_id))
+
+    def __repr__(self) -> str:
+        return (
+            f"Request(command={self.command!r}, cwd={self.cwd!r}, "
+            f"session_id={self.session_id!r}, agent={self.agent_values()!r})"
+        )
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"cannot assign to field {name!r}: a Request is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError(f"cannot delete field {name!r}: a Request is immutable")
 
 
 # The agent context each agent's hook input gives (docs: tests/data/hooks/<agent>.json):
@@ -145,8 +205,15 @@ def _cut(text: str, limit: int) -> str:
     return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
 
 
-def agent_context(agent: str, data: Mapping[str, Any]) -> types.AgentContext:
+def agent_context(agent: str, data: Mapping[str, Any]) -> AgentContext:
     """What ``agent``'s hook input says about the call, each field cut to its limit."""
+    from airlock.types import AgentContext
+
+    return AgentContext(**agent_values(agent, data))
+
+
+def agent_values(agent: str, data: Mapping[str, Any]) -> dict[str, str]:
+    """:func:`agent_context`'s fields by name (those the input gives), without the type."""
     name, fields = _AGENT_FIELDS[agent]
     values = {"agent_name": name}
     tool_input = data.get("tool_input")
@@ -154,11 +221,10 @@ def agent_context(agent: str, data: Mapping[str, Any]) -> types.AgentContext:
         source = tool_input if where == "tool_input" else data
         if isinstance(source, dict):
             values[field_name] = _string(source, key).replace("\0", "")
-    return types.AgentContext(**{k: _cut(v, types.AGENT_LIMITS[k]) for k, v in values.items()})
+    return {k: _cut(v, AGENT_LIMITS[k]) for k, v in values.items()}
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """What the hook process writes and how it exits."""
 
     stdout: str
@@ -216,10 +282,57 @@ def parse_request(agent: str, raw: str) -> Request:
         raise HookError("the hook input has no command")
     if not cwd or not os.path.isabs(cwd):
         raise HookError(f"the hook input has no absolute working directory (cwd: {cwd!r})")
-    return Request(command=command, cwd=cwd, session_id=session, agent=agent_context(agent, data))
+    return Request(
+        command=command, cwd=cwd, session_id=session, agent_values=agent_values(agent, data)
+    )
 
 
 # --- writing the agent's answer ---------------------------------------------------------
+
+
+class _FindingLike(Protocol):
+    @property
+    def rule_id(self) -> str: ...
+    @property
+    def verdict(self) -> int: ...
+    @property
+    def severity(self) -> int: ...
+    @property
+    def message(self) -> str: ...
+
+
+class Judged(Protocol):
+    """What an answer is made from: an ``airlock.types.Validation`` or a :class:`Judgement`."""
+
+    @property
+    def validation_id(self) -> str: ...
+    @property
+    def verdict(self) -> int: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def findings(self) -> Sequence[_FindingLike]: ...
+
+
+class JudgedFinding(NamedTuple):
+    """The fields of an ``airlock.types.Finding`` the answer uses."""
+
+    rule_id: str
+    verdict: Verdict
+    severity: Severity
+    message: str
+    source: FindingSource
+
+
+class Judgement(NamedTuple):
+    """The fields of an ``airlock.types.Validation`` the answer uses, as the daemon sent
+    them (mapped as :mod:`airlock.api.convert` maps them), without importing ``airlock.types``.
+    """
+
+    validation_id: str
+    verdict: Verdict
+    summary: str
+    findings: tuple[JudgedFinding, ...]
 
 
 def _one_line(text: str) -> str:
@@ -228,22 +341,22 @@ def _one_line(text: str) -> str:
     return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
-def _main_finding(v: types.Validation) -> types.Finding | None:
+def _main_finding(v: Judged) -> _FindingLike | None:
     if not v.findings:
         return None
-    return max(v.findings, key=lambda f: (f.verdict, f.severity))
+    return max(v.findings, key=lambda f: (int(f.verdict), int(f.severity)))
 
 
-def reason_of(v: types.Validation, *, ask_as_deny: bool) -> str:
+def reason_of(v: Judged, *, ask_as_deny: bool) -> str:
     """One line: what the command would do, the main finding and, for an ask, how to
     approve it."""
     parts = [v.summary.strip().rstrip(".") or "no summary"]
     finding = _main_finding(v)
     if finding is not None:
         parts.append(f"{finding.rule_id}: {finding.message.strip().rstrip('.')}")
-    if v.verdict is types.Verdict.ALLOW:
+    if v.verdict == Verdict.ALLOW:
         head = "Airlock allows this"
-    elif v.verdict is types.Verdict.ASK:
+    elif v.verdict == Verdict.ASK:
         head = "Airlock asks a person before this runs"
         if ask_as_deny:
             head += "; it was not run"
@@ -285,13 +398,14 @@ def _decide(agent: str, decision: str, reason: str) -> Answer:
     return Answer(_json({"permission": decision, "user_message": reason, "agent_message": reason}))
 
 
-def answer_verdict(agent: str, v: types.Validation) -> Answer:
-    """The agent's answer to a validation."""
+def answer_verdict(agent: str, v: Judged) -> Answer:
+    """The agent's answer to a validation (verdicts compared by value: a
+    :class:`Judgement` or an ``airlock.types.Validation``)."""
     can_ask = agent in ("claude", "cursor")
     reason = reason_of(v, ask_as_deny=not can_ask)
-    if v.verdict is types.Verdict.ALLOW:
+    if v.verdict == Verdict.ALLOW:
         return _decide(agent, "allow", reason)
-    if v.verdict is types.Verdict.ASK and can_ask:
+    if v.verdict == Verdict.ASK and can_ask:
         return _decide(agent, "ask", reason)
     return _decide(agent, "deny", reason)
 
@@ -305,7 +419,7 @@ def answer_error(agent: str, why: str) -> Answer:
 
 # --- the handler --------------------------------------------------------------------------
 
-Validator = Callable[[Request], types.Validation]
+Validator = Callable[[Request], Judged]
 
 
 def _environment() -> dict[str, str]:
@@ -326,20 +440,26 @@ _DEFAULT_SOCKET_PATH = "/run/airlock/airlock.sock"
 _MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 VALIDATE_METHOD = "/airlock.v1.SandboxService/Validate"
 _ERROR_DOMAIN = "airlock.dev"  # airlock.api.status.DOMAIN (a unit test checks)
-# gRPC status code -> the error class airlock.api.status maps it to (its _CLASS_OF_CODE, by
-# number: a unit test checks they are the same), without importing grpc.
-_CLASS_OF_CODE: dict[int, type[AirlockError]] = {
-    1: Cancelled,
-    2: AirlockError,
-    3: InvalidRequest,
-    5: NotFound,
-    7: PermissionDenied,
-    8: ResourceExhausted,
-    9: FailedPrecondition,
-    10: Conflict,
-    13: SandboxError,
-    14: Unavailable,
-}
+
+
+def _class_of_code() -> dict[int, type[AirlockError]]:
+    """gRPC status code -> the error class airlock.api.status maps it to (its _CLASS_OF_CODE,
+    by number: a unit test checks they are the same), without importing grpc; made on the
+    error path only."""
+    from airlock import _errors as e
+
+    return {
+        1: e.Cancelled,
+        2: e.AirlockError,
+        3: e.InvalidRequest,
+        5: e.NotFound,
+        7: e.PermissionDenied,
+        8: e.ResourceExhausted,
+        9: e.FailedPrecondition,
+        10: e.Conflict,
+        13: e.SandboxError,
+        14: e.Unavailable,
+    }
 
 
 _E = TypeVar("_E", bound=enum.IntEnum)
@@ -377,9 +497,11 @@ def error_of_call(e: _h2call.CallError, target: str) -> AirlockError:
     makes it from a grpc error: the daemon's class and reason when it sent them; otherwise
     the class of the code, with "cannot reach the daemon" for UNAVAILABLE and "did not answer
     in time" for DEADLINE_EXCEEDED."""
+    from airlock._errors import AirlockError, Unavailable
+
     name = _h2call.code_name(e.code)
     message = e.message or name.replace("_", " ").lower()
-    cls = _CLASS_OF_CODE.get(e.code, AirlockError)
+    cls = _class_of_code().get(e.code, AirlockError)
     reason = _reason_in(e.details) if e.from_server else None
     if reason is not None:
         return cls(message, reason=reason)
@@ -410,7 +532,7 @@ def daemon_validator(socket: str | None, deadline: float) -> Validator:
     """
     path = os.path.abspath(socket or os.environ.get("AIRLOCK_SOCKET") or _DEFAULT_SOCKET_PATH)
 
-    def validate(req: Request) -> types.Validation:
+    def validate(req: Request) -> Judgement:
         from google.protobuf.message import DecodeError
 
         from airlock.v1 import sandbox_pb2 as pb
@@ -418,10 +540,9 @@ def daemon_validator(socket: str | None, deadline: float) -> Validator:
         msg = pb.ValidateRequest(
             command=req.command, cwd=req.cwd, env=_environment(), session_id=req.session_id
         )
-        if req.agent is not None:
-            msg.agent.CopyFrom(
-                pb.AgentContext(**{name: getattr(req.agent, name) for name in types.AGENT_LIMITS})
-            )
+        values = req.agent_values()
+        if values is not None:
+            msg.agent.CopyFrom(pb.AgentContext(**values))
         try:
             raw = _h2call.unary(
                 path,
@@ -435,20 +556,22 @@ def daemon_validator(socket: str | None, deadline: float) -> Validator:
         try:
             r = pb.ValidateResponse.FromString(raw)
         except DecodeError as e:
+            from airlock._errors import AirlockError
+
             raise AirlockError(
                 f"the daemon's answer cannot be read ({e})", reason="INTERNAL"
             ) from None
-        return types.Validation(
+        return Judgement(
             validation_id=r.validation_id,
-            verdict=_of(types.Verdict, r.verdict, types.Verdict.DENY),
+            verdict=_of(Verdict, r.verdict, Verdict.DENY),
             summary=r.summary,
             findings=tuple(
-                types.Finding(
+                JudgedFinding(
                     rule_id=f.rule_id,
-                    verdict=_of(types.Verdict, f.verdict, types.Verdict.DENY),
-                    severity=_of(types.Severity, f.severity, types.Severity.CRITICAL),
+                    verdict=_of(Verdict, f.verdict, Verdict.DENY),
+                    severity=_of(Severity, f.severity, Severity.CRITICAL),
                     message=f.message,
-                    source=_of(types.FindingSource, f.source, types.FindingSource.BUILTIN),
+                    source=_of(FindingSource, f.source, FindingSource.BUILTIN),
                 )
                 for f in r.findings
             ),
@@ -463,7 +586,9 @@ def handle(agent: str, raw: str, validate: Validator) -> Answer:
     try:
         req = parse_request(agent, raw)
         v = validate(req)
-        if not isinstance(v, types.Validation) or not isinstance(v.verdict, types.Verdict):
+        if not isinstance(getattr(v, "verdict", None), Verdict) or not all(
+            isinstance(getattr(v, name, None), str) for name in ("validation_id", "summary")
+        ):
             return answer_error(agent, f"the daemon's answer is not a verdict: {v!r}")
         return answer_verdict(agent, v)
     except HookError as e:

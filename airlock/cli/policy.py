@@ -5,10 +5,11 @@
     airlock policy lint PATH...
     airlock policy test [--coverage [--fail-under PERCENT]] [--json] PATH...
     airlock policy explain [--policy DIR] [--json] [--effects FILE] [-- COMMAND...]
-    airlock policy diff OLD NEW [--corpus DIR]... [--json]
+    airlock policy diff OLD NEW [--corpus DIR]... [--audit-log FILE]... [--json]
 
 Exit status: 0 ok, 1 problems (lint errors, failed tests, an invalid policy), 2 usage error;
-diff: 0 no verdict changes, 1 changes, 2 a policy does not load or a usage error.
+diff: 0 no verdict changes, 1 changes, 2 a policy does not load, an audit log cannot be read,
+or a usage error.
 test --coverage: the rules and exceptions nothing exercises never change the status, unless
 --fail-under PERCENT is given (1 when less than PERCENT is exercised; it implies --coverage).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from airlock._errors import AirlockError
+from airlock.cli._policy_diff import MAX_AUDIT_EVENTS
 from airlock.egress import EgressPolicy, EgressRule
 from airlock.policy import store
 from airlock.policy.loader import (
@@ -132,14 +134,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Replay command lines through the policies OLD and NEW (each with its own "
         "command catalog) and list every line whose static verdict changes, with the rules "
         "that decided it on each side. The lines: every command of the fixture files under "
-        "--corpus DIR (repeatable); without it, the fixture files under OLD and NEW and the "
-        "inline tests of both policies' rules.",
-        epilog="Exit status: 0 no verdict changes, 1 changes, 2 a policy does not load.",
+        "--corpus DIR (repeatable); the commands of the Validate and Execute events of each "
+        "--audit-log FILE (repeatable; the daemon's STATE/audit.sqlite3, opened read-only: "
+        f"the newest {MAX_AUDIT_EVENTS} such events over all the files); with neither, the "
+        "fixture files under OLD and NEW and the inline tests of both policies' rules. Each "
+        "distinct command is replayed once. Static verdicts only: the dry runs are not re-run "
+        "(a line the dry run would decide shows as none).",
+        epilog="Exit status: 0 no verdict changes, 1 changes, 2 a policy does not load, an "
+        "audit log cannot be read, or a usage error.",
     )
     diff.add_argument("old", metavar="OLD", help="the policy before (directory or file)")
     diff.add_argument("new", metavar="NEW", help="the policy after (directory or file)")
     diff.add_argument(
         "--corpus", action="append", metavar="DIR", help="a directory or file of command lines"
+    )
+    diff.add_argument(
+        "--audit-log",
+        action="append",
+        metavar="FILE",
+        help="an Airlock audit log (STATE/audit.sqlite3) whose Validate and Execute commands "
+        "are replayed (repeatable; read-only)",
     )
     diff.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -585,13 +599,24 @@ def _diff(args: argparse.Namespace) -> int:
             sys.stderr.write(f"airlock policy: error: the policy in {path} does not load\n")
             return EXIT_USAGE
     old, new = bundles
+    audit = None
+    if args.audit_log:
+        try:
+            audit = pd.audit_lines(args.audit_log)
+        except AirlockError as e:
+            sys.stderr.write(f"airlock policy: error: {' '.join(str(e).split())}\n")
+            return EXIT_USAGE
     if args.corpus:
         lines = pd.corpus_lines(args.corpus)
-    else:
+    elif audit is None:
         lines = [*pd.corpus_lines([args.old, args.new]), *pd.inline_lines(old, new)]
+    else:
+        lines = []
+    if audit is not None:
+        lines = [*lines, *audit.lines]
     changes = pd.diff(old, new, lines)
     replayed = len({line.command for line in lines})
-    (pd.write_json if args.json else pd.write_text)(sys.stdout, replayed, changes)
+    (pd.write_json if args.json else pd.write_text)(sys.stdout, replayed, changes, audit)
     return EXIT_PROBLEMS if changes else EXIT_OK
 
 

@@ -441,6 +441,8 @@ def network_table(attempts: Sequence[types.NetworkAttemptInfo], lost: int) -> Re
         else:
             name = f" ({a.dns_name})" if a.dns_name else ""
             dest = f"{a.address}:{a.port}{name}"
+            if a.protocol is types.NetProtocol.UNIX:  # a host Unix socket: its path
+                dest = a.address
             if a.http_method:
                 what = f"{a.http_method} {a.http_host}{a.http_path}"
             elif a.sni:

@@ -171,7 +171,10 @@ def offer_apply(client: Client, v: types.Validation, out: Console) -> None:
     except EOFError:
         return
     if answer.strip().lower() not in ("y", "yes"):
-        out.print(f"Not applied. Later: airlock apply {v.validation_id}", markup=False)
+        later = f"airlock apply {v.validation_id}"
+        if v.verdict is types.Verdict.ASK:  # Apply needs the approval first
+            later = f"airlock approve {v.validation_id} (an approver), then {later}"
+        out.print(f"Not applied. Later: {later}", markup=False)
         return
     try:
         if v.verdict is types.Verdict.ASK:

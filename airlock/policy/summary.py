@@ -118,6 +118,8 @@ def _listed(items: Sequence[str]) -> str:
 
 
 def _where(a: NetworkAttemptInfo) -> str:
+    if a.protocol is NetProtocol.UNIX:  # a host Unix socket: its path
+        return a.address
     host = a.dns_name or a.host
     return f"[{host}]:{a.port}" if ":" in host else f"{host}:{a.port}"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import os
@@ -31,6 +32,7 @@ import secrets
 import select
 import signal
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -57,6 +59,7 @@ from airlock.sandbox.diff import Caller, DiffResult, compute_changes
 from airlock.sandbox.plan import (
     ApplyPlan,
     ApplyReply,
+    Bind,
     PlanOnWire,
     RunSpec,
     SandboxPlan,
@@ -342,6 +345,73 @@ def _init(
 # --- The supervisor ---------------------------------------------------------------------------
 
 
+def _in_root(root: str, path: str) -> str | None:
+    """``path`` as the sandbox will see it under ``root``: every symbolic link but the last
+    component's resolved inside ``root`` (``/var/run`` -> ``/run``); None if it leads nowhere."""
+    parts = [p for p in path.split("/") if p]
+    done: list[str] = []
+    for _ in range(40):  # symbolic links followed at most, as the kernel's limit
+        if not parts:
+            return root + "/" + "/".join(done)
+        part = parts.pop(0)
+        if part == "..":
+            done = done[:-1]
+            continue
+        if part == "." or not parts:
+            if part != ".":
+                done.append(part)
+            continue
+        here = root + "/" + "/".join([*done, part])
+        try:
+            link = os.readlink(here)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return None
+            done.append(part)
+            continue
+        if link.startswith("/"):
+            done = []
+        parts = [p for p in link.split("/") if p] + parts
+    return None
+
+
+def _host_sockets(template: SandboxTemplate, network: netcap.NetworkRecorder) -> None:
+    """Bind a listening socket of the recorder over each of a dry run's
+    ``template.host_sockets`` that is a socket on the host, with its owner and mode, where the
+    sandbox shows a file: a connect is then recorded instead of refused (through the overlay a
+    host socket refuses every connect; a socket the host bind-mounts shows as the file beneath)."""
+    root = template.scratch_dir + "/root"
+    seen: set[str] = set()
+    for i, path in enumerate(template.host_sockets):
+        target = _in_root(root, path)
+        if target is None or target in seen:
+            continue
+        try:
+            st = os.stat(path)  # the host's view: this mount namespace is still its copy
+            shown = os.lstat(target)
+        except OSError:
+            continue
+        # Not over a directory, nor a symbolic link (mount(2) would follow it out of the root).
+        if not stat.S_ISSOCK(st.st_mode) or stat.S_IFMT(shown.st_mode) in (
+            stat.S_IFDIR,
+            stat.S_IFLNK,
+        ):
+            continue
+        seen.add(target)
+        stand_in = f"{template.scratch_dir}/host-socket-{i}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(stand_in)
+            os.chown(stand_in, st.st_uid, st.st_gid)
+            os.chmod(stand_in, stat.S_IMODE(st.st_mode))
+            listener.listen(64)
+            mnt.execute_step(Bind(stand_in, target, readonly=False))
+        except BaseException:
+            listener.close()
+            raise
+        network.add_host_socket(listener, target[len(root) :])
+
+
 def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     """Build a sandbox from ``template``: the checklist. Call in a fresh (forked) process."""
     t0 = time.monotonic()
@@ -381,6 +451,8 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         net.loopback_up()
         if template.capture_network:
             network = netcap.install()
+            # 5a. A dry run: the recorder's stand-ins over the host sockets the sandbox shows.
+            _host_sockets(template, network)
         # 5b. A dry run's lost-work checker: forked now, as no process can join the pid
         #     namespace once the sandbox's init has exited (when the check runs).
         if not template.writable:

@@ -122,6 +122,11 @@ table inet airlock_netcap {{
 # that tried it would reach it there.
 HOST_SERVICE_DETAIL = "refused in the sandbox; on the host something may listen there"
 _NFLOG_GROUP = 7
+
+# Host Unix sockets (a dry run only, ``SandboxTemplate.host_sockets``): a connect to one is
+# recorded as a ``host-service`` attempt with the path as its address and the first bytes
+# sent, then closed, so the client fails as it would have with ECONNREFUSED.
+HOST_SOCKET_DETAIL = "refused in the sandbox; on the host a service listens at this socket"
 _NFLOG_COPY = 128  # bytes of each logged packet: IPv6 + ICMPv6 + inner IPv6 + UDP is 96
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_ULOG = 4
@@ -685,6 +690,7 @@ class NetworkRecorder:
         self._listeners: dict[int, socket.socket] = {}
         self._datagrams: dict[int, socket.socket] = {}
         self._nflog: socket.socket | None = None  # refused loopback attempts (install())
+        self._unix: dict[int, tuple[socket.socket, str]] = {}  # host socket stand-ins, by fd
         self._nflog_lost = 0  # NFLOG messages the kernel dropped (ENOBUFS)
         self._connections: dict[int, _Connection] = {}
         self._attempts: list[NetworkAttempt] = []
@@ -784,6 +790,8 @@ class NetworkRecorder:
                 self._receive(self._datagrams[fd])
             elif self._nflog is not None and fd == self._nflog.fileno():
                 self._refusals(self._nflog)
+            elif fd in self._unix:
+                self._accept_unix(*self._unix[fd])
             elif fd in self._connections:
                 self._read(self._connections[fd])
             elif fd in self._relay_fds:
@@ -843,14 +851,26 @@ class NetworkRecorder:
             self._upstream.close()
         for conn in list(self._connections.values()):
             self._finish(conn)
-        for s in (*self._listeners.values(), *self._datagrams.values()):
+        for s in (
+            *self._listeners.values(),
+            *self._datagrams.values(),
+            *(u for u, _path in self._unix.values()),
+        ):
             s.close()
         self._listeners.clear()
         self._datagrams.clear()
+        self._unix.clear()
         if self._nflog is not None:
             self._nflog.close()
             self._nflog = None
         self._epoll.close()
+
+    def add_host_socket(self, listener: socket.socket, path: str) -> None:
+        """Record connections to ``listener`` (bound over host socket ``path`` in the
+        sandbox) as ``host-service`` attempts; the recorder owns it from now on."""
+        listener.setblocking(False)
+        self._unix[listener.fileno()] = (listener, path)
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
 
     # Internals.
 
@@ -1013,6 +1033,35 @@ class NetworkRecorder:
             # once under an egress policy, so that the client fails fast.
             wait = self.limits.refuse_wait_s if reset else self.limits.read_deadline_s
             c = _Connection(conn, index, time.monotonic() + wait, bytearray(), 0, dns, reset)
+            self._connections[conn.fileno()] = c
+            self._epoll.register(conn.fileno(), select.EPOLLIN)
+
+    def _accept_unix(self, listener: socket.socket, path: str) -> None:
+        """A connection to a host socket: recorded, read like a refused TCP one, closed."""
+        for _ in range(self.limits.batch):
+            try:
+                conn, _peer = listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            index = self._record(
+                NetworkAttempt(
+                    protocol=NetProtocol.UNIX,
+                    address=path,
+                    port=0,
+                    time=self._now(),
+                    refusal=HOST_SERVICE,
+                    refusal_detail=HOST_SOCKET_DETAIL,
+                )
+            )
+            if index < 0 or len(self._connections) + len(self._relays) >= (
+                self.limits.max_connections
+            ):
+                self._completed(index)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            deadline = time.monotonic() + self.limits.read_deadline_s
+            c = _Connection(conn, index, deadline, bytearray(), 0, dns=False)
             self._connections[conn.fileno()] = c
             self._epoll.register(conn.fileno(), select.EPOLLIN)
 

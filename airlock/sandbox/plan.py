@@ -216,6 +216,28 @@ class SandboxSettings:
     protected_paths: tuple[str, ...] = ()
 
 
+# Well-known sockets of services on this machine that act on the host when a client connects:
+# container engines (docker, containerd, podman, CRI-O, cri-dockerd, k3s), snapd, systemd's
+# private bus. Policy-independent data. In a dry run, each that is a socket in the sandbox's
+# view (through its overlay, where a connect is refused) gets a listener of the supervisor's
+# bound over it (``contain.prepare``), so that a connect is recorded (``netcap``).
+HOST_SOCKETS: tuple[str, ...] = (
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/containerd/containerd.sock",
+    "/var/run/containerd/containerd.sock",
+    "/run/podman/podman.sock",
+    "/var/run/podman/podman.sock",
+    "/run/crio/crio.sock",
+    "/var/run/crio/crio.sock",
+    "/run/k3s/containerd/containerd.sock",
+    "/run/cri-dockerd.sock",
+    "/var/run/cri-dockerd.sock",
+    "/run/snapd.socket",
+    "/run/systemd/private",
+)
+
+
 @dataclass(frozen=True)
 class SandboxTemplate:
     """What every dry run of this daemon shares: namespaces, mounts, limits.
@@ -251,6 +273,9 @@ class SandboxTemplate:
     writable: str = ""
     # What no read-write bind may contain (``SandboxSettings.protected_paths``).
     protected: tuple[str, ...] = ()
+    # A dry run with network capture: the host sockets (``HOST_SOCKETS``) whose connections
+    # the recorder takes, each that is a socket when the sandbox is prepared.
+    host_sockets: tuple[str, ...] = ()
 
     @property
     def key(self) -> bytes:
@@ -712,6 +737,7 @@ def build_template(
         seccomp_program=seccomp_program,
         writable=writable,
         protected=settings.protected_paths,
+        host_sockets=HOST_SOCKETS if capture_network and not writable else (),
     )
 
 

@@ -147,6 +147,10 @@ class _NetworkProtocolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Netwo
     """A TCP connection."""
     NETWORK_PROTOCOL_UDP: _NetworkProtocol.ValueType  # 3
     """A UDP datagram."""
+    NETWORK_PROTOCOL_UNIX: _NetworkProtocol.ValueType  # 4
+    """A connection to a host Unix socket (docker.sock and the like) in a dry run:
+    the address is its path, the port 0.
+    """
 
 class NetworkProtocol(_NetworkProtocol, metaclass=_NetworkProtocolEnumTypeWrapper):
     """NetworkProtocol is the kind of a network attempt."""
@@ -159,6 +163,10 @@ NETWORK_PROTOCOL_TCP: NetworkProtocol.ValueType  # 2
 """A TCP connection."""
 NETWORK_PROTOCOL_UDP: NetworkProtocol.ValueType  # 3
 """A UDP datagram."""
+NETWORK_PROTOCOL_UNIX: NetworkProtocol.ValueType  # 4
+"""A connection to a host Unix socket (docker.sock and the like) in a dry run:
+the address is its path, the port 0.
+"""
 Global___NetworkProtocol: _TypeAlias = NetworkProtocol  # noqa: Y015
 
 class _DryRunSkip:
@@ -1620,7 +1628,8 @@ class NetworkAttempt(_message.Message):
     """What it was."""
     address: _builtins.str
     """The destination address: the resolver for DNS, the original destination
-    of a connection or datagram otherwise (IPv4 or IPv6, without brackets).
+    of a connection or datagram otherwise (IPv4 or IPv6, without brackets);
+    for NETWORK_PROTOCOL_UNIX the socket's path.
     """
     port: _builtins.int
     """The destination port."""

@@ -130,6 +130,9 @@ def test_allowed_command_is_judged_without_grpc(daemon: Daemon, workspace: Path)
     assert "airlock.cli._h2call" in loaded
     assert not {m for m in loaded if m == "grpc" or m.startswith("grpc.")}
     assert "airlock.v1.sandbox_pb2_grpc" not in loaded
+    # Nor the shared types' and error tree's modules (a fifth of the start-up): only the
+    # error path loads the errors (docs/performance.md section 11).
+    assert not loaded & {"airlock.types", "airlock._errors"}
 
 
 def test_daemon_error_keeps_its_reason(daemon: Daemon, tmp_path: Path) -> None:

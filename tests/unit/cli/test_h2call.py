@@ -158,7 +158,7 @@ def test_nobody_listening(tmp_path: Path) -> None:
 
 def test_code_table_is_the_status_modules() -> None:
     by_number = {code.value[0]: cls for code, cls in api_status._CLASS_OF_CODE.items()}
-    assert by_number == hook._CLASS_OF_CODE
+    assert by_number == hook._class_of_code()
     assert hook._ERROR_DOMAIN == api_status.DOMAIN
     assert {c.value[0]: c.name for c in grpc.StatusCode} == dict(enumerate(_h2call.CODE_NAMES))
 

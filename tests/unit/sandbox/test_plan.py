@@ -35,6 +35,7 @@ from airlock.sandbox.cgroup import CgroupHost, CgroupSpec
 from airlock.sandbox.diff import DiffOptions, Layer
 from airlock.sandbox.plan import (
     DEFAULT_PATH,
+    HOST_SOCKETS,
     KERNEL_TREES,
     Bind,
     Devpts,
@@ -1538,3 +1539,18 @@ def test_checks_catch_broken_plans(name: str) -> None:
     match, broken = MUTATIONS[name]
     with pytest.raises(AssertionError, match=match):
         broken()
+
+
+def test_only_a_dry_run_with_network_capture_stands_in_for_host_sockets() -> None:
+    host = HOSTS[0]
+    assert dry_template(host).host_sockets == HOST_SOCKETS
+    assert "/var/run/docker.sock" in HOST_SOCKETS and "/run/docker.sock" in HOST_SOCKETS
+    assert execute_template(host).host_sockets == ()
+    no_capture = build_template(
+        settings=SETTINGS,
+        scratch_bytes=SCRATCH_BYTES,
+        cgroup=CGROUP,
+        host_mounts=host.mounts(),
+        capture_network=False,
+    )
+    assert no_capture.host_sockets == ()
