@@ -401,20 +401,8 @@ class Service:
                 ),
             )
 
-        try:
-            outcome, record = self._workflow.apply(
-                validation_id, peer, self._engine.apply_changeset, begun
-            )
-        except AirlockError as exc:
-            refused = self._workflow.find(validation_id)
-            if refused is not None:
-                partial = getattr(exc, "partial", ())  # written before a failure
-                _audit.record(
-                    self._audit,
-                    _audit.apply_event(caller, refused, applied_paths=partial, error=exc.reason),
-                )
-            raise
-        if not outcome.replayed:
+        def written(record: ValidationRecord, outcome: ApplyOutcome) -> None:
+            # Before the apply is marked done: a crash in between leaves it to recovery.
             _audit.record(
                 self._audit,
                 _audit.apply_event(
@@ -429,6 +417,20 @@ class Service:
                     f"{outcome.bytes_written} B; changes digest {record.diff_hash}",
                 ),
             )
+
+        try:
+            outcome, _record = self._workflow.apply(
+                validation_id, peer, self._engine.apply_changeset, begun, written
+            )
+        except AirlockError as exc:
+            refused = self._workflow.find(validation_id)
+            if refused is not None:
+                partial = getattr(exc, "partial", ())  # written before a failure
+                _audit.record(
+                    self._audit,
+                    _audit.apply_event(caller, refused, applied_paths=partial, error=exc.reason),
+                )
+            raise
         _log.info(
             "applied",
             extra={

@@ -219,6 +219,7 @@ class Workflow:
         peer: PeerCred,
         write: Callable[[str, int, int, tuple[bytes, ...]], ApplyOutcome],
         on_begun: Callable[[ValidationRecord], object] | None = None,
+        on_written: Callable[[ValidationRecord, ApplyOutcome], object] | None = None,
     ) -> tuple[ApplyOutcome, ValidationRecord]:
         """Write the validation's kept changes to the host with ``write``, exactly once.
 
@@ -227,6 +228,10 @@ class Workflow:
         ``on_begun(record)`` runs once the apply is claimed (APPLYING, durable) and before
         anything is written: the audit log records the start there, so an apply a crash
         cuts short is never unrecorded. If it raises, nothing is written.
+        ``on_written(record, outcome)`` runs once everything is written and before the
+        apply is marked done: the audit log records the outcome there, so a crash between
+        the two leaves the apply APPLYING, which recovery settles and records. What was
+        written stays done even if it raises.
         """
         begun = self.state.begin_apply(validation_id, uid=peer.uid)
         if isinstance(begun, ApplyDone):
@@ -268,8 +273,12 @@ class Workflow:
         except BaseException as exc:
             self.state.abort_apply(validation_id, type(exc).__name__)
             raise
-        done = self.state.finish_apply(validation_id, _outcome_to_json(outcome))
-        _remove(done.changeset_dir)
+        try:
+            if on_written is not None:
+                on_written(record, outcome)
+        finally:
+            done = self.state.finish_apply(validation_id, _outcome_to_json(outcome))
+            _remove(done.changeset_dir)
         return outcome, done
 
     def find(self, validation_id: str) -> ValidationRecord | None:
