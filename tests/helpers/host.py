@@ -8,8 +8,9 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def airlock_cgroups() -> set[str]:
@@ -37,13 +38,20 @@ def public_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _first_bytes(conn: socket.socket) -> bytes:
+    return conn.recv(100) or b"<connected>"
+
+
 @contextlib.contextmanager
-def loopback_listener() -> Iterator[tuple[int, list[bytes]]]:
-    """A TCP listener on the host's 127.0.0.1 that records whatever reaches it: its port and
-    the first bytes of each connection (``b"<connected>"`` for a connection that sent none)."""
+def loopback_listener(
+    read: Callable[[socket.socket], Any] = _first_bytes,
+) -> Iterator[tuple[int, list[Any]]]:
+    """A TCP listener on the host's 127.0.0.1 that records whatever reaches it: its port and,
+    per connection, what ``read`` took from it (by default the first bytes, ``b"<connected>"``
+    for a connection that sent none)."""
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(0.2)
-    got: list[bytes] = []
+    got: list[Any] = []
     stop = threading.Event()
 
     def serve() -> None:
@@ -55,7 +63,7 @@ def loopback_listener() -> Iterator[tuple[int, list[bytes]]]:
             except OSError:
                 return
             with conn:
-                got.append(conn.recv(100) or b"<connected>")
+                got.append(read(conn))
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -382,37 +381,14 @@ out(done=True)
     assert "more than 64 names resolved in one run" in tcp[-1].refusal_detail
 
 
-@contextlib.contextmanager
-def _counting_listener() -> Iterator[tuple[int, list[int]]]:
-    """A TCP listener on the host's 127.0.0.1: its port and the bytes each connection sent."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.2)
-    got: list[int] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            n = 0
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(5)
-                while chunk := conn.recv(65536):
-                    n += len(chunk)
-            got.append(n)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1], got
-    finally:
-        stop.set()
-        t.join()
-        srv.close()
+def _count_all(conn: socket.socket) -> int:
+    """Every byte a connection sends, until it closes (or stalls for 5 s)."""
+    n = 0
+    with contextlib.suppress(OSError):
+        conn.settimeout(5)
+        while chunk := conn.recv(65536):
+            n += len(chunk)
+    return n
 
 
 def test_client_hellos_count_against_the_caps(lab: Lab) -> None:
@@ -420,7 +396,7 @@ def test_client_hellos_count_against_the_caps(lab: Lab) -> None:
     # ones of 8000 bytes, just under NetcapLimits.tls_hello_bytes). What reaches the
     # destination stays within the per-run cap, and the run forwards at most
     # NetcapLimits.forwarded_connections connections.
-    with _counting_listener() as (port, got):
+    with loopback_listener(_count_all) as (port, got):
         body = rf"""
 import struct
 def hello(size):
