@@ -24,9 +24,14 @@ from dataclasses import dataclass
 
 from airlock._errors import AirlockError
 
-__all__ = ["BUSY_TIMEOUT_S", "Database", "immediate"]
+__all__ = ["BUSY_TIMEOUT_S", "CACHE_KIB", "Database", "immediate"]
 
 BUSY_TIMEOUT_S = 30.0
+# Each connection's page cache, KiB. SQLite's default (2,000 KiB) fills as a store grows, so a
+# daemon's three long-lived connections (state store, audit writer and reader) grew its RSS
+# for its first ~10,000 calls (the soak's "per-call leak", issue 15); reads past the cache
+# come from the OS's page cache, which the kernel bounds and reclaims.
+CACHE_KIB = 512
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
 
 
@@ -70,6 +75,7 @@ class Database:
             # machine. NORMAL: a commit is written to the WAL (the OS has it: it survives the
             # process being killed) and fsynced at checkpoints only.
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             if self.foreign_keys:
                 conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:

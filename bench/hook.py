@@ -15,8 +15,9 @@ A B C ...), so that load from elsewhere on the machine falls on all of them alik
   and the generated stub (``OLD_PATH`` below, the adapter's own parsing and answer around a
   ``SandboxServiceStub.Validate``), so the two can be compared in one run;
 * what the hook cannot do without, each as ``python -c``: ``import grpc`` (what the h2 path
-  saves); and ``import airlock.cli.hook`` plus the generated messages (the adapter, h2 and
-  protobuf: the hook's whole import cost).
+  saves); ``import airlock.cli.hook`` (the adapter, h2 and the hand-written wire codec
+  airlock.cli._hookwire: the hook's whole import cost); and the same plus the generated
+  messages (protobuf, what the hook imported before _hookwire).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def _series(workspace: str) -> dict[str, tuple[list[str], bytes]]:
         "airlock hook claude (ls)": ([AIRLOCK, "hook", "claude"], json.dumps(hook_input).encode()),
         "old path: the call via grpc (ls)": ([py, "-c", OLD_PATH], json.dumps(hook_input).encode()),
         "python -c 'import grpc'": ([py, "-c", "import grpc"], b""),
+        "import airlock.cli.hook": ([py, "-c", "import airlock.cli.hook"], b""),
         "import airlock.cli.hook + messages": (
             [py, "-c", "import airlock.cli.hook; import airlock.v1.sandbox_pb2"],
             b"",
@@ -100,7 +102,8 @@ def _once(argv: list[str], stdin: bytes, env: dict[str, str]) -> tuple[float, fl
 
 
 def _import_count(env: dict[str, str], stdin: bytes) -> dict[str, Any]:
-    """Which modules the hook imports (``-X importtime``): none of rich, tree-sitter, policy."""
+    """Which modules the hook imports (``-X importtime``): none of rich, tree-sitter, policy,
+    grpc, protobuf."""
     p = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import sys; from airlock.cli.main import main;"
          " sys.exit(main(['hook', 'claude']))"],
@@ -119,6 +122,7 @@ def _import_count(env: dict[str, str], stdin: bytes) -> dict[str, Any]:
             or n == "grpc"
             or n.startswith(("grpc.", "airlock.v1.sandbox_pb2_grpc"))
             or n.startswith(("airlock.api.convert", "airlock.client", "yaml", "jsonschema"))
+            or n.startswith(("google.protobuf", "airlock.v1."))
         }
     )
     return {"modules": len(names), "unwanted": heavy}

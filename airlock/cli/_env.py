@@ -1,28 +1,16 @@
-"""The caller's environment, read in one place for every command that sends one."""
+"""The caller's environment for ``airlock validate`` and ``airlock run``, with a warning on the
+terminal for each variable left out (:func:`airlock._environ.caller_environment` reads it)."""
 
 from __future__ import annotations
 
-import os
-
 from rich.console import Console
+
+from airlock._environ import caller_environment
 
 __all__ = ["environment"]
 
 
 def environment(err: Console) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for key, value in os.environ.items():
-        try:
-            key.encode("utf-8")
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # os.environ holds undecodable bytes as surrogates; the API carries UTF-8.
-            err.print(
-                f"airlock: warning: not passing {key.encode('utf-8', 'backslashreplace')!r}:"
-                " not valid UTF-8",
-                markup=False,
-                highlight=False,
-            )
-            continue
-        env[key] = value
-    return env
+    return caller_environment(
+        lambda why: err.print(f"airlock: warning: {why}", markup=False, highlight=False)
+    )

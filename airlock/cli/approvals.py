@@ -26,7 +26,8 @@ from typing import Any, TextIO
 from rich.console import Console
 
 from airlock import types
-from airlock.cli.render import escape_controls, render_validation
+from airlock.cli._pager import show
+from airlock.cli.render import ALL, ReportBounds, escape_controls, render_validation, verdict_line
 from airlock.client import Client
 
 __all__ = ["ACTIONS", "add_parsers", "describe_agent", "render_pending"]
@@ -78,6 +79,14 @@ def add_parsers(sub: Any, socket: argparse.ArgumentParser) -> None:
         "--yes",
         action="store_true",
         help="approve without asking (for scripts: review it first with `airlock pending`)",
+    )
+    approve.add_argument(
+        "--all",
+        action="store_true",
+        help="list every change and every diff in full (default: bounded as `airlock validate`)",
+    )
+    approve.add_argument(
+        "--no-pager", action="store_true", help="never page the report (see `airlock validate`)"
     )
 
 
@@ -172,7 +181,8 @@ def _approve(args: argparse.Namespace, out: Console, err: Console) -> int:
                 markup=False,
             )
         elif review.validation is not None:
-            err.print(render_validation(review.validation))
+            bounds = ALL if args.all else ReportBounds()
+            show(err, render_validation(review.validation, bounds), paging=not args.no_pager)
             agent = describe_agent(review.agent)
             if agent:
                 err.print(f"Agent: {agent}", markup=False)
@@ -188,6 +198,10 @@ def _approve(args: argparse.Namespace, out: Console, err: Console) -> int:
                 markup=False,
             )
         what = "for the session" if args.session else "once"
+        if not args.yes and review is not None and review.validation is not None:
+            # The report may be long: the verdict again, right above the question.
+            err.print()
+            err.print(verdict_line(review.validation))
         if not args.yes and not _confirm(f"Approve it {what}? [y/N] ", sys.stdin, err):
             err.print("Not approved.", markup=False)
             return 1

@@ -42,6 +42,7 @@ from airlock.audit import (
 from airlock.cli import workflow as _workflow_cli
 from airlock.cli._env import environment
 from airlock.cli._exit import EXIT_ASK, EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from airlock.cli._pager import show
 from airlock.cli.render import (
     ALL,
     ReportBounds,
@@ -138,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--no-diff", action="store_true", help="leave the diffs out")
     validate.add_argument(
+        "--no-pager",
+        action="store_true",
+        help="never page the report (default: in a terminal, a report taller than it goes "
+        "through $AIRLOCK_PAGER, $PAGER or less)",
+    )
+    validate.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command's words"
     )
     validate.set_defaults(subparser=validate)
@@ -195,7 +202,7 @@ def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
         elif args.quiet:
             sys.stdout.write(f"{validation.validation_id}\n")
         else:
-            out.print(render_validation(validation, _bounds(args)))
+            show(out, render_validation(validation, _bounds(args)), paging=not args.no_pager)
             if sys.stdin.isatty() and sys.stdout.isatty():
                 if validation.changes_digest and validation.verdict is not types.Verdict.DENY:
                     # The report may be long: the verdict again, right above the question.

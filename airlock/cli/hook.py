@@ -11,6 +11,10 @@ claude   PreToolUse, tool ``Bash``          ``hookSpecificOutput.permissionDecis
 codex    PreToolUse, tool ``Bash``          nothing for allow; ``permissionDecision``
                                             deny with a non-empty reason otherwise
                                             (Codex takes no bare allow and no ask)
+codex    PermissionRequest, tool ``Bash``   nothing for allow (no decision: Codex asks
+                                            the person as usual); ``decision``
+                                            ``{"behavior": "deny", "message"}``
+                                            otherwise. Never a grant
 gemini   BeforeTool, ``run_shell_command``  ``{"decision": "allow"|"deny", "reason"}``
                                             (no ask: an ask is a deny)
 cursor   beforeShellExecution               ``{"permission": "allow"|"ask"|"deny",
@@ -23,11 +27,22 @@ tool only, so anything else is a misconfiguration), or any error is answered wit
 agent's blocking form and a one-line reason, never with an answer that lets it run.
 Where the agent cannot ask (Codex, Gemini) an ask is a deny whose reason gives the
 ``airlock approve`` command. The sources these formats were checked against are
-recorded in tests/data/hooks/<agent>.json.
+recorded in tests/data/hooks/<agent>.json (Codex's PermissionRequest in
+codex-permission-request.json).
+
+Codex runs ``airlock hook codex`` for two events, told apart by ``hook_event_name``:
+PreToolUse before each shell command, and PermissionRequest when its own sandbox or
+approval policy is about to ask the person to approve one (more access, network). The
+answer to PermissionRequest never grants: Airlock judges whether a command may run, not
+whether Codex may lift its own sandbox for it, so an allow is "no decision" (the person
+decides in Codex's prompt), an ask or a deny is a deny, and so is every failure
+(docs/decisions.md section 32). Codex itself treats a hook that fails, times out or
+answers badly as no decision, which falls back to its prompt: never a grant either.
 
 Start-up is kept light: the one call is made over HTTP/2 by :mod:`airlock.cli._h2call`
-(``h2``, pure Python) without importing grpc, the generated messages are imported only
-when a command is judged, and the typed client (with its conversions) not at all. Nor is
+(``h2``, pure Python) without importing grpc, its two messages are written and read by
+:mod:`airlock.cli._hookwire` without the protobuf runtime (which only the error path loads),
+and the typed client (with its conversions) is not imported at all. Nor is
 :mod:`airlock.types`: the few shared types used here come from :mod:`airlock._vocab`
 (which ``airlock.types`` re-exports), and the daemon's answer is read into a
 :class:`Judgement`; :func:`answer_verdict` takes it or an ``airlock.types.Validation``.
@@ -44,8 +59,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol, TypeVar
 
+from airlock._environ import caller_environment
 from airlock._vocab import AGENT_LIMITS, FindingSource, Severity, Verdict
-from airlock.cli import _h2call
+from airlock.cli import _h2call, _hookwire
 
 if TYPE_CHECKING:
     from airlock._errors import AirlockError
@@ -58,6 +74,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENTS",
     "DEFAULT_DEADLINE_S",
+    "PERMISSION_REQUEST",
     "Answer",
     "HookError",
     "Judged",
@@ -66,6 +83,7 @@ __all__ = [
     "Request",
     "answer_error",
     "answer_verdict",
+    "event_of",
     "handle",
     "main",
     "parse_request",
@@ -83,6 +101,14 @@ _EVENT = {
     "codex": "PreToolUse",
     "gemini": "BeforeTool",
     "cursor": "beforeShellExecution",
+}
+# Codex's approval prompt for a shell command (tests/data/hooks/codex-permission-request.json).
+PERMISSION_REQUEST = "PermissionRequest"
+# Every event an agent's hook answers: its pre-shell event first (the form of an answer
+# to input whose event cannot be read), then any other.
+_EVENTS: dict[str, tuple[str, ...]] = {
+    agent: (event, PERMISSION_REQUEST) if agent == "codex" else (event,)
+    for agent, event in _EVENT.items()
 }
 
 
@@ -177,6 +203,7 @@ _AGENT_FIELDS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
         {
             "session_id": ("", "session_id"),
             "tool_use_id": ("", "tool_use_id"),
+            "tool_description": ("tool_input", "description"),  # PermissionRequest's
             "transcript_path": ("", "transcript_path"),
         },
     ),
@@ -240,6 +267,21 @@ def _string(obj: Mapping[str, Any], key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def event_of(agent: str, raw: str) -> str:
+    """The event ``raw`` is for, among those ``agent``'s hook answers: what the answer's
+    form follows. The agent's pre-shell event when the input names no other it answers
+    (unreadable input included: :func:`parse_request` then says what is wrong)."""
+    events = _EVENTS[agent]
+    if len(events) > 1:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return events[0]
+        if isinstance(data, dict) and data.get("hook_event_name") in events:
+            return str(data["hook_event_name"])
+    return events[0]
+
+
 def parse_request(agent: str, raw: str) -> Request:
     """The command in ``agent``'s hook JSON; :class:`HookError` if there is none to judge."""
     try:
@@ -249,9 +291,9 @@ def parse_request(agent: str, raw: str) -> Request:
     if not isinstance(data, dict):
         raise HookError("the hook input is not a JSON object")
     event = data.get("hook_event_name")
-    if event is not None and event != _EVENT[agent]:
+    if event is not None and event not in _EVENTS[agent]:
         raise HookError(
-            f"airlock hook {agent} answers {_EVENT[agent]} only, not {event!r}: "
+            f"airlock hook {agent} answers {' and '.join(_EVENTS[agent])} only, not {event!r}: "
             "register it for that event"
         )
     if agent == "cursor":
@@ -350,9 +392,11 @@ def _main_finding(v: Judged) -> _FindingLike | None:
 def reason_of(v: Judged, *, ask_as_deny: bool) -> str:
     """One line: what the command would do, the main finding and, for an ask, how to
     approve it."""
-    parts = [v.summary.strip().rstrip(".") or "no summary"]
+    summary = v.summary.strip().rstrip(".")
+    parts = [summary or "no summary"]
     finding = _main_finding(v)
-    if finding is not None:
+    # The daemon's summary of a policy verdict already names its main finding by rule id.
+    if finding is not None and f"({finding.rule_id})" not in summary:
         parts.append(f"{finding.rule_id}: {finding.message.strip().rstrip('.')}")
     if v.verdict == Verdict.ALLOW:
         head = "Airlock allows this"
@@ -360,9 +404,9 @@ def reason_of(v: Judged, *, ask_as_deny: bool) -> str:
         head = "Airlock asks a person before this runs"
         if ask_as_deny:
             head += "; it was not run"
-        parts.append(f"to approve: airlock approve {v.validation_id}")
+        parts.append(f"To approve: airlock approve {v.validation_id}")
         if ask_as_deny:
-            parts.append("then run it with: airlock run --token TOKEN -- COMMAND")
+            parts.append("Then run it with: airlock run --token TOKEN -- COMMAND")
     else:
         head = "Airlock denies this"
     return _one_line(f"{head}: " + ". ".join(parts) + ".")
@@ -384,8 +428,24 @@ def _pre_tool_use(decision: str, reason: str) -> str:
     )
 
 
-def _decide(agent: str, decision: str, reason: str) -> Answer:
-    """``decision`` (allow / ask / deny) in ``agent``'s form; ask only where it exists."""
+def _permission_request_deny(reason: str) -> str:
+    return _json(
+        {
+            "hookSpecificOutput": {
+                "hookEventName": PERMISSION_REQUEST,
+                "decision": {"behavior": "deny", "message": reason},
+            }
+        }
+    )
+
+
+def _decide(agent: str, decision: str, reason: str, event: str | None = None) -> Answer:
+    """``decision`` (allow / ask / deny) in ``agent``'s form for ``event`` (default: its
+    pre-shell event); ask only where it exists."""
+    if agent == "codex" and event == PERMISSION_REQUEST:
+        # Never {"behavior": "allow"}: that would grant what Codex's own policy asks a
+        # person about. An allow is no decision (empty stdout), so Codex asks the person.
+        return Answer("" if decision == "allow" else _permission_request_deny(reason))
     if agent == "claude":
         return Answer(_pre_tool_use(decision, reason))
     if agent == "codex":
@@ -398,40 +458,29 @@ def _decide(agent: str, decision: str, reason: str) -> Answer:
     return Answer(_json({"permission": decision, "user_message": reason, "agent_message": reason}))
 
 
-def answer_verdict(agent: str, v: Judged) -> Answer:
+def answer_verdict(agent: str, v: Judged, event: str | None = None) -> Answer:
     """The agent's answer to a validation (verdicts compared by value: a
-    :class:`Judgement` or an ``airlock.types.Validation``)."""
+    :class:`Judgement` or an ``airlock.types.Validation``) for ``event`` (default: the
+    agent's pre-shell event)."""
     can_ask = agent in ("claude", "cursor")
     reason = reason_of(v, ask_as_deny=not can_ask)
     if v.verdict == Verdict.ALLOW:
-        return _decide(agent, "allow", reason)
+        return _decide(agent, "allow", reason, event)
     if v.verdict == Verdict.ASK and can_ask:
-        return _decide(agent, "ask", reason)
-    return _decide(agent, "deny", reason)
+        return _decide(agent, "ask", reason, event)
+    return _decide(agent, "deny", reason, event)
 
 
-def answer_error(agent: str, why: str) -> Answer:
+def answer_error(agent: str, why: str, event: str | None = None) -> Answer:
     """The agent's blocking answer when the command could not be judged."""
     return _decide(
-        agent, "deny", _one_line(f"Airlock could not judge this, so it is blocked: {why}")
+        agent, "deny", _one_line(f"Airlock could not judge this, so it is blocked: {why}"), event
     )
 
 
 # --- the handler --------------------------------------------------------------------------
 
 Validator = Callable[[Request], Judged]
-
-
-def _environment() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for key, value in os.environ.items():
-        try:
-            key.encode("utf-8")
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            continue  # the API carries UTF-8; such a variable is left out
-        env[key] = value
-    return env
 
 
 # The same default as airlock.client (a unit test checks), without importing the client:
@@ -524,56 +573,51 @@ def daemon_validator(socket: str | None, deadline: float) -> Validator:
     """Judge a request with the daemon at ``socket``, waiting at most ``deadline`` seconds.
 
     The hook's one call is made without grpc, by :mod:`airlock.cli._h2call` (HTTP/2 with
-    ``h2``), and only the fields the answer uses are read (the id, verdict, summary and
-    findings, each mapped as :mod:`airlock.api.convert` maps them): ``import grpc`` and the
-    typed client would cost this process, which runs before every shell command, about as
-    much again as all the rest of its start-up (docs/performance.md section 11). Every
-    failure of the call is an :class:`airlock.AirlockError`, as the typed client raises it.
+    ``h2``), its two messages written and read without protobuf, by
+    :mod:`airlock.cli._hookwire`, and only the fields the answer uses are read (the id,
+    verdict, summary and findings, each mapped as :mod:`airlock.api.convert` maps them):
+    ``import grpc`` and the typed client would cost this process, which runs before every
+    shell command, about as much again as all the rest of its start-up, and the protobuf
+    runtime a fifth (docs/performance.md section 11). Every failure of the call is an
+    :class:`airlock.AirlockError`, as the typed client raises it.
     """
     path = os.path.abspath(socket or os.environ.get("AIRLOCK_SOCKET") or _DEFAULT_SOCKET_PATH)
 
     def validate(req: Request) -> Judgement:
-        from google.protobuf.message import DecodeError
-
-        from airlock.v1 import sandbox_pb2 as pb
-
-        msg = pb.ValidateRequest(
-            command=req.command, cwd=req.cwd, env=_environment(), session_id=req.session_id
+        # The agent's environment, as the client and CLI send theirs by default; a variable the
+        # API cannot carry is left out silently (stdout and stderr are the agent's to read).
+        request = _hookwire.encode_validate_request(
+            req.command, req.cwd, caller_environment(), req.session_id, req.agent_values()
         )
-        values = req.agent_values()
-        if values is not None:
-            msg.agent.CopyFrom(pb.AgentContext(**values))
         try:
             raw = _h2call.unary(
-                path,
-                VALIDATE_METHOD,
-                msg.SerializeToString(),
-                deadline,
-                max_response=_MAX_RECEIVE_BYTES,
+                path, VALIDATE_METHOD, request, deadline, max_response=_MAX_RECEIVE_BYTES
             )
         except _h2call.CallError as e:
             raise error_of_call(e, path) from None
         try:
-            r = pb.ValidateResponse.FromString(raw)
-        except DecodeError as e:
+            # _h2call returns exactly the one message the length prefix announced, so this
+            # reads a whole answer, never a truncated one.
+            validation_id, verdict, summary, findings = _hookwire.decode_validate_response(raw)
+        except _hookwire.WireError as e:
             from airlock._errors import AirlockError
 
             raise AirlockError(
                 f"the daemon's answer cannot be read ({e})", reason="INTERNAL"
             ) from None
         return Judgement(
-            validation_id=r.validation_id,
-            verdict=_of(Verdict, r.verdict, Verdict.DENY),
-            summary=r.summary,
+            validation_id=validation_id,
+            verdict=_of(Verdict, verdict, Verdict.DENY),
+            summary=summary,
             findings=tuple(
                 JudgedFinding(
-                    rule_id=f.rule_id,
-                    verdict=_of(Verdict, f.verdict, Verdict.DENY),
-                    severity=_of(Severity, f.severity, Severity.CRITICAL),
-                    message=f.message,
-                    source=_of(FindingSource, f.source, FindingSource.BUILTIN),
+                    rule_id=rule_id,
+                    verdict=_of(Verdict, f_verdict, Verdict.DENY),
+                    severity=_of(Severity, severity, Severity.CRITICAL),
+                    message=message,
+                    source=_of(FindingSource, source, FindingSource.BUILTIN),
                 )
-                for f in r.findings
+                for rule_id, f_verdict, severity, message, source in findings
             ),
         )
 
@@ -582,27 +626,31 @@ def daemon_validator(socket: str | None, deadline: float) -> Validator:
 
 def handle(agent: str, raw: str, validate: Validator) -> Answer:
     """The answer to ``raw`` (the hook's stdin) for ``agent``. Never raises (but for
-    KeyboardInterrupt and the like): every failure is the agent's blocking answer."""
+    KeyboardInterrupt and the like): every failure is the agent's blocking answer, in the
+    form of the event ``raw`` is for (:func:`event_of`)."""
+    event = _EVENTS[agent][0]
     try:
+        event = event_of(agent, raw)
         req = parse_request(agent, raw)
         v = validate(req)
         if not isinstance(getattr(v, "verdict", None), Verdict) or not all(
             isinstance(getattr(v, name, None), str) for name in ("validation_id", "summary")
         ):
-            return answer_error(agent, f"the daemon's answer is not a verdict: {v!r}")
-        return answer_verdict(agent, v)
+            return answer_error(agent, f"the daemon's answer is not a verdict: {v!r}", event)
+        return answer_verdict(agent, v, event)
     except HookError as e:
-        return answer_error(agent, str(e))
+        return answer_error(agent, str(e), event)
     except Exception as e:  # AirlockError (daemon down, deadline, audit...), or a bug
         text, tag = str(e), f"[{getattr(e, 'reason', '') or type(e).__name__}]"
-        return answer_error(agent, text if tag in text else f"{text} {tag}")
+        return answer_error(agent, text if tag in text else f"{text} {tag}", event)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock hook",
-        description="Answer a coding agent's pre-shell hook: read its JSON on stdin, ask the "
-        "daemon, print the verdict in the agent's format. Fails closed.",
+        description="Answer a coding agent's pre-shell hook (and Codex's PermissionRequest): "
+        "read its JSON on stdin, ask the daemon, print the verdict in the agent's format. "
+        "Fails closed.",
         epilog="To add this hook to the agent's settings (or remove it): "
         "airlock hook install|uninstall AGENT [--project DIR].",
     )
@@ -635,7 +683,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if agent is None:
             return 2  # no agent: no format to answer in; a usage error
-        answer = answer_error(agent, "airlock hook was called with bad arguments")
+        event = None
+        if len(_EVENTS[agent]) > 1:  # the answer's form follows the input's event
+            try:
+                event = event_of(agent, sys.stdin.read())
+            except Exception:  # unreadable: the pre-shell event's form
+                event = None
+        answer = answer_error(agent, "airlock hook was called with bad arguments", event)
         sys.stdout.write(answer.stdout)
         return answer.exit_code
     try:

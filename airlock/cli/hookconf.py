@@ -7,25 +7,32 @@ with ``--project DIR``:
 =======  ================================  ======================================  ==========
 agent    user file                         project file                            entry
 =======  ================================  ======================================  ==========
-claude   ``~/.claude/settings.json``       ``DIR/.claude/settings.json``           PreToolUse
-codex    ``~/.codex/hooks.json``           ``DIR/.codex/hooks.json``               PreToolUse
+claude   ``~/.claude/settings.json`` [1]   ``DIR/.claude/settings.json``           PreToolUse
+codex    ``~/.codex/hooks.json`` [1]       ``DIR/.codex/hooks.json``               PreToolUse,
+                                                                                   Permission
+                                                                                   Request
 gemini   ``~/.gemini/settings.json``       ``DIR/.gemini/settings.json``           BeforeTool
 cursor   ``~/.cursor/hooks.json``          ``DIR/.cursor/hooks.json``              beforeShell
                                                                                    Execution
 =======  ================================  ======================================  ==========
 
+[1] Or in ``$CLAUDE_CONFIG_DIR`` / ``$CODEX_HOME`` when set: the agent reads its user-level
+settings there.
+
 Claude Code, Codex and Gemini CLI share one shape, ``hooks.EVENT = [{"matcher": TOOL,
 "hooks": [{"type": "command", "command": ...}]}]`` (matcher ``Bash``, or
 ``run_shell_command`` for Gemini); Cursor has ``{"version": 1, "hooks": {"beforeShellExecution":
-[{"command": ...}]}}``. The sources are recorded in tests/data/hooks/install.json.
+[{"command": ...}]}}``. Codex gets the same entry twice, under ``PreToolUse`` and under
+``PermissionRequest`` (its approval prompt, which ``airlock hook codex`` answers too); install
+and uninstall always handle both. The sources are recorded in tests/data/hooks/install.json.
 
 The rules: the file is read as JSON and refused, untouched, if it is not an object of the
 expected shape (a person must fix it: overwriting it would lose their settings). Every
 other key, event and hook is kept as it was. A file that changes is first copied to
 ``FILE.airlock-backup-TIME`` and then replaced atomically (a symbolic link is followed, so
 the file it points to is the one updated). Installing twice changes nothing the second
-time; uninstalling removes only Airlock's entry (a command that runs ``airlock hook AGENT``)
-and a matcher group it leaves empty, nothing else.
+time; uninstalling removes only Airlock's entries (a command that runs ``airlock hook AGENT``)
+and a matcher group or event list they leave empty, nothing else.
 """
 
 from __future__ import annotations
@@ -63,6 +70,12 @@ class Target:
     event: str
     matcher: str | None  # None: the agent's entries have no matcher groups (Cursor)
     timeout: int | None  # in the agent's unit (seconds; milliseconds for Gemini)
+    more_events: tuple[str, ...] = ()  # events that get the same entry (Codex's approvals)
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """Every event the hook is installed for: ``event`` first."""
+        return (self.event, *self.more_events)
 
 
 @dataclass(frozen=True)
@@ -83,13 +96,26 @@ _LAYOUT: dict[str, tuple[str, str, str, str | None, int | None]] = {
     "gemini": (".gemini", "settings.json", "BeforeTool", "run_shell_command", 60_000),
     "cursor": (".cursor", "hooks.json", "beforeShellExecution", None, None),
 }
+# The variable that moves an agent's user-level directory, as the agent reads it: Claude
+# Code's CLAUDE_CONFIG_DIR (default ~/.claude), Codex's CODEX_HOME (default ~/.codex). A
+# user-level install must write where the agent will read.
+_USER_DIR_VARIABLE: dict[str, str] = {"claude": "CLAUDE_CONFIG_DIR", "codex": "CODEX_HOME"}
+# Further events whose entry is the same as the first's (airlock.cli.hook answers them).
+_MORE_EVENTS: dict[str, tuple[str, ...]] = {"codex": ("PermissionRequest",)}
 
 
 def target(agent: str, project: str | None = None) -> Target:
-    """The settings file of ``agent``: the user's (``$HOME``), or ``project``'s."""
+    """The settings file of ``agent``: the user's (``$HOME``, or the directory the agent's own
+    variable names: ``CLAUDE_CONFIG_DIR``, ``CODEX_HOME``), or ``project``'s."""
     directory, name, event, matcher, timeout = _LAYOUT[agent]
-    base = Path(project).resolve() if project is not None else Path.home()
-    return Target(agent, base / directory / name, event, matcher, timeout)
+    moved = os.environ.get(_USER_DIR_VARIABLE.get(agent, ""), "")
+    if project is not None:
+        path = Path(project).resolve() / directory / name
+    elif moved:
+        path = Path(moved).expanduser().absolute() / name
+    else:
+        path = Path.home() / directory / name
+    return Target(agent, path, event, matcher, timeout, _MORE_EVENTS.get(agent, ()))
 
 
 def hook_command(agent: str, socket: str | None = None, program: str | None = None) -> str:
@@ -152,22 +178,24 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _hooks_of(data: dict[str, Any], t: Target) -> dict[str, Any]:
+    """``data["hooks"]`` once every event of ``t`` in it has the expected shape."""
     hooks = data.setdefault("hooks", {})
     if not isinstance(hooks, dict):
         raise HookConfError(f'{t.path}: "hooks" is not an object; it was left as it was')
-    groups = hooks.get(t.event, [])
-    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise HookConfError(
-            f'{t.path}: "hooks.{t.event}" is not a list of objects; it was left as it was'
-        )
-    if t.matcher is not None:
-        for g in groups:
-            inner = g.get("hooks", [])
-            if not isinstance(inner, list) or not all(isinstance(h, dict) for h in inner):
-                raise HookConfError(
-                    f'{t.path}: a "hooks.{t.event}" entry has a "hooks" that is not a list of '
-                    "objects; it was left as it was"
-                )
+    for event in t.events:
+        groups = hooks.get(event, [])
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise HookConfError(
+                f'{t.path}: "hooks.{event}" is not a list of objects; it was left as it was'
+            )
+        if t.matcher is not None:
+            for g in groups:
+                inner = g.get("hooks", [])
+                if not isinstance(inner, list) or not all(isinstance(h, dict) for h in inner):
+                    raise HookConfError(
+                        f'{t.path}: a "hooks.{event}" entry has a "hooks" that is not a list '
+                        "of objects; it was left as it was"
+                    )
     return hooks
 
 
@@ -216,42 +244,54 @@ def _entry(t: Target, command: str) -> dict[str, Any]:
     return hook
 
 
+def _install_event(hooks: dict[str, Any], t: Target, event: str, command: str) -> bool:
+    """Make ``command`` Airlock's one entry of ``event``; whether anything changed."""
+    groups: list[dict[str, Any]] = hooks.setdefault(event, [])
+    if t.matcher is None:
+        ours = [g for g in groups if _is_ours(g.get("command"), t.agent)]
+        if [g.get("command") for g in ours] == [command]:
+            return False
+        groups[:] = [g for g in groups if not _is_ours(g.get("command"), t.agent)]
+        groups.append(_entry(t, command))
+        return True
+    found = [
+        (g, h) for g in groups for h in g.get("hooks", []) if _is_ours(h.get("command"), t.agent)
+    ]
+    if (
+        len(found) == 1
+        and found[0][0].get("matcher") == t.matcher
+        and found[0][1].get("command") == command
+    ):
+        return False
+    _remove(groups, t)
+    group = next((g for g in groups if g.get("matcher") == t.matcher), None)
+    if group is None:
+        groups.append({"matcher": t.matcher, "hooks": [_entry(t, command)]})
+    else:
+        group.setdefault("hooks", []).append(_entry(t, command))
+    return True
+
+
+def _names(events: Sequence[str]) -> str:
+    return " and ".join(events) + (" hooks" if len(events) > 1 else " hook")
+
+
 def install(t: Target, command: str) -> Change:
-    """Add ``command`` as ``t.agent``'s pre-shell hook in ``t.path`` (idempotent)."""
+    """Add ``command`` as ``t.agent``'s hook for each of ``t.events`` in ``t.path``
+    (idempotent: nothing is written when every event already has exactly it)."""
     data = _load(t.path)
     existed = data is not None
     data = {} if data is None else data
     if t.agent == "cursor" and "version" not in data:
         data = {"version": 1, **data}  # Cursor's hooks.json starts with its format version
     hooks = _hooks_of(data, t)
-    groups: list[dict[str, Any]] = hooks.setdefault(t.event, [])
-    if t.matcher is None:
-        ours = [g for g in groups if _is_ours(g.get("command"), t.agent)]
-        if [g.get("command") for g in ours] == [command]:
-            return Change(t.path, False, None, f"already installed in {t.path}; nothing changed")
-        groups[:] = [g for g in groups if not _is_ours(g.get("command"), t.agent)]
-        groups.append(_entry(t, command))
-    else:
-        found = [
-            (g, h)
-            for g in groups
-            for h in g.get("hooks", [])
-            if _is_ours(h.get("command"), t.agent)
-        ]
-        if (
-            len(found) == 1
-            and found[0][0].get("matcher") == t.matcher
-            and found[0][1].get("command") == command
-        ):
-            return Change(t.path, False, None, f"already installed in {t.path}; nothing changed")
-        _remove(groups, t)
-        group = next((g for g in groups if g.get("matcher") == t.matcher), None)
-        if group is None:
-            groups.append({"matcher": t.matcher, "hooks": [_entry(t, command)]})
-        else:
-            group.setdefault("hooks", []).append(_entry(t, command))
+    changed = [event for event in t.events if _install_event(hooks, t, event, command)]
+    if not changed:
+        return Change(t.path, False, None, f"already installed in {t.path}; nothing changed")
     backup = _write(t.path, data, existed)
-    return Change(t.path, True, backup, f"installed `{command}` as the {t.event} hook in {t.path}")
+    return Change(
+        t.path, True, backup, f"installed `{command}` as the {_names(t.events)} in {t.path}"
+    )
 
 
 def _remove(groups: list[dict[str, Any]], t: Target) -> int:
@@ -277,22 +317,29 @@ def _remove(groups: list[dict[str, Any]], t: Target) -> int:
 
 
 def uninstall(t: Target) -> Change:
-    """Remove ``t.agent``'s Airlock hook from ``t.path``; nothing else."""
+    """Remove ``t.agent``'s Airlock hooks (every one of ``t.events``) from ``t.path``;
+    nothing else."""
     data = _load(t.path)
     if data is None:
         return Change(t.path, False, None, f"{t.path} does not exist; nothing changed")
     if "hooks" not in data:
         return Change(t.path, False, None, f"not installed in {t.path}; nothing changed")
     hooks = _hooks_of(data, t)
-    groups: list[dict[str, Any]] = hooks.get(t.event, [])
-    if not _remove(groups, t):
+    removed: list[str] = []
+    for event in t.events:
+        if event not in hooks:
+            continue
+        groups: list[dict[str, Any]] = hooks[event]
+        if _remove(groups, t):
+            removed.append(event)
+            if not groups:
+                del hooks[event]
+    if not removed:
         return Change(t.path, False, None, f"not installed in {t.path}; nothing changed")
-    if not groups:
-        del hooks[t.event]
     if not hooks:
         del data["hooks"]
     backup = _write(t.path, data, True)
-    return Change(t.path, True, backup, f"removed the Airlock {t.event} hook from {t.path}")
+    return Change(t.path, True, backup, f"removed the Airlock {_names(removed)} from {t.path}")
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -301,7 +348,8 @@ def uninstall(t: Target) -> Change:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock hook",
-        description="Add `airlock hook AGENT` to the agent's settings as its pre-shell hook, "
+        description="Add `airlock hook AGENT` to the agent's settings as its pre-shell hook "
+        "(Codex: and its PermissionRequest hook), "
         "or remove it. The file is backed up before it changes; other settings and hooks "
         "are kept; a file that is not valid JSON is refused and left alone.",
     )

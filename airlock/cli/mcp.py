@@ -1,11 +1,11 @@
 """``airlock mcp [--socket PATH] [--http HOST:PORT]``: the daemon's tools for an MCP client.
 
 An MCP server (the official MCP Python SDK, ``pip install 'airlock-daemon[mcp]'``) that
-speaks for the user who starts it: every call goes to the daemon as that user, like
-``airlock validate``. stdio by default (the client starts ``airlock mcp`` itself);
-``--http HOST:PORT`` serves streamable HTTP at ``http://HOST:PORT/mcp`` instead, on
-loopback unless a host is named (it has no authentication of its own: anyone who can
-reach the port acts as this user).
+speaks for the user who starts it: every call goes to the daemon as that user, with this
+process's environment (the client's default), like ``airlock validate``. stdio by default
+(the client starts ``airlock mcp`` itself); ``--http HOST:PORT`` serves streamable HTTP at
+``http://HOST:PORT/mcp`` instead, on loopback unless a host is named (it has no
+authentication of its own: anyone who can reach the port acts as this user).
 
 Tools (annotations in brackets, as the MCP specification defines them):
 
@@ -49,19 +49,6 @@ _MAX_TEXT = 16 * 1024  # output bytes returned inline per stream (the rest is co
 _MAX_CHANGES = 100  # changes listed per validation
 _RECENT = 50  # validations remembered
 _VERDICT = {types.Verdict.ALLOW: "allow", types.Verdict.ASK: "ask", types.Verdict.DENY: "deny"}
-
-
-def _environment() -> dict[str, str]:
-    """This process's environment, as ``airlock validate`` sends it (UTF-8 only)."""
-    env: dict[str, str] = {}
-    for key, value in os.environ.items():
-        try:
-            key.encode("utf-8")
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            continue
-        env[key] = value
-    return env
 
 
 def _text(data: bytes, limit: int = _MAX_TEXT) -> str:
@@ -196,7 +183,7 @@ def build_server(client: "Client") -> Any:
         try:
             v = await anyio.to_thread.run_sync(
                 lambda: client.validate(
-                    command, cwd=cwd, env=_environment(), timeout=timeout_s,
+                    command, cwd=cwd, timeout=timeout_s,
                     session_id=session_id, agent=agent_of(ctx),
                 )
             )  # fmt: skip
@@ -230,7 +217,7 @@ def build_server(client: "Client") -> Any:
         def pump() -> None:
             try:
                 s = client.execute(
-                    command, cwd=cwd, env=_environment(), timeout=timeout_s,
+                    command, cwd=cwd, timeout=timeout_s,
                     approval_token=approval_token, session_id=session_id, agent=agent_of(ctx),
                 )  # fmt: skip
                 stream_box.append(s)

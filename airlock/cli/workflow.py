@@ -21,7 +21,8 @@ from airlock._errors import AirlockError, FailedPrecondition, PermissionDenied
 from airlock.cli import _stdin
 from airlock.cli import approvals as _approvals
 from airlock.cli._env import environment
-from airlock.cli.render import escape_controls, render_validation
+from airlock.cli._pager import show
+from airlock.cli.render import ReportBounds, escape_controls, render_validation
 from airlock.client import Client
 from airlock.egress import suggestion
 
@@ -46,7 +47,11 @@ def add_parsers(sub: Any, socket: argparse.ArgumentParser, seconds: Any) -> None
     )
     run.add_argument("--cwd", metavar="DIR", help="the directory to run in (default: .)")
     run.add_argument("--timeout", metavar="S", type=seconds, help="time limit in seconds")
-    run.add_argument("--clean-env", action="store_true", help="send no environment")
+    run.add_argument(
+        "--clean-env",
+        action="store_true",
+        help="send no environment (default: this shell's environment)",
+    )
     run.add_argument("--token", default="", help="an approval token from `airlock approve`")
     run.add_argument("--session", default="", metavar="ID", help="the caller's session id")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
@@ -104,7 +109,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 raise
             # Show what it would do (a dry run), and how to let it through.
             v = client.validate(command, cwd=args.cwd, env=env, session_id=args.session)
-            err.print(render_validation(v))
+            show(err, render_validation(v, ReportBounds()))
             err.print(
                 f"airlock: the policy asks before this runs. To allow it once:\n"
                 f"  airlock approve {v.validation_id}   (then: airlock run --token TOKEN -- ...)",

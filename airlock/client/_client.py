@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -11,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock import types
+from airlock._environ import caller_environment
 from airlock._errors import Unavailable
 from airlock.api.convert import (
     apply_response_from_proto,
@@ -52,6 +54,17 @@ _T = TypeVar("_T")
 def default_socket_path() -> str:
     """``$AIRLOCK_SOCKET`` if set and non-empty, else ``/run/airlock/airlock.sock``."""
     return os.environ.get("AIRLOCK_SOCKET") or DEFAULT_SOCKET_PATH
+
+
+def _caller_env() -> dict[str, str]:
+    """The default ``env``: this process's environment, less what a request cannot carry, each
+    variable left out with a RuntimeWarning that points at the code that called the client."""
+
+    def skipped(why: str) -> None:
+        # Up from here: caller_environment, _caller_env, the Client method, its caller.
+        warnings.warn(f"airlock: {why}", RuntimeWarning, stacklevel=5)
+
+    return caller_environment(skipped)
 
 
 class ExecStream:
@@ -160,7 +173,7 @@ class Client:
         req = types.ValidateRequest(
             command=command,
             cwd=os.path.abspath("." if cwd is None else cwd),
-            env=tuple(sorted((env or {}).items())),
+            env=tuple(sorted((_caller_env() if env is None else env).items())),
             timeout_s=timeout,
             uid=uid,
             gid=gid,
@@ -189,9 +202,12 @@ class Client:
         """Judge ``bash -c command``: the static pass, then a dry run in a throwaway sandbox.
 
         ``cwd`` (default: this process's working directory; a relative path is taken
-        from it) is the workspace. ``env`` is the command's exact environment (default:
-        empty; the daemon adds a standard PATH). ``timeout`` is the command's limit in
-        seconds (default: the daemon's). ``uid``/``gid`` are for root callers only.
+        from it) is the workspace. ``env`` is the command's exact environment; the default,
+        None, is this process's environment, as the CLI, hook and MCP server send theirs,
+        less any variable a request cannot carry (a name or value that is not valid UTF-8,
+        an empty name), each left out with a :class:`RuntimeWarning`; ``{}`` sends none.
+        The daemon adds a standard PATH when there is none. ``timeout`` is the command's
+        limit in seconds (default: the daemon's). ``uid``/``gid`` are for root callers only.
         ``force_dry_run`` runs the dry run even when the static pass already denies.
         ``agent`` says what made an agent ask (its session, tool call, ...): the audit
         log keeps it.
@@ -200,7 +216,7 @@ class Client:
             self.validate_raw(
                 command,
                 cwd=cwd,
-                env=env,
+                env=_caller_env() if env is None else env,
                 timeout=timeout,
                 uid=uid,
                 gid=gid,
@@ -231,12 +247,13 @@ class Client:
         Only ``cwd`` is writable. A command the policy asks about needs
         ``approval_token`` (from :meth:`approve`) or a session grant; otherwise the
         iteration raises :class:`airlock.FailedPrecondition` before anything runs.
-        ``cancel()`` on the stream kills the command's whole process tree.
+        ``cancel()`` on the stream kills the command's whole process tree. ``cwd`` and
+        ``env`` default as for :meth:`validate` (``env``: this process's environment).
         """
         req = types.ExecuteRequest(
             command=command,
             cwd=os.path.abspath("." if cwd is None else cwd),
-            env=tuple(sorted((env or {}).items())),
+            env=tuple(sorted((_caller_env() if env is None else env).items())),
             timeout_s=timeout,
             uid=uid,
             gid=gid,

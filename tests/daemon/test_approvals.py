@@ -349,15 +349,69 @@ def test_cli_pending_and_approve_ask_before_they_approve(daemon: Daemon, base: P
     assert len(scripted.stdout.split()) == 1
 
 
-def _in_a_terminal(daemon: Daemon, args: list[str], answer: bytes) -> tuple[str, int]:
-    """``airlock ARGS`` with a pseudo-terminal as stdin, stdout and stderr, sent ``answer``."""
+def test_cli_pages_a_long_review_and_repeats_the_verdict_at_the_prompt(
+    daemon: Daemon, base: Path
+) -> None:
+    # A terminal of 12 lines: the review is taller, so it goes through the pager (here a
+    # script that keeps what it was given), and the verdict comes again above the question.
+    vid = ask_as(daemon, base, ASKER)
+    paged = base / "paged.txt"
+    pager = base / "pager.sh"
+    pager.write_text(f"#!/bin/sh\ncat > {paged}\necho PAGER-RAN\n")
+    pager.chmod(0o755)
+    env = {"AIRLOCK_PAGER": str(pager), "LINES": "12"}
+    out, status = _in_a_terminal(daemon, ["approve", vid], b"n\n", env)
+    assert status == 1, out
+    assert "PAGER-RAN" in out
+    report = re.sub(r"\x1b\[[0-9;]*m", "", paged.read_text())
+    assert "Verdict: ASK" in report and "a.o" in report, report
+    after = out[out.index("PAGER-RAN") :]
+    assert "Verdict: ASK" in after and after.index("Verdict: ASK") < after.index("[y/N]"), out
+    assert f"validation {vid} · as uid" in report
+    assert f"validation {vid} · as uid" not in after  # the report itself went to the pager
+    paged.unlink()
+
+    # --no-pager, or a terminal tall enough: printed as it is, no pager.
+    for args, extra in ((["approve", "--no-pager", vid], {}), (["approve", vid], {"LINES": "500"})):
+        out, status = _in_a_terminal(daemon, args, b"n\n", {**env, **extra})
+        assert status == 1, out
+        assert "PAGER-RAN" not in out and not paged.exists()
+        assert "a.o" in out and "Verdict: ASK" in out
+
+    # `airlock validate` pages its report the same way; piped, it never does.
+    ws = workspace_of(base, ASKER)
+    out, status = _in_a_terminal(daemon, ["validate", "--cwd", ws, "--", ASK], b"n\n", env)
+    assert "PAGER-RAN" in out and "a.o" in paged.read_text(), out
+    paged.unlink()
+    piped = subprocess.run(
+        [AIRLOCK, "validate", "--cwd", ws, "--", ASK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env, "AIRLOCK_SOCKET": daemon.socket},
+    )
+    assert "a.o" in piped.stdout and not paged.exists(), piped.stderr
+
+
+def _in_a_terminal(
+    daemon: Daemon, args: list[str], answer: bytes, env: dict[str, str] | None = None
+) -> tuple[str, int]:
+    """``airlock ARGS`` with a pseudo-terminal as stdin, stdout and stderr, sent ``answer``
+    (no pager unless ``env`` names one: a real `less` would wait for a key)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [AIRLOCK, *args],
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env={**os.environ, "AIRLOCK_SOCKET": daemon.socket, "COLUMNS": "120", "NO_COLOR": "1"},
+        env={
+            **os.environ,
+            "AIRLOCK_SOCKET": daemon.socket,
+            "COLUMNS": "120",
+            "NO_COLOR": "1",
+            "AIRLOCK_PAGER": "",
+            **(env or {}),
+        },
     )
     os.close(slave)
     output = b""

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rich.console import Console, RenderableType
 
 from airlock import types as T
+from airlock._environ import caller_environment
 from airlock._errors import AirlockError, InvalidRequest, Unavailable
 from airlock.api.convert import capabilities_to_proto, validation_to_proto
 from airlock.api.status import to_rpc_status
@@ -350,11 +351,18 @@ def test_client_validate_returns_types_and_sends_defaults(
     daemon: Daemon, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AIRLOCK_TEST_MARK", "present")
     with Client(daemon.socket) as client:
         assert client.validate("rm /etc/hosts") == VALIDATION
         client.validate("true", cwd="sub", env={"B": "2", "A": "1"}, timeout=2.5, uid=0)
-    first, second = daemon.servicer.requests
-    assert (first.command, first.cwd, dict(first.env)) == ("rm /etc/hosts", str(tmp_path), {})
+        client.validate_raw("true", env={})
+        client.validate_raw("true")
+    first, second, empty, raw = daemon.servicer.requests
+    # The default env is this process's, as the CLI sends it (docs/decisions.md section 33).
+    assert (first.command, first.cwd) == ("rm /etc/hosts", str(tmp_path))
+    assert dict(first.env) == dict(raw.env) == caller_environment()
+    assert first.env["AIRLOCK_TEST_MARK"] == "present"
+    assert dict(empty.env) == {}
     assert not first.HasField("timeout") and not first.HasField("uid")
     assert second.cwd == os.path.join(tmp_path, "sub")
     assert dict(second.env) == {"A": "1", "B": "2"}

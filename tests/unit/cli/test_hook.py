@@ -3,6 +3,7 @@ that agent's blocking answer. No daemon: the validation is faked."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -128,6 +129,20 @@ def test_verdicts(agent: str, index: int, verdict: types.Verdict) -> None:
         assert "airlock approve" not in reason
 
 
+def test_a_finding_the_summary_names_is_not_repeated() -> None:
+    # The daemon's summary of a policy verdict names its main finding by rule id already.
+    v = dataclasses.replace(
+        validation(types.Verdict.DENY),
+        summary="Policy denies: makes files world-writable (fs.world-writable) in `chmod -R 777 .`",
+    )
+    _got, reason = decision("claude", hook.handle("claude", stdin_for("claude"), returning(v)))
+    assert reason.count("fs.world-writable") == 1, reason
+    _got, reason = decision(
+        "claude", hook.handle("claude", stdin_for("claude"), returning(validation(v.verdict)))
+    )
+    assert reason.count("fs.world-writable") == 1, reason
+
+
 @pytest.mark.parametrize("agent", ["codex", "gemini"])
 def test_ask_as_deny_says_it_was_not_run(agent: str) -> None:
     answer = hook.handle(agent, stdin_for(agent), returning(validation(types.Verdict.ASK)))
@@ -135,7 +150,7 @@ def test_ask_as_deny_says_it_was_not_run(agent: str) -> None:
     assert got == "deny"
     assert reason.startswith("Airlock asks a person before this runs; it was not run:")
     assert reason.endswith(
-        f"to approve: airlock approve {VID}. then run it with: "
+        f"To approve: airlock approve {VID}. Then run it with: "
         "airlock run --token TOKEN -- COMMAND."
     )
 

@@ -39,6 +39,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h = tmp_path / "home"
     h.mkdir()
     monkeypatch.setenv("HOME", str(h))
+    monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("CODEX_HOME", raising=False)
     return h
 
 
@@ -212,6 +214,28 @@ def test_project_file(home: Path, tmp_path: Path, agent: str) -> None:
     assert commands(agent, load(project / FILES[agent])) == []
 
 
+@pytest.mark.parametrize(
+    ("agent", "variable"), [("claude", "CLAUDE_CONFIG_DIR"), ("codex", "CODEX_HOME")]
+)
+def test_the_agents_own_directory_variable_is_followed(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent: str, variable: str
+) -> None:
+    # The agent reads its user-level settings from the directory its variable names, so the
+    # hook goes there; a project install is not moved by it.
+    moved = tmp_path / "moved"
+    monkeypatch.setenv(variable, str(moved))
+    assert run("install", agent) == 0
+    path = moved / Path(FILES[agent]).name
+    assert len(commands(agent, load(path))) == 1
+    assert not (home / FILES[agent]).exists()
+    project = tmp_path / "proj"
+    project.mkdir()
+    assert run("install", agent, "--project", str(project)) == 0
+    assert (project / FILES[agent]).exists()
+    assert run("uninstall", agent) == 0
+    assert commands(agent, load(path)) == []
+
+
 MALFORMED = [
     "{not json",
     "[1, 2]",
@@ -285,3 +309,93 @@ def test_layout_matches_the_recorded_sources() -> None:
         assert str(t.path.relative_to(Path.home())) == r["user_file"].removeprefix("~/")
         assert t.event == r["event"]
         assert t.matcher == r.get("matcher")
+
+
+# --- Codex: PreToolUse and PermissionRequest ------------------------------------------------
+
+
+def codex_entries(data: Any) -> dict[str, list[tuple[str | None, str]]]:
+    """(matcher, command) of every hook, by event."""
+    return {
+        event: [(g.get("matcher"), h["command"]) for g in groups for h in g.get("hooks", [])]
+        for event, groups in data.get("hooks", {}).items()
+    }
+
+
+def test_codex_install_adds_both_events_and_uninstall_removes_both(home: Path) -> None:
+    path = home / FILES["codex"]
+    path.parent.mkdir()
+    mine = {
+        "hooks": {
+            "PermissionRequest": [
+                {"matcher": "Bash", "hooks": [{"type": "command", "command": "./notify.sh"}]}
+            ],
+            "Stop": [{"hooks": [{"type": "command", "command": "./done.sh"}]}],
+        }
+    }
+    path.write_text(json.dumps(mine))
+    assert run("install", "codex") == 0
+    entries = codex_entries(load(path))
+    (pre,) = entries["PreToolUse"]
+    assert pre[0] == "Bash" and pre[1].endswith("hook codex")
+    # Added to the person's own Bash group, after their hook; the same command and timeout.
+    assert entries["PermissionRequest"] == [("Bash", "./notify.sh"), pre]
+    assert load(path)["hooks"]["PermissionRequest"][0]["hooks"][1]["timeout"] == 60
+    assert entries["Stop"] == [(None, "./done.sh")]
+    assert run("install", "codex") == 0  # again: nothing changes
+    assert len(backups(path)) == 1
+    assert run("uninstall", "codex") == 0
+    assert load(path) == mine
+    assert len(backups(path)) == 2
+
+
+def test_codex_install_over_a_pre_tool_use_only_install_adds_the_other(
+    home: Path, capsys: Any
+) -> None:
+    """An install from before PermissionRequest was wired: the second event is added, the
+    first left as it is, in one change with one backup."""
+    path = home / FILES["codex"]
+    path.parent.mkdir()
+    assert run("install", "codex") == 0
+    data = load(path)
+    del data["hooks"]["PermissionRequest"]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    before = backups(path)
+    capsys.readouterr()
+    assert run("install", "codex") == 0
+    assert "PreToolUse and PermissionRequest hooks" in capsys.readouterr().out
+    after = load(path)
+    assert after["hooks"]["PreToolUse"] == data["hooks"]["PreToolUse"]
+    assert after["hooks"]["PermissionRequest"] == data["hooks"]["PreToolUse"]
+    assert len(backups(path)) == len(before) + 1
+
+
+def test_codex_uninstall_removes_a_lone_permission_request_entry(home: Path) -> None:
+    path = home / FILES["codex"]
+    path.parent.mkdir()
+    ours = {"matcher": "Bash", "hooks": [{"type": "command", "command": "airlock hook codex"}]}
+    path.write_text(json.dumps({"theme": "x", "hooks": {"PermissionRequest": [ours]}}))
+    assert run("uninstall", "codex") == 0
+    assert load(path) == {"theme": "x"}
+
+
+def test_codex_malformed_permission_request_is_refused_and_untouched(
+    home: Path, capsys: Any
+) -> None:
+    path = home / FILES["codex"]
+    path.parent.mkdir()
+    text = json.dumps({"hooks": {"PreToolUse": [], "PermissionRequest": {"matcher": "Bash"}}})
+    path.write_text(text)
+    for action in ("install", "uninstall"):
+        assert run(action, "codex") == 1
+        assert path.read_text() == text
+        assert '"hooks.PermissionRequest" is not a list' in capsys.readouterr().err
+    assert backups(path) == []
+
+
+def test_more_events_match_the_recorded_sources() -> None:
+    recorded = json.loads((DATA / "install.json").read_text())["agents"]
+    for agent in AGENTS:
+        t = hookconf.target(agent)
+        assert list(t.more_events) == recorded[agent].get("more_events", [])
+        assert t.events == (t.event, *t.more_events)
