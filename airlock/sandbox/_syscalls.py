@@ -30,6 +30,7 @@ __all__ = [
     "MS_REMOUNT",
     "clear_capabilities",
     "drop_bounding_set",
+    "fork",
     "lock_securebits",
     "mount",
     "pivot_root",
@@ -525,3 +526,22 @@ def nft_run(commands: bytes) -> None:
             raise OSError(errno.EINVAL, message.strip() or "nft: the commands failed")
     finally:
         lib.nft_ctx_free(ctx)
+
+
+# --- fork, for every process the sandbox forks (appended block) -----------------------------------
+#
+# After fork every page is shared copy-on-write, and each page the child (or the parent) then
+# writes costs a page fault and a copy, ~4 us each on the 2-core VM. glibc's malloc sorts its
+# unsorted free chunks (and merges the fast ones) on the first request it cannot serve from a
+# cache or an exact fit: when that happens in a child, it writes to the header of every free
+# chunk of the parent's heap, one fault per page they lie on (~370 in bench/ab.py's sandbox
+# init, which inherits the supervisor's set-up garbage). One large request and its free in
+# the parent just before the fork sorts them once, there (docs/performance.md, "Issue 16,
+# page faults per fork").
+_SETTLE_BYTES = 4096  # past the tcache (1032 B) and the small bins: malloc sorts everything
+
+
+def fork() -> int:
+    """``os.fork()``, with the parent's malloc free lists sorted first (see above)."""
+    bytearray(_SETTLE_BYTES)  # allocated and freed at once: malloc's sorting is the point
+    return os.fork()

@@ -50,14 +50,19 @@ import re
 import select
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import _wire, user
 from airlock.types import ChangeKind, FileChange, FileType, LostKind, LostWork
+
+if TYPE_CHECKING:
+    # Imported where it is used: subprocess imports threading, whose after-fork hook would
+    # run in every process the spawner forks (spawner.py, "No threading").
+    import subprocess
 
 __all__ = ["Helper", "Limits", "RepoPlan", "check", "find_repos", "judge_repo"]
 
@@ -197,6 +202,8 @@ class _Git:
             b"--work-tree=" + self.worktree,
             *args,
         ]
+        import subprocess
+
         try:
             proc = subprocess.Popen(
                 argv,
@@ -242,6 +249,8 @@ def _communicate(
                 raise _Unchecked("git's output went past the check's bound (a repository too big)")
             chunks.append(chunk)
         left = max(0.0, deadline - time.monotonic())
+        import subprocess
+
         try:
             code = proc.wait(left)
         except subprocess.TimeoutExpired as exc:
@@ -656,23 +665,53 @@ def _is_repo(d: bytes) -> bool:
     return os.path.lexists(d + b"/.git")
 
 
-class Helper:
-    """The process that checks for lost work, forked by the supervisor at set-up.
+def check_run(
+    changes: Sequence[FileChange],
+    merged_prefix: bytes,
+    uid: int,
+    gid: int,
+    groups: tuple[int, ...],
+    limits: Limits = Limits(),
+) -> tuple[LostWork, ...]:
+    """The lost work of a run, asked by the supervisor once the command has ended: () at
+    once when no change can lose any (no repository touched: no process is forked), else
+    a :class:`Helper`'s answer, or UNCHECKED."""
+    plans, too_many = find_repos(changes, _is_repo, limits.max_repos)
+    if not plans:
+        return ()
+    try:
+        helper = Helper()
+    except OSError as exc:
+        return (_unchecked(f"the check for lost work could not start: {exc.strerror or exc}"),)
+    return helper.check(changes, plans, too_many, merged_prefix, uid, gid, groups, limits)
 
-    It must be forked *before* the supervisor unshares its pid namespace: once the
-    sandbox's init has exited, that namespace takes no new process (fork fails with
-    ENOMEM), and the check runs after the command (so after init) has ended. It shares the
-    supervisor's mount namespace (the merged view is below the scratch root there) and
-    network namespace, closes every descriptor it inherited, dies with the supervisor
-    (parent-death signal) and waits, as root, for one job: then it becomes the caller
-    (uid, gid, groups, no capabilities, no_new_privs), checks, answers and exits. Its git
-    processes are its own process group, killed with it at the deadline."""
+
+class Helper:
+    """The process that checks for lost work, forked by the supervisor after the command.
+
+    Forked only when the run touched a repository (:func:`check_run`): most dry runs touch
+    none, and a fork of the supervisor (a ~22 MB Python process) cost ~650 page faults, its
+    own and the supervisor's, ~3 ms of CPU per dry run (docs/performance.md). By then the
+    sandbox's pid namespace, the one the supervisor unshared for its children, takes no new
+    process (its init has exited: fork fails with ENOMEM), so the supervisor first makes its
+    own pid namespace (the host's) the one of its children again (``setns``; a process may
+    always enter its own). The helper
+    shares the supervisor's mount namespace (the merged view is below the scratch root
+    there) and network namespace, closes every descriptor it inherited, dies with the
+    supervisor (parent-death signal) and waits, as root, for one job: then it becomes the
+    caller (uid, gid, groups, no capabilities, no_new_privs), checks, answers and exits. Its
+    git processes are its own process group, killed with it at the deadline."""
 
     def __init__(self) -> None:
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sc.setns(own, sc.CLONE_NEWPID)  # children in the host's pid namespace again
+        finally:
+            os.close(own)
         job_r, self.job_w = os.pipe2(os.O_CLOEXEC)
         self.result_r, result_w = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
-        pid = os.fork()
+        pid = sc.fork()
         if pid == 0:  # the helper: never returns
             try:
                 sc.set_parent_death_signal(signal.SIGKILL)
@@ -695,19 +734,17 @@ class Helper:
     def check(
         self,
         changes: Sequence[FileChange],
+        plans: Sequence[RepoPlan],
+        too_many: bool,
         merged_prefix: bytes,
         uid: int,
         gid: int,
         groups: tuple[int, ...],
         limits: Limits = Limits(),
     ) -> tuple[LostWork, ...]:
-        """The lost work of a run: () at once when no change can lose any (no
-        repository touched; the helper is not even asked), else the helper's answer, or
+        """The helper's answer on ``plans`` (:func:`find_repos` of ``changes``), or
         UNCHECKED past the deadline. Closes the helper."""
         try:
-            plans, too_many = find_repos(changes, _is_repo, limits.max_repos)
-            if not plans:
-                return ()
             kept = frozenset(
                 c.sha256_after
                 for c in changes
@@ -782,6 +819,10 @@ def _serve(job_r: int, result_w: int) -> None:
         return  # the sandbox was closed without a check
     plans, merged_prefix, kept, uid, gid, groups, limits, too_many = job
     try:
+        # Imported now, as root: not at the top (the spawner must not import it: spawner.py,
+        # "No threading"), nor as the caller, who may not read the interpreter's library.
+        import subprocess  # noqa: F401
+
         user.become(uid, gid, groups)
         result = check(plans, merged_prefix, frozenset(kept), limits, too_many)
     except Exception as exc:

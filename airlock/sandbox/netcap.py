@@ -45,7 +45,6 @@ import select
 import shutil
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,6 +250,8 @@ def _program_nftables() -> None:
         pass  # no libnftables: the nft binary, as a child process
     except OSError as exc:
         raise OSError(f"netcap: nft failed: {exc.strerror or exc}") from None
+    import subprocess  # here: not in the spawner's imports (spawner.py, "No threading")
+
     done = subprocess.run(
         [_nft_binary(), "-f", "-"], input=ruleset.encode(), capture_output=True, check=False
     )

@@ -32,6 +32,12 @@ Per request the daemon sends a :class:`PlanOnWire`: the run spec, and the templa
 pickled (pickled once per template), which a warm sandbox of the same key never unpickles.
 Before a template, the daemon announces the sensitive-read globs when they change (``G``
 message); the spawner compiles them (``reads.precompile``) so every later fork inherits them.
+
+No threading: the helper process never imports ``threading`` (nor ``subprocess``, which imports
+it; the daemon's side imports them where it uses them). Once imported, ``threading`` runs an
+after-fork hook in every forked child, Python code that writes to ~100 inherited pages (copy
+on write): ~0.35 ms of CPU in each process forked per dry run (supervisor, init, command; the
+lost-work checker when there is one). ``tests/unit/sandbox/test_spawner_imports.py`` checks.
 """
 
 from __future__ import annotations
@@ -45,13 +51,11 @@ import pickle
 import select
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airlock._errors import Cancelled, SandboxError, Unavailable
 from airlock.sandbox import _syscalls as sc
@@ -59,6 +63,9 @@ from airlock.sandbox import _wire, reads
 from airlock.sandbox.contain import OutputChunk
 from airlock.sandbox.netcap import NetworkAttempt
 from airlock.sandbox.plan import PlanOnWire, SandboxPlan
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = ["Run", "Spawner", "main"]
 
@@ -142,7 +149,7 @@ class _Pool:
 
     def _fork_warm(self, control: socket.socket, template: Any, key: bytes) -> _Warm:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        pid = sc.fork()
         if pid == 0:
             control.close()
             ours.close()
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     warm.sock.close()
             if warm is None:
-                pid = os.fork()
+                pid = sc.fork()
                 if pid == 0:
                     control.close()
                     for w in pool.all_warm():
@@ -399,6 +406,8 @@ class Spawner:
     def __init__(self, pool: int = 0, idle_s: float = DEFAULT_IDLE_S) -> None:
         self._pool = pool
         self._idle_s = idle_s
+        import threading  # not at the top: the helper process must not import it
+
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
@@ -409,6 +418,8 @@ class Spawner:
 
     def start(self) -> None:
         """Exec the helper. Call before any gRPC thread exists, and again to restart it."""
+        import subprocess
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
             [
@@ -505,6 +516,8 @@ class Spawner:
                 self._control.close()
                 self._control = None
             if self._proc is not None:
+                import subprocess
+
                 try:
                     self._proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:

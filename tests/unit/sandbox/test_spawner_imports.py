@@ -1,0 +1,59 @@
+"""The spawner's process imports neither ``threading`` nor ``subprocess`` (spawner.py).
+
+Once ``threading`` is imported, CPython runs its after-fork hook (Python code) in every forked
+child: ~100 page faults on inherited pages and ~0.35 ms of CPU in each of the processes forked
+per dry run (docs/performance.md, "Issue 16, page faults per fork"). ``subprocess`` imports
+``threading``. The probe imports what the helper imports before it forks anything, in a fresh
+interpreter with the helper's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+sys.argv = ["airlock-spawner"]
+import airlock.sandbox.spawner as spawner
+import airlock.sandbox.contain  # as spawner.main does before its first fork
+spawner.sc.load_libnftables()
+print(json.dumps(sorted(m for m in ("threading", "subprocess") if m in sys.modules)))
+"""
+
+
+def test_the_spawner_imports_no_threading() -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # as Spawner.start passes
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert json.loads(done.stdout) == [], done.stdout
+
+
+def test_the_daemon_side_still_starts_and_stops_a_spawner() -> None:
+    """The imports moved into ``Spawner`` (start, stop, its lock) still work there."""
+    from airlock.sandbox.spawner import Spawner
+
+    spawner = Spawner(pool=0)
+    spawner.start()
+    pid = spawner.pid
+    assert pid is not None
+    spawner.stop()
+    assert spawner.pid is None
+    # The helper saw its control socket close and exited; stop() reaped it.
+    assert not os.path.exists(f"/proc/{pid}") or _is_not_our_child(pid)
+
+
+def _is_not_our_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid()
+    except OSError:
+        return True
