@@ -21,12 +21,8 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "hooks"
 DAEMON_ARGS = ("--allow-self-approval",)
 
 
-def hook(daemon: Daemon, agent: str, command: str, cwd: Path) -> tuple[int, Any, str]:
-    data = json.loads((DATA / f"{agent}.json").read_text())["input"]
-    if agent == "cursor":
-        data["command"], data["cwd"] = command, str(cwd)
-    else:
-        data["tool_input"]["command"], data["cwd"] = command, str(cwd)
+def run_hook(daemon: Daemon, agent: str, data: Any) -> tuple[int, Any, str]:
+    """``airlock hook AGENT`` with ``data`` on stdin: its exit status, answer and stderr."""
     done = subprocess.run(
         [AIRLOCK, "hook", agent],
         input=json.dumps(data),
@@ -36,6 +32,15 @@ def hook(daemon: Daemon, agent: str, command: str, cwd: Path) -> tuple[int, Any,
         env={**os.environ, "AIRLOCK_SOCKET": daemon.socket},
     )
     return done.returncode, json.loads(done.stdout) if done.stdout else None, done.stderr
+
+
+def hook(daemon: Daemon, agent: str, command: str, cwd: Path) -> tuple[int, Any, str]:
+    data = json.loads((DATA / f"{agent}.json").read_text())["input"]
+    if agent == "cursor":
+        data["command"], data["cwd"] = command, str(cwd)
+    else:
+        data["tool_input"]["command"], data["cwd"] = command, str(cwd)
+    return run_hook(daemon, agent, data)
 
 
 def spec(out: Any) -> dict[str, str]:
@@ -158,15 +163,7 @@ def test_daemon_error_keeps_its_reason(daemon: Daemon, tmp_path: Path) -> None:
 def permission_request(daemon: Daemon, command: str, cwd: Path) -> tuple[int, Any, str]:
     data = json.loads((DATA / "codex-permission-request.json").read_text())["input"]
     data["tool_input"]["command"], data["cwd"] = command, str(cwd)
-    done = subprocess.run(
-        [AIRLOCK, "hook", "codex"],
-        input=json.dumps(data),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "AIRLOCK_SOCKET": daemon.socket},
-    )
-    return done.returncode, json.loads(done.stdout) if done.stdout else None, done.stderr
+    return run_hook(daemon, "codex", data)
 
 
 def denial(out: Any) -> str:
