@@ -18,6 +18,8 @@ one first-time cost, as a supervisor forked by the spawner pays it, and reports 
   sandbox's preparation did), in a fresh network namespace; CPU includes the child's.
 - ``nft-library``: the same rules through libnftables (``_syscalls.nft_run``), the library
   loaded before the fork as the spawner does.
+- ``nft-batch``: the same rules as netcap loads them now (``netcap._program_nftables``: the
+  netlink batch built at import, sent as is; decisions section 36).
 
 In the parent: pickling the plan for the wire, whole against ``PlanOnWire`` with the template's
 pickle made once; and the matcher's cost per opened file (``fullmatch``), old against new.
@@ -133,8 +135,9 @@ def main() -> None:
         "plan-cold": lambda: _wire.loads(_wire.loads(wire[n:]).template[n:]),
         "nft-process": _nft_process,
         "nft-library": _nft_library,
+        "nft-batch": netcap._program_nftables,
     }
-    sc.load_libnftables()  # as the spawner does
+    sc.load_libnftables()  # as the spawner did for nft-library
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():

@@ -474,6 +474,8 @@ def setns(fd: int, nstype: int) -> None:
 # forking and exec'ing nft per sandbox (~3-9 ms wall, ~3 ms CPU on the 2-core VM). Loaded once
 # by the spawner before it forks (load_libnftables), so supervisors do not dlopen it again.
 # Where the library is missing, netcap runs the nft binary as before.
+# Since decisions section 36 netcap sends a netlink batch built once instead (no parse, no
+# library cache per sandbox); this block stays for bench/request_costs.py's comparison.
 
 _NFT_CTX_DEFAULT = 0
 _nftables: ctypes.CDLL | None = None

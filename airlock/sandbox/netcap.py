@@ -7,7 +7,7 @@ runs), makes it look like a network without being one:
 - every IPv4 and IPv6 destination is local (``local 0.0.0.0/0`` and ``local ::/0``
   routes on ``lo``, added over rtnetlink), so ``connect`` and ``sendto`` succeed
   instead of failing with ENETUNREACH, and every packet loops back on ``lo``;
-- an nftables ``prerouting`` chain (programmed with the ``nft`` binary) hands
+- an nftables ``prerouting`` chain (``_RULESET``, sent as one netlink batch) hands
   every TCP connection and UDP datagram that is not plain loopback traffic to the
   supervisor's transparent sockets (TPROXY). Port 53 is taken even towards a
   loopback resolver (``/etc/resolv.conf`` may name 127.0.0.53). Packets in the
@@ -42,7 +42,6 @@ import ipaddress
 import os
 import re
 import select
-import shutil
 import socket
 import struct
 import time
@@ -50,7 +49,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from airlock.egress import HOST_SERVICE, Decision, EgressPolicy, normalize_name
-from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.upstream import Upstream
 from airlock.types import NetProtocol
 
@@ -72,6 +70,8 @@ _IPV6_RECVORIGDSTADDR = 74  # also the cmsg type IPV6_ORIGDSTADDR
 _IPV6_TRANSPARENT = 75
 _SO_RXQ_OVFL = 40  # a cmsg with the count of datagrams the receive queue dropped
 _SO_RCVBUFFORCE = 33
+_SO_MEMINFO = 55  # u32 counters; SK_MEMINFO_DROPS, the ninth, is the socket's sk_drops
+_SO_MEMINFO_BYTES = 9 * 4
 _UDP_RCVBUF = 4 << 20
 
 # rtnetlink
@@ -209,6 +209,182 @@ _DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "T
 _DNS_TYPES |= {33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
 
 
+# --- netcap's rules as one nf_tables batch (issue 16) ---------------------------------------
+#
+# _RULESET is loaded as the nf_tables netlink batch ``nft -f`` sends for it (nftables 1.0.6,
+# message for message; checked against what nft loads from the text in
+# tests/sandbox/test_netcap.py), built once here, at import (in the spawner, before it
+# forks), and sent as it is by each supervisor: no parsing, no libnftables cache per sandbox.
+# The batch names the table, chains and sets, it holds no handle, so the same bytes load in
+# any fresh network namespace. The kernel's ABI (include/uapi/linux/netfilter/nf_tables.h):
+# attributes in network byte order, nested ones flagged; the anonymous sets are named
+# "__set%d" (the kernel numbers them) and a rule finds its set by the batch's set id.
+_NFNL_SUBSYS_NFTABLES = 10
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
+_NFT_MSG_NEWTABLE, _NFT_MSG_NEWCHAIN, _NFT_MSG_NEWRULE = 0, 3, 6
+_NFT_MSG_NEWSET, _NFT_MSG_NEWSETELEM = 9, 12
+_NLM_F_APPEND = 0x800
+_NLA_F_NESTED = 0x8000
+_NFPROTO_INET, _NFPROTO_IPV4, _NFPROTO_IPV6 = 1, 2, 10
+_NF_ACCEPT = 1
+_NF_INET_PRE_ROUTING, _NF_INET_LOCAL_OUT = 0, 3
+_NFT_REG_VERDICT, _NFT_REG_1 = 0, 1
+_NFT_META_NFPROTO, _NFT_META_L4PROTO = 15, 16
+_NFT_CT_DIRECTION = 1
+_NFT_PAYLOAD_NETWORK, _NFT_PAYLOAD_TRANSPORT = 1, 2
+_NFT_SET_ANONYMOUS, _NFT_SET_CONSTANT = 0x1, 0x2
+_NFT_TYPE_INET_PROTOCOL = 12  # nft's datatype for a set of IP protocols
+_NETCAP_TABLE = "airlock_netcap"
+
+
+def _nla(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value + bytes(-len(value) % 4)
+
+
+def _nest(kind: int, *attrs: bytes) -> bytes:
+    return _nla(kind | _NLA_F_NESTED, b"".join(attrs))
+
+
+def _be32(kind: int, value: int) -> bytes:
+    return _nla(kind, struct.pack("!I", value & 0xFFFFFFFF))
+
+
+def _name(kind: int, value: str) -> bytes:
+    return _nla(kind, value.encode() + b"\0")
+
+
+def _data(kind: int, value: bytes) -> bytes:
+    return _nest(kind, _nla(1, value))  # NFTA_DATA_VALUE
+
+
+def _expr(name: str, *attrs: bytes) -> bytes:
+    return _nest(1, _name(1, name), _nest(2, *attrs))  # NFTA_LIST_ELEM{EXPR_NAME, EXPR_DATA}
+
+
+def _meta(key: int) -> bytes:  # meta <key> into register 1
+    return _expr("meta", _be32(2, key), _be32(1, _NFT_REG_1))
+
+
+def _eq(value: bytes) -> bytes:  # register 1 == value, or the rule stops here
+    return _expr("cmp", _be32(1, _NFT_REG_1), _be32(2, 0), _data(3, value))
+
+
+def _payload(base: int, offset: int, length: int) -> bytes:
+    return _expr("payload", *(_be32(k, v) for k, v in enumerate((1, base, offset, length), 1)))
+
+
+def _in_set(set_id: int) -> bytes:  # register 1 in the batch's anonymous set ``set_id``
+    return _expr("lookup", _be32(2, _NFT_REG_1), _name(1, "__set%d"), _be32(4, set_id))
+
+
+def _accept() -> bytes:
+    verdict = _nest(2, _nest(2, _be32(1, _NF_ACCEPT)))  # IMMEDIATE_DATA{DATA_VERDICT{CODE}}
+    return _expr("immediate", _be32(1, _NFT_REG_VERDICT), verdict)
+
+
+def _tproxy(port: int) -> bytes:  # tproxy to :port (any family)
+    to_port = _expr("immediate", _be32(1, _NFT_REG_1), _data(2, struct.pack("!H", port)))
+    return to_port + _expr("tproxy", _be32(1, socket.AF_UNSPEC), _be32(3, _NFT_REG_1))
+
+
+def _log(group: int) -> bytes:
+    return _expr("log", _nla(1, struct.pack("!H", group)))  # NFTA_LOG_GROUP
+
+
+def _l4(protocol: int, nfproto: int = 0) -> bytes:  # what nft checks before a tcp/icmp match
+    family = _meta(_NFT_META_NFPROTO) + _eq(bytes([nfproto])) if nfproto else b""
+    return family + _meta(_NFT_META_L4PROTO) + _eq(bytes([protocol]))
+
+
+def _nftables_batch(dns: int, port: int, group: int) -> tuple[bytes, int]:
+    """The netlink batch that loads ``_RULESET`` with these values; how many messages it
+    asks the kernel to acknowledge."""
+    table = _name(1, _NETCAP_TABLE)  # NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE,SET_TABLE,...}
+    tcp_udp = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+
+    def chain(name: str, hook: int, priority: int) -> bytes:
+        hook_attrs = _nest(4, _be32(1, hook), _be32(2, priority))
+        return table + _name(3, name) + _name(7, "filter") + _be32(5, _NF_ACCEPT) + hook_attrs
+
+    def rule(chain: str, *exprs: bytes) -> bytes:
+        return table + _name(2, chain) + _nest(4, *exprs)
+
+    def anonymous_set(set_id: int, members: tuple[int, ...]) -> tuple[bytes, bytes]:
+        # nft's user data (opaque to the kernel, read back by ``nft list``): the key's byte
+        # order (host) and its ``typeof``: expression 9 (meta) with key l4proto.
+        typeof = bytes([0, 4]) + struct.pack("=I", 9) + bytes([1, 6, 0, 4])
+        typeof += struct.pack("=I", _NFT_META_L4PROTO)
+        udata = bytes([0, 4]) + struct.pack("=I", 1) + bytes([3, len(typeof)]) + typeof
+        new_set = table + _name(2, "__set%d") + _be32(3, _NFT_SET_ANONYMOUS | _NFT_SET_CONSTANT)
+        new_set += _be32(4, _NFT_TYPE_INET_PROTOCOL) + _be32(5, 1) + _be32(10, set_id)
+        new_set += _nest(9, _be32(1, len(members))) + _nla(13, udata)
+        elements = b"".join(_nest(i, _data(1, bytes([m]))) for i, m in enumerate(members, 1))
+        new_elements = table + _name(2, "__set%d") + _be32(4, set_id) + _nest(3, elements)
+        return new_set, new_elements
+
+    set1, elements1 = anonymous_set(1, tcp_udp)
+    set2, elements2 = anonymous_set(2, tcp_udp)
+    create = _NLM_F_CREATE
+    messages: list[tuple[int, int, bytes]] = [
+        (_NFT_MSG_NEWTABLE, 0, table + _be32(2, 0)),
+        (_NFT_MSG_NEWCHAIN, create, chain("prerouting", _NF_INET_PRE_ROUTING, -150)),  # mangle
+        (_NFT_MSG_NEWCHAIN, create, chain("output", _NF_INET_LOCAL_OUT, 0)),  # filter
+        # ct direction reply accept
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "prerouting", _expr("ct", _be32(2, _NFT_CT_DIRECTION), _be32(1, _NFT_REG_1)),
+            _eq(b"\x01"), _accept())),
+        (_NFT_MSG_NEWSET, create, set1),
+        (_NFT_MSG_NEWSETELEM, create, elements1),
+        # meta l4proto { tcp, udp } th dport {dns} tproxy to :{port} accept
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "prerouting", _meta(_NFT_META_L4PROTO), _in_set(1),
+            _payload(_NFT_PAYLOAD_TRANSPORT, 2, 2), _eq(struct.pack("!H", dns)),
+            _tproxy(port), _accept())),
+        # ip daddr 127.0.0.0/8 accept
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "prerouting", _meta(_NFT_META_NFPROTO), _eq(bytes([_NFPROTO_IPV4])),
+            _payload(_NFT_PAYLOAD_NETWORK, 16, 1), _eq(b"\x7f"), _accept())),
+        # ip6 daddr ::1 accept
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "prerouting", _meta(_NFT_META_NFPROTO), _eq(bytes([_NFPROTO_IPV6])),
+            _payload(_NFT_PAYLOAD_NETWORK, 24, 16), _eq(socket.inet_pton(socket.AF_INET6, "::1")),
+            _accept())),
+        (_NFT_MSG_NEWSET, create, set2),
+        (_NFT_MSG_NEWSETELEM, create, elements2),
+        # meta l4proto { tcp, udp } tproxy to :{port} accept
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "prerouting", _meta(_NFT_META_L4PROTO), _in_set(2), _tproxy(port), _accept())),
+        # tcp flags == (rst | ack) tcp sequence 0 log group {group}
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "output", _l4(socket.IPPROTO_TCP), _payload(_NFT_PAYLOAD_TRANSPORT, 13, 1),
+            _eq(b"\x14"), _payload(_NFT_PAYLOAD_TRANSPORT, 4, 4), _eq(bytes(4)), _log(group))),
+        # icmp type destination-unreachable icmp code port-unreachable log group {group}
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "output", _l4(socket.IPPROTO_ICMP, _NFPROTO_IPV4),
+            _payload(_NFT_PAYLOAD_TRANSPORT, 0, 2), _eq(b"\x03\x03"), _log(group))),
+        # icmpv6 type destination-unreachable icmpv6 code port-unreachable log group {group}
+        (_NFT_MSG_NEWRULE, create | _NLM_F_APPEND, rule(
+            "output", _l4(socket.IPPROTO_ICMPV6, _NFPROTO_IPV6),
+            _payload(_NFT_PAYLOAD_TRANSPORT, 0, 2), _eq(b"\x01\x04"), _log(group))),
+    ]  # fmt: skip
+    batch = [_nfnl(_NFNL_MSG_BATCH_BEGIN, 0, 0, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES)]
+    for seq, (kind, flags, attrs) in enumerate(messages, 1):
+        # every message acknowledged: a loaded batch is seen, not inferred from silence
+        msg_type = (_NFNL_SUBSYS_NFTABLES << 8) | kind
+        batch.append(_nfnl(msg_type, flags | _NLM_F_ACK, seq, _NFPROTO_INET, 0, attrs))
+    batch.append(_nfnl(_NFNL_MSG_BATCH_END, 0, len(messages) + 1, socket.AF_UNSPEC,
+                       _NFNL_SUBSYS_NFTABLES))  # fmt: skip
+    return b"".join(batch), len(messages)
+
+
+def _nfnl(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes = b"") -> bytes:
+    body = struct.pack("!BBH", family, 0, res_id) + attrs  # struct nfgenmsg
+    return struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST | flags, seq, 0) + body
+
+
+_NFTABLES_BATCH, _NFTABLES_ACKS = _nftables_batch(_DNS_PORT, SINK_PORT, _NFLOG_GROUP)
+
+
 # --- Set-up ---------------------------------------------------------------------------------
 
 
@@ -232,31 +408,35 @@ def _add_local_default_route(family: int) -> None:
         raise OSError(-error, f"netcap: adding a local default route: {os.strerror(-error)}")
 
 
-def _nft_binary() -> str:
-    found = shutil.which("nft") or next(
-        (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None
-    )
-    if found is None:
-        raise OSError(errno.ENOENT, "netcap: the nft binary (package nftables) is not installed")
-    return found
-
-
-def _program_nftables() -> None:
-    ruleset = _RULESET.format(dns=_DNS_PORT, port=SINK_PORT, group=_NFLOG_GROUP)
-    try:
-        sc.nft_run(ruleset.encode())  # what nft would run, without its process
-        return
-    except FileNotFoundError:
-        pass  # no libnftables: the nft binary, as a child process
-    except OSError as exc:
-        raise OSError(f"netcap: nft failed: {exc.strerror or exc}") from None
-    import subprocess  # here: not in the spawner's imports (spawner.py, "No threading")
-
-    done = subprocess.run(
-        [_nft_binary(), "-f", "-"], input=ruleset.encode(), capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        raise OSError(f"netcap: nft failed: {done.stderr.decode(errors='replace').strip()}")
+def _program_nftables(batch: bytes = _NFTABLES_BATCH, acks: int = _NFTABLES_ACKS) -> None:
+    """Send ``batch`` (by default netcap's rules) to this network namespace's nf_tables; raise
+    unless all ``acks`` messages of it are acknowledged (a batch is all or nothing: after an
+    error nothing of it is loaded)."""
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER
+    ) as nl:
+        nl.bind((0, 0))
+        nl.sendto(batch, (0, 0))
+        # The kernel handles a batch within the send (module loads included): every answer
+        # is queued by now, so an empty queue means a missing acknowledgement, never a wait.
+        acked = 0
+        while acked < acks:
+            try:
+                reply = nl.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                raise OSError(
+                    f"netcap: nf_tables acknowledged {acked} of {acks} messages"
+                ) from None
+            offset = 0
+            while offset + 20 <= len(reply):
+                length, kind, _flags, seq = struct.unpack_from("=IHHI", reply, offset)
+                if kind == _NLMSG_ERROR:
+                    (error,) = struct.unpack_from("=i", reply, offset + 16)
+                    if error:
+                        what = os.strerror(-error)
+                        raise OSError(-error, f"netcap: nf_tables refused message {seq}: {what}")
+                    acked += 1
+                offset += max(length + (-length % 4), 20)
 
 
 def _transparent(family: int, kind: int) -> socket.socket:
@@ -377,9 +557,8 @@ def install(limits: NetcapLimits | None = None) -> NetworkRecorder:
     """Turn the current (sandbox) network namespace into a recorded sinkhole.
 
     Run as root in a fresh network namespace whose ``lo`` is up, before the
-    command starts. Costs a few ms (the rules go in through libnftables, or an ``nft``
-    process where the library is missing), so it belongs to sandbox preparation (the warm
-    pool), not to a request.
+    command starts. Costs about a millisecond (routes, sockets, the rules' netlink batch),
+    so it belongs to sandbox preparation (the warm pool), not to a request.
     """
     recorder = NetworkRecorder(limits or NetcapLimits())
     try:
@@ -831,16 +1010,15 @@ class NetworkRecorder:
             self._done.append(index)
 
     def _read_drop_counters(self) -> None:
-        """Per UDP socket, the datagrams its full queue dropped (the last column of
-        /proc/net/udp{,6} in this namespace); SO_RXQ_OVFL misses drops after the last read."""
-        inodes = {os.fstat(fd).st_ino: fd for fd in self._datagrams}
-        for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
-            with contextlib.suppress(OSError), open(table) as f:
-                for line in f.readlines()[1:]:
-                    fields = line.split()
-                    fd = inodes.get(int(fields[9])) if len(fields) > 12 else None
-                    if fd is not None:
-                        self._overflows[fd] = int(fields[-1])
+        """Per UDP socket, the datagrams its full queue dropped: the socket's ``sk_drops``
+        through SO_MEMINFO (the "drops" column of /proc/net/udp{,6}, without reading those,
+        which walks every UDP hash bucket of the host: ~0.6 ms CPU against 0.13). SO_RXQ_OVFL
+        misses drops after the last read."""
+        for fd, sock in self._datagrams.items():
+            with contextlib.suppress(OSError):
+                raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _SO_MEMINFO_BYTES)
+                if len(raw) == _SO_MEMINFO_BYTES:  # older kernels have fewer counters
+                    self._overflows[fd] = struct.unpack_from("=I", raw, _SO_MEMINFO_BYTES - 4)[0]
 
     def close(self) -> None:
         """Close every socket; what was recorded stays readable."""

@@ -263,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     # Warm the imports every supervisor needs, so forks do not repeat them.
     import airlock.sandbox.contain  # noqa: F401
-
-    sc.load_libnftables()  # netcap's rules go in through it: one dlopen, not one per sandbox
+    # (netcap, imported above, built its rules' netlink batch at import: sent as is per sandbox)
 
     pool = _Pool(args.pool, args.idle)
     control.settimeout(_TICK_S)

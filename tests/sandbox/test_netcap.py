@@ -207,6 +207,28 @@ EOF
     assert len(out.attempts) == 1000 and out.dropped + out.lost == 102
 
 
+def test_datagrams_a_full_receive_queue_dropped_are_counted() -> None:
+    """A flood nobody reads in time: what the sink's receive queue dropped is counted
+    (``lost``, the socket's kernel counter read at the end), so every datagram sent is
+    either recorded or counted."""
+    sent = 30_000  # the queue (4 MiB) holds a few thousand tiny datagrams
+
+    def run() -> tuple[int, int, int]:
+        sc.unshare(sc.CLONE_NEWNET)
+        net.loopback_up()
+        recorder = netcap.install()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            for i in range(sent):  # the recorder handles nothing until finish()
+                u.sendto(b"z", ("192.0.2.3", 1000 + i % 7))
+        attempts = recorder.finish()
+        return len(attempts), recorder.dropped, recorder.lost
+
+    result: tuple[int, int, int] = in_child(run)
+    recorded, dropped, lost = result
+    assert lost > 0 and recorded == 1000, result
+    assert recorded + dropped + lost == sent, result
+
+
 def test_ipv6_and_a_silent_client_are_recorded() -> None:
     # A client that waits for the server to speak first is cut off at the read deadline.
     script = """
@@ -346,29 +368,33 @@ EOF
     assert {a.port for a in out.attempts} == set(range(20000, 20005))
 
 
-def _rules_in_fresh_netns(program: str) -> tuple[str, str]:
-    """(error, `nft list ruleset`) after ``program`` loaded netcap's rules in a fresh netns."""
+def _rules_in_fresh_netns(load: str, batch: bytes = b"") -> tuple[str, str]:
+    """(error, `nft list ruleset`) after netcap's rules were loaded in a fresh netns: by
+    netcap (``"netcap"``, or ``batch`` through netcap's sender), or by the nft binary from
+    the ruleset's text (``"binary"``)."""
 
     def run() -> tuple[str, str]:
         sc.unshare(sc.CLONE_NEWNET)
         net.loopback_up()
+        nft = shutil.which("nft") or "/usr/sbin/nft"
         error = ""
         try:
-            if program == "library":
-
-                def no_binary() -> str:
-                    raise AssertionError("the nft binary was run")
-
-                netcap._nft_binary = no_binary  # in this child only: the library must do it
-                netcap._program_nftables()
-            elif program == "binary":  # as on a host without libnftables
-                sc._nftables, sc._nftables_looked_up = None, True
-                netcap._program_nftables()
+            if load == "binary":
+                text = netcap._RULESET.format(
+                    dns=netcap._DNS_PORT, port=netcap.SINK_PORT, group=netcap._NFLOG_GROUP
+                )
+                subprocess.run([nft, "-f", "-"], input=text.encode(), check=True)
+            elif batch:
+                netcap._program_nftables(batch)
             else:
-                sc.nft_run(program.encode())
+
+                def no_library(commands: bytes) -> None:
+                    raise AssertionError("libnftables was used")
+
+                sc.nft_run = no_library  # in this child only: the batch must do it alone
+                netcap._program_nftables()
         except OSError as exc:
             error = str(exc)
-        nft = shutil.which("nft") or "/usr/sbin/nft"
         listed = subprocess.run([nft, "list", "ruleset"], capture_output=True, check=True)
         return error, listed.stdout.decode()
 
@@ -376,18 +402,21 @@ def _rules_in_fresh_netns(program: str) -> tuple[str, str]:
     return result
 
 
-def test_libnftables_loads_the_rules_the_nft_binary_loads() -> None:
-    """The rules go in through libnftables, no nft process; the ruleset is the same."""
-    assert sc.load_libnftables(), "libnftables.so.1 is installed with nftables"
-    error, via_library = _rules_in_fresh_netns("library")
+def test_the_batch_loads_the_rules_nft_loads_from_their_text() -> None:
+    """netcap's prebuilt netlink batch (no nft process, no libnftables) loads the ruleset
+    the nft binary loads from ``_RULESET``: the same listing, table, chains, sets and all."""
+    error, via_batch = _rules_in_fresh_netns("netcap")
     error_binary, via_binary = _rules_in_fresh_netns("binary")
     assert error == error_binary == ""
-    assert "tproxy to :1" in via_library and "table inet airlock_netcap" in via_library
-    assert via_library == via_binary
+    assert "tproxy to :1" in via_batch and "table inet airlock_netcap" in via_batch
+    assert "log group 7" in via_batch and "meta l4proto { tcp, udp }" in via_batch
+    assert via_batch == via_binary
 
 
-def test_libnftables_reports_a_bad_ruleset_and_loads_none_of_it() -> None:
-    bad = "table inet t {\n chain c { type filter hook prerouting priority 0; }\n}\nnonsense x\n"
-    error, listed = _rules_in_fresh_netns(bad)
-    assert "syntax error" in error or "Error" in error, error
+def test_a_refused_batch_is_reported_and_none_of_it_is_loaded() -> None:
+    # An expression the kernel does not know (in two rules; the messages before them are fine).
+    bad = netcap._NFTABLES_BATCH.replace(b"tproxy\0", b"tproxz\0")
+    assert bad != netcap._NFTABLES_BATCH
+    error, listed = _rules_in_fresh_netns("netcap", bad)
+    assert "nf_tables refused message" in error and os.strerror(2) in error, error
     assert listed.strip() == ""  # a batch is all or nothing

@@ -19,7 +19,6 @@ import json, sys
 sys.argv = ["airlock-spawner"]
 import airlock.sandbox.spawner as spawner
 import airlock.sandbox.contain  # as spawner.main does before its first fork
-spawner.sc.load_libnftables()
 print(json.dumps(sorted(m for m in ("threading", "subprocess") if m in sys.modules)))
 """
 
