@@ -14,7 +14,7 @@ on stdout. Modes:
 * ``spawner-cold`` / ``spawner-warm``: the same plan through
   ``Spawner(pool=0 or 2).submit(plan).result()`` (no gRPC).
 * ``engine``: ``Engine.validate`` with a warm pool of 2, as the daemon runs by default
-  (plan, spawner, judge, summary; no gRPC).
+  (plan, spawner, judge, summary; no gRPC), of ``--command`` (default ``true``).
 * ``cg-GAP``: a fresh child writes "0" to ``cgroup.procs`` of a new cgroup (every
   hierarchy) after GAP milliseconds of quiet; cgroup creation and removal are timed too.
 * ``quit``: stop the helper, remove this worker's cgroup group, report, exit.
@@ -88,7 +88,7 @@ def _run_forked(plan: SandboxPlan) -> tuple[Any, int]:
 
 
 class Worker:
-    def __init__(self, state_dir: str, cwd: str) -> None:
+    def __init__(self, state_dir: str, cwd: str, command: str = _COMMAND) -> None:
         os.makedirs(os.path.join(state_dir, "scratch"), mode=0o700, exist_ok=True)
         self.config = DaemonConfig(
             socket_path=os.path.join(state_dir, "unused.sock"), state_dir=state_dir
@@ -100,7 +100,7 @@ class Worker:
             spawner.start()
         self.engine = Engine(self.config, self.warm, self.host, PolicyStore(NEUTRAL_POLICY))
         self.peer = PeerCred(pid=os.getpid(), uid=0, gid=0)
-        request = ValidateRequest(command=_COMMAND, cwd=cwd, env=(), timeout_s=30.0)
+        request = ValidateRequest(command=command, cwd=cwd, env=(), timeout_s=30.0)
         self.request = check(request, self.peer, self.config.limits)
         self.failures: list[str] = []
 
@@ -141,14 +141,15 @@ class Worker:
         return {"run_s": times, "plan_s": plans, "threads": _threads(), "warm_runs": warm_runs}
 
     def engine_run(self, runs: int) -> dict[str, Any]:
-        times, warm_runs = [], 0
+        times, diffs, warm_runs = [], [], 0
         for _ in range(runs):
             t0 = time.perf_counter()
             validation = self.engine.validate(self.request, uuid.uuid4().hex)
             times.append(time.perf_counter() - t0)
+            diffs.append(validation.timings.diff_s)
             warm_runs += bool(getattr(validation.timings, "warm", False))
             self._check(validation, "engine")
-        return {"run_s": times, "threads": _threads(), "warm_runs": warm_runs}
+        return {"run_s": times, "diff_s": diffs, "threads": _threads(), "warm_runs": warm_runs}
 
     def cgroup_write(self, runs: int, gap_s: float) -> dict[str, Any]:
         """Time a fresh process's writes of "0" to cgroup.procs, as the command does.
@@ -232,8 +233,9 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--state-dir", required=True)
     p.add_argument("--cwd", required=True)
+    p.add_argument("--command", default=_COMMAND, help="what `engine` dry-runs")
     a = p.parse_args()
-    worker = Worker(a.state_dir, a.cwd)
+    worker = Worker(a.state_dir, a.cwd, a.command)
     out = sys.stdout
 
     def reply(obj: dict[str, Any]) -> None:

@@ -3,16 +3,26 @@
 Not a test; run as root::
 
     .venv/bin/python bench/ab.py --before /tmp/before --after . [--blocks 10] [--runs 20]
+        [--command CMD] [--expect-changes N] [--daemon]
 
-Each tree must hold ``airlock/`` and ``bench/_direct.py`` (a copy of this work tree with a
-change undone is the usual ``--before``). One ``bench/_direct.py`` worker per tree, each run
-from its tree (so it and its spawner import that tree's ``airlock``) and each in its own
+Each tree must hold ``airlock/`` (a copy of this work tree with a change undone is the usual
+``--before``); the workers are this directory's. One ``bench/_direct.py`` worker per tree, each
+run from its tree (so it and its spawner import that tree's ``airlock``) and each in its own
 ``cpuacct`` cgroup (v1) or cgroup (v2), made here and removed after: the CPU time of the
 worker, its spawner, the supervisors and their inits (the command itself moves to the
 sandbox's cgroup). Blocks of ``--runs`` ``Engine.validate("true")`` calls (no gRPC, warm pool
 of 2, the neutral policy so the line is dry-run) alternate between the trees, so that load
 from other processes hits both alike. Prints per tree the median and p90 wall time per
 validation and the median CPU time per validation over blocks; nothing is asserted.
+
+``--command`` dry-runs another command than ``true`` (``--expect-changes``: count a run
+that does not report that many changes as a failure). ``--daemon`` goes through the whole
+path instead: each tree's worker is ``bench/_client_worker.py``, which starts that tree's
+``airlockd`` (default settings, the neutral policy) and calls ``Validate`` with that tree's
+Python client (gRPC, protobuf both ways, the conversion to ``airlock.types``); its cgroup
+holds the client, the daemon, its spawner and the supervisors. Then the medians of the
+daemon's ``diff_s`` (the supervisor's diff, changeset and lost-work check), ``command_s``,
+``sandbox_s`` and ``total_s`` and of the client's conversion are printed too.
 """
 
 from __future__ import annotations
@@ -54,8 +64,11 @@ def _cpu_s(d: Path, f: str) -> float:
     return 0.0
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 class _Worker:
-    def __init__(self, tree: str, label: str, cwd: str) -> None:
+    def __init__(self, tree: str, label: str, cwd: str, a: argparse.Namespace) -> None:
         self.label = label
         self.state = tempfile.mkdtemp(prefix=f"airlock-ab-{label}-")
         self.cg, self.cg_file = _cgroup(f"airlock-ab-{os.getpid()}-{label}")
@@ -64,8 +77,13 @@ class _Worker:
         def enter() -> None:  # in the child, before exec: the whole tree is counted
             (cg / "cgroup.procs").write_text("0")
 
+        script = "_client_worker.py" if a.daemon else "_direct.py"
+        argv = [sys.executable, os.path.join(_HERE, script), "--state-dir", self.state]
+        argv += ["--cwd", cwd, "--command", a.command]
+        if a.daemon and a.expect_changes is not None:
+            argv += ["--expect-changes", str(a.expect_changes)]
         self.proc = subprocess.Popen(
-            [sys.executable, "bench/_direct.py", "--state-dir", self.state, "--cwd", cwd],
+            argv,
             cwd=tree,
             env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
             stdin=subprocess.PIPE,
@@ -112,10 +130,14 @@ def main() -> int:
     p.add_argument("--after", required=True)
     p.add_argument("--blocks", type=int, default=10)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--command", default="true", help="the command dry-run (default: true)")
+    p.add_argument("--expect-changes", type=int, default=None)
+    p.add_argument("--daemon", action="store_true", help="through airlockd and the client")
     a = p.parse_args()
     cwd = tempfile.mkdtemp(prefix="airlock-ab-cwd-")
-    workers = [_Worker(a.before, "before", cwd), _Worker(a.after, "after", cwd)]
+    workers = [_Worker(a.before, "before", cwd, a), _Worker(a.after, "after", cwd, a)]
     walls: dict[str, list[float]] = {w.label: [] for w in workers}
+    extra: dict[str, dict[str, list[float]]] = {w.label: {} for w in workers}
     cpus: dict[str, list[float]] = {w.label: [] for w in workers}
     warm: dict[str, int] = {w.label: 0 for w in workers}
     quit_: dict[str, Any] = {}
@@ -131,6 +153,9 @@ def main() -> int:
                 cpus[w.label].append((_cpu_s(w.cg, w.cg_file) - c0) / a.runs)
                 walls[w.label] += r["run_s"]
                 warm[w.label] += r["warm_runs"]
+                for key in ("diff_s", "command_s", "sandbox_s", "total_s", "convert_s"):
+                    if key in r:
+                        extra[w.label].setdefault(key, []).extend(r[key])
     finally:
         for w in workers:
             try:
@@ -147,8 +172,14 @@ def main() -> int:
             "wall_ms_p50": round(statistics.median(ws) * 1000, 2),
             "wall_ms_p90": round(ws[int(len(ws) * 0.9)] * 1000, 2),
             "cpu_ms_per_validation_p50": round(statistics.median(cpus[label]) * 1000, 2),
+            **{
+                f"{key[:-2]}_ms_p50": round(statistics.median(values) * 1000, 2)
+                for key, values in extra[label].items()
+            },
             "failures": quit_.get(label, {}).get("failures"),
         }
+    out["command"] = a.command
+    out["daemon"] = a.daemon
     print(json.dumps(out, indent=2))
     return 0
 

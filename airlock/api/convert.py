@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from typing import TypeVar
 
@@ -419,68 +420,81 @@ def finding_from_proto(msg: pb.Finding) -> types.Finding:
     )
 
 
-def change_to_proto(c: types.FileChange) -> pb.FileChange:
-    msg = pb.FileChange(
-        path=_decode_path(c.path),
-        kind=pb.ChangeKind.ValueType(c.kind.value),
-        file_type=pb.FileType.ValueType(c.file_type.value),
-        previous_file_type=pb.FileType.ValueType(c.previous_file_type.value),
+def _make_change(make: Callable[..., pb.FileChange], c: types.FileChange) -> pb.FileChange:
+    """``make(**fields)``: the message of ``c`` (a new one, or one added to a response).
+
+    Enums go as they are (an ``IntEnum`` is its value) and an unset optional as None,
+    which the message constructor leaves unset.
+    """
+    path = c.path
+    msg = make(
+        path=path.decode("utf-8", errors="backslashreplace"),
+        kind=c.kind,
+        file_type=c.file_type,
+        previous_file_type=c.previous_file_type,
         in_workspace=c.in_workspace,
+        size_before=c.size_before,
+        size_after=c.size_after,
         sha256_after=c.sha256_after,
-        symlink_target=_decode_path(c.symlink_target),
+        mode_before=c.mode_before,
+        mode_after=c.mode_after,
+        uid_after=c.uid_after,
+        gid_after=c.gid_after,
+        symlink_target=_decode_path(c.symlink_target) if c.symlink_target else "",
         unified_diff=c.unified_diff,
         binary=c.binary,
         diff_truncated=c.diff_truncated,
         entries_deleted=c.entries_deleted,
         unreadable=c.unreadable,
-        other_type=pb.OtherType.ValueType(c.other_type.value),
+        other_type=c.other_type,
         capabilities=c.capabilities,
         links=c.links,
-        linked_to=_decode_path(c.linked_to),
+        linked_to=_decode_path(c.linked_to) if c.linked_to else "",
     )
-    if not _is_utf8(c.path):
-        msg.raw_path = c.path
-    if c.size_before is not None:
-        msg.size_before = c.size_before
-    if c.size_after is not None:
-        msg.size_after = c.size_after
-    if c.mode_before is not None:
-        msg.mode_before = c.mode_before
-    if c.mode_after is not None:
-        msg.mode_after = c.mode_after
-    if c.uid_after is not None:
-        msg.uid_after = c.uid_after
-    if c.gid_after is not None:
-        msg.gid_after = c.gid_after
+    if not (path.isascii() or _is_utf8(path)):
+        msg.raw_path = path
     return msg
 
 
+def change_to_proto(c: types.FileChange) -> pb.FileChange:
+    return _make_change(pb.FileChange, c)
+
+
+# Enum values to members: a dict lookup instead of a call of the enum per field.
+_CHANGE_KINDS = {m.value: m for m in types.ChangeKind}
+_FILE_TYPES = {m.value: m for m in types.FileType}
+_OTHER_TYPES = {m.value: m for m in types.OtherType}
+_MODIFIED = types.ChangeKind.MODIFIED
+_OTHER = types.FileType.OTHER
+_NO_OTHER = types.OtherType.NONE
+
+
 def change_from_proto(msg: pb.FileChange) -> types.FileChange:
+    has = msg.HasField
+    # Positional, in the order of FileChange's fields (checked by tests/unit/api).
     return types.FileChange(
-        path=msg.raw_path if msg.raw_path else msg.path.encode("utf-8"),
-        kind=_enum_from_proto(types.ChangeKind, msg.kind, types.ChangeKind.MODIFIED),
-        file_type=_enum_from_proto(types.FileType, msg.file_type, types.FileType.OTHER),
-        previous_file_type=_enum_from_proto(
-            types.FileType, msg.previous_file_type, types.FileType.OTHER
-        ),
-        in_workspace=msg.in_workspace,
-        size_before=msg.size_before if msg.HasField("size_before") else None,
-        size_after=msg.size_after if msg.HasField("size_after") else None,
-        sha256_after=msg.sha256_after,
-        mode_before=msg.mode_before if msg.HasField("mode_before") else None,
-        mode_after=msg.mode_after if msg.HasField("mode_after") else None,
-        uid_after=msg.uid_after if msg.HasField("uid_after") else None,
-        gid_after=msg.gid_after if msg.HasField("gid_after") else None,
-        symlink_target=msg.symlink_target.encode("utf-8"),
-        unified_diff=msg.unified_diff,
-        binary=msg.binary,
-        diff_truncated=msg.diff_truncated,
-        entries_deleted=msg.entries_deleted,
-        unreadable=msg.unreadable,
-        other_type=_enum_from_proto(types.OtherType, msg.other_type, types.OtherType.NONE),
-        capabilities=msg.capabilities,
-        links=msg.links,
-        linked_to=msg.linked_to.encode("utf-8"),
+        msg.raw_path or msg.path.encode("utf-8"),
+        _CHANGE_KINDS.get(msg.kind, _MODIFIED),
+        _FILE_TYPES.get(msg.file_type, _OTHER),
+        _FILE_TYPES.get(msg.previous_file_type, _OTHER),
+        msg.in_workspace,
+        msg.size_before if has("size_before") else None,
+        msg.size_after if has("size_after") else None,
+        msg.sha256_after,
+        msg.mode_before if has("mode_before") else None,
+        msg.mode_after if has("mode_after") else None,
+        msg.uid_after if has("uid_after") else None,
+        msg.gid_after if has("gid_after") else None,
+        msg.symlink_target.encode("utf-8"),
+        msg.unified_diff,
+        msg.binary,
+        msg.diff_truncated,
+        msg.entries_deleted,
+        msg.unreadable,
+        _OTHER_TYPES.get(msg.other_type, _NO_OTHER),
+        msg.capabilities,
+        msg.links,
+        msg.linked_to.encode("utf-8"),
     )
 
 
@@ -529,7 +543,7 @@ def _usage_from_proto(msg: pb.ResourceUsage) -> types.ResourceUsage:
 
 
 def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
-    return pb.ValidateResponse(
+    msg = pb.ValidateResponse(
         validation_id=v.validation_id,
         verdict=pb.Verdict.ValueType(v.verdict.value),
         summary=v.summary,
@@ -542,7 +556,6 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
         stdout_truncated=v.stdout_truncated,
         stderr=v.stderr,
         stderr_truncated=v.stderr_truncated,
-        changes=[change_to_proto(c) for c in v.changes],
         changes_truncated=v.changes_truncated,
         timings=_timings_to_proto(v.timings),
         resource_usage=_usage_to_proto(v.resource_usage),
@@ -568,6 +581,11 @@ def validation_to_proto(v: types.Validation) -> pb.ValidateResponse:
         changes_digest=v.changes_digest,
         changes_not_kept=v.changes_not_kept,
     )
+    # Each change built in place in the response, not built apart and then copied in.
+    add = msg.changes.add
+    for c in v.changes:
+        _make_change(add, c)
+    return msg
 
 
 def network_attempt_to_proto(a: types.NetworkAttemptInfo) -> pb.NetworkAttempt:

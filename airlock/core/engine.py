@@ -188,6 +188,8 @@ class Engine:
                 diff_file_bytes=limits.diff_file_bytes,
                 diff_total_bytes=limits.diff_total_bytes,
                 exclude=(os.fsencode(self.config.state_dir),),
+                # New files' content is kept for the changeset only if one can be saved.
+                content_for=self.config.keep_changes_max if self.config.keep_changes else 0,
             ),
             sensitive_globs=self._sensitive_globs() if self.config.capture_reads else (),
             home=_home_of(req.uid),

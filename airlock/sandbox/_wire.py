@@ -15,11 +15,14 @@ import socket
 import struct
 from typing import Any
 
+from airlock.sandbox import _gcpause
+
 __all__ = ["HEADER_BYTES", "dumps", "loads", "read_fd", "recv", "send"]
 
 _HEADER = struct.Struct("!Q")
 HEADER_BYTES = _HEADER.size  # what dumps() puts before the pickle
 MAX_MESSAGE = 256 * 1024 * 1024
+_LARGE = 64 * 1024  # loads() of a message this large pauses the cyclic collector
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -35,7 +38,12 @@ def dumps(obj: object) -> bytes:
 
 
 def loads(data: bytes) -> Any:
-    return _RestrictedUnpickler(io.BytesIO(data)).load()
+    if len(data) < _LARGE:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    # Thousands of new objects and no reference cycles (a large result: its changes): the
+    # cyclic collector would run many times for nothing while they are made.
+    with _gcpause.paused():
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
 
 
 def _size(header: bytes) -> int:

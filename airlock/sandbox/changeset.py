@@ -51,11 +51,13 @@ entries per changeset: past that, :func:`save` refuses. A subtree that holds a m
 point is refused too (Apply never crosses file systems).
 
 Content is read with the caller's rights (:class:`~airlock.sandbox.diff.CallerFiles`):
-the new content copied for Apply, and the old content hashed to verify it later. A
-changeset is all or nothing, so a change whose content the caller may not read (the diff
-marks it ``unreadable``; or the file it replaces or deletes) keeps the whole dry run from
-being kept (``CHANGES_UNREADABLE``): Apply can never write, nor the manifest's digest
-reflect, content the caller could not have read itself.
+the new content copied for Apply, and the old content hashed to verify it later. A new
+regular file the diff read whole (``DiffResult.contents``: it reads as the caller too, after
+the command ended, when the upper layer no longer changes) is copied from that read, not
+opened again. A changeset is all or nothing, so a change whose content the caller may not
+read (the diff marks it ``unreadable``; or the file it replaces or deletes) keeps the whole
+dry run from being kept (``CHANGES_UNREADABLE``): Apply can never write, nor the manifest's
+digest reflect, content the caller could not have read itself.
 
 Refusals: a truncated diff (``CHANGES_TRUNCATED``: a partial changeset must never be
 applied); content the caller may not read (``CHANGES_UNREADABLE``); more than
@@ -84,7 +86,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,7 @@ from airlock._errors import (
     SandboxError,
 )
 from airlock._special import CAPABILITY_XATTR
+from airlock.sandbox import _gcpause
 from airlock.sandbox.diff import Caller, CallerFiles, DiffResult, Layer
 from airlock.types import ChangeKind, FileChange, FileType
 
@@ -145,13 +148,13 @@ def file_type(mode: int) -> FileType:
 
 def components(path: bytes) -> tuple[bytes, ...]:
     """An absolute path's components: the sort key that puts parents before children."""
-    return tuple(part for part in path.split(b"/") if part)
+    return tuple(filter(None, path.split(b"/")))
 
 
 # --- The manifest ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tree:
     """The digest of a directory's whole subtree (see :func:`tree_digest`)."""
 
@@ -159,7 +162,7 @@ class Tree:
     entries: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EntryState:
     """One path's state: the host's before the change, or the dry run's after it.
 
@@ -191,7 +194,7 @@ class EntryState:
 _ABSENT = EntryState(FileType.NONE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChangeRecord:
     """One change: its host path, its kind, the host's state before and the dry run's after."""
 
@@ -217,6 +220,11 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """The canonical JSON bytes (what :attr:`digest` hashes)."""
+        return self._canonical
+
+    @functools.cached_property
+    def _canonical(self) -> bytes:
+        # Encoded once: saving writes these bytes and then hashes them for the digest.
         return _dumps(_manifest_json(self))
 
     @functools.cached_property
@@ -240,31 +248,44 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+_TYPE_NAMES = {ftype: ftype.name for ftype in FileType}
+_KIND_NAMES = {kind: kind.name for kind in ChangeKind}
+
+
 def _state_json(state: EntryState) -> dict[str, object]:
-    out: dict[str, object] = {"type": state.file_type.name}
-    if not state.exists:
-        return out
-    out.update(mode=state.mode, uid=state.uid, gid=state.gid)
-    if state.file_type is FileType.REGULAR:
+    ftype = state.file_type
+    if ftype is FileType.NONE:
+        return {"type": "NONE"}
+    out: dict[str, object] = {
+        "type": _TYPE_NAMES[ftype],
+        "mode": state.mode,
+        "uid": state.uid,
+        "gid": state.gid,
+    }
+    if ftype is FileType.REGULAR:
         out["size"] = state.size
     if state.sha256:
         out["sha256"] = state.sha256
-    if state.file_type is FileType.SYMLINK:
+    if ftype is FileType.SYMLINK:
         out["target"] = _text(state.target)
-    if state.file_type is FileType.OTHER:
-        out.update(fmt=state.fmt, rdev=state.rdev)
+    elif ftype is FileType.OTHER:
+        out["fmt"] = state.fmt
+        out["rdev"] = state.rdev
     if state.tree is not None:
         out["tree"] = {"sha256": state.tree.sha256, "entries": state.tree.entries}
     if state.offset is not None:
         out["offset"] = state.offset
     if state.ino:
-        out.update(ino=state.ino, mtime_ns=state.mtime_ns, ctime_ns=state.ctime_ns)
+        out["ino"] = state.ino
+        out["mtime_ns"] = state.mtime_ns
+        out["ctime_ns"] = state.ctime_ns
     if state.caps:
         out["caps"] = state.caps.hex()
     return out
 
 
 def _manifest_json(manifest: Manifest) -> dict[str, object]:
+    state_json, kind_names = _state_json, _KIND_NAMES
     return {
         "format": FORMAT,
         "version": manifest.version,
@@ -272,10 +293,10 @@ def _manifest_json(manifest: Manifest) -> dict[str, object]:
         "content_bytes": manifest.content_bytes,
         "changes": [
             {
-                "path": _text(change.path),
-                "kind": change.kind.name,
-                "before": _state_json(change.before),
-                "after": _state_json(change.after),
+                "path": change.path.decode("utf-8", "surrogateescape"),
+                "kind": kind_names[change.kind],
+                "before": state_json(change.before),
+                "after": state_json(change.after),
             }
             for change in manifest.changes
         ],
@@ -389,56 +410,76 @@ def _check(manifest: Manifest) -> None:
     """The rules every manifest obeys; :func:`airlock.apply.apply` relies on them."""
     seen: dict[tuple[bytes, ...], ChangeRecord] = {}
     previous: tuple[bytes, ...] = ()
+    fullmatch = _SHA256.fullmatch
+    none, regular, directory, other = (
+        FileType.NONE,
+        FileType.REGULAR,
+        FileType.DIRECTORY,
+        FileType.OTHER,
+    )
+    created, modified, deleted, metadata_changed = (
+        ChangeKind.CREATED,
+        ChangeKind.MODIFIED,
+        ChangeKind.DELETED,
+        ChangeKind.METADATA_CHANGED,
+    )
     for change in manifest.changes:
         path = change.path
-        comps = components(path)
+        parts = path.split(b"/")
+        comps = tuple(parts[1:])
+        # Absolute, no NUL, at least one component, and none of them empty, "." or "..".
         if (
-            not path.startswith(b"/")
+            parts[0]
             or b"\0" in path
             or not comps
-            or any(part in (b".", b"..") for part in comps)
-            or b"/".join((b"", *comps)) != path
+            or b"" in comps
+            or b"." in comps
+            or b".." in comps
         ):
             raise _bad(f"the path {path!r} is not a normalized absolute path")
         if comps <= previous:
             raise _bad("changes are not sorted by path, or a path repeats")
         previous = comps
         before, after, kind = change.before, change.after, change.kind
-        if kind is ChangeKind.CREATED:
-            ok = not before.exists and after.exists
-        elif kind is ChangeKind.DELETED:
-            ok = before.exists and not after.exists
-        elif kind is ChangeKind.METADATA_CHANGED:
-            ok = before.exists and after.file_type is before.file_type
+        btype, atype = before.file_type, after.file_type
+        if kind is created:
+            ok = btype is none and atype is not none
+        elif kind is deleted:
+            ok = btype is not none and atype is none
+        elif kind is metadata_changed:
+            ok = btype is not none and atype is btype
         else:  # MODIFIED: new content, target or device, or another type
-            same_dir = before.file_type is after.file_type is FileType.DIRECTORY
-            ok = before.exists and after.exists and not same_dir
+            same_dir = btype is atype is directory
+            ok = btype is not none and atype is not none and not same_dir
         if not ok:
             raise _bad(f"{kind.name} does not fit the states of {path!r}")
         for state in (before, after):
+            if state is _ABSENT:
+                continue  # nothing set
             if state.mode > 0o7777 or state.uid >= 1 << 32 or state.gid >= 1 << 32:
                 raise _bad(f"a mode or owner of {path!r} is out of range")
-            if state.sha256 and not _SHA256.fullmatch(state.sha256):
+            if state.sha256 and not fullmatch(state.sha256):
                 raise _bad(f"a hash of {path!r} is malformed")
-            if state.tree is not None and not _SHA256.fullmatch(state.tree.sha256):
+            if state.tree is not None and not fullmatch(state.tree.sha256):
                 raise _bad(f"the tree digest of {path!r} is malformed")
-        replaces = kind in (ChangeKind.MODIFIED, ChangeKind.DELETED)
-        if replaces and before.file_type is FileType.REGULAR and not before.sha256:
+        replaces = kind is modified or kind is deleted
+        if replaces and btype is regular and not before.sha256:
             raise _bad(f"the replaced content of {path!r} has no hash")
-        needs_tree = replaces and after.file_type is not FileType.DIRECTORY
-        if needs_tree and before.file_type is FileType.DIRECTORY and before.tree is None:
+        needs_tree = replaces and atype is not directory
+        if needs_tree and btype is directory and before.tree is None:
             raise _bad(f"the removed directory {path!r} has no tree digest")
-        writes = after.file_type is FileType.REGULAR and kind is not ChangeKind.METADATA_CHANGED
-        if writes != (after.offset is not None):
+        offset = after.offset
+        writes = atype is regular and kind is not metadata_changed
+        if writes != (offset is not None):
             raise _bad(f"the content of {path!r} is missing or not expected")
-        if after.offset is not None:
-            if not _SHA256.fullmatch(after.sha256):
+        if offset is not None:
+            if not after.sha256:  # (a hash that is there was checked above)
                 raise _bad(f"the new content of {path!r} has no hash")
-            if after.offset + after.size > manifest.content_bytes:
+            if offset + after.size > manifest.content_bytes:
                 raise _bad(f"the new content of {path!r} lies outside the content file")
-        if after.file_type is FileType.OTHER and after.fmt not in APPLICABLE_OTHER:
+        if atype is other and after.fmt not in APPLICABLE_OTHER:
             raise _bad(f"{path!r} would be a device node")
-        if before.caps or (after.caps and after.offset is None):
+        if before.caps or (after.caps and offset is None):
             raise _bad(f"file capabilities of {path!r} are recorded where none are written")
         # The nearest listed ancestor must be a directory afterwards; below a directory the
         # changeset creates, nothing can exist before.
@@ -446,9 +487,9 @@ def _check(manifest: Manifest) -> None:
             parent = seen.get(comps[:depth])
             if parent is None:
                 continue
-            if parent.after.file_type is not FileType.DIRECTORY:
+            if parent.after.file_type is not directory:
                 raise _bad(f"{path!r} lies below a path that is not a directory afterwards")
-            if parent.before.file_type is not FileType.DIRECTORY and before.exists:
+            if parent.before.file_type is not directory and btype is not none:
                 raise _bad(f"{path!r} lies below a new directory but existed before")
             break
         seen[comps] = change
@@ -740,26 +781,31 @@ def save(
             reason="CHANGESET_FAILED",
         ) from exc
     saver: _Saver | None = None
-    try:
-        os.chmod(dest, 0o700)  # whatever the umask
-        saver = _Saver(layers, quota_bytes, max_tree_entries, CallerFiles(caller))
-        return saver.save(diff.changes, dest)
-    except AirlockError:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    except OSError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(
-                f"no space left to keep the changes: {exc}", reason="CHANGESET_QUOTA"
+    # Thousands of new objects (states, records, the manifest's JSON) and no reference
+    # cycles: in the supervisor's large heap the cyclic collector would only slow this down.
+    with _gcpause.paused():
+        try:
+            os.chmod(dest, 0o700)  # whatever the umask
+            saver = _Saver(layers, quota_bytes, max_tree_entries, CallerFiles(caller))
+            return saver.save(diff.changes, dest, diff.contents)
+        except AirlockError:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        except OSError as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"no space left to keep the changes: {exc}", reason="CHANGESET_QUOTA"
+                ) from exc
+            raise SandboxError(
+                f"cannot save the changes: {exc}", reason="CHANGESET_FAILED"
             ) from exc
-        raise SandboxError(f"cannot save the changes: {exc}", reason="CHANGESET_FAILED") from exc
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    finally:
-        if saver is not None:
-            saver.close()
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        finally:
+            if saver is not None:
+                saver.close()
 
 
 def _unreadable(paths: Sequence[bytes]) -> InvalidRequest:
@@ -817,6 +863,18 @@ class _Saver:
         self.writing: list[bytes] = []
         self.opened_to = 0
         self.ahead: dict[bytes, int | OSError] = {}
+        # How many changes each directory holds (by host path); the names of the lower
+        # directories listed instead of an lstat per change (see _lower_lstat); the lower
+        # directories found missing (below a directory the command created).
+        self.per_dir: dict[bytes, int] = {}
+        # New content the diff read (DiffResult.contents), and what of it waits to be written
+        # to the content file (in order: written before anything is copied after it).
+        self.contents: Mapping[bytes, bytes] = {}
+        self.from_diff: dict[bytes, bytes] = {}
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.lower_names: dict[bytes, frozenset[bytes] | None] = {}
+        self.no_lower: set[tuple[int, tuple[bytes, ...]]] = set()
         try:
             # Longest host path first: a path belongs to the innermost mount that holds it.
             for layer in sorted(layers, key=lambda lay: len(lay.host_path), reverse=True):
@@ -841,8 +899,14 @@ class _Saver:
                 return layer, components(path[len(layer.host) :])
         raise SandboxError(f"{path!r} lies in no overlay", reason="CHANGESET_FAILED")
 
-    def save(self, changes: Sequence[FileChange], dest: str) -> Manifest:
+    def save(
+        self,
+        changes: Sequence[FileChange],
+        dest: str,
+        contents: Mapping[bytes, bytes] | None = None,
+    ) -> Manifest:
         created_ns = time.time_ns()
+        self.contents = contents or {}
         dir_fd = os.open(dest, _DIR_FLAGS)
         try:
             self.content_fd = os.open(
@@ -854,17 +918,23 @@ class _Saver:
             # The content file was created above and the manifest is below, outside the
             # caller's file-system gid and groups.
             ordered = sorted(changes, key=lambda c: components(c.path))
-            self.writing = [
-                c.path
-                for c in ordered
-                if c.file_type is FileType.REGULAR
-                and c.kind in (ChangeKind.CREATED, ChangeKind.MODIFIED)
-            ]
+            per_dir = self.per_dir
+            for c in ordered:
+                parent = c.path.rpartition(b"/")[0]
+                per_dir[parent] = per_dir.get(parent, 0) + 1
+            for c in ordered:
+                if c.file_type is FileType.REGULAR and c.kind in _WRITES:
+                    data = self._read_content(c) if self.contents else None
+                    if data is None:
+                        self.writing.append(c.path)
+                    else:
+                        self.from_diff[c.path] = data
             with self.files:
                 try:
                     records = [self._record(change) for change in ordered]
                 finally:
                     self._drop_ahead()
+            self._flush()
             if self.unreadable:
                 raise _unreadable(self.unreadable)
             if self.conflicts:
@@ -911,17 +981,24 @@ class _Saver:
         if not comps:
             return self._root(change, layer)
         parent, name = comps[:-1], comps[-1]
-        try:
-            lower_fd: int | None = layer.lower.open(parent)
-        except (FileNotFoundError, NotADirectoryError):
-            lower_fd = None  # below a directory the command created
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            lower_fd = None
+        key = (id(layer), parent)
+        lower_fd: int | None = None
+        if key not in self.no_lower:
+            try:
+                lower_fd = layer.lower.open(parent)
+            except (FileNotFoundError, NotADirectoryError):
+                self.no_lower.add(key)  # below a directory the command created
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                self.no_lower.add(key)
         rel = b"/".join(comps)
         before = self._before(change, lower_fd, name, layer, rel)
-        after = self._after(change, layer.upper.open(parent), name, layer, rel)
+        data = self.from_diff.get(path)
+        if data is not None:
+            after = self._after_read(change, data)
+        else:
+            after = self._after(change, layer.upper.open(parent), name, layer, rel)
         return ChangeRecord(path, change.kind, before, after)
 
     def _open_content(self, dir_fd: int, name: bytes, root_fd: int, host: bytes, rel: bytes) -> int:
@@ -968,7 +1045,7 @@ class _Saver:
     def _before(
         self, change: FileChange, dir_fd: int | None, name: bytes, layer: _LayerFds, rel: bytes
     ) -> EntryState:
-        st = lstat_at(name, dir_fd) if dir_fd is not None else None
+        st = self._lower_lstat(change.path, dir_fd, name) if dir_fd is not None else None
         path, kind = change.path, change.kind
         ftype = file_type(st.st_mode) if st is not None else FileType.NONE
         if ftype is not change.previous_file_type:
@@ -1015,6 +1092,26 @@ class _Saver:
             ctime_ns=st.st_ctime_ns,
         )
 
+    def _lower_lstat(self, path: bytes, dir_fd: int, name: bytes) -> os.stat_result | None:
+        """:func:`lstat_at` of a lower entry; a name missing from its directory's listing is
+        absent without an lstat. A directory is listed, once, when it holds enough of the
+        changes (most of them new names, each a failed lstat) and is not much larger."""
+        parent_path = path.rpartition(b"/")[0]
+        count = self.per_dir.get(parent_path, 0)
+        if count < _LIST_LOWER_MIN:
+            return lstat_at(name, dir_fd)
+        if parent_path in self.lower_names:
+            names = self.lower_names[parent_path]
+        else:
+            names = None
+            with contextlib.suppress(OSError):
+                if os.fstat(dir_fd).st_size <= count * _LIST_LOWER_BYTES:
+                    names = frozenset(map(os.fsencode, os.listdir(dir_fd)))
+            self.lower_names[parent_path] = names
+        if names is not None and name not in names:
+            return None
+        return lstat_at(name, dir_fd)
+
     def _tree(self, path: bytes, dir_fd: int, name: bytes) -> Tree:
         scan = tree_digest(dir_fd, name, max_entries=self.tree_budget)
         self.tree_budget -= scan.tree.entries
@@ -1031,6 +1128,48 @@ class _Saver:
             )
         return scan.tree
 
+    def _read_content(self, change: FileChange) -> bytes | None:
+        """The new content of ``change`` as the diff read it, when that is all Apply needs.
+
+        Only for a new regular file without file capabilities that the diff read whole
+        (with the caller's rights, after the command had ended: the upper layer no longer
+        changes), and whose change has every field the after state takes.
+        """
+        data = self.contents.get(change.path)
+        if (
+            data is None
+            or change.kind is not ChangeKind.CREATED
+            or change.file_type is not FileType.REGULAR
+            or change.capabilities
+            or len(data) != change.size_after
+            or change.mode_after is None
+            or change.uid_after is None
+            or change.gid_after is None
+            or not _SHA256.fullmatch(change.sha256_after)
+        ):
+            return None
+        return data
+
+    def _after_read(self, change: FileChange, data: bytes) -> EntryState:
+        """:meth:`_after` of a new file whose content the diff read (:meth:`_read_content`):
+        the same state, without a second lstat, open and copy of the file."""
+        offset = self.content_bytes
+        self._charge(len(data))
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= _CHUNK:
+            self._flush()
+        self.content_bytes += len(data)
+        return EntryState(
+            FileType.REGULAR,
+            mode=change.mode_after or 0,
+            uid=change.uid_after or 0,
+            gid=change.gid_after or 0,
+            size=len(data),
+            sha256=change.sha256_after,
+            offset=offset,
+        )
+
     def _after(
         self, change: FileChange, dir_fd: int, name: bytes, layer: _LayerFds, rel: bytes
     ) -> EntryState:
@@ -1043,7 +1182,6 @@ class _Saver:
         mode = stat.S_IMODE(st.st_mode)
         if change.mode_after is not None and mode != change.mode_after:
             raise SandboxError(f"the upper layer changed {path!r}", reason="CHANGESET_FAILED")
-        state = EntryState(change.file_type, mode=mode, uid=st.st_uid, gid=st.st_gid)
         ftype = change.file_type
         if ftype is FileType.SYMLINK:
             target = os.readlink(name, dir_fd=dir_fd)
@@ -1057,7 +1195,7 @@ class _Saver:
                 )
             return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid, fmt=fmt)
         if ftype is not FileType.REGULAR:
-            return state
+            return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid)
         if change.kind is ChangeKind.METADATA_CHANGED:
             return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid, size=st.st_size)
         sha256 = change.sha256_after
@@ -1071,7 +1209,7 @@ class _Saver:
             if not self.files.active:
                 raise
             self.unreadable.append(path)
-            return state
+            return EntryState(ftype, mode=mode, uid=st.st_uid, gid=st.st_gid)
         offset = self.content_bytes
         try:
             caps = _file_capabilities(src, path)
@@ -1136,8 +1274,18 @@ class _Saver:
                 os.close(result)
         self.ahead = {}
 
+    def _flush(self) -> None:
+        """Write the content that waits (see :meth:`_after`) to the content file."""
+        if not self.pending:
+            return
+        view = memoryview(b"".join(self.pending))
+        self.pending, self.pending_bytes = [], 0
+        while view:
+            view = view[os.write(self.content_fd, view) :]
+
     def _copy(self, src: int, size: int, path: bytes) -> None:
         """Append ``size`` bytes of the upper file ``src`` to the content file, in the kernel."""
+        self._flush()  # what comes before it in the file
         left = size
         while left > 0:
             if self.copy_range:
@@ -1155,6 +1303,7 @@ class _Saver:
             left -= done
 
 
+_WRITES = (ChangeKind.CREATED, ChangeKind.MODIFIED)
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
 
@@ -1162,6 +1311,10 @@ _NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
 def _file_capabilities(fd: int, path: bytes) -> bytes:
     """The raw ``security.capability`` of the open upper file ``fd``; b"" if it has none."""
     try:
+        # Listing first: nearly free when there is none (a failed getxattr raises, which
+        # costs more than the listing).
+        if CAPABILITY_XATTR not in os.listxattr(fd):
+            return b""
         return os.getxattr(fd, CAPABILITY_XATTR)
     except OSError as exc:
         if exc.errno in _NO_XATTR:
@@ -1174,3 +1327,7 @@ def _file_capabilities(fd: int, path: bytes) -> bytes:
 
 # How many new files are opened together as the caller.
 _OPEN_AHEAD = 64
+# List a lower directory instead of an lstat per change from this many changes in it on,
+# unless it is larger than this many bytes per change (as in the diff).
+_LIST_LOWER_MIN = 64
+_LIST_LOWER_BYTES = 256

@@ -65,21 +65,29 @@ import contextlib
 import dataclasses
 import difflib
 import errno
-import gc
 import hashlib
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 
 from airlock._errors import SandboxError
 from airlock._special import CAPABILITY_XATTR, describe_capabilities, other_type
+from airlock.sandbox import _gcpause
 from airlock.sandbox import _syscalls as sc
 from airlock.types import ChangeKind, FileChange, FileType, OtherType
 
-__all__ = ["Caller", "CallerFiles", "DiffOptions", "DiffResult", "Layer", "compute_changes"]
+__all__ = [
+    "Caller",
+    "CallerFiles",
+    "DiffOptions",
+    "DiffResult",
+    "Layer",
+    "compute_changes",
+    "diff_result_from_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -100,15 +108,43 @@ class DiffOptions:
     diff_file_bytes: int = 64 * 1024
     diff_total_bytes: int = 1024 * 1024
     exclude: tuple[bytes, ...] = ()
+    # Up to how many changes the walk keeps the new files' content it read for the changeset
+    # saved after it (DiffResult.contents; the daemon's keep-changes-max, 0 when it keeps
+    # none); past that many, it keeps none: no changeset will be saved.
+    content_for: int = 10_000
 
 
 @dataclass(frozen=True)
 class DiffResult:
-    """The changes, sorted by path bytes; whether some were left out; the scratch used."""
+    """The changes, sorted by path bytes; whether some were left out; the scratch used.
+
+    ``contents`` is the content of new regular files the walk read whole (those below the
+    diff limit, up to ``_KEEP_CONTENT_BYTES`` in all; none past
+    :attr:`DiffOptions.content_for` changes), by path: the changeset saved right after the
+    diff copies it from here instead of opening each file again. It stays in the
+    supervisor: it is not part of equality, nor of the pickle sent to the daemon.
+    """
 
     changes: tuple[FileChange, ...]
     truncated: bool
     scratch_bytes: int
+    contents: Mapping[bytes, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled (supervisor to daemon) as one tuple of field values per change: about half
+        # the bytes and time of pickling each change with its field names.
+        rows = tuple(map(_change_row, self.changes))
+        return (diff_result_from_rows, (rows, self.truncated, self.scratch_bytes))
+
+
+def diff_result_from_rows(
+    rows: tuple[tuple[object, ...], ...], truncated: bool, scratch_bytes: int
+) -> DiffResult:
+    """The :class:`DiffResult` that :meth:`DiffResult.__reduce__` took apart."""
+    names = _CHANGE_FIELDS
+    # zip(strict=True): a row of another length than FileChange's fields raises ValueError.
+    changes = [_build(dict(zip(names, row, strict=True))) for row in rows]
+    return DiffResult(tuple(changes), truncated, scratch_bytes)
 
 
 @dataclass(frozen=True)
@@ -140,6 +176,8 @@ _LIST_LOWER_MIN = 64
 _LIST_LOWER_BYTES = 256
 # How many files of a directory are opened together as the caller (see CallerFiles).
 _OPEN_AHEAD = 64
+# How much of the new files' content one diff keeps for the changeset (DiffResult.contents).
+_KEEP_CONTENT_BYTES = 8 * 1024 * 1024
 
 # Enum members as module constants: reading ``ChangeKind.CREATED`` costs ~75 ns each time.
 _CREATED = ChangeKind.CREATED
@@ -336,18 +374,12 @@ def compute_changes(
     """
     # Thousands of new objects and no reference cycles: the cyclic collector would
     # only slow the walk down (by ~5 % for 10,000 changes).
-    collect = gc.isenabled()
-    gc.disable()
-    try:
-        with CallerFiles(caller) as files:
-            walker = _Walker(options, files)
-            for layer in sorted(layers, key=attrgetter("host_path")):
-                walker.walk(layer)
-    finally:
-        if collect:
-            gc.enable()
+    with _gcpause.paused(), CallerFiles(caller) as files:
+        walker = _Walker(options, files)
+        for layer in sorted(layers, key=attrgetter("host_path")):
+            walker.walk(layer)
     changes = sorted(walker.linked(walker.changes), key=attrgetter("path"))
-    return DiffResult(tuple(changes), walker.truncated, walker.scratch_bytes)
+    return DiffResult(tuple(changes), walker.truncated, walker.scratch_bytes, walker.contents)
 
 
 def _norm(path: bytes) -> bytes:
@@ -662,6 +694,10 @@ class _Walker:
         # and its first names (``linked_to`` of the changes, filled in by :meth:`linked`).
         self._inode_of: dict[bytes, tuple[int, int]] = {}
         self._names: dict[tuple[int, int], list[bytes]] = {}
+        # New files' content as read (DiffResult.contents), and how many more bytes may be kept.
+        self.contents: dict[bytes, bytes] = {}
+        self.content_room = _KEEP_CONTENT_BYTES if options.content_for > 0 else 0
+        self.content_for = options.content_for
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -989,6 +1025,12 @@ class _Walker:
                 _created_fields(path, in_workspace, size, sha256, st, diff, binary, truncated, caps)
             )
         )
+        if size <= self.content_room:
+            if len(self.changes) > self.content_for:
+                self.contents, self.content_room = {}, 0  # too many to be kept: keep none
+            else:
+                self.contents[path] = data
+                self.content_room -= size
         return True
 
     def _regular(
@@ -1364,6 +1406,9 @@ def _fast_change_ok() -> bool:
 _object_new = object.__new__
 _object_setattr = object.__setattr__
 _FAST_CHANGE = _fast_change_ok()
+# FileChange's field names in order, and a change's values in that order.
+_CHANGE_FIELDS = tuple(field.name for field in dataclasses.fields(FileChange))
+_change_row = attrgetter(*_CHANGE_FIELDS)
 
 
 def _list_lower(lfd: int, upper_count: int) -> bool:

@@ -87,6 +87,10 @@ CHANGES = st.builds(
     diff_truncated=st.booleans(),
     entries_deleted=UINT64,
     unreadable=st.booleans(),
+    other_type=st.sampled_from(types.OtherType),
+    capabilities=TEXT,
+    links=UINT32,
+    linked_to=UTF8_BYTES,
 )
 
 FINDINGS = st.builds(
