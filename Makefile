@@ -87,6 +87,7 @@ run: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/issue16.py
 
 lint: install
 	$(BIN)/ruff check airlock tests bench
