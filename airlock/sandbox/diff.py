@@ -64,11 +64,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import enum
 import errno
 import hashlib
 import os
 import stat
 import sys
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
@@ -141,9 +143,7 @@ def diff_result_from_rows(
     rows: tuple[tuple[object, ...], ...], truncated: bool, scratch_bytes: int
 ) -> DiffResult:
     """The :class:`DiffResult` that :meth:`DiffResult.__reduce__` took apart."""
-    names = _CHANGE_FIELDS
-    # zip(strict=True): a row of another length than FileChange's fields raises ValueError.
-    changes = [_build(dict(zip(names, row, strict=True))) for row in rows]
+    changes = [_build(_row_fields(row)) for row in rows]
     return DiffResult(tuple(changes), truncated, scratch_bytes)
 
 
@@ -1408,7 +1408,32 @@ _object_setattr = object.__setattr__
 _FAST_CHANGE = _fast_change_ok()
 # FileChange's field names in order, and a change's values in that order.
 _CHANGE_FIELDS = tuple(field.name for field in dataclasses.fields(FileChange))
-_change_row = attrgetter(*_CHANGE_FIELDS)
+_change_values = attrgetter(*_CHANGE_FIELDS)
+# The enum fields, by position: a row carries their values, not the members. How a member
+# pickles differs between Python releases (3.11.2: ``getattr(Class, name)``, which the
+# restricted unpickler refuses; 3.11.7: ``Class(value)``); a plain value pickles the same.
+_ENUM_AT = tuple(
+    (i, kind)
+    for i, kind in enumerate(typing.get_type_hints(FileChange)[n] for n in _CHANGE_FIELDS)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum)
+)
+
+
+def _change_row(change: FileChange) -> tuple[object, ...]:
+    row = list(_change_values(change))
+    for i, _kind in _ENUM_AT:
+        row[i] = row[i].value
+    return tuple(row)
+
+
+def _row_fields(row: tuple[object, ...]) -> dict[str, object]:
+    """A row's fields by name, the enum values made members again (an unknown value, or a row
+    of another length than FileChange's fields, raises ValueError)."""
+    fields = dict(zip(_CHANGE_FIELDS, row, strict=True))
+    for i, kind in _ENUM_AT:
+        name = _CHANGE_FIELDS[i]
+        fields[name] = kind(fields[name])
+    return fields
 
 
 def _list_lower(lfd: int, upper_count: int) -> bool:
