@@ -56,7 +56,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _daemon
 import psutil
 from _stats import Summary, format_table, ms, summarize
 
@@ -212,11 +212,7 @@ class Daemon:
     spawner: int | None = None
 
     def find_spawner(self) -> int | None:
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(self.proc.pid).children():
-                if "airlock.sandbox.spawner" in " ".join(child.cmdline()):
-                    return child.pid
-        return None
+        return _daemon.spawner_pid(self.proc.pid)
 
     def rss(self) -> dict[str, float]:
         """RSS of the daemon and its spawner helper, MiB."""
@@ -232,13 +228,7 @@ class Daemon:
         return {k: round(v, 1) for k, v in out.items()}
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return _daemon.stop(self.proc)
 
 
 def start_daemon(base: Path) -> Daemon:
@@ -257,19 +247,14 @@ def start_daemon(base: Path) -> Daemon:
         cg.close()
         raise
     d = Daemon(base, str(sock), proc, cg, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        if sock.exists():
-            with Client(str(sock), timeout=2) as c, contextlib.suppress(Exception):
-                if c.health():
-                    d.spawner = d.find_spawner()
-                    return d
-        time.sleep(0.05)
-    d.stop()
-    cg.close()
-    raise RuntimeError(f"airlockd did not come up:\n{log.read_text()}")
+    try:
+        _daemon.wait_serving(proc, sock, log)
+    except BaseException:
+        d.stop()
+        cg.close()
+        raise
+    d.spawner = d.find_spawner()
+    return d
 
 
 # --- One call of each kind ----------------------------------------------------------------------

@@ -47,7 +47,6 @@ import os
 import pickle
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _daemon
 import psutil
 from _as_user import validate_series
 from _stats import format_table, ms, summarize
@@ -158,20 +158,10 @@ class Daemon:
     pids: set[int] = field(default_factory=set)
 
     def spawner_pid(self) -> int | None:
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(self.proc.pid).children():
-                if "airlock.sandbox.spawner" in " ".join(child.cmdline()):
-                    return child.pid
-        return None
+        return _daemon.spawner_pid(self.proc.pid)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return _daemon.stop(self.proc)
 
 
 # The sandbox series run with a policy that has no opinion, so every command is dry-run (under
@@ -192,18 +182,9 @@ def start_daemon(base: Path, *args: str) -> Daemon:
             stdin=subprocess.DEVNULL,
         )
     daemon = Daemon(base, str(sock), str(state), str(ws), proc, log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"airlockd exited with {proc.returncode}:\n{log_path.read_text()}")
-        if sock.exists():
-            with Client(str(sock), timeout=2) as c, contextlib.suppress(Exception):
-                if c.health():
-                    daemon.pids = {proc.pid, daemon.spawner_pid() or proc.pid}
-                    return daemon
-        time.sleep(0.05)
-    daemon.stop()
-    raise RuntimeError(f"airlockd did not come up:\n{log_path.read_text()}")
+    _daemon.wait_serving(proc, sock, log_path)
+    daemon.pids = {proc.pid, daemon.spawner_pid() or proc.pid}
+    return daemon
 
 
 # --- Measurements -----------------------------------------------------------------------------
