@@ -190,6 +190,7 @@ TRIES = [
 def test_kill_9_during_apply_recovers_to_a_named_state(
     tmp_path: Path, when: str, delay: float, group: bool, uid: int
 ) -> None:
+    at_once = delay == 0.0  # killed the moment it reached `when`, not some time after
     delay += random.uniform(0, 0.01)
     with public_dir() as base:
         ws = base / "ws"
@@ -220,9 +221,11 @@ def test_kill_9_during_apply_recovers_to_a_named_state(
                     else:  # (or killed between the claim and its audit: nothing written)
                         assert "rolled back" in said or "written nothing" in said, said
                         assert host == before
-                    if when == "temp":
+                    if when == "temp" and at_once:
                         # Killed while it prepared, the helper died with the daemon: it never
-                        # reached the commit (one that outlives it writes everything).
+                        # reached the commit (one that outlives it writes everything). Some
+                        # time after the first temporary file, a fast apply may have begun its
+                        # commit: then rolled forward is right, and checked above.
                         assert "rolled back" in said, said
                 elif finished:
                     assert host == after
