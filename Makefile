@@ -8,15 +8,16 @@ SOCKET  ?= /run/airlock/airlock.sock
 STATE   ?= /var/lib/airlock
 NODE_BIN := node_modules/.bin
 
-.PHONY: install deps venv node proto lock dist test test-unit soak run bench lint clean install-service uninstall-service
+.PHONY: install deps venv native node proto lock dist test test-unit soak run bench lint clean install-service uninstall-service
 
-install: deps venv node proto
+install: deps venv native node proto
 
-# Debian packages the tests and benchmarks need (bubblewrap is the benchmark's reference; node
+# Debian packages the tests and benchmarks need (bubblewrap is the benchmark's reference; gcc
+# and libc6-dev build the sandbox's init program; node
 # and npm run buf and the tests' npm registry, unless a node is installed some other way).
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in bubblewrap iproute2 util-linux nftables libseccomp2 curl; do \
+	  missing=""; for p in bubblewrap iproute2 util-linux nftables libseccomp2 curl gcc libc6-dev; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
@@ -33,6 +34,14 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	touch $@
+
+# The sandbox's init program (native/airlock-sandbox-init.c; docs/decisions.md §37), built next to
+# airlock/sandbox/init.py for the editable install; a wheel builds its own (setup.py).
+INIT := airlock/sandbox/airlock-sandbox-init
+native: $(INIT)
+
+$(INIT): native/airlock-sandbox-init.c native/build.py
+	$(PY) native/build.py $@
 
 # Node tools, exactly package-lock.json: buf (make lint) and verdaccio (the npm registry of
 # tests/daemon/test_egress_npm.py).
@@ -90,8 +99,8 @@ bench: install
 	$(BIN)/python bench/issue16.py
 
 lint: install
-	$(BIN)/ruff check airlock tests bench
-	$(BIN)/ruff format --check airlock tests bench
+	$(BIN)/ruff check airlock tests bench native setup.py
+	$(BIN)/ruff format --check airlock tests bench native setup.py
 	$(BIN)/mypy airlock
 	$(NODE_BIN)/buf lint
 
@@ -128,4 +137,4 @@ uninstall-service:
 	@echo "kept: $(CONFIG) (configuration), $(STATE) (audit log, audit key, state store, kept changes; or the configuration's state-dir), the journal's logs (journalctl -u airlockd). Delete them yourself if you mean to."
 
 clean:
-	rm -rf $(VENV) dist build node_modules .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) dist build node_modules $(INIT) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -141,15 +141,23 @@ class Worker:
         return {"run_s": times, "plan_s": plans, "threads": _threads(), "warm_runs": warm_runs}
 
     def engine_run(self, runs: int) -> dict[str, Any]:
-        times, diffs, warm_runs = [], [], 0
+        times, diffs, sandbox_cpu, warm_runs = [], [], [], 0
         for _ in range(runs):
             t0 = time.perf_counter()
             validation = self.engine.validate(self.request, uuid.uuid4().hex)
             times.append(time.perf_counter() - t0)
             diffs.append(validation.timings.diff_s)
+            # The sandbox's own cgroup: the command process from its join on (it leaves ours).
+            sandbox_cpu.append(validation.resource_usage.cpu_time_s)
             warm_runs += bool(getattr(validation.timings, "warm", False))
             self._check(validation, "engine")
-        return {"run_s": times, "diff_s": diffs, "threads": _threads(), "warm_runs": warm_runs}
+        return {
+            "run_s": times,
+            "diff_s": diffs,
+            "sandbox_cpu_s": sandbox_cpu,
+            "threads": _threads(),
+            "warm_runs": warm_runs,
+        }
 
     def cgroup_write(self, runs: int, gap_s: float) -> dict[str, Any]:
         """Time a fresh process's writes of "0" to cgroup.procs, as the command does.

@@ -29,9 +29,7 @@ __all__ = [
     "MS_REC",
     "MS_REMOUNT",
     "clear_capabilities",
-    "drop_bounding_set",
     "fork",
-    "lock_securebits",
     "mount",
     "pivot_root",
     "set_no_new_privs",
@@ -60,16 +58,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
 _PR_SET_PDEATHSIG = 1
-_PR_CAPBSET_DROP = 24
-_PR_SET_SECUREBITS = 28
 _PR_SET_NO_NEW_PRIVS = 38
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-
-# SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | its lock |
-# SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | its lock: uid 0 gains
-# nothing at execve and no capability can come back.
-_SECUREBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -184,21 +173,9 @@ def _last_capability() -> int:
 _LAST_CAP = _last_capability()  # read once: forks inherit it (0.3 ms per fresh read)
 
 
-def drop_bounding_set() -> None:
-    """Empty the capability bounding set and ambient set; needs CAP_SETPCAP, so call it first."""
-    for cap in range(_LAST_CAP + 1):
-        if _prctl(_PR_CAPBSET_DROP, cap) < 0 and ctypes.get_errno() != 22:  # EINVAL: unknown cap
-            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
-    _check(_prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
-
-
-def lock_securebits() -> None:
-    """Lock the securebits so uid 0 gains no capability at execve and none can return.
-
-    With SECBIT_NO_SETUID_FIXUP set, a later uid change leaves capabilities as
-    they are: ``clear_capabilities`` must follow it.
-    """
-    _check(_prctl(_PR_SET_SECUREBITS, _SECUREBITS_LOCKED_DOWN), "prctl(PR_SET_SECUREBITS)")
+def last_capability() -> int:
+    """The kernel's last capability number (``/proc/sys/kernel/cap_last_cap``, read once)."""
+    return _LAST_CAP
 
 
 def clear_capabilities() -> None:

@@ -8,6 +8,9 @@ Three processes take part in one dry run::
          └── command (joins the cgroup, waits for the run spec, then runs bash -c COMMAND as the
                       caller's uid/gid with no capabilities and no_new_privs)
 
+Init and the command are the small exec'd program ``airlock-sandbox-init`` (sandbox/init.py),
+not forks of the supervisor's Python image.
+
 ``prepare`` does everything a template decides, up to a command process that
 waits for its :class:`RunSpec`; ``run`` hands it the spec and watches it. The
 spawner keeps a few prepared sandboxes warm so that a request pays only for
@@ -22,11 +25,9 @@ even if the daemon is killed.
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # signal's C module (_default_signals)
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import os
 import secrets
@@ -46,12 +47,12 @@ from airlock.sandbox import (
     _wire,
     changeset,
     gitloss,
+    init,
     mnt,
     net,
     netcap,
     proctrace,
     reads,
-    seccomp,
     user,
 )
 from airlock.sandbox.apply import apply, open_changeset, recover
@@ -80,12 +81,6 @@ __all__ = [
 ]
 
 _READ_CHUNK = 65536
-_SIG_DFL = int(signal.SIG_DFL)
-_SIG_SETMASK = int(signal.SIG_SETMASK)
-# Every signal whose disposition a process may set (not 32 and 33, glibc's own), as ints.
-_RESET_SIGNALS = tuple(
-    sorted(int(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
-)
 # After the command ends, how long stray output may keep its pipes open (it cannot: the pid
 # namespace is gone; this only bounds a kernel that is slow to tear it down).
 _DRAIN_S = 5.0
@@ -226,130 +221,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-# --- Inside the sandbox -----------------------------------------------------------------------
-
-
-def _default_signals() -> None:
-    """Default dispositions and an empty mask: ignored signals survive fork *and* exec.
-
-    The spawner ignores SIGINT and SIGTERM (its daemon stops it); without this reset
-    every sandboxed command would inherit them ignored, and `kill`/`timeout` break.
-
-    Through ``_signal``, the C module, over the valid signals only: ``signal.signal`` wraps
-    each call in enum conversions of its arguments and of the old handler (a ``ValueError``
-    raised and caught when that is a function), and 32 and 33 failed with an exception each.
-    In this freshly forked process that cost ~0.4 ms of CPU and ~100 copy-on-write page faults
-    per dry run (0.52 ms, 129 faults against 0.10 ms, 28); the system calls are the same.
-    """
-    for signum in _RESET_SIGNALS:
-        try:  # noqa: SIM105 (contextlib.suppress per signal: ~45 more page faults here)
-            _signal.signal(signum, _SIG_DFL)
-        except (OSError, ValueError):
-            pass
-    _signal.pthread_sigmask(_SIG_SETMASK, [])
-
-
-def _command(
-    spec_r: int,
-    out_w: int,
-    err_w: int,
-    error_w: int,
-    procs: list[int],
-    trace_fd: int,
-    seccomp_program: bytes,
-) -> None:
-    """The command process: join the cgroup, wait for the spec, become the caller, exec bash.
-
-    Never returns. Writing "0" to an inherited ``cgroup.procs`` descriptor moves the
-    writer itself, so the command is limited from its first instruction while init
-    stays outside the cgroup (its death is what kills the sandbox; the OOM killer
-    must never pick it). In a warm sandbox this happens before any request exists.
-    ``trace_fd`` (-1: no tracing) is the channel over which the process tracer's
-    seccomp listener goes to the supervisor, installed right before the exec.
-    """
-    step = "cgroup"
-    try:
-        for fd in procs:
-            os.write(fd, b"0")
-        if trace_fd >= 0:  # out of the way of the dup2s below
-            trace_fd = fcntl.fcntl(trace_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-        step = "stdio"
-        os.setsid()
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.dup2(error_w, 3, inheritable=False)
-        step = "capabilities"
-        user.shed_bounding_set()
-        step = "spec"
-        spec: RunSpec = _wire.read_fd(spec_r)
-        keep = 4
-        if trace_fd >= 0:
-            os.dup2(trace_fd, 4, inheritable=False)
-            keep = 5
-        os.closerange(keep, 1 << 16)  # defence in depth: every other fd is close-on-exec already
-        step = "uid"
-        user.become(spec.uid, spec.gid, spec.groups)
-        step = "cwd"
-        os.chdir(spec.cwd)
-        if seccomp_program:
-            step = "seccomp"
-            seccomp.install(seccomp_program)
-        if trace_fd >= 0:
-            step = "trace"
-            proctrace.install(4)
-        step = "exec"
-        _default_signals()
-        os.execve(spec.argv[0], list(spec.argv), dict(spec.env))
-    except BaseException as exc:
-        kind = b"cwd" if step == "cwd" else b"setup"
-        with contextlib.suppress(OSError):
-            os.write(
-                3 if step not in ("cgroup", "stdio") else error_w,
-                kind + b"\0" + f"{step}: {exc}".encode(errors="replace"),
-            )
-    os._exit(127)
-
-
-def _init(
-    template: SandboxTemplate,
-    fds: tuple[int, int, int, int],
-    procs: list[int],
-    trace_fd: int,
-) -> None:
-    """Pid 1 of the sandbox. Reports the command's wait status, then exits. Never returns."""
-    spec_r, status_w, out_w, err_w = fds
-    error_r, error_w = os.pipe()
-    try:
-        sc.set_parent_death_signal(signal.SIGKILL)
-        sc.unshare(sc.CLONE_NEWNS)  # pivot_root below must not move the supervisor's root
-        for op in template.init_setup:
-            mnt.execute_step(op)
-        _write_all(status_w, b"R")  # set up: the supervisor may now hold our namespaces
-        child = sc.fork()
-        if child == 0:
-            os.close(error_r)
-            _command(spec_r, out_w, err_w, error_w, procs, trace_fd, template.seccomp_program)
-        for fd in (error_w, out_w, err_w, spec_r, *procs):
-            os.close(fd)
-        if trace_fd >= 0:
-            os.close(trace_fd)  # only the command process may hand the listener over
-        failure = os.read(error_r, 4096)  # empty once exec succeeded (close-on-exec)
-        while True:
-            pid, status = os.wait()  # reaps orphans too, as a pid 1 must
-            if pid == child:
-                break
-        if failure:
-            _write_all(status_w, b"E" + failure)
-        else:
-            _write_all(status_w, b"S" + struct.pack("=i", status))
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            _write_all(status_w, b"Esetup\0sandbox init: " + str(exc).encode(errors="replace"))
-    os._exit(0)
-
-
 # --- The supervisor ---------------------------------------------------------------------------
 
 
@@ -475,19 +346,11 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
-        pid = sc.fork()
-        if pid == 0:
-            for fd in (spec_w, out_r, err_r, status_r):
-                os.close(fd)
-            for sock in (connector, trace_sup):
-                if sock is not None:
-                    sock.close()
-            if network is not None:
-                network.close()  # init's copies: the sinkhole is the supervisor's alone
-            if host_net >= 0:
-                os.close(host_net)
-            trace_fd = trace_cmd.detach() if trace_cmd is not None else -1
-            _init(template, (spec_r, status_w, out_w, err_w), procs, trace_fd)
+        fds = init.InitFds(
+            spec_r, status_w, out_w, err_w, tuple(procs), trace_cmd.fileno() if trace_cmd else -1
+        )
+        argv = init.arguments(template.init_setup, template.seccomp_program, fds.trace >= 0)
+        pid = init.spawn(argv, fds)
         for fd in (spec_r, out_w, err_w, status_w, *procs):
             os.close(fd)
         if trace_cmd is not None:
@@ -624,7 +487,7 @@ def run(
                 tainted=functools.partial(_read_sensitive, recorder),
             )
     with contextlib.suppress(BrokenPipeError):  # the command died in set-up: init says why
-        _write_all(prepared.spec_w, _wire.dumps(spec))
+        _write_all(prepared.spec_w, init.encode_spec(spec))
     os.close(prepared.spec_w)
     prepared.spec_w = -1
     out_r, err_r, status_r = prepared.out_r, prepared.err_r, prepared.status_r

@@ -28,7 +28,9 @@ Wiring (see docs/decisions.md, "Process tree capture")::
 
     supervisor: conn = open_connector()            # before unshare(CLONE_NEWNET)
                 sup, cmd = channel()               # cmd is inherited by init and the command
-    command:    ... user.become(...); chdir; install(cmd.fileno()); execve(...)
+    command:    ... become the caller; chdir; the notification filter, its listener sent over
+                cmd; execve(...)   (the init program: native/airlock-sandbox-init.c; tests
+                and bench/ call install(cmd.fileno()), the same steps in Python)
     supervisor: tracer = ProcessTracer(conn, sup, init_pid)   # before the command may exec
                 poll loop: tracer.fileno() readable -> tracer.handle()
                 timeout:   tracer.note_timeout(); kill(init)
@@ -40,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import platform
 import secrets
@@ -246,6 +249,13 @@ def _filter_program(machine: str) -> bytes:
     return bytes(out)
 
 
+@functools.cache
+def filter_program() -> bytes:
+    """The notification filter for this machine's architectures (built once; the sandbox's
+    init program installs it, sandbox/init.py)."""
+    return _filter_program(platform.machine())
+
+
 def install(channel_fd: int) -> None:
     """In the command process, right before ``execve``: trace this process and its descendants.
 
@@ -254,7 +264,7 @@ def install(channel_fd: int) -> None:
     :func:`channel`) and closes both, so nothing in the sandbox can answer its own
     notifications. The ``execve`` that follows waits until the supervisor answers.
     """
-    program = _filter_program(platform.machine())
+    program = filter_program()
     flags = sc.SECCOMP_FILTER_FLAG_NEW_LISTENER | sc.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
     try:
         listener = sc.seccomp_set_filter(program, flags)

@@ -1,4 +1,9 @@
-"""User identity: become the caller, with no capabilities and no way to gain any."""
+"""User identity: become the caller, with no capabilities and no way to gain any.
+
+For Apply and the lost-work checker (Python processes). A sandbox's command does the same
+steps, and first empties its bounding set and locks its securebits, in its init program
+(native/airlock-sandbox-init.c, sandbox/init.py).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,8 @@ import os
 from airlock.sandbox import _syscalls
 
 
-def shed_bounding_set() -> None:
-    """Step 1, before anything is known of the request: nothing execve'd can gain capabilities.
-
-    Empties the bounding and ambient sets and locks the securebits (uid 0 gains
-    nothing at execve). Needs CAP_SETPCAP, so it comes before the uid change; the
-    process keeps its permitted set (CAP_SETUID, ...) for :func:`become`.
-    """
-    _syscalls.drop_bounding_set()
-    _syscalls.lock_securebits()
-
-
 def become(uid: int, gid: int, groups: tuple[int, ...]) -> None:
-    """Step 2: switch to ``uid``/``gid``/``groups`` and shed the remaining privileges.
+    """Switch to ``uid``/``gid``/``groups`` and shed the remaining privileges.
 
     Groups, gid, uid; then the capability sets are cleared (the locked
     securebits keep a uid change from doing it); then no_new_privs, so no setuid
