@@ -8,6 +8,7 @@ executes plans, step by step, and names the failing step when one fails.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -460,9 +461,20 @@ def parse_mountinfo(
     point that is not UTF-8 keeps its bytes (``os.fsencode`` gives them back).
     """
     return tuple(
-        HostMount(e.path, e.fstype, *(inspect(e.path) if inspect else ()))
-        for e in _visible(_entries(text))
+        HostMount(path, fstype, *(inspect(path) if inspect else ()))
+        for path, fstype in _visible_mounts(text)
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _visible_mounts(text: str) -> tuple[tuple[str, str], ...]:
+    """(mount point, file system type) of each mount seen, for one mountinfo text.
+
+    Remembered: the daemon reads mountinfo for every request (a mount may come or go at any
+    time) and the text rarely changes, while parsing it was half of the daemon's own CPU per
+    dry run (2 ms of ~3.9 for 21 mounts; more on a host with hundreds). The roots are still
+    inspected per call (a mode or owner can change without a mount)."""
+    return tuple((e.path, e.fstype) for e in _visible(_entries(text)))
 
 
 def _under(path: str, root: str) -> bool:
