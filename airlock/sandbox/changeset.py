@@ -88,6 +88,7 @@ import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 from airlock._errors import (
@@ -225,7 +226,7 @@ class Manifest:
     @functools.cached_property
     def _canonical(self) -> bytes:
         # Encoded once: saving writes these bytes and then hashes them for the digest.
-        return _dumps(_manifest_json(self))
+        return _manifest_text(self)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -301,6 +302,87 @@ def _manifest_json(manifest: Manifest) -> dict[str, object]:
             for change in manifest.changes
         ],
     }
+
+
+# The canonical JSON written directly, without the intermediate dictionaries and the sorting
+# of their keys: a fifth of the time of json.dumps for a changeset of thousands of new files.
+# The same bytes as ``_dumps(_manifest_json(manifest))`` (tests/unit/sandbox/test_changeset.py
+# compares them): keys in sorted order, numbers as ``int`` prints them (every number here is
+# an ``int``), strings through the encoder json.dumps uses (``ensure_ascii``).
+_TYPE_TEXTS = {ftype: f'"type":"{ftype.name}"' for ftype in FileType}
+_KIND_TEXTS = {kind: f'"kind":"{kind.name}"' for kind in ChangeKind}
+
+
+def _state_text(state: EntryState) -> str:
+    ftype = state.file_type
+    if ftype is FileType.NONE:
+        return '{"type":"NONE"}'
+    sha256, offset = state.sha256, state.offset
+    if (
+        ftype is FileType.REGULAR
+        and offset is not None
+        and sha256
+        and not state.ino
+        and not state.caps
+        and state.tree is None
+    ):  # new content, the after state of most changes
+        return (
+            f'{{"gid":{state.gid},"mode":{state.mode},"offset":{offset},'
+            f'"sha256":{_json_str(sha256)},"size":{state.size},"type":"REGULAR",'
+            f'"uid":{state.uid}}}'
+        )
+    ino, other = state.ino, ftype is FileType.OTHER
+    out = []
+    if state.caps:
+        out.append(f'"caps":{_json_str(state.caps.hex())}')
+    if ino:
+        out.append(f'"ctime_ns":{state.ctime_ns}')
+    if other:
+        out.append(f'"fmt":{state.fmt}')
+    out.append(f'"gid":{state.gid}')
+    if ino:
+        out.append(f'"ino":{ino}')
+    out.append(f'"mode":{state.mode}')
+    if ino:
+        out.append(f'"mtime_ns":{state.mtime_ns}')
+    if offset is not None:
+        out.append(f'"offset":{offset}')
+    if other:
+        out.append(f'"rdev":{state.rdev}')
+    if sha256:
+        out.append(f'"sha256":{_json_str(sha256)}')
+    if ftype is FileType.REGULAR:
+        out.append(f'"size":{state.size}')
+    if ftype is FileType.SYMLINK:
+        out.append(f'"target":{_json_str(_text(state.target))}')
+    tree = state.tree
+    if tree is not None:
+        out.append(f'"tree":{{"entries":{tree.entries},"sha256":{_json_str(tree.sha256)}}}')
+    out.append(_TYPE_TEXTS[ftype])
+    out.append(f'"uid":{state.uid}')
+    return "{" + ",".join(out) + "}"
+
+
+def _manifest_text(manifest: Manifest) -> bytes:
+    """The canonical JSON of ``manifest``: ``_dumps(_manifest_json(manifest))``, faster."""
+    state, kinds = _state_text, _KIND_TEXTS
+    body = ",".join(
+        [
+            f'{{"after":{state(c.after)},"before":{state(c.before)},{kinds[c.kind]},'
+            f'"path":{_json_str(c.path.decode("utf-8", "surrogateescape"))}}}'
+            for c in manifest.changes
+        ]
+    )
+    # The other keys sort after "changes": json.dumps writes them.
+    rest = _dumps(
+        {
+            "format": FORMAT,
+            "version": manifest.version,
+            "created_ns": manifest.created_ns,
+            "content_bytes": manifest.content_bytes,
+        }
+    )
+    return b'{"changes":[' + body.encode("ascii") + b"]," + rest[1:]
 
 
 def _bad(what: str) -> InvalidRequest:
@@ -410,6 +492,8 @@ def _check(manifest: Manifest) -> None:
     """The rules every manifest obeys; :func:`airlock.apply.apply` relies on them."""
     seen: dict[tuple[bytes, ...], ChangeRecord] = {}
     previous: tuple[bytes, ...] = ()
+    last_parent: tuple[bytes, ...] | None = None
+    last_ancestor: ChangeRecord | None = None
     fullmatch = _SHA256.fullmatch
     none, regular, directory, other = (
         FileType.NONE,
@@ -430,7 +514,7 @@ def _check(manifest: Manifest) -> None:
         # Absolute, no NUL, at least one component, and none of them empty, "." or "..".
         if (
             parts[0]
-            or b"\0" in path
+            or path.find(b"\0") != -1  # (faster than "in": no TypeError made and cleared)
             or not comps
             or b"" in comps
             or b"." in comps
@@ -482,16 +566,23 @@ def _check(manifest: Manifest) -> None:
         if before.caps or (after.caps and offset is None):
             raise _bad(f"file capabilities of {path!r} are recorded where none are written")
         # The nearest listed ancestor must be a directory afterwards; below a directory the
-        # changeset creates, nothing can exist before.
-        for depth in range(len(comps) - 1, 0, -1):
-            parent = seen.get(comps[:depth])
-            if parent is None:
-                continue
+        # changeset creates, nothing can exist before. A change in the same directory as the
+        # one before it has the same nearest listed ancestor (that one is not an ancestor).
+        parent_comps = comps[:-1]
+        if parent_comps == last_parent:
+            parent = last_ancestor
+        else:
+            parent = None
+            for depth in range(len(comps) - 1, 0, -1):
+                parent = seen.get(comps[:depth])
+                if parent is not None:
+                    break
+            last_parent, last_ancestor = parent_comps, parent
+        if parent is not None:
             if parent.after.file_type is not directory:
                 raise _bad(f"{path!r} lies below a path that is not a directory afterwards")
             if parent.before.file_type is not directory and btype is not none:
                 raise _bad(f"{path!r} lies below a new directory but existed before")
-            break
         seen[comps] = change
 
 
@@ -875,10 +966,17 @@ class _Saver:
         self.pending_bytes = 0
         self.lower_names: dict[bytes, frozenset[bytes] | None] = {}
         self.no_lower: set[tuple[int, tuple[bytes, ...]]] = set()
+        # The directory of the last change recorded (its host path) and what _record found
+        # for it: its layer, its components below the layer's root, its lower (open, or
+        # None). Changes come in component order, so the next ones in the same directory
+        # find the same, and the lower cursor still holds that directory open.
+        self.last_dir: bytes | None = None
+        self.last_found: tuple[_LayerFds, tuple[bytes, ...], int | None] | None = None
         try:
             # Longest host path first: a path belongs to the innermost mount that holds it.
             for layer in sorted(layers, key=lambda lay: len(lay.host_path), reverse=True):
                 self.layers.append(_LayerFds(layer))
+            self.roots = frozenset(layer.host for layer in self.layers)
         except OSError as exc:
             self.close()
             raise SandboxError(
@@ -977,21 +1075,31 @@ class _Saver:
             raise InvalidRequest(
                 "a change to / itself cannot be applied", reason="CHANGESET_UNSUPPORTED"
             )
-        layer, comps = self._layer(path)
-        if not comps:
-            return self._root(change, layer)
-        parent, name = comps[:-1], comps[-1]
-        key = (id(layer), parent)
-        lower_fd: int | None = None
-        if key not in self.no_lower:
-            try:
-                lower_fd = layer.lower.open(parent)
-            except (FileNotFoundError, NotADirectoryError):
-                self.no_lower.add(key)  # below a directory the command created
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                self.no_lower.add(key)
+        head, _, name = path.rpartition(b"/")
+        found = self.last_found
+        if head == self.last_dir and name and found is not None and path not in self.roots:
+            # The same directory as the change before, and not a layer's root (which lies
+            # in its own layer): what the general path below finds for it.
+            layer, parent, lower_fd = found
+            comps = (*parent, name)
+        else:
+            layer, comps = self._layer(path)
+            if not comps:
+                self.last_dir = None
+                return self._root(change, layer)
+            parent, name = comps[:-1], comps[-1]
+            key = (id(layer), parent)
+            lower_fd = None
+            if key not in self.no_lower:
+                try:
+                    lower_fd = layer.lower.open(parent)
+                except (FileNotFoundError, NotADirectoryError):
+                    self.no_lower.add(key)  # below a directory the command created
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    self.no_lower.add(key)
+            self.last_dir, self.last_found = head, (layer, parent, lower_fd)
         rel = b"/".join(comps)
         before = self._before(change, lower_fd, name, layer, rel)
         data = self.from_diff.get(path)
@@ -1160,14 +1268,20 @@ class _Saver:
         if self.pending_bytes >= _CHUNK:
             self._flush()
         self.content_bytes += len(data)
+        # Positional (file_type, mode, uid, gid, size, sha256, target, fmt, rdev, tree,
+        # offset): a quarter faster than by keyword, for every new file.
         return EntryState(
             FileType.REGULAR,
-            mode=change.mode_after or 0,
-            uid=change.uid_after or 0,
-            gid=change.gid_after or 0,
-            size=len(data),
-            sha256=change.sha256_after,
-            offset=offset,
+            change.mode_after or 0,
+            change.uid_after or 0,
+            change.gid_after or 0,
+            len(data),
+            change.sha256_after,
+            b"",
+            0,
+            0,
+            None,
+            offset,
         )
 
     def _after(

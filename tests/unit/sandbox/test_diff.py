@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from airlock.sandbox import _wire
+from airlock.sandbox import diff as diff_module
 from airlock.sandbox.changeset import CONTENT_NAME, MANIFEST_NAME, save
 from airlock.sandbox.diff import DiffOptions, Layer, compute_changes, diff_result_from_rows
 
@@ -52,6 +53,14 @@ def test_a_result_crosses_the_wire_exactly_and_without_the_content(tmp_path: Pat
     assert back.contents == {}
     with pytest.raises(ValueError):
         diff_result_from_rows(((b"/x", 1),), False, 0)  # a row of another shape
+    # Rows are read by a function written out for FileChange's fields, when it is equivalent.
+    assert diff_module._row_fields is diff_module._row_fields_now
+    row = result.__reduce__()[1][0][0]  # type: ignore[index]
+    assert diff_result_from_rows((row,), False, 0).changes == (result.changes[0],)
+    for at in (1, 2, 3, 18):  # kind, file types, other type: an unknown value is refused
+        for bad in (99, -1, "1", None, [1]):
+            with pytest.raises(ValueError):
+                diff_result_from_rows(((*row[:at], bad, *row[at + 1 :]),), False, 0)
 
 
 def test_new_content_is_kept_as_read_and_only_up_to_content_for(tmp_path: Path) -> None:
