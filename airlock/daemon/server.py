@@ -31,6 +31,7 @@ from airlock.core.pending import MAX_WATCHES
 from airlock.core.service import Service
 from airlock.core.state import StateStore
 from airlock.core.workflow import Workflow
+from airlock.daemon._memory import Trimmer, limit_arenas
 from airlock.daemon._peer import ConnectionLimits, PeerProxy
 from airlock.daemon._signals import Signals
 from airlock.daemon.service import SandboxService, handler, refusals
@@ -69,11 +70,13 @@ class _Admission(grpc.ServerInterceptor):  # type: ignore[misc]
     of ``work_slots`` (streams one of ``_STREAM_SLOTS``) while it runs, and a call that finds
     none is refused at once (RESOURCE_EXHAUSTED). The pool has more threads than the slots,
     so a stalled call (an audit log locked by another process) can hold a slot, never the
-    threads a health check needs."""
+    threads a health check needs. ``on_end`` runs when an admitted call ends (the daemon's
+    :class:`~airlock.daemon._memory.Trimmer`)."""
 
-    def __init__(self, work_slots: int) -> None:
+    def __init__(self, work_slots: int, on_end: Callable[[], None] = lambda: None) -> None:
         self._work = (threading.BoundedSemaphore(work_slots), work_slots, "calls")
         self._streams = (threading.BoundedSemaphore(_STREAM_SLOTS), _STREAM_SLOTS, "streams")
+        self._on_end = on_end
 
     def intercept_service(
         self,
@@ -84,13 +87,19 @@ class _Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         if handler is None or method in _UNLIMITED:
             return handler
-        return _limited(handler, *(self._streams if method.startswith(_STREAMS) else self._work))
+        slots = self._streams if method.startswith(_STREAMS) else self._work
+        return _limited(handler, *slots, self._on_end)
 
 
 def _limited(
-    handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore, count: int, what: str
+    handler: grpc.RpcMethodHandler,
+    slots: threading.BoundedSemaphore,
+    count: int,
+    what: str,
+    on_end: Callable[[], None],
 ) -> grpc.RpcMethodHandler:
-    """``handler`` holding one of ``slots`` while it runs; refused at once if none is free."""
+    """``handler`` holding one of ``slots`` while it runs; refused at once if none is free.
+    ``on_end`` runs after a call that was admitted."""
 
     def admit(context: grpc.ServicerContext) -> None:
         if not slots.acquire(blocking=False):
@@ -106,6 +115,7 @@ def _limited(
                 return behavior(request, context)
             finally:
                 slots.release()
+                on_end()
 
         return call
 
@@ -116,6 +126,7 @@ def _limited(
                 yield from behavior(request, context)
             finally:
                 slots.release()
+                on_end()
 
         return call
 
@@ -145,6 +156,8 @@ def _private_dir(path: str) -> str:
 
 def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    # 0. Fewer malloc arenas, set before any thread exists (issue 16; daemon/_memory.py).
+    limit_arenas()
     # 1. State directory, owned by this daemon alone. One that cannot be written (a
     # read-only file system) stops the daemon here, with one line that says so.
     try:
@@ -257,9 +270,11 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     # Watches of pending validations each hold a thread for minutes: they get their own.
     workers = config.limits.concurrent_validations + 8
     threads = workers + MAX_WATCHES + _STREAM_SLOTS + _SPARE_THREADS
+    # What a large answer freed goes back to the system once the daemon is quiet (issue 16).
+    trimmer = Trimmer()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        interceptors=(_Admission(workers),),
+        interceptors=(_Admission(workers, on_end=trimmer.poke),),
     )
     app = Service(engine, workflow, audit, policy, capabilities)
     # Applies a crash cut short: rolled forward or back on the host, audited (or flagged).
@@ -285,6 +300,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
         return 1
     keeper = HeadKeeper(audit, state)
     keeper.start(recorded)  # a thread: only now that the sandbox helper runs
+    trimmer.start()  # trims what start-up freed (the policy's load), then a thread
     server.start()
     refuser.start()
     proxy.start()
@@ -332,6 +348,7 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
     # each failure is one line in the log, and the exit status is then 1.
     failed = [
         not _stop_step("stop the connection relay", proxy.close),
+        not _stop_step("stop giving memory back", trimmer.stop),
         not _stop_step("stop the sandbox helper", spawner.stop),
         not _stop_step(
             "remove the daemon's cgroups",

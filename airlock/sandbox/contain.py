@@ -76,6 +76,7 @@ __all__ = [
     "SandboxResult",
     "prepare",
     "run",
+    "serve_cold",
     "serve_request",
     "serve_warm",
 ]
@@ -688,20 +689,25 @@ def _apply(plan: ApplyPlan) -> ApplyReply:
         return ApplyReply(error=_errors.error_to_data(exc))
 
 
-def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
-    """Read a plan from ``sock``, run it (in ``prepared`` if it fits), send the result back."""
+def serve_request(
+    sock: socket.socket, prepared: Prepared | None
+) -> tuple[SandboxTemplate, bytes] | None:
+    """Read a plan from ``sock``, run it (in ``prepared`` if it fits), send the result back.
+
+    Returns the template (and its key) of the sandbox it ran, which it has torn down; None if
+    it ran none."""
     try:
         plan: SandboxPlan | PlanOnWire | ApplyPlan = _wire.recv(sock)
     except (OSError, EOFError):
         if prepared is not None:
             prepared.close()
-        return  # the daemon went away before sending a plan
+        return None  # the daemon went away before sending a plan
     if isinstance(plan, ApplyPlan):
         if prepared is not None:
             prepared.close()
         with contextlib.suppress(OSError):
             _wire.send(sock, _apply(plan))
-        return
+        return None
     warm = prepared is not None and prepared.key == plan.template_key
     try:
         if not warm:
@@ -724,18 +730,130 @@ def serve_request(sock: socket.socket, prepared: Prepared | None) -> None:
         result = SandboxResult(error=f"{type(exc).__name__}: {exc}", error_kind="setup")
     with contextlib.suppress(OSError):
         _wire.send(sock, result)  # the result goes out before the clean-up
-    if prepared is not None:
-        prepared.close()
+    if prepared is None:
+        return None
+    prepared.close()
+    return prepared.template, prepared.key
 
 
-def serve_warm(template: SandboxTemplate, key: bytes, pool: socket.socket) -> None:
-    """A warm sandbox: prepare now, then wait for a request socket from the spawner."""
-    prepared = prepare(template, key)
+# --- Reuse: one supervisor, one sandbox at a time, several in turn -----------------------------
+#
+# A supervisor that has torn its sandbox down builds the next one of the same template instead
+# of exiting: no fork of the spawner's image, no copy-on-write faults on pages it already owns,
+# no exit of a ~25 MB process per dry run (docs/decisions.md §38). Each sandbox is still new
+# (namespaces, mounts, cgroup, init) and serves one request; between two, the supervisor goes
+# back into the host's namespaces and is reused only if it holds exactly the descriptors it
+# started with: anything a run left open ends the process instead of reaching the next one.
+
+# Sandboxes one supervisor builds at most, and how much its resident memory may grow past what
+# it was when it started (a diff of thousands of files leaves malloc holding ~20 MB: such a
+# supervisor exits rather than keep it while it waits).
+REUSE_RUNS = 256
+REUSE_GROWTH_BYTES = 8 * 1024 * 1024
+_HOST_NAMESPACES = (
+    ("mnt", sc.CLONE_NEWNS),
+    ("net", sc.CLONE_NEWNET),
+    ("ipc", sc.CLONE_NEWIPC),
+    ("uts", sc.CLONE_NEWUTS),
+    ("pid", sc.CLONE_NEWPID),  # for children: each sandbox unshares a new one again
+)
+
+
+def _open_fds() -> dict[str, str]:
+    """Every open descriptor and what it is (``socket:[inode]``, a path, ...), but the one that
+    lists them."""
+    out = {}
+    listing = f"/proc/{os.getpid()}/fd"
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed by now
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target != listing:
+                out[name] = target
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Host:
+    """The host's namespaces a supervisor started in, and the descriptors it started with."""
+
+    def __init__(self, transient: tuple[int, ...] = ()) -> None:
+        self.namespaces = [
+            (os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), kind)
+            for name, kind in _HOST_NAMESPACES
+        ]
+        # ``transient``: open now, closed before the first check (a cold request's socket).
+        self.baseline = _open_fds()
+        for fd in transient:
+            self.baseline.pop(str(fd), None)
+        self.runs = 0
+        self.rss = _rss_bytes()
+
+    def again(self) -> bool:
+        """After a sandbox was torn down: may this process build another? If so, it is back in
+        the host's namespaces."""
+        self.runs += 1
+        if self.runs >= REUSE_RUNS or _open_fds() != self.baseline:
+            return False
+        if _rss_bytes() - self.rss > REUSE_GROWTH_BYTES:
+            return False
+        for fd, kind in self.namespaces:
+            sc.setns(fd, kind)
+        return True
+
+
+def _serve_reused(host: _Host, template: SandboxTemplate, key: bytes, pool: socket.socket) -> None:
+    """Build a sandbox of ``template``, tell the spawner ("W"), serve a request; again."""
+    while True:
+        prepared = prepare(template, key)
+        try:
+            pool.send(b"W")
+        except OSError:
+            prepared.close()
+            return
+        if not _serve_next(pool, prepared) or not host.again():
+            return
+
+
+def _serve_next(pool: socket.socket, prepared: Prepared) -> bool:
+    """Wait for a request socket from the spawner and serve it in ``prepared``; False if the
+    spawner retired the sandbox instead (new template, idle, or shutdown)."""
     try:
         msg, fds, _flags, _addr = socket.recv_fds(pool, 1, 1)
     except OSError:
         msg, fds = b"", []
     if not msg or not fds:
-        prepared.close()  # the spawner retired us (new template, idle, or shutdown)
-        return
-    serve_request(socket.socket(fileno=fds[0]), prepared)
+        for fd in fds:
+            os.close(fd)
+        prepared.close()
+        return False
+    request = socket.socket(fileno=fds[0])
+    try:
+        serve_request(request, prepared)
+    finally:
+        request.close()
+    return True
+
+
+def serve_warm(template: SandboxTemplate, key: bytes, pool: socket.socket) -> None:
+    """A warm sandbox: prepare now, then wait for a request socket from the spawner; then
+    more of them in turn while this process may be reused."""
+    host = _Host()
+    prepared = prepare(template, key)
+    if _serve_next(pool, prepared) and host.again():
+        _serve_reused(host, template, key, pool)
+
+
+def serve_cold(request_fd: int, pool: socket.socket) -> None:
+    """A request no warm sandbox was ready for: build one for it; then serve as a warm one."""
+    host = _Host(transient=(request_fd,))
+    request = socket.socket(fileno=request_fd)
+    try:
+        served = serve_request(request, None)
+    finally:
+        request.close()
+    if served is not None and host.again():
+        _serve_reused(host, served[0], served[1], pool)

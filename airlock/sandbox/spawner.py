@@ -1,4 +1,4 @@
-"""The spawner: a small helper process that forks one supervisor per dry run.
+"""The spawner: a small helper process that forks the supervisors of dry runs.
 
 The gRPC server runs many threads, and forking a threaded process is unsafe
 (locks held by other threads stay locked in the child). So the daemon *execs*
@@ -18,6 +18,14 @@ the spawner keeps ``pool`` sandboxes prepared from it (``contain.serve_warm``),
 each waiting for a request socket. A request (``R`` message) whose template key
 matches goes to a warm sandbox; otherwise, or when none is ready, a cold
 supervisor prepares one on the spot. Every sandbox serves exactly one request.
+
+Reuse: a supervisor that served its request and tore its sandbox down builds the next one of
+the same template itself and says so (``W`` on its pool socket), when it may be reused
+(``contain._Host.again``: back in the host's namespaces, holding exactly the descriptors it
+started with, a bounded number of runs and memory growth); otherwise it exits. The spawner
+keeps it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template, else retires
+it. A request never waits for one to come back: the pool still refills by forking as soon as
+one is taken. Most dry runs then cost no fork and no exit of a Python process (decisions §38).
 Warm sandboxes idle for longer than ``idle_s`` (``--warm-idle``, 30 s by default) are
 retired, so none sees a host that changed long after it was built. A warm sandbox holds a
 copy of every host mount in its private mount namespace, so it also pins each mounted file
@@ -76,6 +84,10 @@ DEFAULT_IDLE_S = 30.0
 _SETTLE_S = 1.0
 # Extra templates kept warm at once (Execute: one per recently used workspace).
 _MAX_EXTRAS = 4
+# Supervisors that served a request build their next sandbox and come back to the pool, up to
+# this many times the pool's size per template (a burst of concurrent requests leaves that
+# many warm until they idle out); the rest exit.
+_REUSE_FACTOR = 2
 _TICK_S = 1.0
 # A template is a few KiB; SEQPACKET messages are bounded by the socket buffer (~208 KiB).
 _MAX_CONTROL = 200 * 1024
@@ -89,6 +101,9 @@ class _Warm:
     pid: int
     sock: socket.socket
     born: float
+    key: bytes = b""
+    # Serving a request since (time.monotonic); 0.0 while it waits with a sandbox ready.
+    since: float = 0.0
 
 
 @dataclass
@@ -115,12 +130,50 @@ class _Pool:
         self.ready: list[_Warm] = []
         # Extra templates (Execute's, one per workspace), most recently used last.
         self.extras: dict[bytes, _Extra] = {}
+        # Supervisors serving a request: each tells "W" when it has built its next sandbox of
+        # the same template (contain.serve_warm), or closes its end when it exits.
+        self.busy: list[_Warm] = []
+        # When warm sandboxes were last retired for a mount that went away: one a supervisor
+        # began building before then is retired when it reports.
+        self.retired_at = 0.0
+
+    def cap(self) -> int:
+        """Warm sandboxes kept per template at most, counting supervisors that came back."""
+        return self.size * _REUSE_FACTOR
+
+    def go_busy(self, warm: _Warm) -> None:
+        warm.since = time.monotonic()
+        self.busy.append(warm)
+
+    def came_back(self, warm: _Warm) -> None:
+        """A busy supervisor has a sandbox ready again: keep it warm, or retire it."""
+        self.busy.remove(warm)
+        extra = self.extras.get(warm.key)
+        ready = self.ready if warm.key == self.key else extra.ready if extra else None
+        if (
+            ready is None
+            or warm.since <= self.retired_at
+            or time.monotonic() < self.settle_until
+            or len(ready) >= self.cap()
+        ):
+            # An older template; a mount went away (or the table is not quiet yet); or
+            # enough are warm.
+            self.retire(warm)
+            return
+        warm.since, warm.born = 0.0, time.monotonic()
+        ready.append(warm)
+
+    def gone(self, warm: _Warm) -> None:
+        """A busy supervisor exited (it may not be reused, or failed): forget it."""
+        self.busy.remove(warm)
+        warm.sock.close()
 
     def retire(self, warm: _Warm) -> None:
         warm.sock.close()  # EOF: the warm supervisor tears its sandbox down and exits
 
     def all_warm(self) -> list[_Warm]:
-        return self.ready + [w for e in self.extras.values() for w in e.ready]
+        """Every supervisor this spawner holds a socket of (ready or busy)."""
+        return self.ready + [w for e in self.extras.values() for w in e.ready] + self.busy
 
     def set_template(self, template: Any, key: bytes) -> None:
         for warm in self.ready:
@@ -157,21 +210,38 @@ class _Pool:
                 warm.sock.close()
             _child(_serve_warm, template, key, theirs)
         theirs.close()
-        return _Warm(pid, ours, time.monotonic())
+        return _Warm(pid, ours, time.monotonic(), key)
+
+    def fork_cold(self, control: socket.socket, request_fd: int, key: bytes) -> None:
+        """A supervisor that builds a sandbox for this request, then joins the pool."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = sc.fork()
+        if pid == 0:
+            control.close()
+            ours.close()
+            for warm in self.all_warm():
+                warm.sock.close()
+            _child(_serve_cold, request_fd, theirs)
+        theirs.close()
+        self.go_busy(_Warm(pid, ours, time.monotonic(), key))
 
     def retire_all(self) -> int:
         """Retire every warm sandbox (main and extras); the templates stay. How many went."""
-        warm = self.all_warm()
+        warm = self.ready + [w for e in self.extras.values() for w in e.ready]
         for w in warm:
             self.retire(w)
         self.ready = []
         for extra in self.extras.values():
             extra.ready = []
+        self.retired_at = time.monotonic()  # the busy ones are retired when they come back
         return len(warm)
 
     def refill(self, control: socket.socket) -> None:
         if time.monotonic() < self.settle_until:
             return
+        # A busy supervisor does not count: it comes back only once its run is over and its
+        # next sandbox built, and a request in between must find one ready (a fork now
+        # prepares while the request is on its way). Those that come back join the pool.
         while self.template is not None and len(self.ready) < self.size:
             self.ready.append(self._fork_warm(control, self.template, self.key))
         for key, extra in self.extras.items():
@@ -234,10 +304,10 @@ def _child(body: Any, *args: Any) -> None:
         os._exit(0)
 
 
-def _serve_cold(request_fd: int) -> None:
-    from airlock.sandbox.contain import serve_request
+def _serve_cold(request_fd: int, pool_sock: socket.socket) -> None:
+    from airlock.sandbox.contain import serve_cold
 
-    serve_request(socket.socket(fileno=request_fd), None)
+    serve_cold(request_fd, pool_sock)
 
 
 def _serve_warm(template: Any, key: bytes, pool_sock: socket.socket) -> None:
@@ -270,17 +340,23 @@ def main(argv: list[str] | None = None) -> int:
     # The mount table: POLLPRI (and POLLERR) whenever a mount comes or goes in this namespace.
     global _mount_watch
     _mount_watch = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-    poller = select.poll()
-    poller.register(control, select.POLLIN)
-    poller.register(_mount_watch, select.POLLPRI | select.POLLERR)
     mount_ids = _mount_ids(set())
     while True:
+        poller = select.poll()
+        poller.register(control, select.POLLIN)
+        poller.register(_mount_watch, select.POLLPRI | select.POLLERR)
+        busy = {w.sock.fileno(): w for w in pool.busy}
+        for fd in busy:
+            poller.register(fd, select.POLLIN)
         try:
             ready = dict(poller.poll(_TICK_S * 1000))
         except InterruptedError:
             continue
         if _mount_watch in ready:
             _mounts_changed(pool, mount_ids)
+        for fd, back in busy.items():
+            if fd in ready:
+                _busy_said(pool, back)
         if control.fileno() not in ready:
             pool.expire()
             pool.refill(control)
@@ -303,24 +379,32 @@ def main(argv: list[str] | None = None) -> int:
             # every supervisor forked from now on inherits them (sandbox/reads.py).
             reads.precompile(_wire.loads(body[8:]))
         elif kind == b"R" and fds:
-            warm = pool.take(body[:_KEY_BYTES])
-            if warm is not None:
+            taken = pool.take(body[:_KEY_BYTES])
+            if taken is not None:
                 try:
-                    socket.send_fds(warm.sock, [b"R"], [fds[0]])
+                    socket.send_fds(taken.sock, [b"R"], [fds[0]])
                 except OSError:
-                    warm = None
+                    taken.sock.close()
+                    taken = None
                 else:
-                    warm.sock.close()
-            if warm is None:
-                pid = sc.fork()
-                if pid == 0:
-                    control.close()
-                    for w in pool.all_warm():
-                        w.sock.close()
-                    _child(_serve_cold, fds[0])
+                    pool.go_busy(taken)  # it may come back with its next sandbox
+            if taken is None:
+                pool.fork_cold(control, fds[0], body[:_KEY_BYTES])
         for fd in fds:
             os.close(fd)
         pool.refill(control)
+
+
+def _busy_said(pool: _Pool, warm: _Warm) -> None:
+    """A busy supervisor wrote: "W" (its next sandbox is ready) or nothing (it exited)."""
+    try:
+        said = warm.sock.recv(16)
+    except OSError:
+        said = b""
+    if said == b"W":
+        pool.came_back(warm)
+    else:
+        pool.gone(warm)
 
 
 def _mount_ids(ids: set[str]) -> set[str]:

@@ -158,3 +158,38 @@ def test_an_unmounted_host_disk_is_released_while_sandboxes_are_warm(public_tmp:
         if mounted:
             subprocess.run(["umount", str(point)], check=False)
         subprocess.run(["losetup", "--detach", loop], check=False, capture_output=True)
+
+
+def _supervisors(daemon_pid: int) -> set[int]:
+    """The spawner's children now (every supervisor, warm or busy)."""
+    import psutil
+
+    out: set[int] = set()
+    for child in psutil.Process(daemon_pid).children():
+        if "airlock.sandbox.spawner" in " ".join(child.cmdline()):
+            out |= {p.pid for p in child.children()}
+    return out
+
+
+def test_supervisors_are_reused_and_every_sandbox_is_new(public_tmp: Path) -> None:
+    """A supervisor that served a request builds the next sandbox itself (no new process per
+    dry run), and nothing of one run reaches the next: files, hostname, user, environment."""
+    with running_daemon(public_tmp, *SANDBOX_ARGS, "--warm-pool", "2") as d, d.client() as c:
+        wait_warm(c)
+        seen: set[int] = set()
+        for i in range(24):
+            uid = 65534 if i % 2 else 0
+            v = c.validate(
+                f"ls /tmp; hostname; id -u; echo ${{MARK:-unset}}; echo {i} > /tmp/run{i}",
+                cwd="/tmp",
+                uid=uid,
+                env={"PATH": "/usr/bin:/bin"} if i % 3 else {"PATH": "/usr/bin:/bin", "MARK": "x"},
+            )
+            lines = v.stdout.decode().split("\n")
+            assert f"run{i - 1}" not in lines[:-4], v.stdout  # no earlier run's file
+            mark = "unset" if i % 3 else "x"
+            assert lines[-4:-1] == ["airlock", str(uid), mark], v.stdout
+            assert [ch.path for ch in v.changes] == [f"/tmp/run{i}".encode()]
+            seen |= _supervisors(d.proc.pid)
+        # One process per dry run before reuse: 24 runs and the pool's 2 would be ~26.
+        assert len(seen) <= 8, seen
