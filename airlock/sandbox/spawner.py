@@ -200,7 +200,9 @@ class _Pool:
         for warm in extra.ready:
             self.retire(warm)
 
-    def _fork_warm(self, control: socket.socket, template: Any, key: bytes) -> _Warm:
+    def _fork(self, control: socket.socket, key: bytes, body: Any, *args: Any) -> _Warm:
+        """A supervisor running ``body(*args, its pool socket)``, holding no other socket of
+        the spawner's."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = sc.fork()
         if pid == 0:
@@ -208,22 +210,16 @@ class _Pool:
             ours.close()
             for warm in self.all_warm():
                 warm.sock.close()
-            _child(_serve_warm, template, key, theirs)
+            _child(body, *args, theirs)
         theirs.close()
         return _Warm(pid, ours, time.monotonic(), key)
 
+    def _fork_warm(self, control: socket.socket, template: Any, key: bytes) -> _Warm:
+        return self._fork(control, key, _serve_warm, template, key)
+
     def fork_cold(self, control: socket.socket, request_fd: int, key: bytes) -> None:
         """A supervisor that builds a sandbox for this request, then joins the pool."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = sc.fork()
-        if pid == 0:
-            control.close()
-            ours.close()
-            for warm in self.all_warm():
-                warm.sock.close()
-            _child(_serve_cold, request_fd, theirs)
-        theirs.close()
-        self.go_busy(_Warm(pid, ours, time.monotonic(), key))
+        self.go_busy(self._fork(control, key, _serve_cold, request_fd))
 
     def retire_all(self) -> int:
         """Retire every warm sandbox (main and extras); the templates stay. How many went."""
