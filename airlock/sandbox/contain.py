@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import json
 import os
 import secrets
 import select
@@ -772,6 +773,17 @@ def _open_fds() -> dict[str, str]:
     return out
 
 
+def _log_warning(msg: str, left_open: list[str]) -> None:
+    line = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "level": "warning",
+        "msg": msg,
+        "left_open": left_open,
+    }
+    with contextlib.suppress(OSError, ValueError):
+        os.write(2, (json.dumps(line) + "\n").encode())
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -796,7 +808,14 @@ class _Host:
         """After a sandbox was torn down: may this process build another? If so, it is back in
         the host's namespaces."""
         self.runs += 1
-        if self.runs >= REUSE_RUNS or _open_fds() != self.baseline:
+        if self.runs >= REUSE_RUNS:
+            return False
+        now = _open_fds()
+        if now != self.baseline:
+            # A run left something open (a bug to fix): this process ends rather than carry it
+            # into the next sandbox. Said once, in the daemon's log format, with what it was.
+            left = sorted(target for fd, target in now.items() if self.baseline.get(fd) != target)
+            _log_warning("a supervisor is not reused: a run left descriptors open", left[:8])
             return False
         if _rss_bytes() - self.rss > REUSE_GROWTH_BYTES:
             return False

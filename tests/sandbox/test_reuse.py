@@ -4,8 +4,11 @@ with, within its run and memory bounds. Each check runs in a forked child (names
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+
+import pytest
 
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import contain
@@ -31,7 +34,7 @@ def test_reuse_goes_back_to_the_host_namespaces() -> None:
     assert in_child(child) == (True, True, True)
 
 
-def test_a_descriptor_left_open_ends_the_process_instead() -> None:
+def test_a_descriptor_left_open_ends_the_process_instead(capfd: pytest.CaptureFixture[str]) -> None:
     def child() -> tuple[bool, bool]:
         host = contain._Host()
         leaked = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -40,6 +43,8 @@ def test_a_descriptor_left_open_ends_the_process_instead() -> None:
         return with_leak, host.again()
 
     assert in_child(child) == (False, True)
+    said = [json.loads(line) for line in capfd.readouterr().err.splitlines() if "reused" in line]
+    assert [(s["level"], s["left_open"]) for s in said] == [("warning", ["/dev/null"])]
 
 
 def test_the_run_and_memory_bounds_end_it() -> None:
