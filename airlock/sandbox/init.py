@@ -26,7 +26,7 @@ from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import proctrace
 from airlock.sandbox.plan import InitOp, PivotRoot, Proc, ReadOnlyRebind, RunSpec
 
-__all__ = ["HELPER", "InitFds", "encode_spec", "spawn"]
+__all__ = ["HELPER", "InitFds", "arguments", "encode_spec", "spawn"]
 
 # Built next to this module (make install: in the source tree; a wheel: in site-packages).
 HELPER = str(Path(__file__).with_name("airlock-sandbox-init"))
@@ -50,15 +50,6 @@ class InitFds:
     err_w: int
     procs: tuple[int, ...]
     trace: int = -1
-
-
-def missing() -> str:
-    """Why the program cannot run here ("" if it can): checked when the spawner starts."""
-    if not os.path.isfile(HELPER):
-        return f"{HELPER} is missing: build it with `make install` (or install the wheel)"
-    if not os.access(HELPER, os.X_OK):
-        return f"{HELPER} is not executable"
-    return ""
 
 
 def arguments(init_setup: tuple[InitOp, ...], seccomp_program: bytes, trace: bool) -> list[str]:
@@ -106,7 +97,12 @@ def spawn(argv: list[str], fds: InitFds) -> int:
         actions += [
             (os.POSIX_SPAWN_DUP2, fd, target) for fd, (_s, target) in zip(high, wanted, strict=True)
         ]
-        return os.posix_spawn(HELPER, argv, {}, file_actions=actions)
+        try:
+            return os.posix_spawn(HELPER, argv, {}, file_actions=actions)
+        except (FileNotFoundError, PermissionError) as exc:  # not built, or not executable
+            raise OSError(
+                exc.errno, f"{HELPER}: {exc.strerror} (built by `make install`, or in the wheel)"
+            ) from None
     finally:
         for fd in high:
             os.close(fd)

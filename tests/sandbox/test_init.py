@@ -229,3 +229,16 @@ def test_a_nul_byte_cannot_be_encoded() -> None:
         init.encode_spec(spec_for("echo \0 hidden"))
     with pytest.raises(ValueError, match="NUL"):
         init.encode_spec(spec_for("true", env=(("A", "b\0c"),)))
+
+
+def test_a_missing_program_is_named_with_how_to_build_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    monkeypatch.setattr(init, "HELPER", os.path.join(tmp_path, "airlock-sandbox-init"))
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError, match=r"airlock-sandbox-init: No such file.*make install"):
+            init.spawn(["airlock-sandbox-init"], init.InitFds(r, w, w, w, ()))
+    finally:
+        os.close(r)
+        os.close(w)

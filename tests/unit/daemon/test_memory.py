@@ -70,14 +70,20 @@ def test_the_trimmer_trims_after_a_quiet_spell_once_the_rss_grew() -> None:
         _wait_for(lambda: trimmer.checks == 1)
         assert trimmer.trims == 1
         kept = _fragment(64)
-        grown = rss_bytes()
-        trimmer.poke()
-        _wait_for(lambda: trimmer.checks == 2)
-        assert trimmer.trims == 2
-        assert grown - rss_bytes() > 32 * MIB
+        _assert_trim_gives_back(trimmer, checks=2, trims=2)
         del kept
     finally:
         trimmer.stop()
+
+
+def _assert_trim_gives_back(trimmer: Trimmer, *, checks: int, trims: int) -> None:
+    """A call ends now: after the quiet spell, look number ``checks`` trims (``trims`` in all)
+    and gives more than 32 MiB back."""
+    before = rss_bytes()
+    trimmer.poke()
+    _wait_for(lambda: trimmer.checks == checks)
+    assert trimmer.trims == trims
+    assert before - rss_bytes() > 32 * MIB
 
 
 def test_memory_a_long_call_held_at_a_trim_is_given_back_once_it_is_freed() -> None:
@@ -95,11 +101,7 @@ def test_memory_a_long_call_held_at_a_trim_is_given_back_once_it_is_freed() -> N
         assert trimmer.trims == 2
         kept = held[::64]  # the long call ends: all but every 64th block free, still resident
         held.clear()
-        freed = rss_bytes()
-        trimmer.poke()
-        _wait_for(lambda: trimmer.checks == 2)
-        assert trimmer.trims == 3
-        assert freed - rss_bytes() > 32 * MIB
+        _assert_trim_gives_back(trimmer, checks=2, trims=3)
         del kept
     finally:
         trimmer.stop()

@@ -1,0 +1,191 @@
+"""Where a dry run's CPU goes outside the sandbox: figures docs/performance.md quotes.
+
+Not a test; run as root: ``.venv/bin/python bench/costs.py [engine|daemon|supervisors|audit]``
+(all four by default). Prints medians; nothing is asserted.
+
+- ``engine``: ``Engine.validate`` of a forced ``true`` in this process (warm pool of 2, the
+  neutral policy), 100 calls after 10: the engine's own CPU per validation (``process_time``:
+  the spawner's and supervisors' are not in it), and an in-process ``Engine.execute`` of
+  ``true`` (wall p50), beside the same ``validate`` (wall p50).
+- ``daemon``: a real ``airlockd`` (the shipped policy), 200 forced ``true`` through the Python
+  client after 20: the daemon process's CPU per validation (user, system) and the client's.
+- ``supervisors``: the same daemon after 1, 50, 300 and 600 forced ``true`` and after one dry
+  run of 10,000 created files: each supervisor's RSS and private memory (USS), MiB.
+- ``audit``: 200 appends to a new audit log in ``/var/tmp`` (the disk), fsynced and not:
+  wall p50/p90 and CPU p50 per append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+from _daemon import spawner_pid, stop, wait_serving
+
+from airlock.client import Client
+
+_HERE = Path(__file__).resolve().parent
+_AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
+_ENV = {"PATH": "/usr/bin:/bin"}
+_FORCED_TRUE = "true; :"  # not read-only under the shipped policy: the dry run decides
+
+
+def engine() -> None:
+    import _direct
+
+    from airlock.core.request import check
+    from airlock.types import ExecuteRequest
+
+    with tempfile.TemporaryDirectory(prefix="airlock-costs-") as tmp:
+        ws = os.path.join(tmp, "ws")
+        os.mkdir(ws)
+        w = _direct.Worker(os.path.join(tmp, "state"), ws, "true")
+        try:
+            for _ in range(10):
+                w.engine.validate(w.request, uuid.uuid4().hex)
+            time.sleep(0.5)
+            c0 = time.process_time()
+            walls = []
+            for _ in range(100):
+                t0 = time.perf_counter()
+                w.engine.validate(w.request, uuid.uuid4().hex)
+                walls.append(time.perf_counter() - t0)
+            cpu_ms = (time.process_time() - c0) * 10
+            print(f"engine: CPU per validation {cpu_ms:.2f} ms (this process only)")
+            req = check(
+                ExecuteRequest(command="true", cwd=ws, env=(), timeout_s=30.0),
+                w.peer,
+                w.config.limits,
+            )
+            execs = []
+            for i in range(60):
+                plan = w.engine.execute_plan(req, uuid.uuid4().hex)
+                t0 = time.perf_counter()
+                list(w.engine.execute(plan))
+                if i >= 10:
+                    execs.append(time.perf_counter() - t0)
+            print(
+                f"engine: execute wall p50 {statistics.median(execs) * 1e3:.2f} ms, "
+                f"validate wall p50 {statistics.median(walls) * 1e3:.2f} ms"
+            )
+        finally:
+            w.quit()
+
+
+@contextmanager
+def _daemon() -> Iterator[tuple[subprocess.Popen[bytes], Client, str]]:
+    with tempfile.TemporaryDirectory(prefix="airlock-costs-") as tmp:
+        base = Path(tmp)
+        (base / "ws").mkdir()
+        sock, log = base / "a.sock", base / "airlockd.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [_AIRLOCKD, "--socket", str(sock), "--state-dir", str(base / "state")],
+                stderr=err,
+            )
+        try:
+            wait_serving(proc, sock, log)
+            with Client(str(sock), timeout=120) as c:
+                yield proc, c, str(base / "ws")
+        finally:
+            stop(proc)
+
+
+def daemon() -> None:
+    with _daemon() as (proc, c, ws):
+        d = psutil.Process(proc.pid)
+        for _ in range(20):
+            c.validate(_FORCED_TRUE, cwd=ws, env=_ENV, force_dry_run=True)
+        time.sleep(1)
+        n = 200
+        t0, me0 = d.cpu_times(), time.process_time()
+        for _ in range(n):
+            c.validate(_FORCED_TRUE, cwd=ws, env=_ENV, force_dry_run=True)
+        t1, me1 = d.cpu_times(), time.process_time()
+        print(
+            f"daemon: process CPU per validation user {(t1.user - t0.user) / n * 1e3:.2f} ms, "
+            f"system {(t1.system - t0.system) / n * 1e3:.2f} ms; "
+            f"client {(me1 - me0) / n * 1e3:.2f} ms"
+        )
+
+
+def supervisors() -> None:
+    with _daemon() as (proc, c, ws):
+
+        def sample(after: str) -> None:
+            time.sleep(1)
+            pid = spawner_pid(proc.pid)
+            assert pid is not None
+            rows = [
+                (p.memory_info().rss / 2**20, p.memory_full_info().uss / 2**20)
+                for p in psutil.Process(pid).children()
+            ]
+            shown = ", ".join(f"{rss:.1f}/{uss:.1f}" for rss, uss in rows)
+            print(f"supervisors after {after}: {len(rows)} (RSS/USS MiB: {shown})")
+
+        done = 0
+        for upto in (1, 50, 300, 600):
+            while done < upto:
+                c.validate(_FORCED_TRUE, cwd=ws, env=_ENV, force_dry_run=True)
+                done += 1
+            sample(f"{done} calls")
+        c.validate(
+            "for i in $(seq 10000); do echo $i > f$i; done",
+            cwd=ws,
+            env=_ENV,
+            force_dry_run=True,
+            timeout=120,
+        )
+        sample("a dry run of 10,000 files")
+
+
+def audit() -> None:
+    from airlock.audit.log import AuditLog
+    from airlock.audit.model import AuditEvent, Caller, RpcKind
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="airlock-costs-") as tmp:
+        for fsync in (True, False):
+            log = AuditLog(os.path.join(tmp, f"audit-{fsync}.sqlite3"), key=b"k" * 32, fsync=fsync)
+            walls, cpus = [], []
+            try:
+                for i in range(200):
+                    event = AuditEvent(kind=RpcKind.EXECUTE, caller=Caller(0, 0), command=f"c{i}")
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    log.append(event)
+                    walls.append(time.perf_counter() - t0)
+                    cpus.append(time.process_time() - c0)
+            finally:
+                log.close()
+            walls.sort()
+            print(
+                f"audit append, fsync={fsync}: wall p50 {statistics.median(walls) * 1e3:.2f} ms, "
+                f"p90 {walls[int(len(walls) * 0.9)] * 1e3:.2f} ms; "
+                f"CPU p50 {statistics.median(cpus) * 1e3:.3f} ms"
+            )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", nargs="*", choices=["engine", "daemon", "supervisors", "audit", []])
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: namespaces, overlayfs and cgroups need it")
+    os.chdir(_HERE.parent)  # _direct.Worker finds the neutral policy from here
+    steps = {"engine": engine, "daemon": daemon, "supervisors": supervisors, "audit": audit}
+    for name in a.what or list(steps):
+        steps[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
