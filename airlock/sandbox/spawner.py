@@ -23,8 +23,9 @@ Reuse: a supervisor that served its request and tore its sandbox down builds the
 the same template itself and says so (``W`` on its pool socket), when it may be reused
 (``contain._Host.again``: back in the host's namespaces, holding exactly the descriptors it
 started with, a bounded number of runs and memory growth); otherwise it exits. The spawner
-keeps it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template, else retires
-it. A request never waits for one to come back: the pool still refills by forking as soon as
+keeps it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template or as many as
+were busy at once within the last ``idle_s`` (concurrent clients; at most ``_MAX_REUSED``),
+else retires it. A request never waits for one to come back: the pool still refills by forking as soon as
 one is taken. Most dry runs then cost no fork and no exit of a Python process (decisions §38).
 Warm sandboxes idle for longer than ``idle_s`` (``--warm-idle``, 30 s by default) are
 retired, so none sees a host that changed long after it was built. A warm sandbox holds a
@@ -88,6 +89,8 @@ _MAX_EXTRAS = 4
 # this many times the pool's size per template (a burst of concurrent requests leaves that
 # many warm until they idle out); the rest exit.
 _REUSE_FACTOR = 2
+# ... or as many as were busy at once lately (concurrent clients), up to this many.
+_MAX_REUSED = 16
 _TICK_S = 1.0
 # A template is a few KiB; SEQPACKET messages are bounded by the socket buffer (~208 KiB).
 _MAX_CONTROL = 200 * 1024
@@ -136,14 +139,23 @@ class _Pool:
         # When warm sandboxes were last retired for a mount that went away: one a supervisor
         # began building before then is retired when it reports.
         self.retired_at = 0.0
+        # The most supervisors busy at once lately, and since when that many (monotonic).
+        self.peak, self.peak_at = 0, 0.0
 
     def cap(self) -> int:
-        """Warm sandboxes kept per template at most, counting supervisors that came back."""
-        return self.size * _REUSE_FACTOR
+        """Warm sandboxes kept per template at most, counting supervisors that came back:
+        ``_REUSE_FACTOR`` times the pool's size, or as many as were busy at once within the last
+        ``idle_s`` (a burst of concurrent requests keeps its supervisors instead of forking
+        new ones and retiring those that come back), never more than ``_MAX_REUSED``."""
+        if time.monotonic() - self.peak_at > self.idle_s:
+            self.peak = len(self.busy)
+        return min(max(self.size * _REUSE_FACTOR, self.peak), _MAX_REUSED)
 
     def go_busy(self, warm: _Warm) -> None:
         warm.since = time.monotonic()
         self.busy.append(warm)
+        if len(self.busy) >= self.peak:
+            self.peak, self.peak_at = len(self.busy), warm.since
 
     def came_back(self, warm: _Warm) -> None:
         """A busy supervisor has a sandbox ready again: keep it warm, or retire it."""

@@ -1,0 +1,83 @@
+"""The spawner's pool bookkeeping: how many supervisors that come back are kept warm."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from airlock.sandbox import spawner
+from airlock.sandbox.spawner import _Pool, _Warm
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    c = _Clock()
+    monkeypatch.setattr(time, "monotonic", c)  # the spawner reads time.monotonic
+    return c
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def _warm(socks: list[socket.socket], key: bytes) -> _Warm:
+    ours, theirs = socket.socketpair()
+    socks += [ours, theirs]
+    return _Warm(0, ours, 0.0, key)
+
+
+def _burst(pool: _Pool, socks: list[socket.socket], n: int) -> list[_Warm]:
+    """``n`` supervisors busy at once, then all come back."""
+    busy = [_warm(socks, pool.key) for _ in range(n)]
+    for w in busy:
+        pool.go_busy(w)
+    for w in busy:
+        pool.came_back(w)
+    return busy
+
+
+def test_as_many_as_were_busy_at_once_stay_warm(clock: _Clock, socks: list[socket.socket]) -> None:
+    pool = _Pool(2, idle_s=30)
+    pool.key = b"k"
+    _burst(pool, socks, 7)
+    assert len(pool.ready) == 7 and not pool.busy
+    assert all(w.sock.fileno() >= 0 for w in pool.ready)
+
+
+def test_without_a_burst_twice_the_size(clock: _Clock, socks: list[socket.socket]) -> None:
+    pool = _Pool(2, idle_s=30)
+    pool.key = b"k"
+    pool.ready = [_warm(socks, b"k") for _ in range(4)]
+    extra = _burst(pool, socks, 1)
+    assert len(pool.ready) == 4 and extra[0].sock.fileno() == -1  # retired: closed
+
+
+def test_the_peak_is_forgotten_after_idle(clock: _Clock, socks: list[socket.socket]) -> None:
+    pool = _Pool(2, idle_s=30)
+    pool.key = b"k"
+    _burst(pool, socks, 6)
+    assert pool.cap() == 6
+    clock.now += 31
+    assert pool.cap() == 4
+
+
+def test_never_more_than_the_bound(clock: _Clock, socks: list[socket.socket]) -> None:
+    pool = _Pool(2, idle_s=30)
+    pool.key = b"k"
+    _burst(pool, socks, spawner._MAX_REUSED + 5)
+    assert len(pool.ready) == spawner._MAX_REUSED
