@@ -19,23 +19,22 @@ each waiting for a request socket. A request (``R`` message) whose template key
 matches goes to a warm sandbox; otherwise, or when none is ready, a cold
 supervisor prepares one on the spot. Every sandbox serves exactly one request.
 
-Reuse: a supervisor that served its request and tore its sandbox down builds the next one of
-the same template itself and says so (``W`` on its pool socket), when it may be reused
+Reuse: a supervisor that served its request and tore its sandbox down builds the next one of the
+same template itself and says so (``W`` on its pool socket), when it may be reused
 (``contain._Host.again``: back in the host's namespaces, holding exactly the descriptors it
-started with, a bounded number of runs and memory growth); otherwise it exits. The spawner
-keeps it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template or as many as
-were busy at once within the last ``idle_s`` (concurrent clients; at most ``_MAX_REUSED``),
-else retires it. A request never waits for one to come back: the pool still refills by forking as soon as
-one is taken. Most dry runs then cost no fork and no exit of a Python process (decisions §38).
-Warm sandboxes idle for longer than ``idle_s`` (``--warm-idle``, 30 s by default) are
-retired, so none sees a host that changed long after it was built. A warm sandbox holds a
-copy of every host mount in its private mount namespace, so it also pins each mounted file
-system: a disk unmounted on the host stays busy (its loop device, its block device) while
-any sandbox built before the unmount waits. So the spawner watches its mount table
-(``/proc/self/mountinfo`` signals POLLPRI on every mount or unmount) and retires the whole
-pool at once when a mount went away; it refills once the table has been quiet for
-``_SETTLE_S``. (A new mount needs no watch: the daemon's next template has it, and a new
-template retires the pool.)
+started with, a bounded number of runs and memory growth); otherwise it exits. The spawner keeps
+it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template or as many as were
+busy at once within the last ``idle_s`` (concurrent clients; at most ``_MAX_REUSED``), else
+retires it. A request never waits for one to come back: the pool still refills by forking as
+soon as one is taken. Most dry runs then cost no fork and no exit of a Python process (decisions
+§38). Warm sandboxes idle for longer than ``idle_s`` (``--warm-idle``, 30 s by default) are
+retired, so none sees a host that changed long after it was built. A warm sandbox holds a copy
+of every host mount in its private mount namespace, so it also pins each mounted file system: a
+disk unmounted on the host stays busy (its loop device, its block device) while any sandbox
+built before the unmount waits. So the spawner watches its mount table (``/proc/self/mountinfo``
+signals POLLPRI on every mount or unmount) and retires the whole pool at once when a mount went
+away; it refills once the table has been quiet for ``_SETTLE_S``. (A new mount needs no watch:
+the daemon's next template has it, and a new template retires the pool.)
 
 Per request the daemon sends a :class:`PlanOnWire`: the run spec, and the template still
 pickled (pickled once per template), which a warm sandbox of the same key never unpickles.
