@@ -52,6 +52,8 @@ WARMUP = int(os.environ.get("SOAK_WARMUP", str(max(2 * SAMPLE_EVERY, CALLS // 10
 # connections, 2 MB each by default) 0.39 at 2,000, 0.94 and 1.9 at 5,000, 0.75 at 10,000;
 # with both fixed -0.16 at 5,000 and -0.21 at 10,000. SOAK_RSS_SLOPE_MAX overrides it.
 RSS_SLOPE_MAX = float(os.environ.get("SOAK_RSS_SLOPE_MAX", str(max(1.0, 6000 / CALLS))))
+# Warm sandboxes (and the pool's memory of a burst) idle out after this many seconds.
+WARM_IDLE_S = 3
 # Descriptors the idle daemon may hold more after the run than before (gRPC's pollers).
 FD_SLACK = 0
 # The long read-only line: just under the 128 KiB command limit (SOAK_LARGE_BYTES to change it).
@@ -177,20 +179,30 @@ def test_the_slope_is_least_squares() -> None:
     assert abs(slope_mb_per_1000(flat)) < 0.1  # +-1 MB noise: 0.06 from the parity
 
 
-def wait_idle(daemon: Daemon, processes: int, guard_s: float = 90) -> dict[int, str]:
+def wait_idle(
+    daemon: Daemon,
+    parents: set[str],
+    processes: int,
+    groups: int | None = None,
+    guard_s: float = 90,
+) -> tuple[dict[int, str], set[str]]:
     """Wait until the daemon has ``processes`` processes below it again (the warm pool
-    refilled, every dry run's supervisor gone). The guard only stops a hang."""
+    refilled, every dry run's supervisor gone) and, if given, ``groups`` sandbox cgroups; both
+    the same 1.5 s later (the spawner's tick: nothing on its way; warm sandboxes that idle out
+    are replaced, so one sample may catch a replacement half done). The guard only stops a
+    hang."""
     deadline = time.monotonic() + guard_s
     while True:
-        now = descendants(daemon.proc.pid)
-        if len(now) == processes:
-            time.sleep(1.5)  # the spawner's tick: nothing is on its way
-            again = descendants(daemon.proc.pid)
-            if len(again) == processes:
-                return again
-            now = again
+        now, cgs = descendants(daemon.proc.pid), sandbox_cgroups(parents)
+        if len(now) == processes and groups in (None, len(cgs)):
+            time.sleep(1.5)
+            again, cgs_again = descendants(daemon.proc.pid), sandbox_cgroups(parents)
+            if len(again) == processes and len(cgs_again) == len(cgs):
+                return again, cgs_again
+            now, cgs = again, cgs_again
         assert time.monotonic() < deadline, (
-            f"the daemon did not settle: {len(now)} processes below it, {processes} when idle"
+            f"the daemon did not settle: {len(now)} processes below it, {processes} when idle; "
+            f"{len(cgs)} sandbox cgroups, {groups} when idle"
         )
         time.sleep(0.2)
 
@@ -230,8 +242,18 @@ def client_loop(daemon: Daemon, workspace: Path, run: Run, n: int, worker: int) 
 
 @contextlib.contextmanager
 def soak_daemon(base: Path) -> Iterator[Daemon]:
-    # Room for every client at once; the default policy, so some commands are denied.
-    with running_daemon(base, *TEST_LIMITS, "--max-concurrent", str(2 * CLIENTS)) as d:
+    # Room for every client at once; the default policy, so some commands are denied. Warm
+    # sandboxes idle out after WARM_IDLE_S: how many stay warm depends on how many clients
+    # were busy at once lately (spawner._Pool.cap), so the process counts before and after
+    # are compared once the pool is back to its idle size.
+    with running_daemon(
+        base,
+        *TEST_LIMITS,
+        "--max-concurrent",
+        str(2 * CLIENTS),
+        "--warm-idle",
+        str(WARM_IDLE_S),
+    ) as d:
         yield d
 
 
@@ -251,10 +273,10 @@ def test_soak(tmp_path: Path, public_tmp: Path) -> None:
                 c.validate(MIX[i % len(MIX)].command(i), cwd=str(workspace))
         parents = daemon_cgroups(daemon)
         assert parents, "the daemon made no cgroup of its own"
+        time.sleep(WARM_IDLE_S + 1.5)  # the warm-up's extra warm sandboxes idle out
         idle = settled_count(daemon)
-        baseline = wait_idle(daemon, idle)
+        baseline, sandboxes_before = wait_idle(daemon, parents, idle)
         fds_before = fds_of(daemon.proc.pid)
-        sandboxes_before = sandbox_cgroups(parents)
         rss_start = rss_of(daemon.proc.pid)
 
         run = Run()
@@ -271,9 +293,8 @@ def test_soak(tmp_path: Path, public_tmp: Path) -> None:
         duration = time.monotonic() - t0
         rss_end = rss_of(daemon.proc.pid)
 
-        after = wait_idle(daemon, len(baseline))
+        after, sandboxes_after = wait_idle(daemon, parents, len(baseline), len(sandboxes_before))
         fds_after = fds_of(daemon.proc.pid)
-        sandboxes_after = sandbox_cgroups(parents)
         # Every answered call is in the audit log, and the log verifies.
         with daemon.client() as c:
             c.timeout = 300
