@@ -439,6 +439,8 @@ class AuditLog:
         self._queue: builtins.list[_Pending] = []  # appends waiting for the next commit
         self._queued = 0  # events in the queue
         self._writer_thread: threading.Thread | None = None
+        # A commit is under way (in the writer thread, or inline in an appending thread).
+        self._committing = False
         self._closing = False
         self._read_lock = threading.Lock()
         self._closed = False
@@ -495,6 +497,9 @@ class AuditLog:
             thread = self._writer_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        with self._cond:
+            while self._committing:  # an append committing in its own thread: it ends first
+                self._cond.wait()
         with self._read_lock:
             if self._closed:
                 return
@@ -515,8 +520,11 @@ class AuditLog:
     ) -> builtins.list[StoredEvent]:
         """Append events in one transaction: all of them or none.
 
-        One writer thread commits every event queued so far in one transaction and one
-        fsync (group commit); callers wait for theirs. An append whose commit has not
+        Every event queued so far is committed in one transaction and one fsync (group
+        commit); callers wait for theirs. When no commit is under way, the appending thread
+        commits the queue itself (no hand-off to the writer thread and back: two thread
+        wake-ups, ~0.5 ms on an idle host); otherwise the writer thread commits what queued
+        up meanwhile, once the commit under way has ended. An append whose commit has not
         begun within ``timeout`` (default ``append_timeout_s``: another process holds the
         log's write lock, or the disk stalls) is withdrawn and fails, nothing of it
         written; so does one that finds MAX_QUEUED events waiting. One whose commit has
@@ -542,7 +550,15 @@ class AuditLog:
                     target=self._write_loop, name="audit-writer", daemon=True
                 )
                 self._writer_thread.start()
-            self._cond.notify_all()
+            inline = not self._committing
+            if inline:
+                self._committing = True
+            else:
+                self._cond.notify_all()
+        if inline:
+            # Commits every queued append, this one included, unless another process holds
+            # the log's write lock: then the writer thread retries, as for any append.
+            self._commit_turn()
         wait = self.append_timeout_s if timeout is None else timeout
         if not mine.done.wait(wait):
             with self._cond:
@@ -560,7 +576,8 @@ class AuditLog:
         return mine.stored
 
     def on_commit(self, callback: Callable[[Anchor], None] | None) -> None:
-        """Call ``callback(head)`` after each commit, in the writer thread (it must not block)."""
+        """Call ``callback(head)`` after each commit, in the thread that committed (the writer
+        thread or an appending one; it must not block)."""
         self._on_commit = callback
 
     def _claim(self) -> builtins.list[_Pending]:
@@ -571,10 +588,11 @@ class AuditLog:
         return batch
 
     def _write_loop(self) -> None:
-        """The one writer: commit whatever is queued until the log closes."""
+        """The writer thread: commit whatever is queued (and no appending thread commits)
+        until the log closes."""
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while (not self._queue or self._committing) and not self._closing:
                     self._cond.wait()
                 if self._closing:
                     closed = AuditError(
@@ -584,9 +602,21 @@ class AuditLog:
                         p.stored, p.error = [], closed
                         p.done.set()
                     return
-            if not self._commit_queued():
+                self._committing = True
+            if not self._commit_turn():
                 with self._cond:  # locked by another process: try again shortly
                     self._cond.wait(0.05)
+
+    def _commit_turn(self) -> bool:
+        """Commit the queue (``_committing`` set by the caller), then let the next commit
+        begin; False: another process holds the write lock (nothing was taken)."""
+        try:
+            return self._commit_queued()
+        finally:
+            with self._cond:
+                self._committing = False
+                if self._queue or self._closing:
+                    self._cond.notify_all()  # the writer thread (what queued up), or close()
 
     def _commit_queued(self) -> bool:
         """Commit the queue in one transaction, marking each append done; False: the log

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from airlock.audit import (
     path_text,
     rule_decisions,
 )
+from airlock.audit import log as audit_log
 from airlock.audit.canonical import record_hasher
 from airlock.types import Finding, FindingSource, PeerCred, Severity, Verdict
 from tests.helpers.audit import T0, event
@@ -640,6 +642,52 @@ def test_concurrent_appends_from_8_threads_keep_the_chain(log_path: Path) -> Non
         assert all_pages(log, AuditFilter(), 1000)[0] == returned
         result = log.verify()
         assert result.ok and result.events == threads * per_thread
+
+
+def test_an_append_alone_is_committed_by_its_own_thread(log_path: Path) -> None:
+    """No hand-off to the writer thread and back when no commit is under way."""
+    committed_in: list[str] = []
+    with AuditLog(log_path) as log:
+        log.on_commit(lambda head: committed_in.append(threading.current_thread().name))
+        for i in range(3):
+            assert log.append(event(i)).seq == i + 1
+    assert committed_in == [threading.current_thread().name] * 3
+
+
+def test_appends_during_a_commit_are_committed_together_after_it(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: what queues while a commit is under way goes in the next transaction,
+    all of it at once, in the writer thread."""
+    commits: list[tuple[str, int]] = []
+    release, inside = threading.Event(), threading.Event()
+    with AuditLog(log_path) as log:
+        insert = log._insert
+
+        def slow_insert(conn: sqlite3.Connection, batch: list[audit_log._Pending]) -> None:
+            if not inside.is_set():
+                inside.set()
+                assert release.wait(10)
+            commits.append((threading.current_thread().name, len(batch)))
+            insert(conn, batch)
+
+        monkeypatch.setattr(log, "_insert", slow_insert)
+        first = threading.Thread(target=log.append, args=(event(0),), name="first")
+        first.start()
+        assert inside.wait(10)
+        others = [threading.Thread(target=log.append, args=(event(i),)) for i in range(1, 6)]
+        for t in others:
+            t.start()
+        deadline = time.monotonic() + 10
+        while log._queued < 5:  # all five wait for the commit under way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        release.set()
+        for t in [first, *others]:
+            t.join()
+        assert commits == [("first", 1), ("audit-writer", 5)]
+        result = log.verify()
+        assert result.ok and result.events == 6
 
 
 def test_two_logs_on_one_file_keep_one_chain(log_path: Path) -> None:
