@@ -86,10 +86,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable, Collection
@@ -106,6 +104,7 @@ from airlock._errors import (
     ResourceExhausted,
 )
 from airlock._special import CAPABILITY_XATTR, PRIVILEGED, Special, other_type, specials
+from airlock.sandbox import _digest
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.changeset import (
     CONTENT_NAME,
@@ -283,7 +282,7 @@ def write_journal(changeset_dir: str, approved: Collection[bytes]) -> bytes:
     and the special paths it may write, in the (root's) changeset directory. Returns the
     token to pass to :func:`apply`. A crash after this leaves what :func:`recover` needs.
     """
-    token = secrets.token_hex(6).encode()
+    token = _digest.token_hex(6).encode()
     body = json.dumps(
         {
             "token": token.decode(),
@@ -511,7 +510,7 @@ class _Applier:
         self.content_fd = changeset.content_fd
         self.manifest = changeset.manifest
         self.approved = frozenset(approved)
-        token = token or secrets.token_hex(6).encode()
+        token = token or _digest.token_hex(6).encode()
         self.ops = [
             _Op(i, rec, token)
             for i, rec in enumerate(self.manifest.changes)
@@ -634,7 +633,7 @@ class _Applier:
         after = op.rec.after
         offset, left = after.offset or 0, after.size
         keep = left <= _KEEP_ONE and kept + left <= _KEEP_TOTAL
-        digest = hashlib.sha256()
+        digest = _digest.sha256()
         parts: list[bytes] = []
         while left > 0:
             chunk = os.pread(self.content_fd, min(left, _CHUNK), offset)

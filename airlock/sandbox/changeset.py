@@ -79,7 +79,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import os
 import re
@@ -99,7 +98,7 @@ from airlock._errors import (
     SandboxError,
 )
 from airlock._special import CAPABILITY_XATTR
-from airlock.sandbox import _gcpause
+from airlock.sandbox import _digest, _gcpause
 from airlock.sandbox.diff import Caller, CallerFiles, DiffResult, Layer
 from airlock.types import ChangeKind, FileChange, FileType
 
@@ -234,7 +233,7 @@ class Manifest:
 
         The manifest holds the content's hashes, so this covers the content too.
         """
-        return hashlib.sha256(self.to_json()).hexdigest()
+        return _digest.sha256(self.to_json()).hexdigest()
 
 
 def _dumps(obj: object) -> bytes:
@@ -705,7 +704,7 @@ def _hash_fd(fd: int, expect: os.stat_result) -> str | None:
             expect.st_ino,
         ):
             return None
-        digest = hashlib.sha256()
+        digest = _digest.sha256()
         while chunk := os.read(fd, _CHUNK):
             digest.update(chunk)
         return digest.hexdigest()
@@ -756,7 +755,7 @@ def tree_digest(
     each directory is also checked for what deleting its entries takes (write and
     search permission, the sticky bit) for the calling process.
     """
-    digest = hashlib.sha256()
+    digest = _digest.sha256()
     problems: list[tuple[bytes, str]] = []
     euid = os.geteuid()
     try:

@@ -31,7 +31,6 @@ import errno
 import functools
 import json
 import os
-import secrets
 import select
 import signal
 import socket
@@ -43,8 +42,8 @@ from dataclasses import dataclass
 
 from airlock import _errors
 from airlock.egress import EgressPolicy
-from airlock.sandbox import _syscalls as sc
 from airlock.sandbox import (
+    _digest,
     _wire,
     changeset,
     gitloss,
@@ -56,6 +55,7 @@ from airlock.sandbox import (
     reads,
     user,
 )
+from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.apply import apply, open_changeset, recover
 from airlock.sandbox.cgroup import Cgroup, CgroupStats
 from airlock.sandbox.diff import Caller, DiffResult, compute_changes
@@ -297,7 +297,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     """Build a sandbox from ``template``: the checklist. Call in a fresh (forked) process."""
     t0 = time.monotonic()
     # 1. A cgroup of its own for limits and accounting, created outside the sandbox.
-    unique = f"{template.cgroup.name}-{os.getpid()}-{secrets.token_hex(3)}"
+    unique = f"{template.cgroup.name}-{os.getpid()}-{_digest.token_hex(3)}"
     cgroup = Cgroup.create(dataclasses.replace(template.cgroup, name=unique))
     connector: socket.socket | None = None
     trace_sup: socket.socket | None = None

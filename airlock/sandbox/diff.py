@@ -66,7 +66,6 @@ import dataclasses
 import difflib
 import enum
 import errno
-import hashlib
 import os
 import stat
 import sys
@@ -77,7 +76,7 @@ from operator import attrgetter, itemgetter
 
 from airlock._errors import SandboxError
 from airlock._special import CAPABILITY_XATTR, describe_capabilities, other_type
-from airlock.sandbox import _gcpause
+from airlock.sandbox import _digest, _gcpause
 from airlock.sandbox import _syscalls as sc
 from airlock.types import ChangeKind, FileChange, FileType, OtherType
 
@@ -505,8 +504,8 @@ def _read_upper(fd: int, size: int, keep: int, lfd: int | None) -> _Read | None:
             return None
         if len(data) <= size:
             os.close(fd)
-            return hashlib.sha256(data).hexdigest(), data, None, False
-    digest = hashlib.sha256()
+            return _digest.sha256(data).hexdigest(), data, None, False
+    digest = _digest.sha256()
     parts: list[bytes] | None = []
     old_parts: list[bytes] | None = [] if lfd is not None else None
     same = lfd is not None
@@ -1030,7 +1029,7 @@ class _Walker:
         if path.startswith(self.workspace_prefix) or path == self.workspace:
             fields["in_workspace"] = True
         fields["size_after"] = size
-        fields["sha256_after"] = _sha256(data).hexdigest()
+        fields["sha256_after"] = _digest.sha256(data).hexdigest()
         fields["mode_after"] = st.st_mode & 0o7777
         fields["uid_after"] = st.st_uid
         fields["gid_after"] = st.st_gid
@@ -1434,7 +1433,7 @@ def _fast_change_ok() -> bool:
 _object_new = object.__new__
 _object_setattr = object.__setattr__
 _FAST_CHANGE = _fast_change_ok()
-_os_open, _os_read, _os_close, _sha256 = os.open, os.read, os.close, hashlib.sha256
+_os_open, _os_read, _os_close = os.open, os.read, os.close
 # FileChange's field names in order, and a change's values in that order.
 _CHANGE_FIELDS = tuple(field.name for field in dataclasses.fields(FileChange))
 _change_values = attrgetter(*_CHANGE_FIELDS)

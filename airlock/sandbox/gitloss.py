@@ -43,7 +43,6 @@ or changed something under ``.git`` (a run that only created files can lose noth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
 import re
@@ -55,8 +54,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from airlock.sandbox import _digest, _wire, user
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, user
 from airlock.types import ChangeKind, FileChange, FileType, LostKind, LostWork
 
 if TYPE_CHECKING:
@@ -389,14 +388,14 @@ class _Hasher:
             return None
         if stat.S_ISLNK(st.st_mode):
             data = os.readlink(path)
-            return self._ids(data), hashlib.sha256(data).hexdigest()
+            return self._ids(data), _digest.sha256(data).hexdigest()
         if not stat.S_ISREG(st.st_mode):
             return None
         if st.st_size > self.left:
             raise _Unchecked("more file content than the check hashes")
         self.left -= st.st_size
-        h = hashlib.new(self.algo)
-        h256 = hashlib.sha256()
+        h = _digest.new(self.algo)
+        h256 = _digest.sha256()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
@@ -415,7 +414,7 @@ class _Hasher:
         return h.hexdigest().encode(), h256.hexdigest()
 
     def _ids(self, data: bytes) -> bytes:
-        h = hashlib.new(self.algo)
+        h = _digest.new(self.algo)
         h.update(b"blob %d\0" % len(data))
         h.update(data)
         return h.hexdigest().encode()

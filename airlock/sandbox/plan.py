@@ -9,7 +9,6 @@ executes plans, step by step, and names the failing step when one fails.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import os
 import pickle
@@ -21,6 +20,7 @@ from typing import Any
 
 from airlock._errors import ErrorData
 from airlock.egress import EgressPolicy
+from airlock.sandbox import _digest
 from airlock.sandbox import _syscalls as sc
 from airlock.sandbox.cgroup import CgroupSpec
 from airlock.sandbox.diff import DiffOptions, Layer
@@ -281,7 +281,7 @@ class SandboxTemplate:
     @property
     def key(self) -> bytes:
         """Identifies the template: a warm sandbox serves only requests with its key."""
-        return hashlib.sha256(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+        return _digest.sha256(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)).digest()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,6 @@ import fcntl
 import functools
 import os
 import platform
-import secrets
 import select
 import signal
 import socket
@@ -53,6 +52,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from airlock.sandbox import _digest
 from airlock.sandbox import _syscalls as sc
 
 __all__ = [
@@ -561,7 +561,7 @@ class ProcessTracer:
         conn.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _CN_IDX_PROC)
         # The ack comes back to every listener with the sequence number rewritten: tell ours
         # from another supervisor's by a random ack number (the kernel answers with ack + 1).
-        ack = secrets.randbits(31) + 1
+        ack = _digest.random_bits(31) + 1
         self._send_control(conn, struct.pack("=I", _PROC_CN_MCAST_LISTEN), ack)
         deadline = time.monotonic() + _ACK_TIMEOUT_S
         while True:

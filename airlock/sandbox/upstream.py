@@ -33,7 +33,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import secrets
 import select
 import socket
 import struct
@@ -42,6 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from airlock.egress import EgressPolicy, IPNetwork
+from airlock.sandbox import _digest
 from airlock.sandbox import _syscalls as sc
 
 __all__ = ["Result", "Upstream", "host_networks", "parse_dns_answer"]
@@ -335,7 +335,7 @@ class Upstream:
             sock.connect((server, 53))
             r.ids = {}
             for qtype in (_A, _AAAA):
-                ident = secrets.randbits(16)
+                ident = _digest.random_bits(16)
                 r.ids[ident] = qtype
                 sock.send(_query(ident, r.name, qtype))
         except OSError as exc:

@@ -1,4 +1,5 @@
-"""The spawner's process imports neither ``threading`` nor ``subprocess`` (spawner.py).
+"""The spawner's process imports neither ``threading`` nor ``subprocess`` (spawner.py), nor
+``hashlib`` (OpenSSL's libcrypto, 3.3 MiB resident: sandbox/_digest.py).
 
 Once ``threading`` is imported, CPython runs its after-fork hook (Python code) in every forked
 child: ~100 page faults on inherited pages and ~0.35 ms of CPU in each of the processes forked
@@ -17,13 +18,14 @@ import sys
 PROBE = """
 import json, sys
 sys.argv = ["airlock-spawner"]
+MODULES = ("threading", "subprocess", "hashlib", "_hashlib", "secrets", "hmac")
 import airlock.sandbox.spawner as spawner
 import airlock.sandbox.contain  # as spawner.main does before its first fork
-print(json.dumps(sorted(m for m in ("threading", "subprocess") if m in sys.modules)))
+print(json.dumps(sorted(m for m in MODULES if m in sys.modules)))
 """
 
 
-def test_the_spawner_imports_no_threading() -> None:
+def test_the_spawner_imports_no_threading_nor_openssl() -> None:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # as Spawner.start passes
     if "PYTHONPATH" in os.environ:  # where the tests found airlock (.ci/unit-as-nobody sets it)
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
@@ -58,3 +60,21 @@ def _is_not_our_child(pid: int) -> bool:
             return int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid()
     except OSError:
         return True
+
+
+def test_the_lazy_digests_are_hashlib_s() -> None:
+    import hashlib
+    import secrets
+
+    from airlock.sandbox import _digest
+
+    assert _digest.sha256(b"x").hexdigest() == hashlib.sha256(b"x").hexdigest()
+    h = _digest.sha256()
+    h.update(b"ab")
+    assert h.digest() == hashlib.sha256(b"ab").digest()
+    assert _digest.new("sha1").name == "sha1"
+    assert len(_digest.token_hex(3)) == 6 and len(secrets.token_hex(3)) == 6
+    for k in (1, 7, 8, 16, 31):
+        values = {_digest.random_bits(k) for _ in range(200)}
+        assert all(0 <= v < 2**k for v in values)
+        assert max(values).bit_length() == k  # the top bit is reached: none is lost
