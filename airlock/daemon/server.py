@@ -35,7 +35,7 @@ from airlock.daemon._memory import Trimmer, limit_arenas
 from airlock.daemon._peer import ConnectionLimits, PeerProxy
 from airlock.daemon._signals import Signals
 from airlock.daemon.service import SandboxService, handler, refusals
-from airlock.policy.loader import PolicyError
+from airlock.policy.loader import PolicyError, check_in_child
 from airlock.policy.store import PolicyStore, default_policy_dir
 from airlock.sandbox import cgroup
 from airlock.sandbox.probe import probe
@@ -179,7 +179,8 @@ def serve(config: DaemonConfig, *, ready: threading.Event | None = None) -> int:
 
     # 2. The policy: an invalid bundle stops the daemon here (fail closed).
     try:
-        policy = PolicyStore(config.policy_dir or default_policy_dir())
+        # Checked against the schema in a child process: jsonschema stays out of the daemon.
+        policy = PolicyStore(config.policy_dir or default_policy_dir(), schema=check_in_child)
     except PolicyError as exc:
         _log.error("the policy is invalid; not starting", extra={"error": str(exc)})
         return 1

@@ -34,7 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from airlock.policy.loader import PolicyBundle, PolicyError, PolicyProblem, load_bundle, snapshot
+from airlock.policy.loader import (
+    PolicyBundle,
+    PolicyError,
+    PolicyProblem,
+    SchemaCheck,
+    check_in_process,
+    load_bundle,
+    snapshot,
+)
 from airlock.types import PolicyInfo
 
 __all__ = [
@@ -138,8 +146,12 @@ class PolicyStore:
         settle_s: float = 0.5,
         settle_max_s: float = 10.0,
         on_accept: Callable[[Acceptance], None] | None = None,
+        schema: SchemaCheck = check_in_process,
     ) -> None:
         self.directory = Path(directory).resolve()
+        # How the files are checked against the schema: the daemon's store checks in a child
+        # process, so that the daemon never holds jsonschema (policy/_schema.py).
+        self._schema = schema
         self.settle_s = settle_s
         self.settle_max_s = settle_max_s
         self.on_accept = on_accept
@@ -159,7 +171,7 @@ class PolicyStore:
             before = snapshot(self.directory)
             error: PolicyError | None = None
             try:
-                bundle: PolicyBundle | None = load_bundle(self.directory)
+                bundle: PolicyBundle | None = load_bundle(self.directory, schema=self._schema)
             except PolicyError as exc:
                 bundle, error = None, exc
             consistent = bundle is None or bundle.version == before[0]
@@ -286,7 +298,7 @@ class PolicyStore:
                         cause=reason,
                     )
                 try:
-                    bundle = load_bundle(self.directory)
+                    bundle = load_bundle(self.directory, schema=self._schema)
                 except PolicyError as exc:
                     return self._refuse("rejected", str(exc), attempt=attempt, cause=reason)
                 except OSError as exc:

@@ -1,11 +1,14 @@
-"""SHA-256 (and git's object hashes) for the sandbox modules, loaded on first use.
+"""SHA-256 (and git's object hashes) for the sandbox modules, without ``hashlib`` in the spawner.
 
 ``hashlib`` loads OpenSSL's libcrypto (3.3 MiB resident). The spawner imports every sandbox
 module so that its forks do not, and never hashes anything itself: with ``hashlib`` imported at
-the top of those modules it held libcrypto for nothing (issue 16's idle RSS). A supervisor loads
-it on its first diff that reads a file's content, once per process (supervisors are reused).
-Random tokens come from ``os.urandom`` (what ``secrets`` reads), not ``secrets``, which imports
-``hashlib`` through ``hmac``. ``tests/unit/sandbox/test_spawner_imports.py`` checks both.
+the top of those modules it held libcrypto for nothing (issue 16's idle RSS). Each supervisor
+calls :func:`load` as it starts, as root: later, while it reads a caller's files as that caller
+(``setfsuid``, the apply child's ``setresuid``), importing a module could fail, the interpreter's
+own files being unreadable to the caller (a pyenv under ``/root``). Supervisors are reused, so
+that is once per process, off the request's path but for a cold one. Random tokens come from
+``os.urandom`` (what ``secrets`` reads), not ``secrets``, which imports ``hashlib`` through
+``hmac``. ``tests/unit/sandbox/test_spawner_imports.py`` checks both.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-__all__ = ["new", "random_bits", "sha256", "token_hex"]
+__all__ = ["load", "new", "random_bits", "sha256", "token_hex"]
+
+
+def load() -> None:
+    """Import ``hashlib`` now (a supervisor, before it does anything as a caller)."""
+    import hashlib  # noqa: F401
 
 
 def sha256(data: bytes = b"") -> _Hash:

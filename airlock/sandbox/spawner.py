@@ -66,8 +66,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airlock._errors import Cancelled, SandboxError, Unavailable
+from airlock.sandbox import _digest, _wire, reads
 from airlock.sandbox import _syscalls as sc
-from airlock.sandbox import _wire, reads
 from airlock.sandbox.contain import OutputChunk
 from airlock.sandbox.netcap import NetworkAttempt
 from airlock.sandbox.plan import PlanOnWire, SandboxPlan
@@ -301,10 +301,12 @@ _mount_watch = -1
 
 
 def _child(body: Any, *args: Any) -> None:
-    """In a forked child: default SIGCHLD (supervisors wait for their init), run, exit."""
+    """In a forked child: default SIGCHLD (supervisors wait for their init), ``hashlib``
+    loaded while still root (sandbox/_digest.py), run, exit."""
     if _mount_watch >= 0:
         os.close(_mount_watch)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _digest.load()
     try:
         body(*args)
     finally:

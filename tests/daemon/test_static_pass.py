@@ -166,6 +166,23 @@ def test_policy_reloads_on_change_and_rejects_a_bad_bundle(public_tmp: Path) -> 
     assert "policy reload rejected" in d.log()
 
 
+def test_the_daemon_checks_the_schema_in_a_child(public_tmp: Path) -> None:
+    """jsonschema (7 MiB with its validators) is never imported by the daemon: its policy is
+    checked against the schema in a short-lived child, at start and at each reload."""
+    policy = public_tmp / "policy"
+    policy.mkdir()
+    (policy / "rules.yaml").write_text(RULE.format(decision="deny"))
+    with running_daemon(public_tmp, "--policy-dir", str(policy)) as d, d.client() as c:
+        assert c.validate("cowsay hi", cwd="/tmp").verdict is Verdict.DENY
+        (policy / "rules.yaml").write_text(RULE.format(decision="maybe"))  # the schema refuses
+        d.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "'maybe' is not one of" in _policy_info(d.socket).last_reload_error)
+        assert c.validate("cowsay hi", cwd="/tmp").verdict is Verdict.DENY  # the old policy
+        maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    # jsonschema's references library is built on rpds, a compiled module: mapped if imported.
+    assert "rpds" not in maps and "_yaml" in maps  # (a compiled module it does import)
+
+
 def test_invalid_policy_at_start_stops_the_daemon(public_tmp: Path) -> None:
     policy = public_tmp / "policy"
     policy.mkdir()

@@ -10,6 +10,9 @@ From the ground up: ``_yaml`` (YAML with positions), ``_problems``, ``_files``, 
 ``_compile``, ``_tests`` (inline tests, fixture files) and ``_load`` (the loading itself).
 """
 
+from airlock.policy._schema import SchemaCheck as SchemaCheck
+from airlock.policy._schema import check_in_child as check_in_child
+from airlock.policy._schema import check_in_process as check_in_process
 from airlock.policy.loader._compile import PolicyBundle as PolicyBundle
 from airlock.policy.loader._files import MAX_FILE_BYTES as MAX_FILE_BYTES
 from airlock.policy.loader._load import load_bundle as load_bundle

@@ -27,6 +27,13 @@ from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import TYPE_CHECKING
 
+from airlock.policy._schema import (
+    SchemaCheck,
+    _effects_validator,
+    _kind,
+    _schema_problems,
+    check_in_process,
+)
 from airlock.policy.effects import EffectCompiler, EffectRule, synthetic_effects
 from airlock.policy.loader._commands import compile_commands
 from airlock.policy.loader._compile import (
@@ -41,7 +48,6 @@ from airlock.policy.loader._compile import (
 from airlock.policy.loader._egress import compile_egress
 from airlock.policy.loader._files import StrPath, _decode, _parse, _paths, _read, collect_files
 from airlock.policy.loader._problems import PolicyError, PolicyProblem, _order, _Problems
-from airlock.policy.loader._schema import _effects_validator, _kind, _schema_problems
 from airlock.policy.loader._tests import Analyzer, _inline_test_problems
 from airlock.policy.loader._writable import compile_writable
 from airlock.policy.loader._yaml import _Doc
@@ -91,13 +97,16 @@ def load_bundle(
     run_tests: bool = True,
     analyze: Analyzer | None = None,
     today: date | None = None,
+    schema: SchemaCheck = check_in_process,
 ) -> PolicyBundle:
     """Load every policy file under ``path`` (a directory, a file, or several of them).
 
     Raises :class:`PolicyError` listing every problem. ``run_tests=False`` skips the
     inline tests (for ``airlock policy test``, which reports them one by one);
     ``analyze`` replaces the real parser (default: :func:`airlock.policy.shell.analyze`);
-    ``today`` is the date expired exceptions are warned about (default: UTC today).
+    ``today`` is the date expired exceptions are warned about (default: UTC today);
+    ``schema`` checks the parsed files against the schema (default: in this process; the
+    daemon's :func:`~airlock.policy.loader._schema.check_in_child` keeps ``jsonschema`` out).
     """
     from airlock.policy.rules import today_utc
 
@@ -113,7 +122,7 @@ def load_bundle(
             )
         )
     read: list[tuple[str, str, bytes]] = []
-    docs: list[_Doc] = []
+    parsed: list[_Doc] = []
     for file, rel in found:
         data = _read(file, problems)
         if data is None:
@@ -130,8 +139,8 @@ def load_bundle(
         if doc is None:
             continue
         problems.docs[file] = doc
-        if _schema_problems(doc, problems):
-            docs.append(doc)
+        parsed.append(doc)
+    docs = _schema_checked(parsed, problems, schema)
 
     ctx = _Context()
     for doc in docs:
@@ -186,6 +195,28 @@ def load_bundle(
     )
 
 
+def _schema_checked(parsed: list[_Doc], problems: _Problems, schema: SchemaCheck) -> list[_Doc]:
+    """The documents the schema takes; the problems of the others added to ``problems``. A
+    check that could not be made is a problem of every file (the policy is not loaded)."""
+    if not parsed:
+        return []
+    try:
+        found = schema([("policy", doc.file, doc.value) for doc in parsed])
+    except OSError as exc:
+        for doc in parsed:
+            problems.errors.append(
+                PolicyProblem(doc.file, 0, 0, f"could not check the file against the schema: {exc}")
+            )
+        return []
+    valid = []
+    for doc, (ok, added) in zip(parsed, found, strict=True):
+        for path, message, hint, key in added:
+            problems.add(path, message, hint, key=key)
+        if ok:
+            valid.append(doc)
+    return valid
+
+
 def _analyzer_with(catalog: Catalog) -> Analyzer:
     from airlock.policy.shell import analyze  # the real parser, imported late (tree-sitter)
 
@@ -212,7 +243,7 @@ def read_effects_file(path: StrPath) -> Effects:
                     f"an effects file is a mapping, found {_kind(doc.value)}",
                     "give any of: files, programs, network, sensitive_reads",
                 )
-            elif _schema_problems(doc, problems, _effects_validator()):
+            elif _schema_problems(doc.file, doc.value, problems, _effects_validator()):
                 effects = synthetic_effects(doc.value, (file,), problems.report)
     if problems.errors or effects is None:
         raise PolicyError(sorted(problems.errors, key=_order))

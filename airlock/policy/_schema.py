@@ -3,6 +3,12 @@
 :func:`_schema_problems` turns each jsonschema error into a problem at the offending key or
 value, in the policy's own words, with a hint where a common mistake explains it (an
 unquoted ``yes``, a ``: `` in a plain string, a misspelt key).
+
+``jsonschema`` is imported only when a validator is first built: with its validators it is
+7 MiB resident, for a check made only while a policy loads. The daemon makes that check in a
+short-lived child process (:func:`check_in_child`, which runs this module), so that it never
+imports ``jsonschema`` itself; ``airlock policy`` and the tests check in process
+(:func:`check_in_process`). Both give the same problems for the same documents.
 """
 
 from __future__ import annotations
@@ -10,15 +16,30 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-from collections.abc import Iterable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import jsonschema
+if TYPE_CHECKING:
+    import jsonschema
 
-from airlock.policy.loader._problems import _Problems
-from airlock.policy.loader._yaml import _Doc
-from airlock.policy.rules import JsonPath
+# A value's place in a file: its name, then keys and indexes (as ``rules.JsonPath``; this
+# module imports no other of the policy's, so that the child starts in ~0.1 s).
+JsonPath = tuple[str | int, ...]
+
+# One document to check: "policy" (a policy file) or "effects" (an effects file), its file name
+# and its parsed value. A check gives, per document, whether the schema takes it and the
+# problems it found.
+SchemaDoc = tuple[str, str, Any]
+Added = tuple[JsonPath, str, str, bool]  # path, message, hint, key
+Checked = tuple[bool, list[Added]]
+SchemaCheck = Callable[[Sequence[SchemaDoc]], list[Checked]]
+# A child that does not answer within this long fails the load (the check itself takes ~0.1 s).
+CHILD_TIMEOUT_S = 60.0
+_CHILD_OUTPUT_MAX = 16 * 1024 * 1024
 
 
 @functools.cache
@@ -30,6 +51,8 @@ def _schema() -> dict[str, Any]:
 
 @functools.cache
 def _validator() -> jsonschema.protocols.Validator:
+    import jsonschema
+
     schema = _schema()
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
@@ -93,14 +116,19 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+class _Adds(Protocol):
+    def add(self, path: JsonPath, message: str, hint: str = "", *, key: bool = False) -> None: ...
+
+
 def _schema_problems(
-    doc: _Doc, problems: _Problems, validator: jsonschema.protocols.Validator | None = None
+    file: str, value: Any, problems: _Adds, validator: jsonschema.protocols.Validator | None = None
 ) -> bool:
-    """Validate one document against the schema (default: a policy file); True when valid."""
+    """Validate one document (``file``'s parsed ``value``) against the schema (default: a
+    policy file); True when valid."""
     validator = validator or _validator()
-    errors = sorted(validator.iter_errors(doc.value), key=lambda e: list(map(str, e.path)))
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
     for e in errors:
-        path: JsonPath = (doc.file, *e.absolute_path)
+        path: JsonPath = (file, *e.absolute_path)
         where = _describe(tuple(e.absolute_path))
         v = e.validator
         schema: Any = e.schema
@@ -235,6 +263,8 @@ def _schema_problems(
 
 @functools.cache
 def _effects_validator() -> jsonschema.protocols.Validator:
+    import jsonschema
+
     schema = _schema()
     sub_schema = {"$schema": schema["$schema"], "$defs": schema["$defs"]}
     sub_schema["$ref"] = "#/$defs/effectTest"
@@ -242,3 +272,81 @@ def _effects_validator() -> jsonschema.protocols.Validator:
         sub_schema
     )
     return validator
+
+
+class _Recorder:
+    """What :func:`_schema_problems` adds, kept as data (the child's answer)."""
+
+    def __init__(self) -> None:
+        self.added: list[Added] = []
+
+    def add(self, path: JsonPath, message: str, hint: str = "", *, key: bool = False) -> None:
+        self.added.append((path, message, hint, key))
+
+
+def check_in_process(docs: Sequence[SchemaDoc]) -> list[Checked]:
+    """Check each document against its schema here (imports ``jsonschema``)."""
+    out: list[Checked] = []
+    for kind, file, value in docs:
+        recorder = _Recorder()
+        validator = _effects_validator() if kind == "effects" else _validator()
+        valid = _schema_problems(file, value, recorder, validator)
+        out.append((valid, recorder.added))
+    return out
+
+
+def check_in_child(docs: Sequence[SchemaDoc]) -> list[Checked]:
+    """:func:`check_in_process` in a new interpreter (this module run as a program), so that
+    this process never imports ``jsonschema``. Raises OSError when the child fails, answers
+    late, or answers something else than one list of problems per document: the caller fails
+    the load (a policy that was not checked is not used)."""
+    request = json.dumps([[kind, file, value] for kind, file, value in docs])
+    try:
+        done = subprocess.run(  # exec: safe from a threaded process
+            [sys.executable, "-m", "airlock.policy._schema"],
+            input=request.encode(),
+            capture_output=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=_child_env(),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise OSError(f"the schema check did not answer within {CHILD_TIMEOUT_S:g} s") from None
+    if done.returncode != 0 or len(done.stdout) > _CHILD_OUTPUT_MAX:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        raise OSError(f"the schema check failed (exit {done.returncode}): {' '.join(tail)}")
+    try:
+        out: list[Checked] = [
+            (
+                valid is True,
+                [(tuple(path), str(msg), str(hint), bool(key)) for path, msg, hint, key in added],
+            )
+            for valid, added in json.loads(done.stdout)
+        ]
+    except (ValueError, TypeError) as exc:
+        raise OSError(f"the schema check answered something else: {exc}") from None
+    if len(out) != len(docs):
+        raise OSError("the schema check answered for another number of documents")
+    return out
+
+
+def _child_env() -> dict[str, str]:
+    """The child imports the same ``airlock`` as this process: the interpreter's own paths,
+    and ``PYTHONPATH`` when this process was given one."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def _main() -> int:
+    """The child: documents (JSON) on stdin, their problems (JSON) on stdout."""
+    docs = [(str(kind), str(file), value) for kind, file, value in json.load(sys.stdin)]
+    json.dump(
+        [[valid, [list(a) for a in added]] for valid, added in check_in_process(docs)], sys.stdout
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
