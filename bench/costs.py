@@ -1,7 +1,8 @@
 """Where a dry run's CPU goes outside the sandbox: figures docs/performance.md quotes.
 
-Not a test; run as root: ``.venv/bin/python bench/costs.py [engine|daemon|supervisors|audit]``
-(all four by default). Prints medians; nothing is asserted.
+Not a test; run as root: ``.venv/bin/python bench/costs.py
+[engine|daemon|supervisors|audit|wakeups|memory]`` (all by default). Prints medians; nothing is
+asserted.
 
 - ``engine``: ``Engine.validate`` of a forced ``true`` in this process (warm pool of 2, the
   neutral policy), 100 calls after 10: the engine's own CPU per validation (``process_time``:
@@ -13,6 +14,10 @@ Not a test; run as root: ``.venv/bin/python bench/costs.py [engine|daemon|superv
   run of 10,000 created files: each supervisor's RSS and private memory (USS), MiB.
 - ``audit``: 200 appends to a new audit log in ``/var/tmp`` (the disk), fsynced and not:
   wall p50/p90 and CPU p50 per append.
+- ``wakeups``: a real ``airlockd``, 60 Health calls after each of 0, 10 ms, 100 ms and 300 ms
+  of quiet: wall p50/p90 (what waking the daemon's and the client's threads costs here).
+- ``memory``: a real ``airlockd`` after 50 forced ``true``: RSS, PSS and USS of the daemon and
+  its spawner, and RSS of both in MB (issue 16's row).
 """
 
 from __future__ import annotations
@@ -174,14 +179,60 @@ def audit() -> None:
             )
 
 
+def wakeups() -> None:
+    with _daemon() as (_proc, c, _ws):
+        for gap in (0.0, 0.01, 0.1, 0.3):
+            walls = []
+            for _ in range(60):
+                time.sleep(gap)
+                t0 = time.perf_counter()
+                c.health()
+                walls.append((time.perf_counter() - t0) * 1e3)
+            walls.sort()
+            print(
+                f"health after {gap * 1e3:g} ms of quiet: p50 {statistics.median(walls):.2f} ms, "
+                f"p90 {walls[int(len(walls) * 0.9)]:.2f} ms"
+            )
+
+
+def memory() -> None:
+    with _daemon() as (proc, c, ws):
+        for _ in range(50):
+            c.validate(_FORCED_TRUE, cwd=ws, env=_ENV)
+        time.sleep(3)  # the spawner's tick, the daemon's trim
+        pid = spawner_pid(proc.pid)
+        rss = 0
+        for name, p in (("daemon", proc.pid), ("spawner", pid)):
+            if p is None:
+                continue
+            m = psutil.Process(p).memory_full_info()
+            rss += m.rss
+            print(
+                f"{name}: RSS {m.rss / 2**20:.1f} MiB, PSS {m.pss / 2**20:.1f}, "
+                f"USS {m.uss / 2**20:.1f}"
+            )
+        print(f"daemon + spawner: RSS {rss / 1e6:.1f} MB")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="*", choices=["engine", "daemon", "supervisors", "audit", []])
+    p.add_argument(
+        "what",
+        nargs="*",
+        choices=["engine", "daemon", "supervisors", "audit", "wakeups", "memory", []],
+    )
     a = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: namespaces, overlayfs and cgroups need it")
     os.chdir(_HERE.parent)  # _direct.Worker finds the neutral policy from here
-    steps = {"engine": engine, "daemon": daemon, "supervisors": supervisors, "audit": audit}
+    steps = {
+        "engine": engine,
+        "daemon": daemon,
+        "supervisors": supervisors,
+        "audit": audit,
+        "wakeups": wakeups,
+        "memory": memory,
+    }
     for name in a.what or list(steps):
         steps[name]()
     return 0

@@ -2,7 +2,8 @@
 
 The one place its compiler flags live: ``make install`` builds it next to airlock/sandbox/init.py
 in the source tree, and ``setup.py`` into every wheel (docs/decisions.md §37). ``CC`` picks the
-compiler (``cc`` by default); it links only against the C library.
+compiler (``cc`` by default); it links only against the C library, statically (``-static-pie``:
+no dynamic loader at each sandbox's start; still randomized).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("airlock-sandbox-init.c")
 FLAGS = (
     "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-    "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-fPIE", "-pie", "-Wl,-z,relro,-z,now",
+    "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-fPIE", "-static-pie", "-Wl,-z,relro,-z,now",
 )  # fmt: skip
 
 

@@ -146,6 +146,8 @@ class _Pool:
         ``_REUSE_FACTOR`` times the pool's size, or as many as were busy at once within the last
         ``idle_s`` (a burst of concurrent requests keeps its supervisors instead of forking
         new ones and retiring those that come back), never more than ``_MAX_REUSED``."""
+        if self.size == 0:
+            return 0  # no warm pool (--warm-pool 0): every request is served cold
         if time.monotonic() - self.peak_at > self.idle_s:
             self.peak = len(self.busy)
         return min(max(self.size * _REUSE_FACTOR, self.peak), _MAX_REUSED)

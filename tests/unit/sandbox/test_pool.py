@@ -81,3 +81,11 @@ def test_never_more_than_the_bound(clock: _Clock, socks: list[socket.socket]) ->
     pool.key = b"k"
     _burst(pool, socks, spawner._MAX_REUSED + 5)
     assert len(pool.ready) == spawner._MAX_REUSED
+
+
+def test_no_pool_keeps_none(clock: _Clock, socks: list[socket.socket]) -> None:
+    """--warm-pool 0: a supervisor that comes back is retired, however many were busy."""
+    pool = _Pool(0, idle_s=30)
+    pool.key = b"k"
+    _burst(pool, socks, 3)
+    assert pool.ready == [] and pool.cap() == 0
