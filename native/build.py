@@ -17,7 +17,8 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("airlock-sandbox-init.c")
 FLAGS = (
     "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-    "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-fPIE", "-static-pie", "-Wl,-z,relro,-z,now",
+    "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-fPIE", "-static-pie",
+    "-Wl,-z,relro,-z,now",
 )  # fmt: skip
 
 
