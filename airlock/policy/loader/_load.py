@@ -106,7 +106,7 @@ def load_bundle(
     ``analyze`` replaces the real parser (default: :func:`airlock.policy.shell.analyze`);
     ``today`` is the date expired exceptions are warned about (default: UTC today);
     ``schema`` checks the parsed files against the schema (default: in this process; the
-    daemon's :func:`~airlock.policy.loader._schema.check_in_child` keeps ``jsonschema`` out).
+    daemon's :func:`~airlock.policy._schema.check_in_child` keeps ``jsonschema`` out).
     """
     from airlock.policy.rules import today_utc
 
