@@ -300,7 +300,10 @@ def check_in_child(docs: Sequence[SchemaDoc]) -> list[Checked]:
     this process never imports ``jsonschema``. Raises OSError when the child fails, answers
     late, or answers something else than one list of problems per document: the caller fails
     the load (a policy that was not checked is not used)."""
-    request = json.dumps([[kind, file, value] for kind, file, value in docs])
+    try:
+        request = json.dumps([[kind, file, value] for kind, file, value in docs])
+    except (TypeError, ValueError) as exc:  # a value YAML's safe loading never gives
+        raise OSError(f"the files cannot be sent to the schema check: {exc}") from None
     try:
         done = subprocess.run(  # exec: safe from a threaded process
             [sys.executable, "-m", "airlock.policy._schema"],

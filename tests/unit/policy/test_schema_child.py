@@ -107,3 +107,8 @@ def test_a_check_that_cannot_be_made_fails_the_load(
         load_bundle(default_policy_dir(), schema=check_in_child)
     assert "could not check the file against the schema" in str(info.value)
     assert why in str(info.value)
+
+
+def test_a_value_json_cannot_carry_is_refused() -> None:
+    with pytest.raises(OSError, match="cannot be sent to the schema check"):
+        check_in_child([("policy", "x.yaml", {"version": {1, 2}})])
