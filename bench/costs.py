@@ -154,6 +154,11 @@ def supervisors() -> None:
         sample("a dry run of 10,000 files")
 
 
+def _p50_p90(ms: list[float]) -> str:
+    ms = sorted(ms)
+    return f"p50 {statistics.median(ms):.2f} ms, p90 {ms[int(len(ms) * 0.9)]:.2f} ms"
+
+
 def audit() -> None:
     from airlock.audit.log import AuditLog
     from airlock.audit.model import AuditEvent, Caller, RpcKind
@@ -171,10 +176,8 @@ def audit() -> None:
                     cpus.append(time.process_time() - c0)
             finally:
                 log.close()
-            walls.sort()
             print(
-                f"audit append, fsync={fsync}: wall p50 {statistics.median(walls) * 1e3:.2f} ms, "
-                f"p90 {walls[int(len(walls) * 0.9)] * 1e3:.2f} ms; "
+                f"audit append, fsync={fsync}: wall {_p50_p90([w * 1e3 for w in walls])}; "
                 f"CPU p50 {statistics.median(cpus) * 1e3:.3f} ms"
             )
 
@@ -188,11 +191,7 @@ def wakeups() -> None:
                 t0 = time.perf_counter()
                 c.health()
                 walls.append((time.perf_counter() - t0) * 1e3)
-            walls.sort()
-            print(
-                f"health after {gap * 1e3:g} ms of quiet: p50 {statistics.median(walls):.2f} ms, "
-                f"p90 {walls[int(len(walls) * 0.9)]:.2f} ms"
-            )
+            print(f"health after {gap * 1e3:g} ms of quiet: {_p50_p90(walls)}")
 
 
 def memory() -> None:
