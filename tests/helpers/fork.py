@@ -21,6 +21,10 @@ def in_child(fn: Callable[[], Any]) -> Any:
         code = 1
         try:
             os.close(r)
+            # Only the forking thread: a library's fork handler that restarted its threads here
+            # (gRPC's, tests/__init__.py) would leave threads and descriptors in the child.
+            threads = os.listdir("/proc/self/task")
+            assert threads == [str(os.getpid())], f"threads in the forked child: {threads}"
             view = memoryview(pickle.dumps(fn()))
             while view:
                 view = view[os.write(w, view) :]
