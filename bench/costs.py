@@ -1,7 +1,7 @@
 """Where a dry run's CPU goes outside the sandbox: figures docs/performance.md quotes.
 
 Not a test; run as root: ``.venv/bin/python bench/costs.py
-[engine|daemon|supervisors|audit|wakeups|memory]`` (all by default). Prints medians; nothing is
+[engine|daemon|supervisors|audit|wakeups|memory|exec]`` (all by default). Prints medians; nothing is
 asserted.
 
 - ``engine``: ``Engine.validate`` of a forced ``true`` in this process (warm pool of 2, the
@@ -18,6 +18,10 @@ asserted.
   of quiet: wall p50/p90 (what waking the daemon's and the client's threads costs here).
 - ``memory``: a real ``airlockd`` after 50 forced ``true``: RSS, PSS and USS of the daemon and
   its spawner, and RSS of both in MB (issue 16's row).
+- ``exec``: the sandbox's init program as ``native/build.py`` builds it (musl when installed)
+  and linked with glibc (``AIRLOCK_INIT_LIBC=glibc``), each started 400 times with
+  ``posix_spawn`` (a missing argument: it stops at once), three rounds alternating: CPU per start
+  and exit (``RUSAGE_CHILDREN``) and wall p50.
 """
 
 from __future__ import annotations
@@ -213,12 +217,52 @@ def memory() -> None:
         print(f"daemon + spawner: RSS {rss / 1e6:.1f} MB")
 
 
+def exec_() -> None:
+    import importlib.util
+    import resource
+
+    spec = importlib.util.spec_from_file_location("native_build", _HERE.parent / "native/build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    with tempfile.TemporaryDirectory(prefix="airlock-costs-") as tmp:
+        programs = {}
+        for libc in ("", "glibc"):
+            os.environ["AIRLOCK_INIT_LIBC"] = libc
+            out = os.path.join(tmp, f"init-{libc or 'default'}")
+            programs[build.build(out)] = out
+        os.environ.pop("AIRLOCK_INIT_LIBC")
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for _ in range(3):
+                for libc, path in programs.items():
+                    r0, walls = resource.getrusage(resource.RUSAGE_CHILDREN), []
+                    for _ in range(400):
+                        t0 = time.perf_counter()
+                        pid = os.posix_spawn(
+                            path,
+                            [path, "--proc"],
+                            {},
+                            file_actions=[(os.POSIX_SPAWN_DUP2, null, 11)],
+                        )
+                        os.waitpid(pid, 0)
+                        walls.append((time.perf_counter() - t0) * 1e3)
+                    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+                    print(
+                        f"init linked with {libc}: CPU {cpu / 400 * 1e6:.0f} µs per start, "
+                        f"wall p50 {statistics.median(walls) * 1e3:.0f} µs"
+                    )
+        finally:
+            os.close(null)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "what",
         nargs="*",
-        choices=["engine", "daemon", "supervisors", "audit", "wakeups", "memory", []],
+        choices=["engine", "daemon", "supervisors", "audit", "wakeups", "memory", "exec", []],
     )
     a = p.parse_args()
     if os.geteuid() != 0:
@@ -231,6 +275,7 @@ def main() -> int:
         "audit": audit,
         "wakeups": wakeups,
         "memory": memory,
+        "exec": exec_,
     }
     for name in a.what or list(steps):
         steps[name]()

@@ -264,19 +264,21 @@ def _host_sockets(template: SandboxTemplate, network: netcap.NetworkRecorder) ->
     root = template.scratch_dir + "/root"
     seen: set[str] = set()
     for i, path in enumerate(template.host_sockets):
+        try:
+            st = os.stat(path)  # the host's view: this mount namespace is still its copy
+        except OSError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            continue  # most of the list, on most hosts: no path resolution for those
         target = _in_root(root, path)
         if target is None or target in seen:
             continue
         try:
-            st = os.stat(path)  # the host's view: this mount namespace is still its copy
             shown = os.lstat(target)
         except OSError:
             continue
         # Not over a directory, nor a symbolic link (mount(2) would follow it out of the root).
-        if not stat.S_ISSOCK(st.st_mode) or stat.S_IFMT(shown.st_mode) in (
-            stat.S_IFDIR,
-            stat.S_IFLNK,
-        ):
+        if stat.S_IFMT(shown.st_mode) in (stat.S_IFDIR, stat.S_IFLNK):
             continue
         seen.add(target)
         stand_in = f"{template.scratch_dir}/host-socket-{i}"

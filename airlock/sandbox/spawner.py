@@ -23,9 +23,10 @@ Reuse: a supervisor that served its request and tore its sandbox down builds the
 same template itself and says so (``W`` on its pool socket), when it may be reused
 (``contain._Host.again``: back in the host's namespaces, holding exactly the descriptors it
 started with, a bounded number of runs and memory growth); otherwise it exits. The spawner keeps
-it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template or as many as were
-busy at once within the last ``idle_s`` (concurrent clients; at most ``_MAX_REUSED``), else
-retires it. A request never waits for one to come back: the pool still refills by forking as
+it warm again, up to ``_REUSE_FACTOR`` times the pool's size per template or the pool's size
+more than were busy at once within the last ``idle_s`` (concurrent clients, or one client whose
+requests come faster than a supervisor's teardown and next sandbox; at most ``_MAX_REUSED``),
+else retires it. A request never waits for one to come back: the pool still refills by forking as
 soon as one is taken. Most dry runs then cost no fork and no exit of a Python process (decisions
 §38). Warm sandboxes idle for longer than ``idle_s`` (``--warm-idle``, 30 s by default) are
 retired, so none sees a host that changed long after it was built. A warm sandbox holds a copy
@@ -143,14 +144,16 @@ class _Pool:
 
     def cap(self) -> int:
         """Warm sandboxes kept per template at most, counting supervisors that came back:
-        ``_REUSE_FACTOR`` times the pool's size, or as many as were busy at once within the last
-        ``idle_s`` (a burst of concurrent requests keeps its supervisors instead of forking
-        new ones and retiring those that come back), never more than ``_MAX_REUSED``."""
+        ``_REUSE_FACTOR`` times the pool's size, or the pool's size more than were busy at once
+        within the last ``idle_s``, never more than ``_MAX_REUSED``. Busy counts a supervisor
+        until it is back with its next sandbox: a burst of concurrent requests, or one client
+        faster than that, keeps its supervisors instead of forking new ones (the pool refills
+        when fewer than its size are ready) and retiring those that come back."""
         if self.size == 0:
             return 0  # no warm pool (--warm-pool 0): every request is served cold
         if time.monotonic() - self.peak_at > self.idle_s:
             self.peak = len(self.busy)
-        return min(max(self.size * _REUSE_FACTOR, self.peak), _MAX_REUSED)
+        return min(max(self.size * _REUSE_FACTOR, self.peak + self.size), _MAX_REUSED)
 
     def go_busy(self, warm: _Warm) -> None:
         warm.since = time.monotonic()

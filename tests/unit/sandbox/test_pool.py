@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ def test_as_many_as_were_busy_at_once_stay_warm(clock: _Clock, socks: list[socke
     pool.key = b"k"
     _burst(pool, socks, 7)
     assert len(pool.ready) == 7 and not pool.busy
+    assert pool.cap() == 9  # and the pool's size on top
     assert all(w.sock.fileno() >= 0 for w in pool.ready)
 
 
@@ -71,7 +73,7 @@ def test_the_peak_is_forgotten_after_idle(clock: _Clock, socks: list[socket.sock
     pool = _Pool(2, idle_s=30)
     pool.key = b"k"
     _burst(pool, socks, 6)
-    assert pool.cap() == 6
+    assert pool.cap() == 8
     clock.now += 31
     assert pool.cap() == 4
 
@@ -89,3 +91,39 @@ def test_no_pool_keeps_none(clock: _Clock, socks: list[socket.socket]) -> None:
     pool.key = b"k"
     _burst(pool, socks, 3)
     assert pool.ready == [] and pool.cap() == 0
+
+
+def test_back_to_back_requests_fork_nothing_once_warm(
+    clock: _Clock, socks: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client, back to back: a supervisor comes back only after the next few requests were
+    taken (its teardown and next sandbox take longer than the gap between requests), some
+    sooner, some later. The pool refills (a fork) when fewer than its size are ready and
+    retires those that come back over its cap; with a cap of the busy peak alone it did both,
+    over and over (a real daemon forked a supervisor every ~7 requests)."""
+    forks: list[_Warm] = []
+
+    def fork_warm(control: socket.socket, template: object, key: bytes) -> _Warm:
+        forks.append(_warm(socks, key))
+        return forks[-1]
+
+    pool = _Pool(2, idle_s=30)
+    monkeypatch.setattr(pool, "_fork_warm", fork_warm)
+    pool.template, pool.key = object(), b"k"
+    control = socket.socket()
+    socks.append(control)
+    pool.refill(control)
+    back_at: dict[int, list[_Warm]] = {}
+    jitter = random.Random(16)
+    for i in range(600):
+        clock.now += 0.012
+        if i == 100:
+            forks.clear()  # warm by now
+        for warm in back_at.pop(i, []):
+            pool.came_back(warm)
+        warm = pool.take(b"k")
+        assert warm is not None, f"request {i} found no warm sandbox"
+        pool.go_busy(warm)
+        pool.refill(control)
+        back_at.setdefault(i + jitter.choice((2, 3, 3, 4, 4, 4, 5, 6)), []).append(warm)
+    assert forks == []
