@@ -162,6 +162,8 @@ class Engine:
             writable=writable,
             writable_identity=writable_identity,
             extra_writable=extra_writable,
+            # A dry run's read recorder is marked with the sandbox, ahead of the request.
+            watch_reads=self.config.capture_reads,
         )
 
     def template(self) -> tuple[SandboxTemplate, bytes]:

@@ -305,6 +305,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
     trace_sup: socket.socket | None = None
     trace_cmd: socket.socket | None = None
     network: netcap.NetworkRecorder | None = None
+    recorder: reads.ReadRecorder | None = None
     host_net = -1
     pid = 0
     try:
@@ -367,10 +368,16 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
             report = ready + os.read(status_r, 4096)
             raise OSError(f"sandbox init failed: {_status(report, None)[3]}")
         mount_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        # 8. A dry run's read recorder: its fanotify group, marked on every overlay. Nothing
+        #    runs in the sandbox until the request, which brings the globs (run).
+        if template.watch_reads:
+            recorder = reads.ReadRecorder(reads.overlay_mounts(template.host_setup))
     except BaseException:
         for sock in (connector, trace_sup, trace_cmd):
             if sock is not None:
                 sock.close()
+        if recorder is not None:
+            recorder.close()
         if network is not None:
             network.close()
         if host_net >= 0:
@@ -395,6 +402,7 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         setup_s=time.monotonic() - t0,
         connector=connector,
         trace_channel=trace_sup,
+        recorder=recorder,
         network=network,
         host_net=host_net,
     )
@@ -455,10 +463,14 @@ def run(
         prepared.connector = prepared.trace_channel = None  # the tracer owns them now
     recorder: reads.ReadRecorder | None = None
     if spec.sensitive_globs:
-        # Per request (the globs' "~" is the caller's home), before the spec releases the command.
-        recorder = reads.ReadRecorder(
-            reads.overlay_mounts(prepared.template.host_setup), spec.sensitive_globs, spec.home
-        )
+        # The globs are per request (their "~" is the caller's home): set before the spec
+        # releases the command. A template without ``watch_reads`` gets its recorder now.
+        if prepared.recorder is None:
+            prepared.recorder = reads.ReadRecorder(
+                reads.overlay_mounts(prepared.template.host_setup)
+            )
+        recorder = prepared.recorder
+        recorder.expect(spec.sensitive_globs, spec.home)
     network = prepared.network
     if network is not None:
         network.origin = started  # attempt times count from the command's start
@@ -585,7 +597,6 @@ def run(
     if recorder is not None:
         # Closing a fanotify group waits for an SRCU grace period (10-20 ms): it is closed by
         # Prepared.close(), after the result has been sent, not here.
-        prepared.recorder = recorder
         while recorder.handle():  # everything queued before the last process died
             pass
         sensitive = recorder.reads()

@@ -277,6 +277,9 @@ class SandboxTemplate:
     # A dry run with network capture: the host sockets (``HOST_SOCKETS``) whose connections
     # the recorder takes, each that is a socket when the sandbox is prepared.
     host_sockets: tuple[str, ...] = ()
+    # A dry run with read capture: the read recorder's fanotify group and marks are set up
+    # with the sandbox (sandbox/reads.py); the request brings the globs.
+    watch_reads: bool = False
 
     @property
     def key(self) -> bytes:
@@ -659,6 +662,7 @@ def build_template(
     writable: str = "",
     writable_identity: tuple[int, int] | None = None,
     extra_writable: tuple[tuple[str, tuple[int, int]], ...] = (),
+    watch_reads: bool = False,
 ) -> SandboxTemplate:
     """Decide every set-up step shared by this daemon's dry runs (or, with ``writable``, of
     an Execute in that directory). Pure.
@@ -750,6 +754,7 @@ def build_template(
         writable=writable,
         protected=settings.protected_paths,
         host_sockets=HOST_SOCKETS if capture_network and not writable else (),
+        watch_reads=watch_reads and not writable,
     )
 
 

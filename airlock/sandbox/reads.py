@@ -26,8 +26,9 @@ argv). When the kernel's queue (16384 events) overflows, events are lost and
 
 Wiring (see docs/decisions.md, "Sensitive-read capture")::
 
-    supervisor: after host_setup, before init forks:
-                rec = ReadRecorder(overlay_mounts(template.host_setup), globs, home)
+    supervisor: after host_setup (a warm sandbox: at the end of prepare):
+                rec = ReadRecorder(overlay_mounts(template.host_setup))
+                with the request, before the command runs: rec.expect(globs, home)
                 poll loop: rec.fileno() readable -> rec.handle()
                 after waitpid(init): while rec.handle(): pass
                                      rec.reads(); rec.overflowed; rec.dropped; rec.close()
@@ -217,12 +218,15 @@ class ReadRecorder:
     def __init__(
         self,
         mounts: Sequence[tuple[str, str]],
-        globs: tuple[str, ...],
-        home: str,
+        globs: tuple[str, ...] = (),
+        home: str = "",
         *,
         max_reads: int = MAX_READS,
     ) -> None:
-        self._match = GlobMatcher(globs, home)
+        # None: no globs yet (a warm sandbox's recorder, marked before the request: expect()).
+        self._match: GlobMatcher | None = None
+        if globs:
+            self.expect(globs, home)
         self._max = max_reads
         self._records: dict[tuple[bytes, int], SensitiveRead] = {}
         self.dropped = 0  # sensitive opens not recorded because the record was full
@@ -253,6 +257,11 @@ class ReadRecorder:
             os.close(self._fd)
             raise
 
+    def expect(self, globs: tuple[str, ...], home: str) -> None:
+        """What is sensitive for this request: ``globs``, "~" being ``home``. Set before the
+        command runs; until then (and without globs) no open is recorded."""
+        self._match = GlobMatcher(globs, home) if globs else None
+
     def fileno(self) -> int:
         return self._fd
 
@@ -279,7 +288,7 @@ class ReadRecorder:
             path = self._host_path(os.readlink(f"/proc/self/fd/{fd}".encode()), fd)
         except OSError:
             return
-        if not self._match.fullmatch(path):
+        if self._match is None or not self._match.fullmatch(path):
             return
         key = (path, pid)
         old = self._records.get(key)
