@@ -131,8 +131,10 @@ def _pids(text: bytes) -> Iterator[tuple[str, int]]:
         yield path, int(pid)
 
 
-def _harness(tmp: Path, pivot: bool, max_reads: int) -> Outcome:
-    """Runs in the forked child (root, own mount namespace)."""
+def _harness(tmp: Path, pivot: bool, max_reads: int, late: bool = False) -> Outcome:
+    """Runs in the forked child (root, own mount namespace). ``late``: the recorder is made
+    without globs (a warm sandbox's, before its request) and given them just before the
+    command starts."""
     sc.unshare(sc.CLONE_NEWNS)
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     scratch = tmp / "scratch"
@@ -147,9 +149,16 @@ def _harness(tmp: Path, pivot: bool, max_reads: int) -> Outcome:
     options = "redirect_dir=off,index=off,metacopy=off,xino=off"
     data = f"lowerdir={lower}:/,upperdir={scratch}/upper,workdir={scratch}/work,{options}"
     sc.mount("overlay", merged, "overlay", 0, data)
-    recorder = ReadRecorder(
-        [(merged, "/")], reads.DEFAULT_SENSITIVE_GLOBS, HOME, max_reads=max_reads
-    )
+    if late:
+        recorder = ReadRecorder([(merged, "/")], max_reads=max_reads)
+        with open(f"{merged}/etc/shadow", "rb"):  # before the globs: not recorded
+            pass
+        recorder.handle()
+        recorder.expect(reads.DEFAULT_SENSITIVE_GLOBS, HOME)
+    else:
+        recorder = ReadRecorder(
+            [(merged, "/")], reads.DEFAULT_SENSITIVE_GLOBS, HOME, max_reads=max_reads
+        )
     pids_r, pids_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -199,13 +208,13 @@ def _harness(tmp: Path, pivot: bool, max_reads: int) -> Outcome:
     return outcome
 
 
-def run(tmp: Path, *, pivot: bool, max_reads: int = reads.MAX_READS) -> Outcome:
+def run(tmp: Path, *, pivot: bool, max_reads: int = reads.MAX_READS, late: bool = False) -> Outcome:
     result_r, result_w = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(result_r)
         try:
-            sent = _harness(tmp, pivot, max_reads)
+            sent = _harness(tmp, pivot, max_reads, late)
         except BaseException as exc:
             sent = Outcome((), {}, 0, -1, False, 0, 0, error=f"{type(exc).__name__}: {exc}")
         with os.fdopen(result_w, "wb") as f:
@@ -227,9 +236,13 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
     assert set(os.listdir("/proc/self/fd")) == fds, "the test leaked descriptors"
 
 
-@pytest.mark.parametrize("pivot", [False, True], ids=["supervisor-view", "pivoted-copy"])
-def test_exactly_the_sensitive_opens_are_recorded(tmp: Path, pivot: bool) -> None:
-    out = run(tmp, pivot=pivot)
+@pytest.mark.parametrize(
+    ("pivot", "late"),
+    [(False, False), (True, False), (True, True)],
+    ids=["supervisor-view", "pivoted-copy", "globs-after-marks"],
+)
+def test_exactly_the_sensitive_opens_are_recorded(tmp: Path, pivot: bool, late: bool) -> None:
+    out = run(tmp, pivot=pivot, late=late)
     assert os.waitstatus_to_exitcode(out.status) == 0
     assert sorted(out.cat_pids) == sorted(SENSITIVE + HARMLESS)
     assert not out.overflowed
