@@ -27,7 +27,6 @@ import dataclasses
 import enum
 import math
 from collections.abc import Callable
-from fractions import Fraction
 from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -63,9 +62,19 @@ _E = TypeVar("_E", bound=enum.IntEnum)
 
 def _duration_to_proto(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
-    # Exact: the nearest whole nanosecond to the float's true value.
-    d.FromNanoseconds(round(Fraction(seconds) * _NANOS_PER_SECOND))
+    d.FromNanoseconds(_nearest_nanoseconds(seconds))
     return d
+
+
+def _nearest_nanoseconds(seconds: float) -> int:
+    """Exact: the nearest whole nanosecond to the float's true value, ties to even (what
+    ``round(Fraction(seconds) * 10**9)`` gives, in integers: 0.8 µs instead of 4.9; a
+    validation's answer holds nine durations)."""
+    num, den = seconds.as_integer_ratio()  # ValueError for NaN, OverflowError for infinities
+    q, r = divmod(num * _NANOS_PER_SECOND, den)  # floor: 0 <= r < den
+    if 2 * r > den or (2 * r == den and q % 2):
+        q += 1
+    return q
 
 
 def _duration_from_proto(d: duration_pb2.Duration) -> float:

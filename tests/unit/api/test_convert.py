@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -644,3 +645,23 @@ def test_events_convert_to_the_api_and_back_losslessly() -> None:
         VerifyResult(events=0, head=None, problem=VerifyProblem(ProblemKind.EDITED, 1, "edited")),
     ):
         assert conv.verify_result_from_proto(conv.verify_result_to_proto(result)) == result
+
+
+@given(
+    st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),
+        st.integers(-(10**9), 10**9).map(lambda n: n / 1024),  # 1/1024 s = 976,562.5 ns: ties
+        st.integers(-(10**15), 10**15).map(lambda n: n / 10**9),
+    )
+)
+def test_durations_are_the_nearest_nanosecond_ties_to_even(seconds: float) -> None:
+    want = round(Fraction(seconds) * 10**9)
+    assert conv._nearest_nanoseconds(seconds) == want
+    d = conv._duration_to_proto(seconds)
+    assert d.seconds * 10**9 + d.nanos == want
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_duration_that_is_no_number_is_refused(bad: float) -> None:
+    with pytest.raises((ValueError, OverflowError)):
+        conv._duration_to_proto(bad)
