@@ -1,7 +1,7 @@
 """A/B of two source trees through their own daemons, side by side: latency after idle, or
 throughput of concurrent clients.
 
-``.venv/bin/python bench/ab_daemon.py {latency|throughput} --before TREE --after TREE ...``
+``.venv/bin/python bench/ab_daemon.py {latency|b2b|throughput} --before TREE --after TREE ...``
 (as root). Each tree (a copy of this work tree with its built init program,
 ``airlock/sandbox/airlock-sandbox-init``, and generated ``airlock/v1``) gets its own
 ``airlockd`` (shipped policy, default settings), run from that tree (``PYTHONPATH`` and working
@@ -11,6 +11,10 @@ process's.
 - ``latency``: ``--runs`` calls per tree, alternating trees call by call (the order swapped
   every other pair), each after ``--idle`` seconds of quiet: a forced ``true`` (``Validate``),
   or with ``--execute`` an ``Execute`` of ``true``. Wall p50/p90 per tree.
+- ``b2b``: ``--rounds`` rounds per tree, alternating trees round by round (1 s of quiet
+  before each), each ``--runs`` forced ``true`` back to back from one client: the p50 of each
+  round and their median (``latency`` alternates call by call, so no daemon there sees calls
+  back to back).
 - ``throughput``: ``--rounds`` rounds per tree, alternating, each ``--clients`` threads (one
   client each) calling back to back for ``--seconds``: validations per second and the whole
   machine's CPU per validation (``/proc/stat``, everything running on the host), medians of
@@ -145,6 +149,32 @@ def latency(ds: list[Daemon], runs: int, idle: float, execute: bool) -> None:
         )
 
 
+def back_to_back(ds: list[Daemon], rounds: int, runs: int) -> None:
+    clients = [Client(d.socket, timeout=60) for d in ds]
+    p50s: list[list[float]] = [[] for _ in ds]
+    try:
+        for c, d in zip(clients, ds, strict=True):
+            for _ in range(30):  # the pools, the caches, the connections
+                _call(c, d, False)
+        for r in range(rounds):
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                time.sleep(1.0)
+                walls = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    _call(clients[i], ds[i], False)
+                    walls.append((time.perf_counter() - t0) * 1000)
+                p50s[i].append(statistics.median(walls))
+    finally:
+        for c in clients:
+            c.close()
+    for d, p in zip(ds, p50s, strict=True):
+        print(
+            f"{d.tree}: forced true back to back, p50 {statistics.median(p):.2f} ms "
+            f"(per round of {runs}: {[round(x, 2) for x in p]})"
+        )
+
+
 def _host_busy_s() -> float:
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
@@ -190,19 +220,21 @@ def throughput(ds: list[Daemon], rounds: int, clients: int, seconds: float) -> N
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("latency", "throughput"))
+    p.add_argument("mode", choices=("latency", "b2b", "throughput"))
     p.add_argument("--before", required=True)
     p.add_argument("--after", required=True)
-    p.add_argument("--runs", type=int, default=100, help="latency: calls per tree")
+    p.add_argument("--runs", type=int, default=100, help="latency: calls per tree; b2b: per round")
     p.add_argument("--idle", type=float, default=0.2, help="latency: quiet before each call")
     p.add_argument("--execute", action="store_true", help="latency: Execute true instead")
-    p.add_argument("--rounds", type=int, default=4, help="throughput: rounds per tree")
+    p.add_argument("--rounds", type=int, default=4, help="b2b, throughput: rounds per tree")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=6.0)
     a = p.parse_args()
     with daemons([a.before, a.after]) as ds:
         if a.mode == "latency":
             latency(ds, a.runs, a.idle, a.execute)
+        elif a.mode == "b2b":
+            back_to_back(ds, a.rounds, a.runs)
         else:
             throughput(ds, a.rounds, a.clients, a.seconds)
     return 0
