@@ -1,8 +1,8 @@
 """Where a dry run's CPU goes outside the sandbox: figures docs/performance.md quotes.
 
 Not a test; run as root: ``.venv/bin/python bench/costs.py
-[engine|daemon|supervisors|audit|wakeups|memory|exec]`` (all by default). Prints medians; nothing is
-asserted.
+[engine|daemon|supervisors|audit|wakeups|memory|exec|split|creates]`` (all by default).
+Prints medians; nothing is asserted.
 
 - ``engine``: ``Engine.validate`` of a forced ``true`` in this process (warm pool of 2, the
   neutral policy), 100 calls after 10: the engine's own CPU per validation (``process_time``:
@@ -22,19 +22,34 @@ asserted.
   and linked with glibc (``AIRLOCK_INIT_LIBC=glibc``), each started 400 times with
   ``posix_spawn`` (a missing argument: it stops at once), three rounds alternating: CPU per start
   and exit (``RUSAGE_CHILDREN``) and wall p50.
+- ``split``: the whole machine's CPU per run, split by process and by user space against
+  kernel, from ``perf record -a`` (skipped, said so, where ``perf`` is missing): a real
+  ``airlockd`` (the shipped policy) running forced ``true`` back to back from one client, then
+  ``bwrap`` (issue 16's arguments) running ``bash -c 'true; :'`` back to back, ``--seconds``
+  each (8 by default). Processes are told apart by pid (this client, the daemon, its spawner,
+  every other Python process: supervisors) and by name (the sandbox's init, ``bash``, bwrap,
+  kernel threads); the idle loop is left out. What Python costs against what the kernel does.
+- ``creates``: what overlayfs costs a command that creates files: ``bash`` creating 1,000
+  files (issue 16's loop) in a tmpfs directory (what bwrap's row writes to) and in an overlay
+  mount like a dry run's workspace (the upper layer on a tmpfs, the lower an empty directory on
+  the disk), in a mount namespace of their own (``unshare -m``); rounds alternate, bash's own
+  clock (``$EPOCHREALTIME``) around the loop, wall p50 per place.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -257,18 +272,196 @@ def exec_() -> None:
             os.close(null)
 
 
+_PERF_HZ = 1999
+_KTHREADS = ("kworker", "ksoftirqd", "rcu_", "migration", "kcompactd", "kdamond", "kswapd")
+_BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+
+
+def _perf_samples(run: Callable[[], object], seconds: float, data: str) -> tuple[int, list[str]]:
+    """Call ``run`` back to back for ``seconds`` under ``perf record -a``: (calls, samples as
+    ``comm pid ip (dso)`` lines)."""
+    rec = subprocess.Popen(
+        ["perf", "record", "-a", "-F", str(_PERF_HZ), "-o", data, "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # perf is recording
+    calls, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        run()
+        calls += 1
+    rec.send_signal(signal.SIGINT)
+    rec.wait()
+    out = subprocess.run(
+        ["perf", "script", "-i", data, "-F", "comm,pid,ip,dso"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return calls, out.splitlines()
+
+
+def _split_print(
+    title: str, calls: int, lines: list[str], classify: Callable[[str, int], str]
+) -> None:
+    per: collections.Counter[tuple[str, str]] = collections.Counter()
+    for line in lines:
+        head, sep, dso = line.rpartition(" (")
+        if not sep:
+            continue
+        comm, _, pid = head.strip().rsplit(" ", 1)[0].rstrip().rpartition(" ")
+        comm = comm.strip()
+        if comm == "swapper":
+            continue  # the idle loop
+        who = classify(comm, int(pid)) if pid.isdigit() else "other"
+        per[(who, "kernel" if "kernel" in dso else "user")] += 1
+    ms = 1e3 / _PERF_HZ / calls  # one sample is 1/_PERF_HZ s of one CPU
+    print(f"{title}: {calls} runs; CPU per run, ms (user + kernel)")
+    total = 0.0
+    for who in sorted({w for w, _ in per}, key=lambda w: -(per[(w, "user")] + per[(w, "kernel")])):
+        u, k = per[(who, "user")] * ms, per[(who, "kernel")] * ms
+        total += u + k
+        print(f"  {who:<22} {u:6.2f} + {k:6.2f} = {u + k:6.2f}")
+    print(f"  {'all':<22} {total:23.2f}")
+
+
+def split(seconds: float) -> None:
+    if shutil.which("perf") is None or shutil.which("bwrap") is None:
+        print("split: skipped (perf or bwrap is not installed)")
+        return
+    me = os.getpid()
+
+    def kernel_thread(comm: str) -> bool:
+        return comm.startswith(_KTHREADS)
+
+    with tempfile.TemporaryDirectory(prefix="airlock-split-") as tmp, _daemon() as (proc, c, ws):
+        for _ in range(30):
+            c.validate(_FORCED_TRUE, cwd=ws, env=_ENV, force_dry_run=True)
+        time.sleep(1)
+        spawner = spawner_pid(proc.pid)
+
+        def airlock_of(comm: str, pid: int) -> str:
+            if kernel_thread(comm):
+                return "kernel threads"
+            if pid == me:
+                return "client (Python)"
+            if pid == proc.pid:
+                return "daemon (Python)"
+            if pid == spawner:
+                return "spawner (Python)"
+            if comm.startswith("python"):
+                return "supervisors (Python)"
+            if comm.startswith("airlock-sandbox"):
+                return "sandbox init (C)"
+            if comm == "bash":
+                return "command (bash)"
+            return "other"
+
+        calls, lines = _perf_samples(
+            lambda: c.validate(_FORCED_TRUE, cwd=ws, env=_ENV, force_dry_run=True),
+            seconds,
+            os.path.join(tmp, "airlock.data"),
+        )
+        _split_print("airlock, forced `true`", calls, lines, airlock_of)
+
+    def bwrap_of(comm: str, pid: int) -> str:
+        if kernel_thread(comm):
+            return "kernel threads"
+        if pid == me:
+            return "launcher (Python)"
+        if comm == "bwrap":
+            return "bwrap (C)"
+        if comm == "bash":
+            return "command (bash)"
+        return "other"
+
+    argv = [*_BWRAP, "bash", "-c", _FORCED_TRUE]
+    with tempfile.TemporaryDirectory(prefix="airlock-split-") as tmp:
+        for _ in range(30):
+            subprocess.run(argv, check=True)
+        calls, lines = _perf_samples(
+            lambda: subprocess.run(argv, check=True), seconds, os.path.join(tmp, "bwrap.data")
+        )
+        _split_print("bwrap, `true`", calls, lines, bwrap_of)
+
+
+_CREATES = """set -e
+base=$1
+mount -t tmpfs tmpfs "$base/t"
+mkdir "$base/t/upper" "$base/t/work" "$base/t/plain"
+mount -t overlay overlay -o "lowerdir=$base/lower,upperdir=$base/t/upper,workdir=$base/t/work" \
+  "$base/merged"
+for dir in "$base/$2" "$base/$3"; do
+  cd "$dir"
+  s=$EPOCHREALTIME
+  for i in $(seq 1000); do echo $i > f$i; done
+  e=$EPOCHREALTIME
+  echo "${dir##*/} $s $e"
+done
+"""
+
+
+def creates(rounds: int = 15) -> None:
+    if shutil.which("unshare") is None:
+        print("creates: skipped (unshare is not installed)")
+        return
+    walls: dict[str, list[float]] = {"tmpfs": [], "overlay": []}
+    with tempfile.TemporaryDirectory(prefix="airlock-creates-", dir="/var/tmp") as base:
+        for d in ("t", "lower", "merged"):
+            os.mkdir(os.path.join(base, d))
+        for r in range(rounds):
+            order = ("t/plain", "merged") if r % 2 else ("merged", "t/plain")
+            out = subprocess.run(
+                [
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
+                    "bash",
+                    "-c",
+                    _CREATES,
+                    "-",
+                    base,
+                    *order,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            for line in out.splitlines():
+                name, start, end = line.split()
+                key = "tmpfs" if name == "plain" else "overlay"
+                walls[key].append((float(end) - float(start)) * 1e3)
+    for key, ms in walls.items():
+        print(f"1,000 files created by bash in {key}: {_p50_p90(ms)}")
+    t, o = statistics.median(walls["tmpfs"]), statistics.median(walls["overlay"])
+    print(f"overlay / tmpfs: {o / t:.2f}x")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "what",
         nargs="*",
-        choices=["engine", "daemon", "supervisors", "audit", "wakeups", "memory", "exec", []],
+        choices=[
+            "engine",
+            "daemon",
+            "supervisors",
+            "audit",
+            "wakeups",
+            "memory",
+            "exec",
+            "split",
+            "creates",
+            [],
+        ],
     )
+    p.add_argument("--seconds", type=float, default=8.0, help="split: seconds of calls per side")
     a = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: namespaces, overlayfs and cgroups need it")
     os.chdir(_HERE.parent)  # _direct.Worker finds the neutral policy from here
-    steps = {
+    steps: dict[str, Callable[[], None]] = {
         "engine": engine,
         "daemon": daemon,
         "supervisors": supervisors,
@@ -276,6 +469,8 @@ def main() -> int:
         "wakeups": wakeups,
         "memory": memory,
         "exec": exec_,
+        "split": lambda: split(a.seconds),
+        "creates": creates,
     }
     for name in a.what or list(steps):
         steps[name]()

@@ -99,6 +99,10 @@ def test_a_slow_save_is_waited_out(policy_daemon: tuple[Daemon, Path]) -> None:
     would be rejected or refused), the finished file is."""
     d, policy = policy_daemon
     first = policy_info(d.socket)
+    with d.client() as c:
+        # Judged (and remembered, core.engine.StaticMemo) under the old bundle: not denied.
+        for _ in range(2):
+            assert c.validate("cowsay hi", cwd="/tmp").verdict is not Verdict.DENY
     extra = (
         "  - id: test.no-cowsay\n    title: No cowsay\n    description: A test rule.\n"
         "    decision: deny\n    severity: low\n    match:\n      argv0: [cowsay]\n"
