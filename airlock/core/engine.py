@@ -78,6 +78,8 @@ from airlock.types import (
 __all__ = ["Engine", "StaticDecision"]
 
 _PATH_MAX = 4096
+# Execute templates remembered (one per recent workspace, mounts and grants).
+_EXECUTE_TEMPLATES = 8
 # The largest template the spawner's control socket takes (spawner._MAX_CONTROL, less room).
 _WARM_TEMPLATE_BYTES = 192 * 1024
 
@@ -118,6 +120,12 @@ class Engine:
         self._lock = threading.Lock()
         self._template: tuple[tuple[HostMount, ...], SandboxTemplate, bytes] | None = None
         self._static_memo = StaticMemo(policy.bundle)
+        self._execute_templates: OrderedDict[
+            tuple[
+                tuple[HostMount, ...], str, tuple[int, int], tuple[tuple[str, tuple[int, int]], ...]
+            ],
+            tuple[SandboxTemplate, bytes],
+        ] = OrderedDict()
 
     @property
     def protected_paths(self) -> tuple[str, ...]:
@@ -426,12 +434,8 @@ class Engine:
         is what the policy's execute grants allow, every attempt recorded."""
         limits = self.config.limits
         # The workspace is bound only if it is still the directory the request check found.
-        template = self._build_template(
-            mnt.host_mounts(),
-            name="ex",
-            writable=req.cwd,
-            writable_identity=req.cwd_identity,
-            extra_writable=self.granted_directories(req),
+        template, key = self._execute_template(
+            mnt.host_mounts(), req.cwd, req.cwd_identity, self.granted_directories(req)
         )
         run = self._run(
             req,
@@ -442,7 +446,34 @@ class Engine:
         egress = self._policy.bundle.egress_execute
         if egress.enabled and self.config.capture_network:
             run = dataclasses.replace(run, egress=egress, test_resolve=self.config.test_resolve)
-        return SandboxPlan(template=template, run=run, template_key=template.key)
+        return SandboxPlan(template=template, run=run, template_key=key)
+
+    def _execute_template(
+        self,
+        mounts: tuple[HostMount, ...],
+        cwd: str,
+        identity: tuple[int, int],
+        granted: tuple[tuple[str, tuple[int, int]], ...],
+    ) -> tuple[SandboxTemplate, bytes]:
+        """Execute's template and its key for these mounts, workspace and grants: the only
+        inputs that vary (the rest is this daemon's settings). Remembered for the last few
+        workspaces, as the dry run's template is for the mounts: building one and its key (a
+        pickle and a hash) was ~10 % of the daemon's CPU per Execute."""
+        wanted = (mounts, cwd, identity, granted)
+        with self._lock:
+            found = self._execute_templates.get(wanted)
+            if found is not None:
+                self._execute_templates.move_to_end(wanted)
+                return found
+        template = self._build_template(
+            mounts, name="ex", writable=cwd, writable_identity=identity, extra_writable=granted
+        )
+        built = (template, template.key)
+        with self._lock:
+            self._execute_templates[wanted] = built
+            while len(self._execute_templates) > _EXECUTE_TEMPLATES:
+                self._execute_templates.popitem(last=False)
+        return built
 
     def granted_directories(self, req: CheckedRequest) -> tuple[tuple[str, tuple[int, int]], ...]:
         """The policy's filesystem grants Execute binds read-write for ``req``: each resolved

@@ -308,3 +308,20 @@ def test_a_workspace_in_use_gets_warm_sandboxes(client: Client, workspace: Path)
     events = run(client, "echo x > made.txt; touch /etc/nope 2>&1 || true", workspace)
     assert (workspace / "made.txt").read_text() == "x\n"
     assert b"Read-only file system" in output(events, 1)
+
+
+def test_a_workspace_replaced_between_executes_is_the_new_directory(
+    client: Client, workspace: Path, tmp_path: Path
+) -> None:
+    """The same path, another directory (the engine remembers Execute's template per
+    workspace path *and* identity): the second run writes into the new one, and the old one,
+    moved aside, is left as it was."""
+    assert finished(run(client, "echo 1 > a.txt", workspace)).exit_code == 0
+    assert finished(run(client, "echo 2 > b.txt", workspace)).exit_code == 0  # same template
+    old = tmp_path / "old-ws"
+    workspace.rename(old)
+    workspace.mkdir()
+    end = finished(run(client, "echo 3 > c.txt; ls", workspace))
+    assert end.exit_code == 0
+    assert sorted(p.name for p in workspace.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in old.iterdir()) == ["a.txt", "b.txt"]
