@@ -54,6 +54,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+from _bwrap import BWRAP
 from _daemon import spawner_pid, stop, wait_serving
 
 from airlock.client import Client
@@ -274,7 +275,6 @@ def exec_() -> None:
 
 _PERF_HZ = 1999
 _KTHREADS = ("kworker", "ksoftirqd", "rcu_", "migration", "kcompactd", "kdamond", "kswapd")
-_BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
 
 
 def _perf_samples(run: Callable[[], object], seconds: float, data: str) -> tuple[int, list[str]]:
@@ -375,7 +375,7 @@ def split(seconds: float) -> None:
             return "command (bash)"
         return "other"
 
-    argv = [*_BWRAP, "bash", "-c", _FORCED_TRUE]
+    argv = [*BWRAP, "bash", "-c", _FORCED_TRUE]
     with tempfile.TemporaryDirectory(prefix="airlock-split-") as tmp:
         for _ in range(30):
             subprocess.run(argv, check=True)

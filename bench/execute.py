@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bwrap import BWRAP
 from _stats import format_table, ms, summarize
 
 from airlock.client import Client
@@ -33,7 +34,6 @@ AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
 NEUTRAL_POLICY = str(HERE.parent / "tests" / "data" / "neutral-policy")
 STREAM_BYTES = 512 * 1024**2
 TARGETS = {"execute_overhead_ms": 10.0, "stream_mb_s": 100.0, "apply_1k_ms": 200.0}
-BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
 
 
 def _time(fn: Any, runs: int) -> list[float]:

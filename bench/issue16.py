@@ -68,6 +68,7 @@ from typing import Any
 
 import _daemon
 import psutil
+from _bwrap import BWRAP
 from _stats import Summary, format_table, ms, summarize
 
 from airlock.client import Client
@@ -75,7 +76,6 @@ from airlock.types import DryRunSkip, ExecFinished, Validation
 
 HERE = Path(__file__).resolve().parent
 AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
-BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root"}
 FORCE = "; :"  # makes a read-only line not read-only under the default policy
 CLIENTS = 8

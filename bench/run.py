@@ -61,6 +61,7 @@ from typing import Any
 import _daemon
 import psutil
 from _as_user import validate_series
+from _bwrap import BWRAP
 from _stats import format_table, ms, summarize
 from execute import execute_series
 
@@ -88,18 +89,7 @@ FORK_HEAVY = "for i in $(seq 1000); do /bin/true; done"
 REFERENCES = {
     "bash": ["bash", "-c", "true"],
     "unshare": ["unshare", "-mpinu", "--fork", "true"],
-    "bwrap": [
-        "bwrap",
-        "--unshare-all",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "true",
-    ],
+    "bwrap": [*BWRAP, "true"],
 }
 # Section 10: the same dry runs as root and as a real non-root caller, in a workspace it owns;
 # each series runs in its own directory (rewrite_100 holds f1..f100 before the dry run).

@@ -8,6 +8,7 @@ log: :mod:`airlock.core.service` calls it, once per RPC, between the two.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import posixpath
 import pwd
@@ -120,12 +121,10 @@ class Engine:
         self._lock = threading.Lock()
         self._template: tuple[tuple[HostMount, ...], SandboxTemplate, bytes] | None = None
         self._static_memo = StaticMemo(policy.bundle)
-        self._execute_templates: OrderedDict[
-            tuple[
-                tuple[HostMount, ...], str, tuple[int, int], tuple[tuple[str, tuple[int, int]], ...]
-            ],
-            tuple[SandboxTemplate, bytes],
-        ] = OrderedDict()
+        # Execute's template per host mounts, workspace (path and identity) and grants.
+        self._execute_template = functools.lru_cache(maxsize=_EXECUTE_TEMPLATES)(
+            self._build_execute_template
+        )
 
     @property
     def protected_paths(self) -> tuple[str, ...]:
@@ -448,7 +447,7 @@ class Engine:
             run = dataclasses.replace(run, egress=egress, test_resolve=self.config.test_resolve)
         return SandboxPlan(template=template, run=run, template_key=key)
 
-    def _execute_template(
+    def _build_execute_template(
         self,
         mounts: tuple[HostMount, ...],
         cwd: str,
@@ -456,24 +455,13 @@ class Engine:
         granted: tuple[tuple[str, tuple[int, int]], ...],
     ) -> tuple[SandboxTemplate, bytes]:
         """Execute's template and its key for these mounts, workspace and grants: the only
-        inputs that vary (the rest is this daemon's settings). Remembered for the last few
-        workspaces, as the dry run's template is for the mounts: building one and its key (a
-        pickle and a hash) was ~10 % of the daemon's CPU per Execute."""
-        wanted = (mounts, cwd, identity, granted)
-        with self._lock:
-            found = self._execute_templates.get(wanted)
-            if found is not None:
-                self._execute_templates.move_to_end(wanted)
-                return found
+        inputs that vary (the rest is this daemon's settings). ``_execute_template`` remembers
+        the last few, as the dry run's template is remembered for the mounts: building one and
+        its key (a pickle and a hash) per request was measurable (docs/decisions.md §43)."""
         template = self._build_template(
             mounts, name="ex", writable=cwd, writable_identity=identity, extra_writable=granted
         )
-        built = (template, template.key)
-        with self._lock:
-            self._execute_templates[wanted] = built
-            while len(self._execute_templates) > _EXECUTE_TEMPLATES:
-                self._execute_templates.popitem(last=False)
-        return built
+        return template, template.key
 
     def granted_directories(self, req: CheckedRequest) -> tuple[tuple[str, tuple[int, int]], ...]:
         """The policy's filesystem grants Execute binds read-write for ``req``: each resolved
