@@ -237,6 +237,13 @@ class _Pool:
         """A supervisor that builds a sandbox for this request, then joins the pool."""
         self.go_busy(self._fork(control, key, _serve_cold, request_fd))
 
+    def close(self) -> None:
+        """Shut down: every supervisor's socket closed, the busy ones' too. Each then tears
+        down what it holds (a busy one, once its run is over, what it was building) and exits."""
+        for warm in self.all_warm():
+            self.retire(warm)
+        self.ready, self.busy, self.extras = [], [], {}
+
     def retire_all(self) -> int:
         """Retire every warm sandbox (main and extras); the templates stay. How many went."""
         warm = self.ready + [w for e in self.extras.values() for w in e.ready]
@@ -330,6 +337,17 @@ def _serve_warm(template: Any, key: bytes, pool_sock: socket.socket) -> None:
     serve_warm(template, key, pool_sock)
 
 
+def _wait_for_supervisors() -> None:
+    """Return once every supervisor has exited. Each tears its sandbox down itself, and one
+    that was busy may be building its next sandbox, which makes the daemon's cgroup parent if
+    it is missing: the daemon removes its cgroups only after this process has exited (it kills
+    it after 5 s). Supervisors are this process's only children and the kernel reaps them
+    (SIGCHLD ignored): wait() blocks until the last one has exited, then fails with ECHILD."""
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the helper: ``python -m airlock.sandbox.spawner FD [--pool N]``."""
     parser = argparse.ArgumentParser(prog="airlock-spawner")
@@ -379,9 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             msg, fds, _flags, _addr = socket.recv_fds(control, _MAX_CONTROL, 1)
         except (TimeoutError, InterruptedError):
             continue
-        if not msg:
-            pool.set_template(None, b"")
-            return 0  # the daemon closed the control socket: shut down
+        if not msg:  # the daemon closed the control socket: shut down
+            pool.close()
+            _wait_for_supervisors()
+            return 0
         kind, body = msg[:1], msg[1:]
         if kind == b"T":
             template = _wire.loads(body[_KEY_BYTES + 8 :])

@@ -127,3 +127,20 @@ def test_back_to_back_requests_fork_nothing_once_warm(
         pool.refill(control)
         back_at.setdefault(i + jitter.choice((2, 3, 3, 4, 4, 4, 5, 6)), []).append(warm)
     assert forks == []
+
+
+def test_close_hangs_up_on_every_supervisor_busy_ones_too(socks: list[socket.socket]) -> None:
+    """At shutdown each supervisor must see EOF (ready, of an extra template, or busy: one
+    that is busy tears down when its send of "W" fails), and the spawner then waits for them."""
+    pool = _Pool(2, idle_s=30)
+    pool.key = b"k"
+    ready, busy, extra = _warm(socks, b"k"), _warm(socks, b"k"), _warm(socks, b"x")
+    pool.ready.append(ready)
+    pool.go_busy(busy)
+    pool.extras[b"x"] = spawner._Extra(None, 0.0, [extra])
+    theirs = [socks[socks.index(w.sock) + 1] for w in (ready, busy, extra)]
+    pool.close()
+    assert not pool.ready and not pool.busy and not pool.extras
+    for s in theirs:
+        s.settimeout(2)  # an end left open would block: a TimeoutError fails the test
+        assert s.recv(1) == b""  # EOF: the spawner's end is closed
