@@ -164,6 +164,8 @@ class PeerProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
+        # Set once all of a relay's answers have reached its caller (the server hung up).
+        self._answered: set[threading.Event] = set()
         self._prefix = f"airlock-peer-{os.getpid()}-"
 
     def bind(self) -> None:
@@ -264,11 +266,13 @@ class PeerProxy:
                 if refused is None:
                     self._open_by_uid[cred.uid] -= 1
             raise
+        answered = threading.Event()
         with self._lock:
             self._peers[name] = cred
             if refused is not None:
                 self._refused[name] = refused
             self._conns.update((conn, upstream))
+            self._answered.add(answered)
         if refused is not None:
             _log.warning("connection refused", extra={"uid": cred.uid, "why": refused})
             threading.Timer(self._limits.refused_linger_s, _hang_up, (conn,)).start()
@@ -279,8 +283,10 @@ class PeerProxy:
 
         def back() -> None:
             _pump(upstream, conn)
+            answered.set()
             to_server.join()
             with self._lock:
+                self._answered.discard(answered)
                 self._peers.pop(name, None)
                 if self._refused.pop(name, None) is None:
                     self._open_by_uid[cred.uid] -= 1
@@ -302,8 +308,21 @@ class PeerProxy:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._public_path)
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 5.0) -> None:
+        """Stop accepting, let every relay pass on what the server has already sent, then
+        hang up on the callers still connected.
+
+        Call it after the gRPC server has stopped: a call that server finished may still be
+        on its way to the caller through a relay (a large answer is many socket buffers),
+        and the server's hang-up, which ends each relay's copy back, comes after its answer.
+        Hanging up at once cut such answers off (the caller saw UNAVAILABLE, "GOAWAY
+        received"). ``drain_s`` bounds the wait for a caller that does not read."""
         self.stop_accepting()
+        deadline = time.monotonic() + drain_s
+        with self._lock:
+            answering = list(self._answered)
+        for answered in answering:
+            answered.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             conns = list(self._conns)
         for c in conns:

@@ -123,6 +123,45 @@ def test_sigterm_drains_requests_in_flight(public_tmp: Path) -> None:
     assert "draining" in daemon.log() and "stopped" in daemon.log()
 
 
+def test_sigterm_delivers_a_large_answer_in_flight(public_tmp: Path) -> None:
+    """The answer of a call in flight at SIGTERM reaches its caller whole, however large.
+
+    30,000 created files make an answer of several megabytes, more than the socket buffers of
+    the identity relay between the caller and the gRPC server: when the server has finished
+    the call, most of it is still in the relay. The relay used to hang up on its callers as
+    soon as the server had stopped, cutting such answers (UNAVAILABLE, "GOAWAY received"; about
+    one stop in two here). Three rounds."""
+    for round_ in range(3):
+        marker = f"0.4{time.time_ns() % 10**6:06d}"
+        with running_daemon(public_tmp / f"r{round_}", *SANDBOX_ARGS) as daemon:
+            results: list[object] = []
+            errors: list[BaseException] = []
+
+            def run(
+                d: Daemon = daemon,
+                line: str = f"sleep {marker}; mkdir many && cd many && seq 30000 | xargs touch; "
+                "echo finished",
+                out: list[object] = results,
+                failed: list[BaseException] = errors,
+            ) -> None:
+                try:
+                    with d.client() as c:
+                        out.append(c.validate(line, cwd="/tmp"))
+                except BaseException as exc:  # reported below
+                    failed.append(exc)
+
+            t = threading.Thread(target=run)
+            t.start()
+            wait_for_process(f"^sleep {marker}")
+            daemon.proc.send_signal(signal.SIGTERM)
+            t.join(timeout=60)
+            assert daemon.proc.wait(timeout=60) == 0, daemon.log()
+            assert not errors, errors
+            validation = results[0]
+            assert validation.stdout == b"finished\n"  # type: ignore[attr-defined]
+            assert len(validation.changes) > 1000  # type: ignore[attr-defined]
+
+
 def test_sigkill_leaves_nothing_after_restart(public_tmp: Path) -> None:
     """A crashed daemon's sandboxes die with it; the next start sweeps what is left."""
     marker = f"7{time.time_ns() % 1000}.{os.getpid()}"
