@@ -14,10 +14,11 @@ install: deps venv native node proto
 
 # Debian packages the tests and benchmarks need (bubblewrap is the benchmark's reference; gcc,
 # musl-tools and linux-libc-dev build the sandbox's init program, against musl: native/build.py;
-# node and npm run buf and the tests' npm registry, unless a node is installed some other way).
+# node and npm run buf and the tests' npm registry, unless a node is installed some other way;
+# strace counts a test's fsync calls: tests/unit/core/test_state.py).
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in bubblewrap iproute2 util-linux nftables libseccomp2 curl gcc libc6-dev musl-tools linux-libc-dev; do \
+	  missing=""; for p in bubblewrap iproute2 util-linux nftables libseccomp2 curl gcc libc6-dev musl-tools linux-libc-dev strace; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \

@@ -9,12 +9,13 @@ directory: the daemon and its spawner import that tree's ``airlock``); the clien
 process's.
 
 - ``latency``: ``--runs`` calls per tree, alternating trees call by call (the order swapped
-  every other pair), each after ``--idle`` seconds of quiet: a forced ``true`` (``Validate``),
-  or with ``--execute`` an ``Execute`` of ``true``. Wall p50/p90 per tree.
+  every other pair), each after ``--idle`` seconds of quiet: a forced ``true`` (``Validate``;
+  ``--line`` another line), or with ``--execute`` an ``Execute`` of ``true``. Wall p50/p90
+  per tree.
 - ``b2b``: ``--rounds`` rounds per tree, alternating trees round by round (1 s of quiet
-  before each), each ``--runs`` forced ``true`` back to back from one client: the p50 of each
-  round and their median (``latency`` alternates call by call, so no daemon there sees calls
-  back to back).
+  before each), each ``--runs`` forced ``true`` (or ``--line``) back to back from one client:
+  the p50 of each round and their median (``latency`` alternates call by call, so no daemon
+  there sees calls back to back).
 - ``throughput``: ``--rounds`` rounds per tree, alternating, each ``--clients`` threads (one
   client each) calling back to back for ``--seconds``: validations per second and the whole
   machine's CPU per validation (``/proc/stat``, everything running on the host), medians of
@@ -42,6 +43,7 @@ from airlock.client import Client
 
 _ENV = {"PATH": "/usr/bin:/bin"}
 _FORCED_TRUE = "true; :"  # not read-only under the shipped policy: the dry run decides
+_line = _FORCED_TRUE  # what Validate is asked (--line)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _call(c: Client, d: Daemon, execute: bool) -> None:
         for _ in c.execute("true", cwd=d.workspace, env=_ENV):
             pass
     else:
-        c.validate(_FORCED_TRUE, cwd=d.workspace, env=_ENV)
+        c.validate(_line, cwd=d.workspace, env=_ENV)
 
 
 def latency(ds: list[Daemon], runs: int, idle: float, execute: bool) -> None:
@@ -140,7 +142,7 @@ def latency(ds: list[Daemon], runs: int, idle: float, execute: bool) -> None:
     finally:
         for c in clients:
             c.close()
-    what = "Execute true" if execute else "forced true"
+    what = "Execute true" if execute else repr(_line)
     for d, w in zip(ds, walls, strict=True):
         w.sort()
         print(
@@ -170,7 +172,7 @@ def back_to_back(ds: list[Daemon], rounds: int, runs: int) -> None:
             c.close()
     for d, p in zip(ds, p50s, strict=True):
         print(
-            f"{d.tree}: forced true back to back, p50 {statistics.median(p):.2f} ms "
+            f"{d.tree}: {_line!r} back to back, p50 {statistics.median(p):.2f} ms "
             f"(per round of {runs}: {[round(x, 2) for x in p]})"
         )
 
@@ -189,7 +191,7 @@ def _round(d: Daemon, clients: int, seconds: float) -> tuple[float, float]:
     def worker(k: int) -> None:
         with Client(d.socket, timeout=60) as c:
             while time.monotonic() < stop_at:
-                c.validate(_FORCED_TRUE, cwd=d.workspace, env=_ENV)
+                c.validate(_line, cwd=d.workspace, env=_ENV)
                 done[k] += 1
 
     h0, t0 = _host_busy_s(), time.monotonic()
@@ -226,10 +228,15 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=100, help="latency: calls per tree; b2b: per round")
     p.add_argument("--idle", type=float, default=0.2, help="latency: quiet before each call")
     p.add_argument("--execute", action="store_true", help="latency: Execute true instead")
+    p.add_argument(
+        "--line", default=_FORCED_TRUE, help="the line Validate judges (a dry run unless read-only)"
+    )
     p.add_argument("--rounds", type=int, default=4, help="b2b, throughput: rounds per tree")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=6.0)
     a = p.parse_args()
+    global _line
+    _line = a.line
     with daemons([a.before, a.after]) as ds:
         if a.mode == "latency":
             latency(ds, a.runs, a.idle, a.execute)

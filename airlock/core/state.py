@@ -3,9 +3,11 @@
 A daemon restart loses nothing and a retried Apply never applies twice: every state
 change is one ``BEGIN IMMEDIATE`` transaction, committed (WAL, ``synchronous=FULL``:
 fsynced) before the call returns, and every check that guards a change (state, owner,
-expiry, token) runs inside that same transaction. The store is thread-safe (one
-connection behind a lock) and several stores may share a file (SQLite's own locking
-serializes their transactions).
+expiry, token) runs inside that same transaction. The one exception is a new validation,
+committed without the fsync: a crash of the machine (not of the daemon) right after may lose
+it, and it is then unknown (NOT_FOUND), never in another state (docs/decisions.md section 15).
+The store is thread-safe (one connection behind a lock) and several stores may share a file
+(SQLite's own locking serializes their transactions).
 
 The life of a validation::
 
@@ -625,7 +627,9 @@ class StateStore:
     # --- Validations --------------------------------------------------------------------------
 
     def record_validation(self, new: NewValidation) -> ValidationRecord:
-        """Store a new validation; durable when this returns.
+        """Store a new validation; it survives the daemon when this returns, and the machine
+        once a later commit is fsynced (this one is not: the audit log already holds the
+        decision, and its changeset is not fsynced either; decisions section 15).
 
         Its state follows the verdict: ALLOW -> ALLOWED, DENY -> DENIED, ASK ->
         PENDING_APPROVAL, or APPROVED (SESSION_GRANTED) if a live SESSION approval of
@@ -636,7 +640,7 @@ class StateStore:
         why, in ``changes_not_kept``).
         """
         ctx = _check_new(new)
-        with self._write("record a validation") as conn:
+        with self._write("record a validation", fsync=False) as conn:
             now = self._clock()
             exists = conn.execute(
                 "SELECT 1 FROM validations WHERE validation_id = ?", (new.validation_id,)
@@ -1414,10 +1418,21 @@ class StateStore:
             yield self._open_conn()
 
     @contextlib.contextmanager
-    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+    def _write(self, action: str, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: committed (fsynced) or rolled back whole.
 
         An error raised inside (a refusal) rolls back, so a refused call changes nothing.
+        ``fsync=False`` commits without the fsync (``synchronous=NORMAL`` for this one
+        transaction): it survives a crash of the daemon, and a crash of the machine only once
+        a later commit or checkpoint syncs the log; a torn commit is rolled back whole.
         """
-        with self._lock, self._db.guard(action), _sqlite.immediate(self._open_conn()) as conn:
-            yield conn
+        with self._lock, self._db.guard(action):
+            conn = self._open_conn()
+            if not fsync:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with _sqlite.immediate(conn):
+                    yield conn
+            finally:
+                if not fsync:
+                    conn.execute(f"PRAGMA synchronous = {self._db.synchronous}")

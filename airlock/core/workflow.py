@@ -78,7 +78,7 @@ class Workflow:
         return os.path.join(self.changesets_dir, validation_id)
 
     def record(self, v: Validation, req: CheckedRequest) -> Validation:
-        """Remember validation ``v`` of ``req`` (durable on return), to approve and apply it.
+        """Remember validation ``v`` of ``req`` (kept on return), to approve and apply it.
 
         Returns ``v`` as recorded: when keeping its changes would take its uid's changesets
         over their share of the quota (or all of them over the quota), it is recorded

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
 import signal
 import sqlite3
 import stat
@@ -812,6 +813,55 @@ def test_a_crash_mid_apply_never_allows_a_second_apply(
     refused(lambda: store.abort_apply("v1", "x"), "NOT_APPLYING")
     assert store.discard("v1", uid=OWNER).state is S.DISCARDED
     refused(lambda: store.begin_apply("v1", uid=OWNER), "VALIDATION_DISCARDED")
+
+
+_FSYNC_PHASES = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from tests.unit.core.test_state import new
+from airlock._errors import AirlockError
+from airlock.core.state import ApprovalScope, StateStore
+store = StateStore(sys.argv[1])
+store.record_audit_head(None)  # the WAL exists, its first sync done
+os.getppid()  # phase 1: a validation recorded
+store.record_validation(new("v1"))
+os.getppid()  # phase 2: a refused one (a duplicate id)
+try:
+    store.record_validation(new("v1"))
+except AirlockError:
+    pass
+os.getppid()  # phase 3: an approval
+store.approve("v1", ApprovalScope.ONCE, approver_uid=1000)
+os.getppid()  # phase 4: the apply's first step
+store.begin_apply("v1", uid=1000)
+os.getppid()
+"""
+
+
+def test_only_a_new_validation_is_committed_without_an_fsync(tmp_path: Path) -> None:
+    """A new validation costs no fsync (decisions section 15: the audit log holds the decision;
+    a machine crash may lose the row, never a later one); approvals and applies still fsync,
+    also right after a validation was refused inside its transaction. The real system calls,
+    counted by strace between markers."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "trace"
+    root = str(Path(__file__).resolve().parents[3])
+    tracer = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync,getppid"]
+    subprocess.run(
+        [*tracer, sys.executable, "-c", _FSYNC_PHASES, str(tmp_path / "state.db"), root],
+        check=True,
+        timeout=60,
+    )
+    phases: list[int] = []
+    for line in trace.read_text().splitlines():
+        if "getppid(" in line:
+            phases.append(0)
+        elif phases and ("fsync(" in line or "fdatasync(" in line):
+            phases[-1] += 1
+    assert phases[:4] == [0, 0, phases[2], phases[3]] and len(phases) == 5, phases
+    assert phases[2] >= 1 and phases[3] >= 1, phases
 
 
 def test_tokens_are_not_stored_in_clear(store: StateStore, db: Path) -> None:
