@@ -1,7 +1,8 @@
 """Where a dry run's CPU goes outside the sandbox: figures docs/performance.md quotes.
 
 Not a test; run as root: ``.venv/bin/python bench/costs.py
-[engine|daemon|supervisors|audit|wakeups|memory|exec|split|creates]`` (all by default).
+[engine|daemon|supervisors|audit|state|wakeups|memory|allocator|exec|split|creates]`` (all by
+default).
 Prints medians; nothing is asserted.
 
 - ``engine``: ``Engine.validate`` of a forced ``true`` in this process (warm pool of 2, the
@@ -14,10 +15,18 @@ Prints medians; nothing is asserted.
   run of 10,000 created files: each supervisor's RSS and private memory (USS), MiB.
 - ``audit``: 200 appends to a new audit log in ``/var/tmp`` (the disk), fsynced and not:
   wall p50/p90 and CPU p50 per append.
+- ``state``: 300 new validations (each with a changeset, as ``echo hi > f`` leaves) recorded in
+  a state store in ``/var/tmp`` as the daemon records them (no fsync), then 300 committed with
+  the fsync (``synchronous=FULL``, as every other transition): wall p50/p90 per record.
 - ``wakeups``: a real ``airlockd``, 60 Health calls after each of 0, 10 ms, 100 ms and 300 ms
   of quiet: wall p50/p90 (what waking the daemon's and the client's threads costs here).
 - ``memory``: a real ``airlockd`` after 50 forced ``true``: RSS, PSS and USS of the daemon and
   its spawner, and RSS of both in MB (issue 16's row).
+- ``allocator``: two real ``airlockd`` side by side, one with CPython's own small-object
+  allocator (the default) and one with ``PYTHONMALLOC=malloc`` (glibc's, which the daemon's
+  ``malloc_trim`` can give back): the daemon's CPU per call over alternating blocks (forced
+  ``true``, 10 blocks of 100; 1,000 created files, 10 blocks of 5), then each daemon's RSS after
+  ten dry runs of 10,000 created files and 200 more ``true``.
 - ``exec``: the sandbox's init program as ``native/build.py`` builds it (musl when installed)
   and linked with glibc (``AIRLOCK_INIT_LIBC=glibc``), each started 400 times with
   ``posix_spawn`` (a missing argument: it stops at once), three rounds alternating: CPU per start
@@ -52,6 +61,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 from _bwrap import BWRAP
@@ -108,7 +118,9 @@ def engine() -> None:
 
 
 @contextmanager
-def _daemon() -> Iterator[tuple[subprocess.Popen[bytes], Client, str]]:
+def _daemon(
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], Client, str]]:
     with tempfile.TemporaryDirectory(prefix="airlock-costs-") as tmp:
         base = Path(tmp)
         (base / "ws").mkdir()
@@ -117,6 +129,7 @@ def _daemon() -> Iterator[tuple[subprocess.Popen[bytes], Client, str]]:
             proc = subprocess.Popen(
                 [_AIRLOCKD, "--socket", str(sock), "--state-dir", str(base / "state")],
                 stderr=err,
+                env=env,
             )
         try:
             wait_serving(proc, sock, log)
@@ -199,6 +212,92 @@ def audit() -> None:
             print(
                 f"audit append, fsync={fsync}: wall {_p50_p90([w * 1e3 for w in walls])}; "
                 f"CPU p50 {statistics.median(cpus) * 1e3:.3f} ms"
+            )
+
+
+def ms(seconds: list[float]) -> list[float]:
+    return [x * 1e3 for x in seconds]
+
+
+def state() -> None:
+    from airlock.core.state import NewValidation, StateStore
+    from airlock.types import Verdict
+
+    def new() -> NewValidation:
+        vid = uuid.uuid4().hex
+        return NewValidation(
+            validation_id=vid,
+            command="echo hi > f",
+            cwd="/tmp",
+            uid=0,
+            gid=0,
+            verdict=Verdict.ALLOW,
+            diff_hash="ab" * 32,
+            changeset_dir=f"/var/lib/airlock/changesets/{vid}",
+            changeset_bytes=3,
+        )
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="airlock-costs-") as tmp:
+        store = StateStore.in_state_dir(tmp)
+        try:
+            for fsync in (False, True):
+                if fsync:  # as every other transition commits: synchronous=FULL
+
+                    def full(action: str, *, fsync: bool = True) -> Any:
+                        return StateStore._write(store, action)
+
+                    store._write = full  # type: ignore[method-assign]
+                walls = []
+                for _ in range(300):
+                    rec = new()
+                    t0 = time.perf_counter()
+                    store.record_validation(rec)
+                    walls.append(time.perf_counter() - t0)
+                    time.sleep(0.003)  # not back to back: each commit finds the disk idle
+                what = "with the fsync (FULL)" if fsync else "as Validate records it"
+                print(f"state store, a new validation {what}: wall {_p50_p90(ms(walls))}")
+        finally:
+            store.close()
+
+
+def allocator() -> None:
+    files_1k = "for i in {1..1000}; do echo $i > f$i; done"
+    files_10k = "for i in {1..10000}; do echo $i > f$i; done"
+    envs = {"pymalloc": dict(os.environ), "malloc": {**os.environ, "PYTHONMALLOC": "malloc"}}
+    envs["pymalloc"].pop("PYTHONMALLOC", None)
+    with _daemon(envs["pymalloc"]) as a, _daemon(envs["malloc"]) as b:
+        ds = {"pymalloc": a, "malloc": b}
+        for line, blocks, block in ((_FORCED_TRUE, 10, 100), (files_1k, 10, 5)):
+            cpu = dict.fromkeys(ds, 0.0)
+            for _proc, c, ws in ds.values():
+                for _ in range(block):
+                    c.validate(line, cwd=ws, env=_ENV, force_dry_run=True)
+            for r in range(blocks):
+                order = list(ds.items()) if r % 2 == 0 else list(reversed(ds.items()))
+                for name, (proc, c, ws) in order:
+                    d = psutil.Process(proc.pid)
+                    t0 = d.cpu_times()
+                    for _ in range(block):
+                        c.validate(line, cwd=ws, env=_ENV, force_dry_run=True)
+                    t1 = d.cpu_times()
+                    cpu[name] += t1.user + t1.system - t0.user - t0.system
+            for name in ds:
+                print(
+                    f"allocator {name}: the daemon's CPU per call, {line[:24]!r}: "
+                    f"{cpu[name] / (blocks * block) * 1e3:.2f} ms"
+                )
+        for name, (proc, c, ws) in ds.items():
+            time.sleep(1.5)
+            before = psutil.Process(proc.pid).memory_info().rss / 2**20
+            for _ in range(10):
+                c.validate(files_10k, cwd=ws, env=_ENV, force_dry_run=True, timeout=120)
+            for _ in range(200):
+                c.validate(_FORCED_TRUE, cwd=ws, env=_ENV, force_dry_run=True)
+            time.sleep(1.5)
+            after = psutil.Process(proc.pid).memory_info().rss / 2**20
+            print(
+                f"allocator {name}: the daemon's RSS {before:.1f} MiB, then {after:.1f} MiB after "
+                "ten 10,000-file dry runs and 200 more true"
             )
 
 
@@ -448,8 +547,10 @@ def main() -> int:
             "daemon",
             "supervisors",
             "audit",
+            "state",
             "wakeups",
             "memory",
+            "allocator",
             "exec",
             "split",
             "creates",
@@ -466,8 +567,10 @@ def main() -> int:
         "daemon": daemon,
         "supervisors": supervisors,
         "audit": audit,
+        "state": state,
         "wakeups": wakeups,
         "memory": memory,
+        "allocator": allocator,
         "exec": exec_,
         "split": lambda: split(a.seconds),
         "creates": creates,
