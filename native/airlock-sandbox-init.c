@@ -10,8 +10,10 @@
  *
  *   init:    default signals; parent-death signal; close every fd it was not given; a mount
  *            namespace of its own; the plan's steps (mount /proc, read-only rebinds, pivot_root);
- *            "R" on the status pipe; fork the command; wait for it, reaping orphans; report
- *            "S" + wait status (or "E" + the command's set-up failure); exit.
+ *            "R" on the status pipe; fork the command; wait for it, reaping orphans; then give
+ *            the processes it left running up to the grace to end on their own (reaping them);
+ *            report "S" + wait status + 1 byte: 1 if some were still running, else 0 (or "E" +
+ *            the command's set-up failure); exit, which kills what is left.
  *   command: join the cgroup ("0" to each cgroup.procs fd); stdio; empty the bounding and
  *            ambient capability sets and lock the securebits; read the run spec (blocks in a
  *            warm sandbox until a request comes); close every other fd; become the caller
@@ -27,6 +29,8 @@
  *   --last-cap N       the kernel's last capability (/proc/sys/kernel/cap_last_cap)
  *   --seccomp HEX      the deny filter (classic BPF, 8 bytes per instruction)
  *   --trace-filter HEX the tracer's notification filter
+ *   --grace-ms N       how long processes the command left running may go on after it exited
+ *                      (N <= 60000; 0, the default: not at all)
  * Descriptors: 10 run spec (read), 11 status (write), 12 stdout, 13 stderr.
  * Run spec (fd 10, until EOF): "AIS1", u32 uid, gid, ngroups, argc, envc (native byte order),
  * u32 groups[ngroups], then NUL-terminated: cwd, argv[argc], env[envc] ("NAME=VALUE").
@@ -50,6 +54,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { FD_SPEC = 10, FD_STATUS = 11, FD_OUT = 12, FD_ERR = 13, FD_TRACE = 14, FD_PROCS = 15 };
@@ -81,6 +86,7 @@ struct config {
   int nprocs;
   int trace;
   int last_cap;
+  int grace_ms;
   struct bpf deny;
   struct bpf notify;
 };
@@ -94,6 +100,28 @@ static void write_all(int fd, const char *buf, size_t n) {
     }
     buf += w;
     n -= (size_t)w;
+  }
+}
+
+/* After the command exited: wait up to grace_ms for the processes it left running (now all
+ * descendants of pid 1) to end on their own, reaping them, so that what they do is part of the
+ * dry run. 1 if some still run at the end (killed when init exits: what they would have done
+ * next is not seen), 0 once init has no child left. */
+static int left_running(int grace_ms) {
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    pid_t pid = waitpid(-1, NULL, WNOHANG);
+    if (pid > 0) continue;
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      return 0; /* ECHILD: nothing is left */
+    }
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long waited_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+    if (waited_ms >= grace_ms) return 1;
+    struct timespec tick = {0, 2 * 1000 * 1000}; /* 2 ms */
+    nanosleep(&tick, NULL);
   }
 }
 
@@ -156,6 +184,8 @@ static void parse_args(int argc, char **argv, struct config *cfg) {
       cfg->nprocs = parse_count(v, MAX_PROCS);
     } else if (strcmp(a, "--last-cap") == 0) {
       cfg->last_cap = parse_count(v, 63);
+    } else if (strcmp(a, "--grace-ms") == 0) {
+      cfg->grace_ms = parse_count(v, 60000);
     } else if (strcmp(a, "--seccomp") == 0) {
       parse_bpf(v, &cfg->deny);
     } else if (strcmp(a, "--trace-filter") == 0) {
@@ -451,10 +481,11 @@ int main(int argc, char **argv) {
     memcpy(report + 1, failure, got);
     write_all(FD_STATUS, report, got + 1);
   } else {
-    char report[1 + sizeof status];
+    char report[1 + sizeof status + 1];
     report[0] = 'S';
     memcpy(report + 1, &status, sizeof status);
+    report[1 + sizeof status] = (char)left_running(cfg.grace_ms);
     write_all(FD_STATUS, report, sizeof report);
   }
-  _exit(0);
+  _exit(0); /* pid 1 exits: the kernel kills every process left in the namespace */
 }

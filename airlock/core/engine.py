@@ -309,7 +309,8 @@ class Engine:
         # 4. The verdict: the strictest of the static pass and the policy's effect rules
         #    (a policy with none gets the built-in ones: changes outside the workspace and
         #    sensitive reads ask); an unfinished or truncated dry run always asks: one a limit
-        #    stopped (memory, pids, time), cancelled, or whose output or changes were cut.
+        #    stopped (memory, pids, time), cancelled, whose output or changes were cut, or
+        #    that left processes running past the grace (sandbox.contain.OUTLIVE_GRACE_MS).
         incomplete = unfinished_findings(
             termination=result.termination,
             changes_truncated=truncated,
@@ -317,6 +318,7 @@ class Engine:
             pids_limit_hit=result.cgroup.pids_limit_hit,
             stdout_truncated=result.stdout_truncated,
             stderr_truncated=result.stderr_truncated,
+            left_running=result.left_running,
         )
         if bundle.effect_rules:
             effects = Effects(

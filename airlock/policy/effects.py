@@ -1370,13 +1370,17 @@ def unfinished_findings(
     pids_limit_hit: bool = False,
     stdout_truncated: bool = False,
     stderr_truncated: bool = False,
+    left_running: bool = False,
 ) -> tuple[Finding, ...]:
     """The ASK finding of a dry run that was cut short, naming why; () if it finished.
 
     A run stopped by a limit (out of memory, the pids limit, the timeout), cancelled, or
     whose output or changes were cut, may have stopped before the effect that matters (an
     allocation that fails before ``>> ~/.bashrc``): what it shows is not all the command
-    does, so no verdict may rest on it alone. This holds whatever the policy's rules say.
+    does, so no verdict may rest on it alone. So may one that left processes running past the
+    grace (``left_running``: ``(sleep 1; echo x >> ~/.bashrc) &``): on the host they go on
+    after the command has exited, and the sandbox, which ends with the command, stopped them.
+    This holds whatever the policy's rules say.
     """
     why = []
     if termination is Termination.TIMED_OUT:
@@ -1389,6 +1393,11 @@ def unfinished_findings(
         why.append("it hit the process limit (a fork failed)")
     if changes_truncated:
         why.append("more changes were made than are reported")
+    if left_running:
+        why.append(
+            "it left processes running, which were stopped when the dry run ended, so what "
+            "they would have done next was not seen"
+        )
     if stdout_truncated or stderr_truncated:
         cut = [("standard output", stdout_truncated), ("standard error", stderr_truncated)]
         which = " and ".join(name for name, was_cut in cut if was_cut)

@@ -86,6 +86,11 @@ _READ_CHUNK = 65536
 # After the command ends, how long stray output may keep its pipes open (it cannot: the pid
 # namespace is gone; this only bounds a kernel that is slow to tear it down).
 _DRAIN_S = 5.0
+# How long, in a dry run, the processes a command leaves running (`cmd &`, a daemon it starts)
+# may go on after it exited, so that what they do is part of what the dry run shows. Those still
+# running then are killed with the sandbox, and the verdict asks (policy.effects
+# unfinished_findings): what they would have done next, on the host, was not seen.
+OUTLIVE_GRACE_MS = 250
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class SandboxResult:
     changeset_error: str = ""
     # Work the run would destroy in a git repository (sandbox/gitloss.py).
     work_lost: tuple[LostWork, ...] = ()
+    # A dry run: processes the command left running were still running OUTLIVE_GRACE_MS after
+    # it exited, and were killed: what they would have done next was not seen.
+    left_running: bool = False
     # Set when the sandbox could not be set up: nothing (or not the command) ran.
     error: str = ""
     # "cwd" when the caller cannot enter the working directory, else "setup".
@@ -354,7 +362,10 @@ def prepare(template: SandboxTemplate, key: bytes) -> Prepared:
         fds = init.InitFds(
             spec_r, status_w, out_w, err_w, tuple(procs), trace_cmd.fileno() if trace_cmd else -1
         )
-        argv = init.arguments(template.init_setup, template.seccomp_program, fds.trace >= 0)
+        grace_ms = 0 if template.writable else OUTLIVE_GRACE_MS  # Execute: run for real
+        argv = init.arguments(
+            template.init_setup, template.seccomp_program, fds.trace >= 0, grace_ms
+        )
         pid = init.spawn(argv, fds)
         for fd in (spec_r, out_w, err_w, status_w, *procs):
             os.close(fd)
@@ -608,6 +619,9 @@ def run(
         attempts_lost = network.dropped + network.lost
 
     termination, exit_code, signum, error, error_kind = _status(bytes(status_msg), forced)
+    # init's report ends with 1 when processes the command left were still running at the end
+    # of the grace (the C file's header).
+    left_running = forced is None and status_msg[:1] == b"S" and status_msg[5:6] == b"\x01"
     stats = prepared.cgroup.stats()
     if stats.oom_kills and termination in (Termination.SIGNALED, Termination.EXITED):
         termination = Termination.OUT_OF_MEMORY
@@ -673,6 +687,7 @@ def run(
         changeset_bytes=changeset_bytes,
         changeset_error=changeset_error,
         work_lost=work_lost,
+        left_running=left_running,
     )
 
 

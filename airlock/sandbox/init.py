@@ -52,8 +52,11 @@ class InitFds:
     trace: int = -1
 
 
-def arguments(init_setup: tuple[InitOp, ...], seccomp_program: bytes, trace: bool) -> list[str]:
-    """The program's argument list for a template (see the C file's header)."""
+def arguments(
+    init_setup: tuple[InitOp, ...], seccomp_program: bytes, trace: bool, grace_ms: int = 0
+) -> list[str]:
+    """The program's argument list for a template (see the C file's header). ``grace_ms``: how
+    long the processes the command leaves running may go on after it exited."""
     argv = ["airlock-sandbox-init"]
     for op in init_setup:
         match op:
@@ -68,6 +71,8 @@ def arguments(init_setup: tuple[InitOp, ...], seccomp_program: bytes, trace: boo
         argv += ["--seccomp", seccomp_program.hex()]
     if trace:
         argv += ["--trace", "--trace-filter", proctrace.filter_program().hex()]
+    if grace_ms:
+        argv += ["--grace-ms", str(grace_ms)]
     return argv
 
 

@@ -237,3 +237,28 @@ def test_output_cut_at_the_limit_asks(policy_client: Client, workspace: Path) ->
     v = policy_client.validate("head -c 200000 /dev/zero; echo x > f", cwd=str(workspace))
     assert v.sandboxed and v.stdout_truncated and v.exit_code == 0, v.summary
     assert v.verdict is Verdict.ASK and "standard output" in incomplete(v)
+
+
+def test_a_process_left_running_past_the_grace_asks(policy_client: Client, workspace: Path) -> None:
+    """A delayed payload: the command exits at once, a job it left behind writes later. The
+    dry run ends with the command, so the write is never seen; on the host it would happen.
+    The verdict asks (it used to allow: "Changed no files")."""
+    (workspace / "setup.sh").write_text(
+        "echo configuring\n( sleep 1; echo 'alias sudo=evil' >> marker ) >/dev/null 2>&1 &\n"
+    )
+    v = policy_client.validate("sh setup.sh", cwd=str(workspace))
+    assert v.sandboxed and v.exit_code == 0 and v.stdout == b"configuring\n", v.summary
+    assert v.verdict is Verdict.ASK, v.summary
+    assert "left processes running" in incomplete(v), v.findings
+    assert not v.changes  # the write never happened in the dry run
+    assert not (workspace / "marker").exists()
+
+
+def test_a_job_that_ends_within_the_grace_is_seen(policy_client: Client, workspace: Path) -> None:
+    """What a short background job does is part of the dry run, and is no reason to ask."""
+    v = policy_client.validate(
+        "( sleep 0.05; echo hi > late.txt ) >/dev/null 2>&1 & echo started", cwd=str(workspace)
+    )
+    assert v.sandboxed and v.stdout == b"started\n", v.summary
+    assert not incomplete(v), v.findings
+    assert [c.path for c in v.changes] == [os.fsencode(workspace / "late.txt")], v.changes

@@ -213,6 +213,7 @@ def test_the_unchanged_id_is_refused(ids: dict[str, object]) -> None:
         pytest.param(["airlock-sandbox-init", "--last-cap"], id="missing value"),
         pytest.param(["airlock-sandbox-init", "--trace"], id="trace without filter"),
         pytest.param(["airlock-sandbox-init", "--bogus", "1"], id="unknown option"),
+        pytest.param(["airlock-sandbox-init", "--grace-ms", "60001"], id="grace too long"),
         pytest.param(["airlock-sandbox-init", "--proc", "/nonexistent/proc"], id="mount fails"),
     ],
 )
@@ -222,6 +223,34 @@ def test_bad_arguments_or_a_failed_step_never_report_ready(argv: list[str]) -> N
     kind, text = out.failure
     assert kind == "setup" and text.startswith("sandbox init: "), out
     assert out.stdout == b""
+
+
+def _with_grace(grace_ms: int) -> list[str]:
+    return init.arguments((), seccomp.deny_program(), False, grace_ms)
+
+
+def test_what_the_command_left_running_gets_the_grace_and_is_seen() -> None:
+    """A background job that ends within the grace runs to its end (its output is there), and
+    the report says nothing was left running."""
+    out = run_init(
+        init.encode_spec(spec_for("(sleep 0.1; echo late) & echo now")), argv=_with_grace(5000)
+    )
+    assert out.exit_code == 0 and out.stdout == b"now\nlate\n", out
+    assert out.status[5:] == b"\x00", out
+
+
+def test_what_is_still_running_after_the_grace_is_reported_and_stopped() -> None:
+    """A job still running when the grace ends is reported (the last byte) and killed with the
+    namespace: its later output never comes, and the run does not wait for it."""
+    script = "(sleep 30; echo late) & (sleep 0.05; echo early) & echo now"
+    out = run_init(init.encode_spec(spec_for(script)), argv=_with_grace(300))
+    assert out.exit_code == 0 and out.stdout == b"now\nearly\n", out
+    assert out.status[5:] == b"\x01", out
+    # No grace (Execute's init, and the default): anything left is reported at once.
+    out = run_init(init.encode_spec(spec_for("sleep 30 & echo now")), argv=_with_grace(0))
+    assert out.stdout == b"now\n" and out.status[5:] == b"\x01", out
+    out = run_init(init.encode_spec(spec_for("echo alone")), argv=_with_grace(0))
+    assert out.stdout == b"alone\n" and out.status[5:] == b"\x00", out
 
 
 def test_a_nul_byte_cannot_be_encoded() -> None:
