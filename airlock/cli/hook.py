@@ -341,6 +341,8 @@ class _FindingLike(Protocol):
     def severity(self) -> int: ...
     @property
     def message(self) -> str: ...
+    @property
+    def source(self) -> int: ...
 
 
 class Judged(Protocol):
@@ -389,6 +391,18 @@ def _main_finding(v: Judged) -> _FindingLike | None:
     return max(v.findings, key=lambda f: (int(f.verdict), int(f.severity)))
 
 
+def _after_approval(v: Judged) -> str:
+    """What to do once a person has approved: ``airlock run --token`` when the static pass
+    asked (Execute needs the token), else apply the changes the dry run showed. A question
+    the dry run alone raised (changes outside the working directory, a process left running)
+    is not one Execute answers: it runs the command for real with only the working directory
+    writable, and needs no token for it."""
+    static = any(f.source == FindingSource.STATIC and f.verdict >= Verdict.ASK for f in v.findings)
+    if static:
+        return "Then run it with: airlock run --token TOKEN -- COMMAND"
+    return f"Then write the changes it showed with: airlock apply {v.validation_id}"
+
+
 def reason_of(v: Judged, *, ask_as_deny: bool) -> str:
     """One line: what the command would do, the main finding and, for an ask, how to
     approve it."""
@@ -406,7 +420,7 @@ def reason_of(v: Judged, *, ask_as_deny: bool) -> str:
             head += "; it was not run"
         parts.append(f"To approve: airlock approve {v.validation_id}")
         if ask_as_deny:
-            parts.append("Then run it with: airlock run --token TOKEN -- COMMAND")
+            parts.append(_after_approval(v))
     else:
         head = "Airlock denies this"
     return _one_line(f"{head}: " + ". ".join(parts) + ".")

@@ -4,8 +4,13 @@ An MCP server (the official MCP Python SDK, ``pip install 'airlock-daemon[mcp]'`
 speaks for the user who starts it: every call goes to the daemon as that user, with this
 process's environment (the client's default), like ``airlock validate``. stdio by default
 (the client starts ``airlock mcp`` itself); ``--http HOST:PORT`` serves streamable HTTP at
-``http://HOST:PORT/mcp`` instead, on loopback unless a host is named (it has no
-authentication of its own: anyone who can reach the port acts as this user).
+``http://HOST:PORT/mcp`` instead, on loopback unless ``--allow-remote``. Over HTTP there is
+no SO_PEERCRED, so every request is checked against the kernel's socket tables
+(``airlock.cli._tcp_peer``): only a connection whose client socket belongs to this server's own
+uid is served (root's server: only root's processes); any other local user's is refused with
+403 before any MCP handling. With ``--allow-remote`` a client on another host is not checked
+(there is no authentication): anyone who can reach the port from another host acts as this
+user.
 
 Tools (annotations in brackets, as the MCP specification defines them):
 
@@ -357,6 +362,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _serve_http(server: Any, host: str, port: int, remote: bool) -> None:
+    """Streamable HTTP at http://HOST:PORT/mcp, behind the same-user check."""
+    import anyio
+    import uvicorn
+
+    from airlock.cli._tcp_peer import SameUserOnly
+
+    app = SameUserOnly(server.streamable_http_app(host=host), remote=remote)
+    config = uvicorn.Config(app, host=host, port=port, log_level=server.settings.log_level.lower())
+    anyio.run(uvicorn.Server(config).serve)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock mcp",
@@ -375,13 +392,15 @@ def _parser() -> argparse.ArgumentParser:
         type=_host_port,
         default=None,
         help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio "
-        "(PORT alone: on 127.0.0.1)",
+        "(PORT alone: on 127.0.0.1); only your own processes are served: a connection from "
+        "another local user's process is refused (403)",
     )
     parser.add_argument(
         "--allow-remote",
         action="store_true",
-        help="allow --http on an address other than loopback (there is no authentication: "
-        "anyone who reaches it acts as you)",
+        help="allow --http on an address other than loopback. DANGEROUS: there is no "
+        "authentication, and any process on any host that can reach the port acts as you "
+        "(local users are still checked)",
     )
     return parser
 
@@ -415,8 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.http:
             host, port = args.http
-            print(f"airlock: MCP over streamable HTTP at http://{host}:{port}/mcp", file=sys.stderr)
-            server.run("streamable-http", host=host, port=port)
+            print(
+                f"airlock: MCP over streamable HTTP at http://{host}:{port}/mcp, acting as uid "
+                f"{os.geteuid()}: only this user's processes on this host are served",
+                file=sys.stderr,
+            )
+            if args.allow_remote and not _is_loopback(host):
+                print(
+                    "airlock: warning: --allow-remote: there is no authentication; anyone on "
+                    f"another host who can reach {host}:{port} acts as uid {os.geteuid()}",
+                    file=sys.stderr,
+                )
+            _serve_http(server, host, port, remote=not _is_loopback(host))
         else:
             server.run("stdio")
     except KeyboardInterrupt:

@@ -110,6 +110,13 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             # Show what it would do (a dry run), and how to let it through.
             v = client.validate(command, cwd=args.cwd, env=env, session_id=args.session)
             show(err, render_validation(v, ReportBounds()))
+            if v.verdict is types.Verdict.DENY:  # what the dry run saw: no approval can help
+                err.print(
+                    "airlock: denied: the policy asks before this runs, and what its dry run "
+                    "did is denied, so it cannot be approved",
+                    markup=False,
+                )
+                return EXIT_DENIED
             err.print(
                 f"airlock: the policy asks before this runs. To allow it once:\n"
                 f"  airlock approve {v.validation_id}   (then: airlock run --token TOKEN -- ...)",

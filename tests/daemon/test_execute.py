@@ -297,6 +297,16 @@ def test_cli_run_exit_codes_for_deny_and_ask(policy_daemon: Client, workspace: P
         timeout=60,
     )
     assert asked.returncode == 125 and b"airlock approve" in asked.stderr
+    # The static pass asks, and the dry run it then shows is denied: no approval can let it run,
+    # so none is suggested (it was 125 with `airlock approve`, which then failed).
+    both = subprocess.run(
+        [AIRLOCK, "run", "--cwd", str(workspace), "--", "ln -sf ~/.bashrc rc; echo y >> rc"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert both.returncode == 126, both.stderr
+    assert b"cannot be approved" in both.stderr and b"airlock approve" not in both.stderr
 
 
 def test_a_workspace_in_use_gets_warm_sandboxes(client: Client, workspace: Path) -> None:

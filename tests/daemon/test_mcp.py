@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 from tests.helpers import AIRLOCK, Daemon
+from tests.helpers.users import temporary_user
 
 Session = Callable[[ClientSession], Awaitable[None]]
 
@@ -188,49 +192,136 @@ def test_daemon_down_is_a_tool_error(tmp_path: Path, workspace: Path) -> None:
     assert "none.sock" in error_text(got["v"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def test_streamable_http_on_loopback(daemon: Daemon, workspace: Path) -> None:
-    from mcp.client.streamable_http import streamable_http_client
-
-    port = _free_port()
+@contextlib.contextmanager
+def http_server(daemon: Daemon, host: str = "127.0.0.1") -> Iterator[str]:
+    """``airlock mcp --http`` on ``host`` and a free port, started by this process (root): its
+    URL once it accepts connections."""
+    port = _free_port(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     proc = subprocess.Popen(
-        [AIRLOCK, "mcp", "--socket", daemon.socket, "--http", f"127.0.0.1:{port}"],
+        [AIRLOCK, "mcp", "--socket", daemon.socket, "--http", f"[{host}]:{port}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    got: dict[str, Any] = {}
     try:
         deadline = time.monotonic() + 30
         while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+            with socket.socket(family) as s:
+                if s.connect_ex((host, port)) == 0:
                     break
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.1)
-
-        async def main() -> None:
-            async with (
-                streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write, *_),
-                ClientSession(read, write) as s,
-            ):
-                await s.initialize()
-                got["v"] = result(
-                    await s.call_tool("validate", {"command": "ls", "cwd": str(workspace)})
-                )
-
-        anyio.run(main)
+        yield f"http://{f'[{host}]' if ':' in host else host}:{port}/mcp"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert got["v"]["verdict"] == "allow"
-    assert got["v"]["dry_run"] is False  # ls: the read-only fast path
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def validate_over_http(url: str, workspace: Path) -> dict[str, Any]:
+    from mcp.client.streamable_http import streamable_http_client
+
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with (
+            streamable_http_client(url) as (read, write, *_),
+            ClientSession(read, write) as s,
+        ):
+            await s.initialize()
+            got["v"] = result(
+                await s.call_tool("validate", {"command": "ls", "cwd": str(workspace)})
+            )
+
+    anyio.run(main)
+    v: dict[str, Any] = got["v"]
+    return v
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_streamable_http_on_loopback(daemon: Daemon, workspace: Path, host: str) -> None:
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with http_server(daemon, host) as url:
+        v = validate_over_http(url, workspace)  # root's own client: served
+    assert v["verdict"] == "allow"
+    assert v["dry_run"] is False  # ls: the read-only fast path
+
+
+# A real MCP exchange over plain HTTP (initialize, initialized, tools/call run), made by a
+# process that drops to a real non-root user before it connects: its socket belongs to that
+# user. What each request got is printed as JSON.
+_OTHER_USER_CLIENT = """
+import encodings.idna, http.client, json, os, sys, urllib.parse  # before the uid changes
+url, marker, ws = sys.argv[1], sys.argv[2], sys.argv[3]
+uid = int(sys.argv[4])
+os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+u = urllib.parse.urlsplit(url)
+headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+seen = []
+def post(message):
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    c.request("POST", u.path, json.dumps(message), headers)
+    r = c.getresponse()
+    body = r.read().decode("utf-8", "replace")
+    seen.append({"status": r.status, "body": body[:500]})
+    c.close()
+    return r
+r = post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {},
+    "clientInfo": {"name": "other-user", "version": "1"}}})
+sid = r.getheader("mcp-session-id")
+if sid:
+    headers["mcp-session-id"] = sid
+    headers["mcp-protocol-version"] = "2025-06-18"
+post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+post({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run",
+    "arguments": {"command": f"id -u > {marker}", "cwd": ws}}})
+print(json.dumps({"uid": os.geteuid(), "seen": seen}))
+"""
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_http_refuses_another_local_users_process(
+    daemon: Daemon, workspace: Path, tmp_path: Path, host: str
+) -> None:
+    """Root's HTTP MCP server; a process of a real non-root user (made for the test) connects
+    over loopback and tries initialize and run: each request is refused with 403 before any MCP
+    handling, nothing runs and the daemon never hears of it. Root's own client is still served.
+    """
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    marker = workspace / f"marker-{uuid.uuid4().hex[:8]}"
+    with temporary_user(tmp_path / "home") as (uid, _), http_server(daemon, host) as url:
+        proc = subprocess.run(
+            [sys.executable, "-c", _OTHER_USER_CLIENT, url, str(marker), str(workspace), str(uid)],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        mine = validate_over_http(url, workspace)  # root's own client, same server: served
+    assert out["uid"] == uid != 0
+    assert [r["status"] for r in out["seen"]] == [403, 403, 403], out
+    body = out["seen"][0]["body"]
+    assert f"serves only that user's processes; the connection belongs to uid {uid}" in body
+    assert body.count("\n") == 1  # one line
+    assert not marker.exists()  # run never ran: not as root, not at all
+    assert mine["verdict"] == "allow"
+    with daemon.client() as c:
+        heard = [e.event for e in c.audit_events() if marker.name in e.event.command]
+    assert heard == []  # the daemon never saw the refused calls
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1"])

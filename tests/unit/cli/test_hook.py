@@ -145,10 +145,26 @@ def test_a_finding_the_summary_names_is_not_repeated() -> None:
 
 @pytest.mark.parametrize("agent", ["codex", "gemini"])
 def test_ask_as_deny_says_it_was_not_run(agent: str) -> None:
+    """The dry run asked (a DYNAMIC finding): once approved, Apply writes what it showed;
+    `airlock run` would not (only the working directory is writable there, and Execute needs
+    no token for what only the dry run questioned)."""
     answer = hook.handle(agent, stdin_for(agent), returning(validation(types.Verdict.ASK)))
     got, reason = decision(agent, answer)
     assert got == "deny"
     assert reason.startswith("Airlock asks a person before this runs; it was not run:")
+    assert reason.endswith(
+        f"To approve: airlock approve {VID}. Then write the changes it showed with: "
+        f"airlock apply {VID}."
+    )
+
+
+@pytest.mark.parametrize("agent", ["codex", "gemini"])
+def test_a_static_ask_is_run_with_the_token(agent: str) -> None:
+    v = validation(types.Verdict.ASK)
+    static = dataclasses.replace(v.findings[1], source=types.FindingSource.STATIC)
+    v = dataclasses.replace(v, findings=(v.findings[0], static))
+    got, reason = decision(agent, hook.handle(agent, stdin_for(agent), returning(v)))
+    assert got == "deny"
     assert reason.endswith(
         f"To approve: airlock approve {VID}. Then run it with: "
         "airlock run --token TOKEN -- COMMAND."

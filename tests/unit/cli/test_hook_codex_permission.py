@@ -184,9 +184,9 @@ def test_ask_is_a_deny_with_the_approve_command() -> None:
     assert message.startswith("Airlock asks a person before this runs; it was not run: ")
     assert "removes 1 file outside the workspace" in message
     assert "fs.delete-outside: deletes a file outside the workspace" in message
-    assert message.endswith(
-        f"To approve: airlock approve {VID}. Then run it with: "
-        "airlock run --token TOKEN -- COMMAND."
+    assert message.endswith(  # the dry run asked: Apply writes what it showed
+        f"To approve: airlock approve {VID}. Then write the changes it showed with: "
+        f"airlock apply {VID}."
     )
 
 
