@@ -133,9 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--all",
         action="store_true",
-        help=f"list every change and every diff in full (default: the first "
+        help=f"list every change, every diff and the output in full (default: the first "
         f"{_BOUNDS.changes} changes, the diffs of the first {_BOUNDS.diff_files} files, "
-        f"{_BOUNDS.diff_lines} lines each)",
+        f"{_BOUNDS.diff_lines} lines each, and the first {_BOUNDS.output_lines} lines of "
+        "each output stream)",
     )
     validate.add_argument("--no-diff", action="store_true", help="leave the diffs out")
     validate.add_argument(

@@ -342,13 +342,30 @@ def _usage_text(u: types.ResourceUsage) -> Text:
     return text
 
 
-def output_panel(name: str, data: bytes, *, truncated: bool) -> Panel:
-    """One output stream, decoded as UTF-8 with bad bytes replaced."""
+def output_panel(
+    name: str,
+    data: bytes,
+    *,
+    truncated: bool,
+    max_lines: int | None = None,
+    max_bytes: int | None = None,
+) -> Panel:
+    """One output stream, decoded as UTF-8 with bad bytes replaced; with ``max_lines`` or
+    ``max_bytes``, only its start, and a last line that says how much more there is."""
     title = f"{name} ({human_size(len(data))}"
     title += ", truncated)" if truncated else ")"
-    body = escape_controls(data.decode("utf-8", errors="replace"), multiline=True)
+    whole = data.rstrip(b"\n")
+    shown = whole if max_bytes is None else whole[:max_bytes]
+    if max_lines is not None and shown.count(b"\n") >= max_lines:
+        shown = b"\n".join(shown.split(b"\n", max_lines)[:max_lines])
+    body = escape_controls(shown.decode("utf-8", errors="replace"), multiline=True)
+    if len(shown) < len(whole):
+        hidden = whole[len(shown) :]
+        newlines = hidden.count(b"\n")
+        more = f"{newlines} more line(s), " if newlines else ""
+        body += f"\n… {more}{human_size(len(hidden))} not shown (--all shows everything)"
     return Panel(
-        Text(body.rstrip("\n")),
+        Text(body),
         title=Text(title, style="bold"),
         title_align="left",
         border_style="yellow" if truncated else "dim",
@@ -465,10 +482,14 @@ class ReportBounds:
     changes: int | None = 200  # paths listed in the change tree
     diff_files: int | None = 20  # files whose diff is shown
     diff_lines: int | None = 60  # lines of each diff
+    output_lines: int | None = 60  # lines of each output stream
+    output_bytes: int | None = 16 * 1024  # bytes of each output stream (a long line)
     summary_only: bool = False  # verdict, summary and findings only
 
 
-ALL = ReportBounds(changes=None, diff_files=None, diff_lines=None)
+ALL = ReportBounds(
+    changes=None, diff_files=None, diff_lines=None, output_lines=None, output_bytes=None
+)
 
 
 def verdict_line(v: types.Validation) -> Text:
@@ -531,7 +552,15 @@ def render_validation(v: types.Validation, bounds: ReportBounds = ALL) -> Render
             ("stderr", v.stderr, v.stderr_truncated),
         ):
             if data or truncated:
-                parts.append(output_panel(name, data, truncated=truncated))
+                parts.append(
+                    output_panel(
+                        name,
+                        data,
+                        truncated=truncated,
+                        max_lines=bounds.output_lines,
+                        max_bytes=bounds.output_bytes,
+                    )
+                )
     return Group(*parts)
 
 

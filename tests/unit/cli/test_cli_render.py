@@ -229,6 +229,23 @@ def test_human_size(n: int, shown: str) -> None:
     assert R.human_size(n) == shown
 
 
+def test_a_long_output_is_bounded_in_the_report_and_whole_with_all() -> None:
+    """100,000 lines (or one 100 KB line) in the report: its start, and how much more there is
+    (it printed every line)."""
+    lines = b"".join(b"line %d\n" % i for i in range(100_000))
+    bounded = render(R.output_panel("stdout", lines, truncated=False, max_lines=60))
+    assert "line 59" in bounded and "line 60" not in bounded
+    assert "99940 more line(s)" in bounded and "--all" in bounded
+    assert bounded.count("\n") < 70
+    one_line = render(R.output_panel("stdout", b"y" * 100_000, truncated=False, max_bytes=1000))
+    assert one_line.replace("everything", "").count("y") == 1000 and "not shown" in one_line
+    whole = render(R.output_panel("stdout", lines, truncated=False))
+    assert "line 99999" in whole and "not shown" not in whole
+    assert "not shown" not in render(
+        R.output_panel("stdout", b"a\nb\n", truncated=False, max_lines=2)
+    )
+
+
 def test_output_is_decoded_with_replacement_and_truncation_noted() -> None:
     text = render(R.output_panel("stderr", b"warn: \xff\n", truncated=True))
     assert "stderr (8 B, truncated)" in text
