@@ -4,7 +4,8 @@
 
     airlock policy lint PATH...
     airlock policy test [--coverage [--fail-under PERCENT]] [--json] PATH...
-    airlock policy explain [--policy DIR] [--json] [--effects FILE] [-- COMMAND...]
+    airlock policy explain [--policy DIR] [--json] [--effects FILE] [--cwd DIR] [--home DIR]
+                           [-- COMMAND...]
     airlock policy diff OLD NEW [--corpus DIR]... [--audit-log FILE]... [--json]
 
 Exit status: 0 ok, 1 problems (lint errors, failed tests, an invalid policy), 2 usage error;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +42,7 @@ from airlock.policy.loader import (
     run_inline_tests,
 )
 from airlock.policy.model import Analysis, SimpleCommand
-from airlock.policy.rules import RuleHit, StaticVerdict
+from airlock.policy.rules import PathContext, RuleHit, StaticVerdict
 from airlock.types import Effects, Finding, Verdict
 
 __all__ = ["default_policy_dir", "main"]
@@ -106,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         "explain",
         help="show the command model, the rules that fire and the static verdict",
         usage="airlock policy explain [-h] [--policy DIR] [--json] [--effects FILE] "
-        "[-- COMMAND...]",
+        "[--cwd DIR] [--home DIR] [-- COMMAND...]",
         description="Parse COMMAND (its words joined by spaces into one bash command line) and "
         "show what the policy sees and decides, without running anything. With --effects, "
         "also judge the dry-run effects FILE describes with the policy's effect rules.",
@@ -123,6 +125,18 @@ def _parser() -> argparse.ArgumentParser:
         help="a YAML file describing a dry run's effects (files, programs, network, "
         "sensitive_reads: the format of an effect rule's inline test entry), judged with "
         "the effect rules",
+    )
+    explain.add_argument(
+        "--cwd",
+        metavar="DIR",
+        help="the working directory the command runs in: its relative paths are matched as "
+        "what they name from there, as the daemon does (default: the current directory)",
+    )
+    explain.add_argument(
+        "--home",
+        metavar="DIR",
+        help="the home directory of the user the command runs as, what ~ and the paths below "
+        "it are matched as (default: yours, from the password database)",
     )
     explain.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command's words"
@@ -529,6 +543,20 @@ def _egress_text(bundle: PolicyBundle) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _explain_context(args: argparse.Namespace) -> PathContext:
+    """Where the explained command runs: ``--cwd`` (default: here) and ``--home`` (default:
+    the caller's, as the daemon finds it), both made absolute; as the daemon judges it."""
+    cwd = os.path.realpath(args.cwd) if args.cwd else os.getcwd()
+    if args.home is not None:
+        home = os.path.abspath(args.home) if args.home else ""
+    else:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = os.environ.get("HOME", "")
+    return PathContext.of(cwd, home)
+
+
 def _explain(args: argparse.Namespace) -> int:
     words: list[str] = args.command
     if words[:1] == ["--"]:
@@ -560,11 +588,19 @@ def _explain(args: argparse.Namespace) -> int:
     doc: dict[str, Any] = {}
     text = ""
     if words:
+        context = _explain_context(args)
         analysis = bundle.analyze(command)  # with the bundle's command catalog
-        hits = bundle.explain(analysis)
-        verdict = bundle.evaluate(analysis)
+        hits = bundle.explain(analysis, context=context)
+        verdict = bundle.evaluate(analysis, context=context)
         doc = _explain_json(command, policy, bundle, analysis, hits, verdict)
+        doc["context"] = {"cwd": context.cwd, "home": context.home}
         text = _explain_text(command, policy, bundle, analysis, hits, verdict)
+        text = text.replace(
+            "\n",
+            f"\ncwd: {context.cwd}  home: {context.home or '(none)'} (relative paths are "
+            "matched from the cwd, paths below the home as ~/...)\n",
+            1,
+        )
     else:
         doc["policy"] = {"directory": str(policy), "version": bundle.version}
         doc["policy"]["rules"] = len(bundle.rules)

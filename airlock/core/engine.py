@@ -31,7 +31,7 @@ from airlock.policy.effects import (
 )
 from airlock.policy.loader import PolicyBundle
 from airlock.policy.model import Analysis
-from airlock.policy.rules import StaticVerdict, today_utc
+from airlock.policy.rules import PathContext, StaticVerdict, today_utc
 from airlock.policy.store import PolicyStore
 from airlock.policy.summary import denied_summary, policy_sentence, read_only_summary, summarize
 from airlock.policy.worklost import builtin_findings as builtin_work_lost
@@ -178,14 +178,15 @@ class Engine:
         )
 
     def _static_pass(
-        self, bundle: PolicyBundle, command: str
+        self, bundle: PolicyBundle, req: CheckedRequest
     ) -> tuple[StaticVerdict, StaticSummary]:
-        """The static verdict and summary of ``command`` under ``bundle``, remembered for
-        recent lines (:class:`StaticMemo`: per bundle, per UTC day)."""
+        """The static verdict and summary of ``req``'s command under ``bundle``, its paths
+        matched as what they name from ``req.cwd`` for the caller (``PathContext.of``),
+        remembered for recent lines (:class:`StaticMemo`: per bundle, cwd, home, UTC day)."""
         memo = self._static_memo
         if memo.bundle is not bundle:  # the policy was reloaded: nothing carries over
             memo = self._static_memo = StaticMemo(bundle)
-        return memo.judge(command)
+        return memo.judge(req.command, PathContext.of(req.cwd, _home_of(req.uid)))
 
     def template(self) -> tuple[SandboxTemplate, bytes]:
         """The template for the host as it is now; rebuilt only when its mounts change."""
@@ -247,7 +248,7 @@ class Engine:
 
         # 1. The static pass: parse, model, rules. One bundle judges the whole validation.
         bundle = self._policy.bundle
-        static, summary_static = self._static_pass(bundle, req.command)
+        static, summary_static = self._static_pass(bundle, req)
         t_static = time.monotonic()
 
         def settled(skip: DryRunSkip, verdict: Verdict, summary: str) -> Validation:
@@ -422,7 +423,7 @@ class Engine:
     def static_decision(self, req: CheckedRequest) -> StaticDecision:
         """The static pass alone: whether ``req`` may run for real, is asked about, or denied."""
         bundle = self._policy.bundle
-        static, _summary = self._static_pass(bundle, req.command)
+        static, _summary = self._static_pass(bundle, req)
         return StaticDecision(
             verdict=static.verdict or Verdict.ALLOW,
             findings=static.findings,
@@ -743,8 +744,9 @@ def _network_info(a: NetworkAttempt) -> NetworkAttemptInfo:
 
 _MAX_NAMES = 64
 
-# The static pass of a line is a pure function of the line, the policy bundle and the UTC day
-# (rule exceptions expire by date): agents run the same lines again and again (`git status`,
+# The static pass of a line is a pure function of the line, the policy bundle, where it runs (the
+# cwd and the caller's home its relative paths resolve against) and the UTC day (rule
+# exceptions expire by date): agents run the same lines again and again (`git status`,
 # a test command), and a line's analysis and rules cost 0.2-0.3 ms hot, ~0.7 ms in a daemon
 # whose caches other processes have just used. Bounded: the most recent lines up to this many,
 # each at most this long (a longer line is judged every time).
@@ -772,23 +774,31 @@ class StaticMemo:
         self._lines = lines
         self._max_chars = max_chars
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, date], tuple[StaticVerdict, StaticSummary]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[
+            tuple[str, PathContext | None, date], tuple[StaticVerdict, StaticSummary]
+        ] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def judge(self, command: str) -> tuple[StaticVerdict, StaticSummary]:
+    def judge(
+        self, command: str, context: PathContext | None = None
+    ) -> tuple[StaticVerdict, StaticSummary]:
+        """The static verdict and summary of ``command`` run where ``context`` says (its
+        paths resolved from there: the same line in another cwd, or for another home, is
+        another entry)."""
         day = today_utc()
-        key = (command, day)
+        key = (command, context, day)
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
                 return found
         analysis = self.bundle.analyze(command)  # with the bundle's command catalog
-        judged = (self.bundle.evaluate(analysis, today=day), _static_summary(analysis))
+        judged = (
+            self.bundle.evaluate(analysis, today=day, context=context),
+            _static_summary(analysis),
+        )
         if len(command) <= self._max_chars and not any(
             f.rule_id.startswith(_PARSE_FINDINGS) for f in analysis.findings
         ):

@@ -1,7 +1,9 @@
 """Compiled policy rules and their evaluation against a command model.
 
-Pure code: no I/O, no clock unless the caller leaves ``today`` out, no shared
-mutable state, so one :class:`RuleSet` may be used by many threads at once.
+Pure code: no I/O (but ``PathContext.of``, which resolves a home's links), no clock unless
+the caller leaves ``today`` out, no shared mutable state, so one :class:`RuleSet` may be used
+by many threads at once. A :class:`PathContext` (the cwd and the caller's home) makes paths
+match as what they resolve to.
 
 The pieces, from small to large:
 
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import os
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from airlock.policy.model import Analysis, SimpleCommand
+from airlock.policy.model import Analysis, Classification, SimpleCommand
 from airlock.types import ActionClass, Finding, FindingSource, RiskTier, Scope, Severity, Verdict
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "JsonPath",
     "Layer",
     "Matcher",
+    "PathContext",
     "Rule",
     "RuleException",
     "RuleHit",
@@ -152,6 +157,199 @@ def _quote(value: str) -> str:
     return repr(value)
 
 
+def _shown(hit: tuple[str, str]) -> str:
+    """A matched word, with the form that matched when it is not the word as written."""
+    word, form = hit
+    return _quote(word) if word == form else f"{_quote(word)} (as {_quote(form)})"
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class PathContext:
+    """Where a line runs, for matching the paths it names (hashable: part of memo keys).
+
+    ``cwd``: the request's working directory (absolute); ``home``: the home directory of
+    the user the command runs as ("" when unknown); ``real_home``: the same with its
+    symbolic links resolved, when it differs (the cwd always has them resolved). With a
+    context, a word that is a path is also matched as what it resolves to: a relative one
+    from the cwd (or from a directory a ``cd`` in the line leads to), spelled absolute and,
+    below the home, with ``~``. Without one (inline tests), only as written and normalized.
+    """
+
+    cwd: str
+    home: str = ""
+    real_home: str = ""
+
+    @classmethod
+    def of(cls, cwd: str, home: str) -> PathContext:
+        """The context of a line run in ``cwd`` (its links already resolved) by a user whose
+        home is ``home``, as the password database names it; its real path is found here (a
+        cwd below a home reached through a link is still below it)."""
+        real = os.path.realpath(home) if home.startswith("/") else ""
+        return cls(cwd=cwd, home=home, real_home=real if real != home else "")
+
+    def homes(self) -> tuple[str, ...]:
+        """The spellings of the home to turn back into ``~`` (none for "" or "/")."""
+        out: list[str] = []
+        for h in (self.home, self.real_home):
+            h = _clean(h) if h.startswith("/") else ""
+            if h and h != "/" and h not in out:
+                out.append(h)
+        return tuple(out)
+
+
+# Directory changes a line may make: bounded, so that `cd a; cd a; ...` stays cheap.
+_MAX_CWDS = 32
+_MAX_CD_ROUNDS = 8
+_CD_COMMANDS = frozenset({"cd", "pushd"})
+_CD_FLAGS = frozenset({"-L", "-P", "-e", "-@", "-n"})
+_UNKNOWN_DIR = "\0"  # a cd target the analysis cannot know (`cd "$D"`, `cd -`, a glob)
+
+
+def _clean(path: str) -> str:
+    """``path`` (absolute) normalized: no ".", "..", doubled or trailing "/"."""
+    n = posixpath.normpath(path)
+    return "/" + n.lstrip("/") if n.startswith("//") else n
+
+
+def _tilde_rest(word: str) -> str | None:
+    """What follows the home in ``~``, ``~/x``, ``$HOME/x``, ``${HOME}/x`` (None: not so)."""
+    for prefix in ("~", "$HOME", "${HOME}"):
+        if word == prefix or word.startswith(prefix + "/"):
+            return word[len(prefix) :]
+    return None
+
+
+def _under_home(rest: str) -> str | None:
+    """``rest`` (what follows ``~``) normalized as ``~/...``; None if it leaves the home."""
+    parts: list[str] = []
+    for part in rest.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(["~", *parts])
+
+
+class _Paths:
+    """The forms a word is matched in, for one line (and one context). Not shared."""
+
+    __slots__ = ("_cache", "_cwds", "_home", "_homes")
+
+    def __init__(self, analysis: Analysis, context: PathContext | None) -> None:
+        self._cache: dict[str, tuple[tuple[str, ...], ...]] = {}
+        self._homes = context.homes() if context is not None else ()
+        self._home = self._homes[0] if self._homes else ""
+        self._cwds: tuple[str, ...] = ()
+        if context is not None and context.cwd.startswith("/"):
+            self._cwds = self._directories(analysis, _clean(context.cwd))
+
+    def _cd_target(self, cmd: SimpleCommand) -> str:
+        """Where ``cd``/``pushd`` goes: an absolute path, a relative one, or _UNKNOWN_DIR."""
+        words = [w for w in cmd.positionals if w not in _CD_FLAGS]
+        if not words:
+            return self._home or _UNKNOWN_DIR  # cd alone: the home
+        word = words[0]
+        rest = _tilde_rest(word)
+        if rest is not None:
+            return self._home + rest if self._home else _UNKNOWN_DIR
+        if word == "-" or "\0" in word or any(c in word for c in "$`*?[{~"):
+            return _UNKNOWN_DIR
+        return word
+
+    def _directories(self, analysis: Analysis, cwd: str) -> tuple[str, ...]:
+        """The directories a command of the line may run in: the cwd, and wherever any
+        combination of its ``cd``/``pushd`` may lead (in any order: a function defined
+        before a ``cd`` runs after it, a loop repeats one; and each may fail). A target the
+        analysis cannot know counts as the home, where the files these rules protect are."""
+        targets: list[str] = []
+        for cmd in analysis.commands:
+            if cmd.name in _CD_COMMANDS:
+                target = self._cd_target(cmd)
+                if target == _UNKNOWN_DIR:
+                    targets.extend(self._homes)
+                elif target not in targets:
+                    targets.append(target)
+        found = [cwd]
+        for _round in range(min(len(targets), _MAX_CD_ROUNDS)):
+            added = False
+            for base in list(found):
+                for target in targets:
+                    d = _clean(posixpath.join(base, target))
+                    if d not in found and len(found) < _MAX_CWDS:
+                        found.append(d)
+                        added = True
+            if not added:
+                break
+        return tuple(found)
+
+    def readings(self, word: str) -> tuple[tuple[str, ...], ...]:
+        """What ``word`` names, one reading per directory it may be relative to (one for an
+        absolute or ``~`` word): the normalized path, absolute, and as ``~/...`` below the
+        home. Empty when it is no path we can resolve (``$VAR/x``, ``~user``)."""
+        found = self._cache.get(word)
+        if found is not None:
+            return found
+        readings: list[tuple[str, ...]] = []
+        absolute: list[str] = []
+        rest = _tilde_rest(word)
+        if not word or "\0" in word:
+            pass
+        elif word.startswith("/"):
+            absolute.append(word)
+        elif rest is not None:
+            if self._home:
+                absolute.append(self._home + rest)
+            else:
+                under = _under_home(rest)
+                if under is not None:
+                    readings.append((under,))
+        elif word.startswith(("$", "~")):
+            pass  # another variable, another user's home: not a path we can resolve
+        elif self._cwds:
+            absolute.extend(c + "/" + word for c in self._cwds)
+        else:
+            readings.append((posixpath.normpath(word),))
+        for a in absolute:
+            n = _clean(a)
+            tilde = [
+                "~" if n == h else "~" + n[len(h) :]
+                for h in self._homes
+                if n == h or n.startswith(h + "/")
+            ]
+            # Below the home, a relative or ~ word is matched as ~/...: the spelling rules
+            # name the caller's own files in, and the one `~/.bashrc` was always matched in
+            # (not /home/u/project/.bashrc, which the glob /home/*/.bashrc also matches: its
+            # * spans "/"). A word written absolute keeps its absolute form too.
+            kept = tilde if tilde and not word.startswith("/") else [n, *tilde]
+            readings.append(tuple(dict.fromkeys(kept)))
+        result = tuple(readings)
+        self._cache[word] = result
+        return result
+
+    def forms(self, word: str) -> tuple[str, ...]:
+        """``word`` as written, then every form of every reading (see :meth:`readings`)."""
+        return tuple(dict.fromkeys((word, *(f for r in self.readings(word) for f in r))))
+
+    def covered(self, globs: Globs, word: str) -> bool:
+        """Whether an exception's ``globs`` cover ``word``: as written (unless it climbs
+        with ``..``: ``build/../../.bashrc`` is not in ``build/*``), or in every reading."""
+        if globs.match(word) and not _dot_dot(word):
+            return True
+        readings = self.readings(word)
+        return bool(readings) and all(any(globs.match(f) for f in r) for r in readings)
+
+
+def _dot_dot(word: str) -> bool:
+    return ".." in word.split("/")
+
+
 # --------------------------------------------------------------------------- the line
 
 
@@ -169,15 +367,43 @@ _NO_COMMAND = SimpleCommand(
 )
 
 
+_EMPTY = Analysis(
+    source="",
+    commands=(),
+    pipelines=(),
+    findings=(),
+    classification=Classification(),
+    read_only=True,
+    normalized="",
+)
+
+
 class _Line:
     """Per-evaluation state: the analysis and caches (never shared between calls)."""
 
-    __slots__ = ("_pipes", "analysis", "regex_cache")
+    __slots__ = ("_context", "_paths", "_pipes", "analysis", "regex_cache")
 
-    def __init__(self, analysis: Analysis) -> None:
+    def __init__(self, analysis: Analysis, context: PathContext | None = None) -> None:
         self.analysis = analysis
         self.regex_cache: dict[int, bool] = {}
         self._pipes: dict[int, list[SimpleCommand]] | None = None
+        self._context = context
+        self._paths: _Paths | None = None
+
+    @property
+    def paths(self) -> _Paths:
+        if self._paths is None:
+            self._paths = _Paths(self.analysis, self._context)
+        return self._paths
+
+    def path_hit(self, globs: Globs, words: Iterable[str]) -> tuple[str, str] | None:
+        """The first word one of whose forms (``_Paths.forms``) matches, with that form."""
+        forms = self.paths.forms
+        for word in words:
+            for form in forms(word):
+                if globs.match(form):
+                    return word, form
+        return None
 
     def earlier_in_pipeline(self, cmd: SimpleCommand) -> list[SimpleCommand]:
         if cmd.pipeline < 0 or cmd.pipeline_position <= 0:
@@ -283,25 +509,25 @@ class _Positionals(_Cond):
 
     def test(self, line: _Line, cmd: SimpleCommand) -> bool:
         pos = cmd.positionals
-        if self.any is not None and self.any.first(pos) is None:
+        if self.any is not None and line.path_hit(self.any, pos) is None:
             return False
         for g in self.all:
-            if g.first(pos) is None:
+            if line.path_hit(g, pos) is None:
                 return False
-        return self.none is None or self.none.first(pos) is None
+        return self.none is None or line.path_hit(self.none, pos) is None
 
     def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
         if not self.test(line, cmd):
             return None
         parts = []
         if self.any is not None:
-            hit = self.any.first(cmd.positionals)
+            hit = line.path_hit(self.any, cmd.positionals)
             assert hit is not None
-            parts.append(f"any: {_quote(hit)} matches {self.any.which(hit)}")
+            parts.append(f"any: {_shown(hit)} matches {self.any.which(hit[1])}")
         for g in self.all:
-            hit = g.first(cmd.positionals)
+            hit = line.path_hit(g, cmd.positionals)
             assert hit is not None
-            parts.append(f"all: {_quote(hit)} matches {g.which(hit)}")
+            parts.append(f"all: {_shown(hit)} matches {g.which(hit[1])}")
         if self.none is not None:
             parts.append("none: no positional matches")
         return "positionals: " + "; ".join(parts)
@@ -319,14 +545,20 @@ class _Words(_Cond):
             return (name for name, _value in cmd.assignments)
         return cmd.args
 
+    def _hit(self, line: _Line, cmd: SimpleCommand) -> tuple[str, str] | None:
+        if self.key == "assignments":  # names, not paths
+            found = self.globs.first(self._words(cmd))
+            return None if found is None else (found, found)
+        return line.path_hit(self.globs, cmd.args)
+
     def test(self, line: _Line, cmd: SimpleCommand) -> bool:
-        return self.globs.first(self._words(cmd)) is not None
+        return self._hit(line, cmd) is not None
 
     def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
-        hit = self.globs.first(self._words(cmd))
+        hit = self._hit(line, cmd)
         if hit is None:
             return None
-        return f"{self.key}: {_quote(hit)} matches {self.globs.which(hit)}"
+        return f"{self.key}: {_shown(hit)} matches {self.globs.which(hit[1])}"
 
 
 class _OptionValues(_Cond):
@@ -338,20 +570,23 @@ class _OptionValues(_Cond):
         self.flags = flags
         self.globs = globs
 
-    def _hit(self, cmd: SimpleCommand) -> tuple[str, str] | None:
+    def _hit(self, line: _Line, cmd: SimpleCommand) -> tuple[str, tuple[str, str]] | None:
         for flag, value in cmd.option_values:
-            if (self.flags is None or flag in self.flags) and self.globs.match(value):
-                return flag, value
+            if self.flags is None or flag in self.flags:
+                hit = line.path_hit(self.globs, (value,))
+                if hit is not None:
+                    return flag, hit
         return None
 
     def test(self, line: _Line, cmd: SimpleCommand) -> bool:
-        return bool(cmd.option_values) and self._hit(cmd) is not None
+        return bool(cmd.option_values) and self._hit(line, cmd) is not None
 
     def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
-        hit = self._hit(cmd)
-        if hit is None:
+        found = self._hit(line, cmd)
+        if found is None:
             return None
-        return f"option_values: {hit[0]} {_quote(hit[1])} matches {self.globs.which(hit[1])}"
+        flag, hit = found
+        return f"option_values: {flag} {_shown(hit)} matches {self.globs.which(hit[1])}"
 
 
 class _Redirects(_Cond):
@@ -361,20 +596,26 @@ class _Redirects(_Cond):
         self.targets = targets
         self.ops = ops
 
-    def _hit(self, cmd: SimpleCommand) -> str | None:
+    def _hit(self, line: _Line, cmd: SimpleCommand) -> str | None:
         for r in cmd.redirects:
-            if r.op in self.ops and (self.targets is None or self.targets.match(r.target)):
-                return f"{r.fd if r.fd is not None else ''}{r.op}{r.target}"
+            if r.op not in self.ops:
+                continue
+            written = f"{r.fd if r.fd is not None else ''}{r.op}{r.target}"
+            if self.targets is None:
+                return _quote(written)
+            hit = line.path_hit(self.targets, (r.target,))
+            if hit is not None:
+                return _quote(written) + ("" if hit[0] == hit[1] else f" (as {_quote(hit[1])})")
         return None
 
     def test(self, line: _Line, cmd: SimpleCommand) -> bool:
         if not cmd.redirects:
             return False
-        return self._hit(cmd) is not None
+        return self._hit(line, cmd) is not None
 
     def why(self, line: _Line, cmd: SimpleCommand) -> str | None:
-        hit = self._hit(cmd)
-        return None if hit is None else f"redirects: {_quote(hit)}"
+        hit = self._hit(line, cmd)
+        return None if hit is None else f"redirects: {hit}"
 
 
 class _Wrapped(_Cond):
@@ -780,14 +1021,16 @@ class RuleException:
         """Whether it is in force on ``today`` (it holds through its expiry day)."""
         return self.expires is None or today <= self.expires
 
-    def covers(self, cmd: SimpleCommand) -> bool:
-        """Whether every operand of ``cmd`` (and there is one) matches an exception value."""
+    def covers(self, cmd: SimpleCommand, line: _Line | None = None) -> bool:
+        """Whether every operand of ``cmd`` (and there is one) matches an exception value,
+        as written or as what it names (``_Paths.covered``; ``line``: the line's context)."""
         g = self.globs
         assert g is not None  # set by __post_init__
         operands = [*cmd.positionals, *(r.target for r in cmd.redirects if r.target)]
         if not operands:
             operands = list(cmd.args)
-        return bool(operands) and all(g.match(word) for word in operands)
+        paths = (line if line is not None else _Line(_EMPTY)).paths
+        return bool(operands) and all(paths.covered(g, word) for word in operands)
 
 
 @dataclass(frozen=True)
@@ -825,13 +1068,13 @@ class Rule:
         return self.matcher.line_only
 
     def _exception_for(
-        self, commands: Iterable[SimpleCommand], today: date
+        self, commands: Iterable[SimpleCommand], today: date, line: _Line | None = None
     ) -> RuleException | None:
         if not self.exceptions:
             return None
         cmds = tuple(commands)
         for exc in self.exceptions:
-            if exc.active(today) and cmds and all(exc.covers(c) for c in cmds):
+            if exc.active(today) and cmds and all(exc.covers(c, line) for c in cmds):
                 return exc
         return None
 
@@ -846,9 +1089,15 @@ class Rule:
             span=span,
         )
 
-    def findings(self, analysis: Analysis, *, today: date | None = None) -> tuple[Finding, ...]:
+    def findings(
+        self, analysis: Analysis, *, today: date | None = None, context: PathContext | None = None
+    ) -> tuple[Finding, ...]:
         """This rule alone on ``analysis``: its findings (used for inline tests)."""
-        return RuleSet((self,)).evaluate(analysis, today=today, parser_findings=False).findings
+        return (
+            RuleSet((self,))
+            .evaluate(analysis, today=today, parser_findings=False, context=context)
+            .findings
+        )
 
 
 @dataclass(frozen=True)
@@ -911,22 +1160,31 @@ class RuleSet:
         return self._by_name.get(cmd.name, self._general)
 
     def evaluate(
-        self, analysis: Analysis, *, today: date | None = None, parser_findings: bool = True
+        self,
+        analysis: Analysis,
+        *,
+        today: date | None = None,
+        parser_findings: bool = True,
+        context: PathContext | None = None,
     ) -> StaticVerdict:
         """The static verdict: the strictest ask/deny finding, else ALLOW when every
-        command is covered by an allow rule, else None (no opinion)."""
+        command is covered by an allow rule, else None (no opinion). ``context``: where the
+        line runs, to match the paths it names as what they resolve to (:class:`PathContext`)."""
         day = today if today is not None else today_utc()
-        line = _Line(analysis)
+        line = _Line(analysis, context)
         findings: list[Finding] = list(analysis.findings) if parser_findings else []
         commands = analysis.commands
         for rule in self._line:
-            if rule.matcher.test(line, _NO_COMMAND) and rule._exception_for(commands, day) is None:
+            if (
+                rule.matcher.test(line, _NO_COMMAND)
+                and rule._exception_for(commands, day, line) is None
+            ):
                 findings.append(rule._finding(analysis.source, _line_span(analysis.source)))
         covered = 0
         for cmd in commands:
             is_covered = False
             for rule in self._candidates(cmd):
-                if rule.matcher.test(line, cmd) and rule._exception_for((cmd,), day) is None:
+                if rule.matcher.test(line, cmd) and rule._exception_for((cmd,), day, line) is None:
                     findings.append(rule._finding(cmd.text, cmd.span))
                     if rule.decision is Verdict.ALLOW:
                         is_covered = True
@@ -949,14 +1207,16 @@ class RuleSet:
             allowed_read_only=verdict is Verdict.ALLOW and analysis.read_only,
         )
 
-    def explain(self, analysis: Analysis, *, today: date | None = None) -> tuple[RuleHit, ...]:
+    def explain(
+        self, analysis: Analysis, *, today: date | None = None, context: PathContext | None = None
+    ) -> tuple[RuleHit, ...]:
         """Every rule whose match holds, with why (including those an exception stopped)."""
         day = today if today is not None else today_utc()
-        line = _Line(analysis)
+        line = _Line(analysis, context)
         hits: list[RuleHit] = []
         for rule in self._line:
             if rule.matcher.test(line, _NO_COMMAND):
-                exc = rule._exception_for(analysis.commands, day)
+                exc = rule._exception_for(analysis.commands, day, line)
                 hits.append(
                     RuleHit(
                         rule.id,
@@ -969,7 +1229,7 @@ class RuleSet:
         for i, cmd in enumerate(analysis.commands):
             for rule in self._candidates(cmd):
                 if rule.matcher.test(line, cmd):
-                    exc = rule._exception_for((cmd,), day)
+                    exc = rule._exception_for((cmd,), day, line)
                     hits.append(
                         RuleHit(
                             rule.id,

@@ -32,6 +32,7 @@ from airlock.policy.rules import (
     Globs,
     JsonPath,
     Layer,
+    PathContext,
     Rule,
     RuleException,
     RuleHit,
@@ -83,13 +84,19 @@ class PolicyBundle:
 
         return analyze(command, catalog=self.catalog)
 
-    def evaluate(self, analysis: Analysis, *, today: date | None = None) -> StaticVerdict:
-        """The static verdict of ``analysis`` (``today``: for exception expiry; default UTC)."""
-        return self._ruleset.evaluate(analysis, today=today)
+    def evaluate(
+        self, analysis: Analysis, *, today: date | None = None, context: PathContext | None = None
+    ) -> StaticVerdict:
+        """The static verdict of ``analysis`` (``today``: for exception expiry; default UTC;
+        ``context``: the cwd and home its relative paths resolve against, see
+        :class:`~airlock.policy.rules.PathContext`; None: paths only as written)."""
+        return self._ruleset.evaluate(analysis, today=today, context=context)
 
-    def explain(self, analysis: Analysis, *, today: date | None = None) -> tuple[RuleHit, ...]:
+    def explain(
+        self, analysis: Analysis, *, today: date | None = None, context: PathContext | None = None
+    ) -> tuple[RuleHit, ...]:
         """Every rule whose match holds on ``analysis``, with the reasons."""
-        return self._ruleset.explain(analysis, today=today)
+        return self._ruleset.explain(analysis, today=today, context=context)
 
     def judge_effects(self, effects: Effects, *, today: date | None = None) -> tuple[Finding, ...]:
         """One DYNAMIC finding per effect rule that fires on ``effects``, strictest first.

@@ -16,6 +16,7 @@ from airlock.core.engine import StaticMemo
 from airlock.policy import shell
 from airlock.policy.loader import PolicyBundle, load_bundle
 from airlock.policy.model import Analysis
+from airlock.policy.rules import PathContext
 from airlock.policy.store import default_policy_dir
 from airlock.types import Verdict
 from tests.helpers.policy import load_policy, policy, rule_yaml
@@ -144,3 +145,26 @@ def test_threads_share_one_memo(shipped: PolicyBundle) -> None:
         t.join()
     assert errors == []
     assert len(memo) <= 4
+
+
+def test_the_cwd_and_the_home_are_part_of_the_key(
+    shipped: PolicyBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.bashrc` is the shell's start-up file in the home, a project file elsewhere: a line
+    judged in one cwd (or for one home) is never answered from another's entry."""
+    memo = StaticMemo(shipped)
+    seen = counting(monkeypatch)
+    line = "echo alias ls=rm >> .bashrc"
+    home = PathContext(cwd="/srv/u", home="/srv/u")
+    project = PathContext(cwd="/srv/u/project", home="/srv/u")
+    other_home = PathContext(cwd="/srv/u", home="/srv/v")
+    assert memo.judge(line, project)[0].verdict is None
+    assert memo.judge(line, home)[0].verdict is Verdict.ASK
+    assert memo.judge(line, other_home)[0].verdict is None
+    assert memo.judge(line, project)[0].verdict is None  # remembered, not judged again
+    assert memo.judge(line, home)[0].verdict is Verdict.ASK
+    assert seen == [line] * 3
+    assert len(memo) == 3
+    for context in (home, project, other_home):
+        analysis = shipped.analyze(line)
+        assert memo.judge(line, context)[0] == shipped.evaluate(analysis, context=context)
