@@ -99,7 +99,7 @@ class Reason(enum.StrEnum):
     APPLY_NO_SPACE = "APPLY_NO_SPACE"  # the host's file system is full (or over quota)
     APPLY_FAILED = "APPLY_FAILED"  # writing a path failed otherwise; nothing left changed
     APPLY_INCOMPLETE = "APPLY_INCOMPLETE"  # Apply stopped part way: some paths were written
-    APPLY_SPECIAL_FILES = "APPLY_SPECIAL_FILES"  # a setuid, capability file, FIFO... not approved
+    APPLY_SPECIAL_FILES = "APPLY_SPECIAL_FILES"  # a setuid, capability file, device... not approved
     CHANGESET_INVALID = "CHANGESET_INVALID"  # the kept changes cannot be opened or read
     CHANGESET_CORRUPT = "CHANGESET_CORRUPT"  # the kept changes do not match their manifest
 

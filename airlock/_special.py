@@ -2,8 +2,9 @@
 
 One definition serves the policy's effect rules (``files.special``, judged on a dry run's
 :class:`~airlock.types.FileChange`), the Validate answer and Apply, which refuses to write
-any of them unless the approval of the validation names the path
-(:mod:`airlock.sandbox.apply`). A change is *special* when, afterwards, the path is:
+a privileged one (:data:`PRIVILEGED`: not FIFOs and sockets) unless the approval of the
+validation names the path (:mod:`airlock.sandbox.apply`). A change is *special* when,
+afterwards, the path is:
 
 * ``setuid`` / ``setgid``: a non-directory with the set-user-ID / set-group-ID bit, and the
   change gave it the bit: a new entry, new content (or another type), or a mode change that

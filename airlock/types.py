@@ -569,3 +569,5 @@ class Capabilities:
     seccomp: bool
     seccomp_user_notification: bool
     limits: Limits
+    # Whether a validation's own uid may approve it (the daemon's allow-self-approval).
+    allow_self_approval: bool = False

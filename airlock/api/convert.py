@@ -890,6 +890,7 @@ def capabilities_to_proto(c: types.Capabilities) -> pb.GetCapabilitiesResponse:
         seccomp=c.seccomp,
         seccomp_user_notification=c.seccomp_user_notification,
         limits=limits_to_proto(c.limits),
+        allow_self_approval=c.allow_self_approval,
     )
 
 
@@ -906,6 +907,7 @@ def capabilities_from_proto(msg: pb.GetCapabilitiesResponse) -> types.Capabiliti
         seccomp=msg.seccomp,
         seccomp_user_notification=msg.seccomp_user_notification,
         limits=limits_from_proto(msg.limits),
+        allow_self_approval=msg.allow_self_approval,
     )
 
 

@@ -846,12 +846,18 @@ class AuditLog:
             problem = walk.run()
             if walk.mismatch is not None:
                 problem = self._diagnose(conn, *walk.mismatch)
-        last = walk.expected_seq - 1
-        head = Anchor(last, walk.expected_prev) if last else None
-        if problem is None and anchor is not None:
-            problem = _check_anchor(anchor, head, walk.anchored)
-        if problem is None and known is not None:
-            problem = _check_anchor(known, head, walk.known, "the daemon's last append")
+            last = walk.expected_seq - 1
+            head = Anchor(last, walk.expected_prev) if last else None
+            if problem is None and anchor is not None:
+                problem = _check_anchor(anchor, head, walk.anchored)
+            if problem is None and known is not None:
+                problem = _check_anchor(known, head, walk.known, "the daemon's last append")
+            if problem is not None and problem.seq <= last:
+                # An anchor's event with another hash: the walk went past it, but only the
+                # events before the problem count as intact (events and head say so).
+                last = max(problem.seq - 1, 0)
+                row = conn.execute("SELECT hash FROM events WHERE seq = ?", (last,)).fetchone()
+                head = Anchor(last, row[0]) if last and row is not None else None
         return VerifyResult(events=last, head=head, problem=problem)
 
     def check_continues(self, anchor: Anchor, source: str) -> VerifyProblem | None:

@@ -70,9 +70,9 @@ def add_parsers(sub: Any, socket: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="let Apply write this special file of the validation (made setuid or setgid, "
-        "given file capabilities, a FIFO or a socket): it writes none the approval does not "
-        "name (repeat for each)",
+        help="let Apply write this privileged file of the validation (made setuid or setgid, "
+        "given file capabilities, or a device node): it writes none the approval does not "
+        "name (repeat for each); FIFOs and sockets need no approval",
     )
     approve.add_argument(
         "-y",

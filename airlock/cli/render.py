@@ -22,6 +22,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from airlock import types
+from airlock._notkept import not_kept_advice
 from airlock._special import Special, change_specials
 from airlock.audit import AuditEvent, StoredEvent, VerifyResult
 
@@ -515,7 +516,8 @@ def render_validation(v: types.Validation, bounds: ReportBounds = ALL) -> Render
     if v.changes_not_kept and (v.changes or v.changes_truncated):
         note = Text("Not kept for apply: ", style="bold yellow")
         note.append(escape_controls(v.changes_not_kept.rstrip(".")))
-        note.append(". `airlock apply` cannot write these changes; validate again to keep them.")
+        advice = not_kept_advice(v.changes_not_kept)
+        note.append(f". `airlock apply` cannot write these changes; {advice}.")
         parts.append(note)
     if bounds.summary_only:
         return Group(*parts)

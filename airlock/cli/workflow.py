@@ -10,6 +10,7 @@ about exits 125, each after printing why (for an ask, the dry run's summary and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -175,6 +176,15 @@ def offer_apply(client: Client, v: types.Validation, out: Console) -> None:
     """In a terminal, after a validation: "Apply these changes? [y/N]" (approving an ask)."""
     if not v.changes_digest or v.verdict is types.Verdict.DENY:
         return
+    if v.verdict is types.Verdict.ASK and not _may_approve_own(client, v):
+        # The daemon would refuse this caller's approval (SELF_APPROVAL_NOT_ALLOWED): no
+        # question it cannot honour, but who can let it through.
+        out.print(
+            f"Not applied: an approver must approve it as another user (airlock approve "
+            f"{v.validation_id}); then: airlock apply {v.validation_id}",
+            markup=False,
+        )
+        return
     question = "Approve and apply these changes? [y/N] "
     if v.verdict is types.Verdict.ALLOW:
         question = "Apply these changes? [y/N] "
@@ -202,6 +212,18 @@ def offer_apply(client: Client, v: types.Validation, out: Console) -> None:
             )
         return
     out.print(f"Applied {len(result.applied_paths)} path(s).", markup=False)
+
+
+def _may_approve_own(client: Client, v: types.Validation) -> bool:
+    """Whether the daemon would let this process approve validation ``v``: always worth
+    asking for another uid's (the daemon knows its approvers); for this uid's own ask, only
+    when the daemon allows self-approval (an older daemon does not say: it is taken as no)."""
+    if v.uid != os.getuid():
+        return True
+    try:
+        return client.capabilities().allow_self_approval
+    except AirlockError:
+        return False
 
 
 ACTIONS: dict[str, Action] = {

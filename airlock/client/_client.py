@@ -276,8 +276,9 @@ class Client:
         """Approve a validation the policy asked about (once, or for the session).
 
         ``special_paths`` names the validation's special files (made setuid or setgid,
-        given file capabilities, FIFOs, sockets) that Apply may then write: it writes no
-        other. A ``str`` is encoded as the file system encodes names.
+        given file capabilities, device nodes) that Apply may then write: it writes no
+        other (FIFOs and sockets need no approval). A ``str`` is encoded as the file system
+        encodes names.
         """
         scope = pb.APPROVAL_SCOPE_SESSION if session else pb.APPROVAL_SCOPE_ONCE
         request = pb.ApproveRequest(

@@ -26,6 +26,7 @@ slot) is not a decision and is not recorded. Pinned by ``tests/unit/core/test_se
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -323,7 +324,8 @@ class Service:
         """Approve validation ``validation_id`` (ONCE or for its SESSION) as ``peer``.
 
         ``special_paths`` names the validation's special files (setuid, setgid, file
-        capabilities, FIFOs, sockets) Apply may then write; it writes no other.
+        capabilities, device nodes) Apply may then write; it writes no other (FIFOs and
+        sockets may be named, but Apply writes them unnamed too).
         """
         checked_id("validation_id", validation_id)
         caller = _audit.caller_of(peer)
@@ -582,7 +584,12 @@ class Service:
     # --- What the daemon is -------------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
-        return self._capabilities
+        # Whether a caller may approve its own ask: the approvers in force, for the CLI to
+        # offer that approval only when the daemon would accept it.
+        self_approval = self._workflow.approvers.allow_self_approval
+        if self._capabilities.allow_self_approval == self_approval:
+            return self._capabilities
+        return dataclasses.replace(self._capabilities, allow_self_approval=self_approval)
 
     def policy(self) -> PolicyInfo:
         return self._policy.info()

@@ -66,11 +66,12 @@ share of one uid), and hands the directory back (``discard``, ``expire``,
 says why in ``changes_not_kept``: Apply then refuses it (``CHANGES_NOT_KEPT``) with that
 reason, rather than applying nothing.
 
-Special files (:mod:`airlock._special`: setuid, setgid, file capabilities, FIFOs,
-sockets) are recorded with each validation; an approval may name some of them
+Special files (:mod:`airlock._special`: setuid, setgid, file capabilities, device nodes,
+FIFOs, sockets) are recorded with each validation; an approval may name some of them
 (``special_paths``), and only those are handed to Apply (``begin_apply``'s record's
-``approved_special``), which writes no other. An ALLOW validation needs no approval, but
-may get one that names its special files (its state becomes APPROVED).
+``approved_special``), which writes no other privileged one (FIFOs and sockets need no
+approval). An ALLOW validation needs no approval, but may get one that names its special
+files (its state becomes APPROVED).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ from airlock._errors import (
     Reason,
     ResourceExhausted,
 )
+from airlock._notkept import not_kept_advice
+from airlock._special import PRIVILEGED
 from airlock.audit.model import Anchor, Authorization
 from airlock.types import ApprovalScope, Verdict
 
@@ -864,7 +867,7 @@ class StateStore:
             if rec.state is ValidationState.ALLOWED and not special_paths:
                 more = (
                     "; to let Apply write its special files, approve it naming them"
-                    if rec.specials
+                    if any(PRIVILEGED.intersection(kinds) for _path, kinds in rec.specials)
                     else ""
                 )
                 raise FailedPrecondition(
@@ -1080,8 +1083,8 @@ class StateStore:
             if rec.changes_not_kept:
                 raise FailedPrecondition(
                     f"validation {validation_id} has nothing to apply: its dry run's changes "
-                    f"were not kept ({rec.changes_not_kept}); run the command with Execute, "
-                    "or validate it again once they can be kept",
+                    f"were not kept ({rec.changes_not_kept}); "
+                    + not_kept_advice(rec.changes_not_kept),
                     reason="CHANGES_NOT_KEPT",
                 )
             if rec.state is ValidationState.PENDING_APPROVAL:

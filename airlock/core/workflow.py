@@ -153,10 +153,10 @@ class Workflow:
         """Approve a validation: the grant (its token is shown once), what it approved, and
         why ``peer`` may approve it ("approver" or "self-approval ...").
 
-        ``special_paths``: the validation's special files (setuid, capabilities, FIFOs, ...)
-        the approval lets Apply write. Who may approve is :attr:`approvers`' to say, checked
-        in the state store's transaction: PermissionDenied (SELF_APPROVAL_NOT_ALLOWED,
-        NOT_AN_APPROVER) otherwise.
+        ``special_paths``: the validation's special files (setuid, capabilities, devices,
+        ...) the approval lets Apply write (FIFOs and sockets need none). Who may approve is
+        :attr:`approvers`' to say, checked in the state store's transaction:
+        PermissionDenied (SELF_APPROVAL_NOT_ALLOWED, NOT_AN_APPROVER) otherwise.
         """
         basis = ""
 

@@ -263,13 +263,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
             type=int,
             default=DaemonConfig.keep_changes_max,
             metavar="N",
-            help="keep a dry run's changes for Apply only up to N changes (0: never keep them)",
+            help="keep a dry run's changes for Apply only up to N changes (0: never keep them); "
+            "past it, run such a command with Execute (airlock run) or in smaller steps",
         ),
         s.add_argument(
             "--keep-changes-quota",
             type=_size,
             default=DaemonConfig.keep_changes_quota_bytes,
-            help="space the dry runs' changes kept for Apply may take in all",
+            help="space the dry runs' changes kept for Apply may take in all; one dry run "
+            "keeps at most 256 MiB (or its user's share, if less): past that its changes are "
+            "not kept",
         ),
         s.add_argument(
             "--keep-changes-share-per-uid",

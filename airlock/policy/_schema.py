@@ -120,6 +120,19 @@ class _Adds(Protocol):
     def add(self, path: JsonPath, message: str, hint: str = "", *, key: bool = False) -> None: ...
 
 
+class _Once:
+    """Passes each distinct problem on to ``problems`` once."""
+
+    def __init__(self, problems: _Adds) -> None:
+        self.problems = problems
+        self.seen: set[tuple[JsonPath, str, str, bool]] = set()
+
+    def add(self, path: JsonPath, message: str, hint: str = "", *, key: bool = False) -> None:
+        if (path, message, hint, key) not in self.seen:
+            self.seen.add((path, message, hint, key))
+            self.problems.add(path, message, hint, key=key)
+
+
 def _schema_problems(
     file: str, value: Any, problems: _Adds, validator: jsonschema.protocols.Validator | None = None
 ) -> bool:
@@ -127,6 +140,9 @@ def _schema_problems(
     policy file); True when valid."""
     validator = validator or _validator()
     errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
+    # jsonschema reports a failure once per schema branch that checks it (a rule's keys are
+    # required by several if/then and allOf parts): each problem is reported once.
+    problems = _Once(problems)
     for e in errors:
         path: JsonPath = (file, *e.absolute_path)
         where = _describe(tuple(e.absolute_path))

@@ -45,14 +45,16 @@ The steps:
 
 **Special files** (:mod:`airlock._special`): Apply never makes a file setuid or setgid (a
 new one, new content, or a mode change that adds the bit), never writes file capabilities
-(``security.capability``), and never creates a FIFO, socket or device node (the manifest
-cannot even hold a device), unless the caller passes the path in ``approved``: the daemon
-passes the paths the validation's approval names (Approve's ``special_paths``). Any other
-is refused in the check, before anything is written (``FailedPrecondition``,
-``APPLY_SPECIAL_FILES``, naming each path and what it is). This holds whatever the
-policy's verdict was: a policy that forgets its effect rule for such files does not make
-Apply write them. An approved file gets its capabilities after its owner and mode (the
-kernel drops them on ``chown``); setting them needs root.
+(``security.capability``), and never writes a device node (a changeset cannot even hold
+one: ``CHANGESET_UNSUPPORTED``), unless the caller passes the path in ``approved``: the
+daemon passes the paths the validation's approval names (Approve's ``special_paths``). Any
+other such file (:data:`~airlock._special.PRIVILEGED`) is refused in the check, before
+anything is written (``FailedPrecondition``, ``APPLY_SPECIAL_FILES``, naming each path and
+what it is). This holds whatever the policy's verdict was: a policy that forgets its effect
+rule for such files does not make Apply write them. FIFOs and sockets are special files
+too, but not privileged: Apply creates them with or without an approval. An approved file
+gets its capabilities after its owner and mode (the kernel drops them on ``chown``);
+setting them needs root.
 
 A failure during the commit stops it: what was not committed yet is undone, and
 :class:`ApplyResult` reports ``failed`` (the path), ``error``, what was
@@ -243,8 +245,9 @@ def apply(
 ) -> ApplyResult:
     """Write a changeset (a directory, or one already open) to the host: see the module doc.
 
-    ``approved``: the paths whose special files (setuid, setgid, file capabilities, FIFOs,
-    sockets) may be written; any other special file refuses the whole changeset.
+    ``approved``: the paths whose privileged files (setuid, setgid, file capabilities,
+    device nodes) may be written; any other privileged file refuses the whole changeset
+    (FIFOs and sockets need no approval).
     Raises :class:`airlock.Conflict`, :class:`airlock.PermissionDenied`,
     :class:`airlock.FailedPrecondition` (``APPLY_SPECIAL_FILES``),
     :class:`airlock.InvalidRequest`, :class:`airlock.ResourceExhausted`

@@ -974,9 +974,10 @@ class ApproveRequest(_message.Message):
     @_builtins.property
     def special_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The validation's special files that Apply may write, as exact host path
-        bytes: files made setuid or setgid, files with capabilities, FIFOs and
-        sockets (see FileChange). Apply writes none that the approval does not
-        name (FAILED_PRECONDITION, APPLY_SPECIAL_FILES), whatever the verdict. A
+        bytes: files made setuid or setgid, files with capabilities, device nodes
+        (see FileChange). Apply writes none of these that the approval does not
+        name (FAILED_PRECONDITION, APPLY_SPECIAL_FILES), whatever the verdict;
+        FIFOs and sockets may be named but need no approval. A
         path that is not one of the validation's special files is refused
         (INVALID_ARGUMENT, INVALID_SPECIAL_PATH). Naming one lets a validation the
         policy allowed be approved too.
@@ -2326,6 +2327,7 @@ class GetCapabilitiesResponse(_message.Message):
     SECCOMP_FIELD_NUMBER: _builtins.int
     SECCOMP_USER_NOTIFICATION_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    ALLOW_SELF_APPROVAL_FIELD_NUMBER: _builtins.int
     daemon_version: _builtins.str
     """The daemon's version."""
     kernel_release: _builtins.str
@@ -2338,6 +2340,11 @@ class GetCapabilitiesResponse(_message.Message):
     """Whether seccomp filters are available."""
     seccomp_user_notification: _builtins.bool
     """Whether seccomp user notification is available."""
+    allow_self_approval: _builtins.bool
+    """Whether a validation's own uid may approve it (the operator set
+    allow-self-approval). False: only an approver running as another user may
+    approve a caller's ask (Approve: PERMISSION_DENIED, SELF_APPROVAL_NOT_ALLOWED).
+    """
     @_builtins.property
     def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The namespace types the kernel offers, for example "mnt" and "net"."""
@@ -2362,10 +2369,11 @@ class GetCapabilitiesResponse(_message.Message):
         seccomp: _builtins.bool = ...,
         seccomp_user_notification: _builtins.bool = ...,
         limits: Global___Limits | None = ...,
+        allow_self_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_controllers", b"cgroup_controllers", "cgroup_version", b"cgroup_version", "daemon_version", b"daemon_version", "kernel_release", b"kernel_release", "limits", b"limits", "namespaces", b"namespaces", "overlayfs", b"overlayfs", "seccomp", b"seccomp", "seccomp_user_notification", b"seccomp_user_notification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_self_approval", b"allow_self_approval", "cgroup_controllers", b"cgroup_controllers", "cgroup_version", b"cgroup_version", "daemon_version", b"daemon_version", "kernel_release", b"kernel_release", "limits", b"limits", "namespaces", b"namespaces", "overlayfs", b"overlayfs", "seccomp", b"seccomp", "seccomp_user_notification", b"seccomp_user_notification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -77,7 +77,9 @@ def test_changes_not_kept_are_said_so(strict: Daemon, workspace: Path) -> None:
     done = validate(strict, workspace, "--", "echo hi > big")
     assert done.returncode == 0, done.stderr
     assert "Not kept for apply:" in done.stdout
-    assert "validate again to keep them" in done.stdout
+    # Validating again would not keep them either: what would (decisions: airlock/_notkept.py).
+    assert "run the command with Execute" in done.stdout
+    assert "validate again to keep them" not in done.stdout
 
 
 def test_socket_permission_names_the_group(strict: Daemon) -> None:

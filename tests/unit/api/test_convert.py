@@ -410,12 +410,14 @@ def test_capabilities_round_trip() -> None:
             concurrent_validations=4,
             changes=5,
         ),
+        allow_self_approval=True,
     )
     msg = over_the_wire(conv.capabilities_to_proto(caps))
     assert (
         msg.limits.default_timeout.seconds == 12 and msg.limits.default_timeout.nanos == 5 * 10**8
     )
     assert list(msg.namespaces) == ["mnt", "pid", "net"]
+    assert msg.allow_self_approval
     assert conv.capabilities_from_proto(msg) == caps
 
 

@@ -48,6 +48,7 @@ from airlock.audit import (
     RpcKind,
     RuleDecision,
     StoredEvent,
+    VerifyResult,
     caller_of,
     chain_hash,
     decode_event,
@@ -488,6 +489,31 @@ def test_tail_truncation_needs_an_anchor(log_path: Path) -> None:
         assert log.verify().ok
     kind, seq, _ = problem_of(log_path, anchor)
     assert (kind, seq) == (ProblemKind.REWRITTEN, 20)
+
+
+def test_a_wrong_anchor_counts_only_the_events_before_it_as_intact(log_path: Path) -> None:
+    stored = filled(log_path, 130)
+    with AuditLog(log_path) as log:
+        result = log.verify(Anchor(5, "0" * 64))
+        tail = log.verify(Anchor(130, "0" * 64))
+        first = log.verify(Anchor(1, "0" * 64))
+    assert result.problem is not None and result.problem.kind is ProblemKind.REWRITTEN
+    assert result.problem.seq == 5
+    # Not the 130 events the walk went through: 4 before event 5, the last of them event 4.
+    assert (result.events, result.head) == (4, Anchor(4, stored[3].hash))
+    assert tail.problem is not None and (tail.events, tail.head) == (
+        129,
+        Anchor(129, stored[128].hash),
+    )
+    assert first.problem is not None and (first.events, first.head) == (0, None)
+    # A right anchor, and one past the end, are unchanged: every event, or all there are.
+    with AuditLog(log_path) as log:
+        assert log.verify(Anchor(5, stored[4].hash)) == VerifyResult(
+            130, Anchor(130, stored[-1].hash)
+        )
+        past = log.verify(Anchor(140, "0" * 64))
+    assert past.problem is not None and past.problem.kind is ProblemKind.TRUNCATED
+    assert (past.problem.seq, past.events) == (131, 130)
 
 
 def test_tail_truncation_that_leaves_the_rule_index_is_found(log_path: Path) -> None:

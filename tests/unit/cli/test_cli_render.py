@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from airlock.api.status import to_rpc_status
 from airlock.audit import Anchor, ProblemKind, StoredEvent, VerifyProblem, VerifyResult
 from airlock.cli import render as R
 from airlock.cli.main import main
+from airlock.cli.workflow import offer_apply
 from airlock.client import Client, default_socket_path
 from airlock.v1 import sandbox_pb2 as pb
 from airlock.v1 import sandbox_pb2_grpc as pb_grpc
@@ -246,6 +248,36 @@ def test_a_long_output_is_bounded_in_the_report_and_whole_with_all() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("why", "advice"),
+    [
+        (
+            "2502 changes are more than the 2000 a dry run keeps for Apply; run the command with "
+            "Execute instead",
+            "run the command with Execute (`airlock run`) or in smaller steps",
+        ),
+        (
+            "the quota is full of other validations' changes [CHANGESET_QUOTA_EXCEEDED]",
+            "apply or discard pending validations",
+        ),
+    ],
+)
+def test_changes_not_kept_say_what_would_keep_them(why: str, advice: str) -> None:
+    v = T.Validation(
+        validation_id="v1",
+        verdict=T.Verdict.ASK,
+        summary="s",
+        changes=(
+            T.FileChange(path=b"/w/f", kind=T.ChangeKind.CREATED, file_type=T.FileType.REGULAR),
+        ),
+        changes_not_kept=why,
+    )
+    text = " ".join(render(R.render_validation(v)).split())
+    assert "Not kept for apply:" in text and advice in text, text
+    if "pending" not in advice:
+        assert "validate again" not in text.replace("validating again would not", ""), text
+
+
 def test_output_is_decoded_with_replacement_and_truncation_noted() -> None:
     text = render(R.output_panel("stderr", b"warn: \xff\n", truncated=True))
     assert "stderr (8 B, truncated)" in text
@@ -319,6 +351,8 @@ class _Servicer(pb_grpc.SandboxServiceServicer):
     validation: T.Validation = VALIDATION
     error: AirlockError | None = None
     requests: list[pb.ValidateRequest] = field(default_factory=list)
+    capabilities: T.Capabilities = CAPABILITIES
+    calls: list[str] = field(default_factory=list)
 
     def Validate(self, request: pb.ValidateRequest, context: Any) -> pb.ValidateResponse:
         self.requests.append(request)
@@ -329,7 +363,15 @@ class _Servicer(pb_grpc.SandboxServiceServicer):
     def GetCapabilities(
         self, request: pb.GetCapabilitiesRequest, context: Any
     ) -> pb.GetCapabilitiesResponse:
-        return capabilities_to_proto(CAPABILITIES)
+        return capabilities_to_proto(self.capabilities)
+
+    def Approve(self, request: pb.ApproveRequest, context: Any) -> pb.ApproveResponse:
+        self.calls.append(f"approve {request.validation_id}")
+        return pb.ApproveResponse(approval_token="t", approval_id="a", approver_uid=0)
+
+    def Apply(self, request: pb.ApplyRequest, context: Any) -> pb.ApplyResponse:
+        self.calls.append(f"apply {request.validation_id}")
+        return pb.ApplyResponse(validation_id=request.validation_id, applied_paths=["/w/f"])
 
 
 @dataclass
@@ -393,6 +435,54 @@ def test_client_capabilities_and_health(daemon: Daemon) -> None:
         assert client.health() is True
         daemon.health.set("airlock.v1.SandboxService", health_pb2.HealthCheckResponse.NOT_SERVING)
         assert client.health() is False
+
+
+ASKED = T.Validation("v1", T.Verdict.ASK, "asks", uid=os.getuid(), changes_digest="d" * 64)
+
+
+def _offer(daemon: Daemon, v: T.Validation, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """offer_apply's output lines, and each question it asked (answered yes) as "? ..."."""
+    asked: list[str] = []
+
+    def answer(question: str) -> str:
+        asked.append(f"? {question.strip()}")
+        return "y"
+
+    monkeypatch.setattr("builtins.input", answer)
+    out = io.StringIO()
+    with Client(daemon.socket, timeout=10) as client:
+        offer_apply(client, v, Console(file=out, width=300, color_system=None))
+    return asked + out.getvalue().splitlines()
+
+
+def test_no_approval_is_offered_for_an_own_ask_the_daemon_would_refuse(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # allow-self-approval off: "y" would only earn SELF_APPROVAL_NOT_ALLOWED.
+    assert _offer(daemon, ASKED, monkeypatch) == [
+        "Not applied: an approver must approve it as another user (airlock approve v1); "
+        "then: airlock apply v1"
+    ]
+    assert daemon.servicer.calls == []
+
+
+def test_approval_is_offered_when_the_daemon_allows_it(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon.servicer.capabilities = dataclasses.replace(CAPABILITIES, allow_self_approval=True)
+    assert _offer(daemon, ASKED, monkeypatch) == [
+        "? Approve and apply these changes? [y/N]",
+        "Applied 1 path(s).",
+    ]
+    assert daemon.servicer.calls == ["approve v1", "apply v1"]
+    # Another uid's validation: this caller may be one of the daemon's approvers.
+    daemon.servicer.capabilities, daemon.servicer.calls = CAPABILITIES, []
+    other = dataclasses.replace(ASKED, uid=os.getuid() + 1)
+    assert _offer(daemon, other, monkeypatch)[0] == "? Approve and apply these changes? [y/N]"
+    assert daemon.servicer.calls == ["approve v1", "apply v1"]
+    # An ALLOW needs no approval: the question is the same whatever the daemon allows.
+    allowed = dataclasses.replace(ASKED, verdict=T.Verdict.ALLOW)
+    assert _offer(daemon, allowed, monkeypatch)[0] == "? Apply these changes? [y/N]"
 
 
 def test_closed_client_raises_an_airlock_error(daemon: Daemon) -> None:

@@ -496,7 +496,9 @@ def test_the_askers_own_uid_may_not_approve_and_the_approver_is_audited(app: App
 
 def test_allow_self_approval_lets_the_askers_uid_approve_and_says_so(tmp_path: Path) -> None:
     app = make_app(tmp_path)
+    assert not app.service.capabilities().allow_self_approval
     app.workflow.approvers = Approvers(allow_self_approval=True)
+    assert app.service.capabilities().allow_self_approval  # the CLI offers the approval
     v = app.validate("ask")
     app.service.approve(v.validation_id, ApprovalScope.ONCE, ROOT)
     who = app.audit.events[-1].approval.approver  # type: ignore[union-attr]

@@ -947,3 +947,46 @@ def test_records_are_json_friendly(store: StateStore) -> None:
     store.finish_apply("v1", result)
     done = store.begin_apply("v1", uid=OWNER)
     assert isinstance(done, ApplyDone) and done.result_json == result
+
+
+@pytest.mark.parametrize(
+    ("why", "advice"),
+    [
+        (
+            "2502 changes are more than the 2000 a dry run keeps for Apply; run the command "
+            "with Execute instead",
+            "validating again would not keep them: run the command with Execute (`airlock run`) "
+            "or in smaller steps",
+        ),
+        (
+            "the changes are larger than the space allowed for keeping them [CHANGESET_QUOTA]",
+            "validating again would not keep them: run the command with Execute (`airlock run`) "
+            "or in smaller steps",
+        ),
+        (
+            "over the quota [CHANGESET_QUOTA_EXCEEDED]",
+            "apply or discard pending validations (`airlock pending`) or wait for them to "
+            "expire, then validate again",
+        ),
+    ],
+)
+def test_apply_of_changes_not_kept_advises_by_cause(
+    store: StateStore, why: str, advice: str
+) -> None:
+    store.record_validation(
+        new(
+            "v9",
+            Verdict.ALLOW,
+            diff_hash="",
+            changeset_dir="",
+            changeset_bytes=0,
+            changes_not_kept=why,
+        )
+    )
+    with pytest.raises(FailedPrecondition) as refused:
+        store.begin_apply("v9", uid=OWNER)
+    assert refused.value.reason == "CHANGES_NOT_KEPT"
+    assert refused.value.message == (
+        f"validation v9 has nothing to apply: its dry run's changes were not kept ({why}); "
+        + advice
+    )

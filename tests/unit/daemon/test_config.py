@@ -274,3 +274,13 @@ def test_the_unit_fits_the_daemon() -> None:
     assert settings["RuntimeDirectoryMode"] == ["0755"] and settings["StateDirectoryMode"] == [
         "0700"
     ]
+
+
+def test_help_states_the_per_run_cap_on_kept_changes() -> None:
+    from airlock.sandbox.plan import RunSpec
+
+    parser, _ = main._parser()
+    mib = RunSpec.keep_changes_bytes // 1024**2
+    assert f"one dry run keeps at most {mib} MiB" in " ".join(parser.format_help().split())
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    assert f"one dry run keeps at most {mib} MiB" in " ".join(readme.split())

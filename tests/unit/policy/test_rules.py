@@ -592,6 +592,19 @@ def test_schema_problems_are_located(tmp_path: Path) -> None:
     assert "expected a list, found a string" in got[(8, 20)]
 
 
+def test_each_schema_problem_is_reported_once(tmp_path: Path) -> None:
+    # jsonschema reports a missing key once per schema branch requiring it: 11 for 5 problems.
+    found = problems(tmp_path, {"p.yaml": "version: 1\nrules: [{id: bad, decision: maybe}]\n"})
+    messages = [p.message for p in found]
+    assert messages == [
+        "missing required key 'title' in rules[0]",
+        "missing required key 'description' in rules[0]",
+        "missing required key 'severity' in rules[0]",
+        "missing required key 'match' in rules[0]",
+        "rules[0].decision: 'maybe' is not one of allow, ask, deny",
+    ]
+
+
 def test_duplicate_rule_ids_across_files(tmp_path: Path) -> None:
     found = problems(
         tmp_path,

@@ -21,7 +21,7 @@ import pytest
 
 from airlock import FailedPrecondition, InvalidRequest, ResourceExhausted
 from airlock._special import Special, change_specials, describe_capabilities, specials
-from airlock.core.state import NewValidation, StateStore, ValidationRecord
+from airlock.core.state import ApprovalScope, NewValidation, StateStore, ValidationRecord
 from airlock.policy.effects import synthetic_effects
 from airlock.policy.loader import PolicyBundle, PolicyError, load_bundle
 from airlock.sandbox import _syscalls as sc
@@ -438,6 +438,34 @@ def record(store: StateStore, vid: str, uid: int, size: int) -> None:
             changeset_bytes=size,
         )
     )
+
+
+def test_approving_an_allowed_validation_names_only_privileged_files(tmp_path: Path) -> None:
+    # Apply writes FIFOs and sockets unapproved: the refusal does not suggest naming them.
+    with StateStore(tmp_path / "s.db") as store:
+        for vid, kinds in (("f1", ("fifo",)), ("s1", ("setuid",))):
+            store.record_validation(
+                NewValidation(
+                    validation_id=vid,
+                    command="make",
+                    cwd="/w",
+                    uid=1000,
+                    gid=1000,
+                    verdict=Verdict.ALLOW,
+                    diff_hash="a" * 64,
+                    changeset_dir=f"/c/{vid}",
+                    changeset_bytes=10,
+                    specials=((b"/w/" + vid.encode(), kinds),),
+                )
+            )
+        with pytest.raises(FailedPrecondition) as fifo:
+            store.approve("f1", ApprovalScope.ONCE, approver_uid=0)
+        assert fifo.value.message.endswith("is allowed by the policy; it needs no approval")
+        with pytest.raises(FailedPrecondition) as setuid:
+            store.approve("s1", ApprovalScope.ONCE, approver_uid=0)
+        assert setuid.value.message.endswith(
+            "it needs no approval; to let Apply write its special files, approve it naming them"
+        )
 
 
 def test_each_uid_has_its_share_of_the_quota(tmp_path: Path) -> None:
