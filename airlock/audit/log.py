@@ -406,6 +406,8 @@ class _Pending:
 
     events: tuple[AuditEvent, ...]
     bodies: list[bytes]
+    # Whether its commit must fsync (``append(durable=False)``: written, not fsynced).
+    durable: bool = True
     done: threading.Event = field(default_factory=threading.Event)
     claimed: bool = False  # its commit began: it is written or fails whole, never withdrawn
     stored: list[StoredEvent] = field(default_factory=list)
@@ -511,12 +513,22 @@ class AuditLog:
 
     # --- Writing ------------------------------------------------------------------------------
 
-    def append(self, event: AuditEvent) -> StoredEvent:
-        """Append one event; it is durable (fsynced) when this returns."""
-        return self.append_many((event,))[0]
+    def append(self, event: AuditEvent, *, durable: bool = True) -> StoredEvent:
+        """Append one event; it is durable (fsynced) when this returns.
+
+        ``durable=False``: written but not fsynced when this returns (it survives the
+        process being killed; a crash of the machine may lose it until the next fsynced
+        commit, which makes it durable too: the log is one file, written in order). For an
+        outcome recorded after its decision, never for a decision (docs/decisions.md §47).
+        """
+        return self.append_many((event,), durable=durable)[0]
 
     def append_many(
-        self, events: Sequence[AuditEvent], *, timeout: float | None = None
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        timeout: float | None = None,
+        durable: bool = True,
     ) -> builtins.list[StoredEvent]:
         """Append events in one transaction: all of them or none.
 
@@ -534,7 +546,7 @@ class AuditLog:
             bodies = [encode_event(e) for e in events]
         except MalformedEvent as err:
             raise AuditError(f"cannot log the event: {err}", reason="AUDIT_EVENT_INVALID") from None
-        mine = _Pending(tuple(events), bodies)
+        mine = _Pending(tuple(events), bodies, durable)
         with self._cond:
             if self._closing or self._closed:
                 raise AuditError(f"the audit log {self.path} is closed", reason="AUDIT_LOG_CLOSED")
@@ -580,9 +592,17 @@ class AuditLog:
         thread or an appending one; it must not block)."""
         self._on_commit = callback
 
-    def _claim(self) -> builtins.list[_Pending]:
-        """Take every queued append (``_cond`` held): their commit begins."""
-        batch, self._queue, self._queued = self._queue, [], 0
+    def _claim(self, *, durable: bool = True) -> builtins.list[_Pending]:
+        """Take every queued append (``_cond`` held): their commit begins.
+
+        ``durable=False`` (a commit without the fsync): only the appends that do not need
+        one; the others stay queued for the next commit, which fsyncs."""
+        if durable:
+            batch, self._queue, self._queued = self._queue, [], 0
+        else:
+            batch = [p for p in self._queue if not p.durable]
+            self._queue = [p for p in self._queue if p.durable]
+            self._queued = sum(len(p.bodies) for p in self._queue)
         for p in batch:
             p.claimed = True
         return batch
@@ -623,23 +643,34 @@ class AuditLog:
         is locked by another process (nothing was taken from the queue)."""
         conn = self._writer
         batch: builtins.list[_Pending] = []
+        # Without the fsync only while nothing queued needs it; an append that needs it and
+        # comes meanwhile is left for the next commit (_claim), which fsyncs.
+        with self._cond:
+            durable = self._db.synchronous != "NORMAL" and any(p.durable for p in self._queue)
+        relaxed = self._db.synchronous != "NORMAL" and not durable
         try:
             with self._db.guard("append"):
+                if relaxed:
+                    conn.execute("PRAGMA synchronous = NORMAL")
                 try:
-                    conn.execute("BEGIN IMMEDIATE")  # waits _WRITER_BUSY_MS at most
-                except sqlite3.OperationalError as err:
-                    if getattr(err, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES:
-                        return False
-                    raise
-                with self._cond:
-                    batch = self._claim()
-                try:
-                    self._insert(conn, batch)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")  # waits _WRITER_BUSY_MS at most
+                    except sqlite3.OperationalError as err:
+                        if getattr(err, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES:
+                            return False
+                        raise
+                    with self._cond:
+                        batch = self._claim(durable=not relaxed)
+                    try:
+                        self._insert(conn, batch)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                        raise
+                finally:
+                    if relaxed:
+                        conn.execute(f"PRAGMA synchronous = {self._db.synchronous}")
         except AuditError as err:
             if not batch:  # BEGIN failed: the queue fails with it
                 with self._cond:

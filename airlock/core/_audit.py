@@ -64,15 +64,18 @@ __all__ = [
 _log = logging.getLogger("airlock.daemon")
 
 
-def record(log: AuditLog, event: AuditEvent) -> StoredEvent:
+def record(log: AuditLog, event: AuditEvent, *, durable: bool = True) -> StoredEvent:
     """Append ``event``; it is on disk (fsynced) when this returns.
+
+    ``durable=False``: written, not fsynced (see :meth:`AuditLog.append`): only for an
+    outcome whose decision was recorded durably before it.
 
     Fails closed: if the log cannot take the event, the call must not answer with
     its result. Raises :class:`Unavailable` (reason ``AUDIT_UNAVAILABLE``); the
     log's own reason is in the message and in the daemon's log.
     """
     try:
-        return log.append(event)
+        return log.append(event, durable=durable)
     except AuditError as err:
         _log.error(
             "audit log append failed",

@@ -125,6 +125,9 @@ class Engine:
         self._execute_template = functools.lru_cache(maxsize=_EXECUTE_TEMPLATES)(
             self._build_execute_template
         )
+        # Whether a template is small enough to be kept warm, by its key: the same few
+        # templates come back (pickling one to measure it cost ~0.1 ms per Execute).
+        self._fits: dict[bytes, bool] = {}
 
     @property
     def protected_paths(self) -> tuple[str, ...]:
@@ -450,6 +453,19 @@ class Engine:
             run = dataclasses.replace(run, egress=egress, test_resolve=self.config.test_resolve)
         return SandboxPlan(template=template, run=run, template_key=key)
 
+    def _template_fits(self, plan: SandboxPlan) -> bool:
+        """Whether ``plan``'s template is small enough to announce to the helper (kept warm)."""
+        key = plan.template_key
+        fits = self._fits.get(key) if key else None
+        if fits is None:
+            fits = len(_wire.dumps(plan.template)) <= _WARM_TEMPLATE_BYTES
+            if key:
+                with self._lock:
+                    if len(self._fits) >= 4 * _EXECUTE_TEMPLATES:
+                        self._fits.clear()
+                    self._fits[key] = fits
+        return fits
+
     def _build_execute_template(
         self,
         mounts: tuple[HostMount, ...],
@@ -531,7 +547,7 @@ class Engine:
         t0 = time.monotonic()
         # A template too large to announce to the helper (a workspace deep below /tmp: the
         # private /tmp gets one mkdir per level) is not kept warm: it goes with the plan.
-        fits = len(_wire.dumps(plan.template)) <= _WARM_TEMPLATE_BYTES
+        fits = self._template_fits(plan)
         run = self._spawner.submit(plan, pooled="extra" if fits else False)
         if on_cancel is not None:
             on_cancel(run.cancel)

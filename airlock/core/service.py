@@ -178,7 +178,8 @@ class Service:
         A refusal (the policy denies, or asks and no approval covers it) raises before
         the first event, once it is audited. Two events are audited for a run: the
         decision before the command starts (so a command never runs unrecorded, even if
-        the daemon dies), and the outcome before ExecFinished is yielded.
+        the daemon or the machine dies), and the outcome before ExecFinished is yielded
+        (written; durable with the next fsynced commit).
         """
         execution_id = execution_id or uuid.uuid4().hex
         caller = _audit.caller_of(peer)
@@ -224,6 +225,9 @@ class Service:
                     network = execute_network_summary(
                         item.network_attempts, item.network_attempts_lost
                     )
+                    # The outcome is written before ExecFinished goes out, without waiting
+                    # for the fsync: the decision ("starting") was fsynced before the command
+                    # ran, and the next fsynced commit makes this one durable too (§47).
                     _audit.record(
                         self._audit,
                         event(
@@ -232,6 +236,7 @@ class Service:
                             f"{item.stdout_bytes} B stdout, {item.stderr_bytes} B stderr, "
                             f"{item.wall_s:.3f} s" + (f". {network}" if network else ""),
                         ),
+                        durable=False,
                     )
                 yield item
         _log.info(

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import stat
@@ -714,6 +715,99 @@ def test_appends_during_a_commit_are_committed_together_after_it(
         assert commits == [("first", 1), ("audit-writer", 5)]
         result = log.verify()
         assert result.ok and result.events == 6
+
+
+def test_a_durable_append_queued_during_a_relaxed_commit_waits_for_an_fsynced_one(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit without the fsync (only ``durable=False`` appends were queued when it began)
+    takes no append that needs one: a durable append that queues meanwhile goes in the next
+    commit, which fsyncs. The synchronous setting in force is read inside each commit."""
+    commits: list[tuple[int, int]] = []  # (events, PRAGMA synchronous: 1 NORMAL, 2 FULL)
+    release, inside = threading.Event(), threading.Event()
+    with AuditLog(log_path) as log:
+        insert = log._insert
+
+        def slow_insert(conn: sqlite3.Connection, batch: list[audit_log._Pending]) -> None:
+            if not inside.is_set():
+                inside.set()
+                assert release.wait(10)
+            level = conn.execute("PRAGMA synchronous").fetchone()[0]
+            commits.append((sum(len(p.events) for p in batch), level))
+            insert(conn, batch)
+
+        monkeypatch.setattr(log, "_insert", slow_insert)
+        first = threading.Thread(target=log.append, args=(event(0),), kwargs={"durable": False})
+        first.start()
+        assert inside.wait(10)
+        durable = threading.Thread(target=log.append, args=(event(1),))
+        relaxed = threading.Thread(target=log.append, args=(event(2),), kwargs={"durable": False})
+        durable.start()
+        relaxed.start()
+        deadline = time.monotonic() + 10
+        while log._queued < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        release.set()
+        for t in (first, durable, relaxed):
+            t.join()
+        # The second commit holds the durable append, so it fsyncs (and takes the relaxed
+        # one along); the setting is back to FULL after the relaxed commit.
+        assert commits == [(1, 1), (2, 2)]
+        assert log._writer.execute("PRAGMA synchronous").fetchone()[0] == 2
+        result = log.verify()
+        assert result.ok and result.events == 3
+
+
+_FSYNC_PHASES = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from airlock.audit import AuditEvent, AuditLog, Caller, RpcKind
+
+def event(i):
+    return AuditEvent(kind=RpcKind.EXECUTE, caller=Caller(0, 1), command=f"c{i}", time_ns=i)
+
+log = AuditLog(sys.argv[1])
+log.append(event(0))  # the file's creation and first commit: not counted
+os.getppid()  # phase 0: a durable append
+log.append(event(1))
+os.getppid()  # phase 1: durable=False
+log.append(event(2), durable=False)
+os.getppid()  # phase 2: durable=False again
+log.append(event(3), durable=False)
+os.getppid()  # phase 3: durable again
+log.append(event(4))
+os.getppid()
+log.close()
+"""
+
+
+def test_only_a_relaxed_append_is_committed_without_an_fsync(tmp_path: Path) -> None:
+    """``append(durable=False)`` commits without the fsync; a durable append before and after
+    it still fsyncs. The real system calls, counted by strace between markers."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "trace"
+    root = str(Path(__file__).resolve().parents[3])
+    tracer = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync,getppid"]
+    subprocess.run(
+        [*tracer, sys.executable, "-c", _FSYNC_PHASES, str(tmp_path / "audit.sqlite3"), root],
+        check=True,
+        timeout=60,
+    )
+    phases: list[int] = []
+    for line in trace.read_text().splitlines():
+        if "getppid(" in line:
+            phases.append(0)
+        elif phases and ("fsync(" in line or "fdatasync(" in line):
+            phases[-1] += 1
+    assert len(phases) == 5, phases
+    assert phases[0] >= 1 and phases[3] >= 1, phases
+    assert phases[1] == 0 and phases[2] == 0, phases
+    with AuditLog(tmp_path / "audit.sqlite3") as log:
+        result = log.verify()
+        assert result.ok and result.events == 5
 
 
 def test_two_logs_on_one_file_keep_one_chain(log_path: Path) -> None:

@@ -89,12 +89,14 @@ class FakeAudit:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.events: list[AuditEvent] = []
+        self.durable: list[bool] = []  # per event: whether its append waited for the fsync
         self.fail_at: int | None = None
 
-    def append(self, event: AuditEvent) -> StoredEvent:
+    def append(self, event: AuditEvent, *, durable: bool = True) -> StoredEvent:
         if self.fail_at is not None and len(self.events) + 1 >= self.fail_at:
             raise AuditError("the disk is full (a fake)", reason="AUDIT_LOG_FAILED")
         self.events.append(event)
+        self.durable.append(durable)
         self.journal.append(
             f"audit {event.kind.name} {event.verdict.name if event.verdict else ''}"
         )
@@ -308,6 +310,17 @@ def test_execute_audits_its_start_before_it_runs_and_its_end_before_it_ends(app:
     assert app.journal[-2:] == ["engine execute allow", "audit EXECUTE ALLOW"]
     assert app.audit.events[1].outcome.exit_code == 0
     assert app.audit.kinds() == [RpcKind.EXECUTE, RpcKind.EXECUTE]
+    # The decision waits for the fsync before the command runs; the outcome is written
+    # before ExecFinished, durable with the next fsynced commit (decisions §47).
+    assert app.audit.durable == [True, False]
+
+
+def test_every_decision_but_an_execute_outcome_waits_for_the_fsync(app: App) -> None:
+    v = app.service.validate(ValidateRequest("ask", app.cwd, ()), ROOT)
+    app.service.approve(v.validation_id, ApprovalScope.ONCE, APPROVER)
+    list(app.execute("allow"))
+    assert len(app.audit.events) == 4
+    assert app.audit.durable == [True, True, True, False]
 
 
 def test_execute_does_not_start_what_the_log_cannot_take(app: App) -> None:
