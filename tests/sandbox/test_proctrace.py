@@ -351,6 +351,22 @@ def test_runs_as_root_too(cwd: str) -> None:
     assert t.root.uid == 0 and t.root.cwd == b"/" and t.root.argv == (b"/bin/true",)
 
 
+def test_a_fork_that_never_execs_is_read_at_its_fork(cwd: str) -> None:
+    """A child that never execs is read at its fork event (/proc): its namespace pid, cwd
+    and uid; its argv is its parent's."""
+    os.mkdir(os.path.join(cwd, "sub"))
+    # Subshells are forks of bash that never exec; the inner one is a fork of a fork.
+    t = run_traced("(exit 3); cd sub; ( (exit 5); exit 4 )", Options(cwd=cwd))
+    forks = {r.exit_code: r for r in t.records if r.exec_count == 0}
+    assert sorted(forks) == [3, 4, 5], t.records
+    assert all(r.uid == NOBODY for r in forks.values())
+    assert forks[5].ppid == forks[4].pid and forks[4].ppid == forks[3].ppid == t.root.pid
+    pids = [r.pid for r in forks.values()]
+    assert None not in pids and len(set(pids)) == 3 and t.root.pid not in pids
+    assert forks[3].cwd == os.fsencode(cwd)
+    assert forks[4].cwd == forks[5].cwd == os.fsencode(os.path.join(cwd, "sub"))
+
+
 # --- Daemons, timeouts and teardown ---------------------------------------------------------
 
 
