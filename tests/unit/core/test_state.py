@@ -36,6 +36,7 @@ from airlock._errors import (
 )
 from airlock.api.status import status_code_of
 from airlock.audit import AuditLog
+from airlock.core import state as state_module
 from airlock.core.state import (
     STATE_FILE,
     ApplyDone,
@@ -46,6 +47,7 @@ from airlock.core.state import (
     StateStore,
     ValidationRecord,
     ValidationState,
+    new_token,
 )
 from airlock.types import Verdict
 
@@ -862,6 +864,20 @@ def test_only_a_new_validation_is_committed_without_an_fsync(tmp_path: Path) -> 
             phases[-1] += 1
     assert phases[:4] == [0, 0, phases[2], phases[3]] and len(phases) == 5, phases
     assert phases[2] >= 1 and phases[3] >= 1, phases
+
+
+def test_no_token_begins_with_a_dash(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One URL-safe token in 64 would begin with "-", which `airlock run --token TOKEN` reads
+    as another option (a README tour in CI hit it): such a draw is drawn again."""
+    draws = iter(["-" + "a" * 42, "--" + "b" * 41, "c" * 43])
+    monkeypatch.setattr(state_module.secrets, "token_urlsafe", lambda n: next(draws))
+    store.record_validation(new())
+    token, _ = store.approve("v1", ApprovalScope.ONCE, approver_uid=OWNER)
+    assert token == "c" * 43
+    monkeypatch.undo()
+    tokens = [new_token() for _ in range(2000)]
+    assert not any(t.startswith("-") for t in tokens)
+    assert len(set(tokens)) == 2000 and all(len(t) == 43 for t in tokens)
 
 
 def test_tokens_are_not_stored_in_clear(store: StateStore, db: Path) -> None:
