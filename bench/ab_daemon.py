@@ -10,8 +10,8 @@ process's.
 
 - ``latency``: ``--runs`` calls per tree, alternating trees call by call (the order swapped
   every other pair), each after ``--idle`` seconds of quiet: a forced ``true`` (``Validate``;
-  ``--line`` another line), or with ``--execute`` an ``Execute`` of ``true``. Wall p50/p90
-  per tree.
+  ``--line`` another line), or with ``--execute`` an ``Execute`` of ``true`` (or of
+  ``--line``). Wall p50/p90 per tree. The client is this process's (this tree's library).
 - ``b2b``: ``--rounds`` rounds per tree, alternating trees round by round (1 s of quiet
   before each), each ``--runs`` forced ``true`` (or ``--line``) back to back from one client:
   the p50 of each round and their median (``latency`` alternates call by call, so no daemon
@@ -118,9 +118,13 @@ def daemons(trees: list[str]) -> Iterator[list[Daemon]]:
             stop(d)
 
 
+def _exec_line() -> str:
+    return "true" if _line == _FORCED_TRUE else _line
+
+
 def _call(c: Client, d: Daemon, execute: bool) -> None:
     if execute:
-        for _ in c.execute("true", cwd=d.workspace, env=_ENV):
+        for _ in c.execute(_exec_line(), cwd=d.workspace, env=_ENV):
             pass
     else:
         c.validate(_line, cwd=d.workspace, env=_ENV)
@@ -142,7 +146,7 @@ def latency(ds: list[Daemon], runs: int, idle: float, execute: bool) -> None:
     finally:
         for c in clients:
             c.close()
-    what = "Execute true" if execute else repr(_line)
+    what = f"Execute {_exec_line()!r}" if execute else repr(_line)
     for d, w in zip(ds, walls, strict=True):
         w.sort()
         print(

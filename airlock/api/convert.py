@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -205,6 +205,8 @@ def execute_request_to_proto(req: types.ExecuteRequest) -> pb.ExecuteRequest:
         approval_token=_checked_str("approval_token", req.approval_token),
         session_id=_checked_str("session_id", req.session_id),
         agent=agent_to_proto(req.agent) if req.agent is not None else None,
+        # This library reads ProcessBatch events (exec_events_from_proto).
+        process_batches=True,
     )
 
 
@@ -271,6 +273,36 @@ def exec_event_to_proto(e: types.ExecEvent) -> pb.ExecuteResponse:
             network_attempts_lost=e.network_attempts_lost,
         )
     )
+
+
+# How many bytes of processes one ProcessBatch holds at most (ExecuteRequest.process_batches).
+PROCESS_BATCH_BYTES = 1024 * 1024
+
+
+def exec_events_to_proto(
+    events: Iterable[types.ExecEvent], *, process_batches: bool = False
+) -> Iterator[pb.ExecuteResponse]:
+    """The responses of an Execute's events, in order. With ``process_batches``, consecutive
+    processes go as ProcessBatch events of up to PROCESS_BATCH_BYTES each (one gRPC message per
+    batch, not per process); a batch is sent before the next event of another kind."""
+    held: list[pb.Process] = []
+    size = 0
+    for e in events:
+        if process_batches and isinstance(e, types.ProcessInfo):
+            process = _process_to_proto(e)
+            grows = process.ByteSize() + 8  # the field's tag and length
+            if held and size + grows > PROCESS_BATCH_BYTES:
+                yield pb.ExecuteResponse(process_batch=pb.ProcessBatch(processes=held))
+                held, size = [], 0
+            held.append(process)
+            size += grows
+            continue
+        if held:
+            yield pb.ExecuteResponse(process_batch=pb.ProcessBatch(processes=held))
+            held, size = [], 0
+        yield exec_event_to_proto(e)
+    if held:
+        yield pb.ExecuteResponse(process_batch=pb.ProcessBatch(processes=held))
 
 
 def approve_request_from_proto(msg: pb.ApproveRequest) -> tuple[str, types.ApprovalScope]:
@@ -360,7 +392,15 @@ def apply_response_from_proto(msg: pb.ApplyResponse) -> types.ApplyOutcome:
     )
 
 
+def exec_events_from_proto(msg: pb.ExecuteResponse) -> tuple[types.ExecEvent, ...]:
+    """The events of one Execute response: each process of a ProcessBatch, else one event."""
+    if msg.WhichOneof("event") == "process_batch":
+        return tuple(_process_from_proto(p) for p in msg.process_batch.processes)
+    return (exec_event_from_proto(msg),)
+
+
 def exec_event_from_proto(msg: pb.ExecuteResponse) -> types.ExecEvent:
+    """The event of one Execute response that holds one (not a ProcessBatch)."""
     kind = msg.WhichOneof("event")
     if kind == "output":
         o = msg.output

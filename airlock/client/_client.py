@@ -20,7 +20,7 @@ from airlock.api.convert import (
     audit_event_from_proto,
     audit_list_request_to_proto,
     capabilities_from_proto,
-    exec_event_from_proto,
+    exec_events_from_proto,
     execute_request_to_proto,
     pending_from_proto,
     validate_request_to_proto,
@@ -77,7 +77,7 @@ class ExecStream:
     def __iter__(self) -> Iterator[types.ExecEvent]:
         try:
             for message in self._call:
-                yield exec_event_from_proto(message)
+                yield from exec_events_from_proto(message)
         except grpc.RpcError as e:
             raise from_rpc_error(e, target=self._target) from None
 

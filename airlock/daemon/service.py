@@ -80,8 +80,9 @@ class SandboxService(pb_grpc.SandboxServiceServicer):
                 on_cancel=lambda callback: _on_cancel(context, callback),
             )
             with closing(events):  # a client gone mid-stream ends the run and frees its slot
-                for event in events:
-                    yield convert.exec_event_to_proto(event)
+                yield from convert.exec_events_to_proto(
+                    events, process_batches=request.process_batches
+                )
         except Exception as exc:
             _abort(context, exc, log, f"execution_id {execution_id}")
 

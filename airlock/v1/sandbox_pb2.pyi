@@ -636,6 +636,7 @@ class ExecuteRequest(_message.Message):
     APPROVAL_TOKEN_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
+    PROCESS_BATCHES_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     """The bash command line, run as `bash -c COMMAND`; the same limits as in
     ValidateRequest.command.
@@ -656,6 +657,12 @@ class ExecuteRequest(_message.Message):
     """
     session_id: _builtins.str
     """The caller's session; a SESSION approval covers matching commands in it."""
+    process_batches: _builtins.bool
+    """Send the processes the command started as ProcessBatch events (up to
+    1 MiB of them each) instead of one Process event per process: one gRPC
+    message per batch, which saves ~0.2 ms per process for a command that
+    starts many. Unset: one Process event each.
+    """
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The exact environment of the command; PATH is set when absent."""
@@ -682,10 +689,11 @@ class ExecuteRequest(_message.Message):
         approval_token: _builtins.str = ...,
         session_id: _builtins.str = ...,
         agent: Global___AgentContext | None = ...,
+        process_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "gid", b"gid", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "approval_token", b"approval_token", "command", b"command", "cwd", b"cwd", "env", b"env", "gid", b"gid", "session_id", b"session_id", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "agent", b"agent", "approval_token", b"approval_token", "command", b"command", "cwd", b"cwd", "env", b"env", "gid", b"gid", "process_batches", b"process_batches", "session_id", b"session_id", "timeout", b"timeout", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gid: _TypeAlias = _typing.Literal["gid"]  # noqa: Y015
     _WhichOneofArgType__gid: _TypeAlias = _typing.Literal["_gid", b"_gid"]  # noqa: Y015
@@ -763,6 +771,7 @@ class ExecuteResponse(_message.Message):
     PROCESS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     NETWORK_ATTEMPT_FIELD_NUMBER: _builtins.int
+    PROCESS_BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___ExecuteStarted:
         """The command passed the policy and is starting; always the first event."""
@@ -785,6 +794,12 @@ class ExecuteResponse(_message.Message):
         forwarded under an execute egress grant, or refused and why.
         """
 
+    @_builtins.property
+    def process_batch(self) -> Global___ProcessBatch:
+        """Processes the command started, in order (sent after the command ended),
+        instead of Process events when ExecuteRequest.process_batches is set.
+        """
+
     def __init__(
         self,
         *,
@@ -793,16 +808,41 @@ class ExecuteResponse(_message.Message):
         process: Global___Process | None = ...,
         finished: Global___ExecuteFinished | None = ...,
         network_attempt: Global___NetworkAttempt | None = ...,
+        process_batch: Global___ProcessBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "network_attempt", b"network_attempt", "output", b"output", "process", b"process", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "network_attempt", b"network_attempt", "output", b"output", "process", b"process", "process_batch", b"process_batch", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "network_attempt", b"network_attempt", "output", b"output", "process", b"process", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "network_attempt", b"network_attempt", "output", b"output", "process", b"process", "process_batch", b"process_batch", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "output", "process", "finished", "network_attempt"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "output", "process", "finished", "network_attempt", "process_batch"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ProcessBatch(_message.Message):
+    """ProcessBatch is some of the processes a command started, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def processes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Process]:
+        """The processes (at most 1 MiB of them in one batch)."""
+
+    def __init__(
+        self,
+        *,
+        processes: _abc.Iterable[Global___Process] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processes", b"processes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessBatch: _TypeAlias = ProcessBatch  # noqa: Y015
 
 @_typing.final
 class ExecuteStarted(_message.Message):

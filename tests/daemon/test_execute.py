@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from airlock import Cancelled, FailedPrecondition, PermissionDenied
+from airlock.api import convert
 from airlock.client import Client
 from airlock.types import (
     ExecEvent,
@@ -25,7 +27,9 @@ from airlock.types import (
     ProcessInfo,
     Termination,
 )
-from tests.helpers import NEUTRAL_POLICY
+from airlock.v1 import sandbox_pb2 as pb
+from airlock.v1 import sandbox_pb2_grpc as pb_grpc
+from tests.helpers import NEUTRAL_POLICY, Daemon
 
 from .test_daemon import wait_for_process
 
@@ -69,6 +73,36 @@ def test_events_arrive_in_order_and_complete(client: Client, workspace: Path) ->
     assert all(k is ProcessInfo for k in kinds[last_output + 1 : -1])
     assert any(isinstance(e, ProcessInfo) and e.argv[:1] == (b"seq",) for e in events)
     assert end.resource_usage.cpu_time_s > 0 and end.wall_s > 0
+
+
+def test_processes_come_in_batches_when_asked_and_one_by_one_otherwise(
+    daemon: Daemon, client: Client, workspace: Path
+) -> None:
+    """ExecuteRequest.process_batches: the processes in ProcessBatch messages (one here), the
+    same processes in the same order as the Process messages a request without it gets; the
+    typed client asks for batches and yields the same events either way."""
+    line = "for i in $(seq 1 20); do /bin/true; done"
+    kinds: dict[bool, list[str]] = {}
+    processes: dict[bool, list[tuple[bytes, ...]]] = {}
+    with grpc.insecure_channel("unix:" + daemon.socket) as channel:
+        stub = pb_grpc.SandboxServiceStub(channel)
+        for batches in (False, True):
+            request = pb.ExecuteRequest(command=line, cwd=str(workspace), process_batches=batches)
+            messages = list(stub.Execute(request, timeout=60))
+            kinds[batches] = [m.WhichOneof("event") for m in messages]
+            processes[batches] = [
+                tuple(e.argv)
+                for m in messages
+                for e in convert.exec_events_from_proto(m)
+                if isinstance(e, ProcessInfo)
+            ]
+    assert len(processes[False]) == 22  # bash, seq and 20 of /bin/true
+    assert kinds[False] == ["started"] + ["process"] * 22 + ["finished"]
+    assert kinds[True] == ["started", "process_batch", "finished"]
+    assert processes[True] == processes[False]
+    assert processes[False].count((b"/bin/true",)) == 20
+    typed = [e for e in run(client, line, workspace) if isinstance(e, ProcessInfo)]
+    assert [e.argv for e in typed] == processes[False]
 
 
 def test_output_streams_while_the_command_runs(client: Client, workspace: Path) -> None:

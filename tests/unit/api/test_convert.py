@@ -667,3 +667,63 @@ def test_durations_are_the_nearest_nanosecond_ties_to_even(seconds: float) -> No
 def test_a_duration_that_is_no_number_is_refused(bad: float) -> None:
     with pytest.raises((ValueError, OverflowError)):
         conv._duration_to_proto(bad)
+
+
+# --- Execute's process batches ----------------------------------------------------------
+
+
+def _exec_events(processes: list[types.ProcessInfo]) -> list[types.ExecEvent]:
+    started = types.ExecStarted(
+        execution_id="x",
+        verdict=types.Verdict.ALLOW,
+        authorization="POLICY_ALLOWED",
+        findings=(),
+        uid=0,
+        gid=0,
+        policy_version="p",
+    )
+    output = types.ExecOutput(1, 0.5, b"out\n")
+    finished = types.ExecFinished(
+        termination=types.Termination.EXITED,
+        exit_code=0,
+        signal=0,
+        wall_s=1.0,
+        resource_usage=types.ResourceUsage(),
+        stdout_truncated=False,
+        stderr_truncated=False,
+        stdout_bytes=4,
+        stderr_bytes=0,
+        warm=True,
+    )
+    return [started, output, *processes, finished]
+
+
+def test_process_batches_carry_the_same_events_bounded_in_bytes() -> None:
+    """With process_batches, the processes go in ProcessBatch messages of at most
+    PROCESS_BATCH_BYTES each (large argvs split them), and read back as the very events that
+    go one by one without it."""
+    big = [
+        types.ProcessInfo(pid=i + 2, ppid=1, argv=(b"cc", b"x" * 4000, str(i).encode()))
+        for i in range(700)
+    ]
+    small = [types.ProcessInfo(pid=i + 2, ppid=1, argv=(b"true",), uid=0) for i in range(5)]
+    for processes in (big, small, []):
+        events = _exec_events(processes)
+        one_by_one = [over_the_wire(m) for m in conv.exec_events_to_proto(events)]
+        batched = [
+            over_the_wire(m) for m in conv.exec_events_to_proto(events, process_batches=True)
+        ]
+        assert [m.WhichOneof("event") for m in one_by_one].count("process") == len(processes)
+        assert "process_batch" not in [m.WhichOneof("event") for m in one_by_one]
+        batches = [m for m in batched if m.WhichOneof("event") == "process_batch"]
+        assert "process" not in [m.WhichOneof("event") for m in batched]
+        assert all(m.ByteSize() <= conv.PROCESS_BATCH_BYTES + 64 for m in batches)
+        assert len(batches) == (0 if not processes else 1 if processes is small else 3)
+        back = [e for m in batched for e in conv.exec_events_from_proto(m)]
+        assert back == [e for m in one_by_one for e in conv.exec_events_from_proto(m)]
+        assert back == events
+
+
+def test_the_typed_client_asks_for_process_batches() -> None:
+    req = types.ExecuteRequest(command="true", cwd="/tmp", env=())
+    assert conv.execute_request_to_proto(req).process_batches
