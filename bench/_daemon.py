@@ -1,7 +1,7 @@
 """An ``airlockd`` a bench started: find its spawner, wait until it serves, stop it.
 
 Shared by ``bench/run.py`` and ``bench/issue16.py`` (each keeps its own ``Daemon`` record: what
-it measures about the daemon differs).
+it measures about the daemon differs); :func:`started` is the whole life of a plain one.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -51,3 +54,32 @@ def wait_serving(proc: subprocess.Popen[bytes], sock: Path, log: Path, guard_s: 
         time.sleep(0.05)
     stop(proc)
     raise RuntimeError(f"airlockd did not come up:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def started(
+    extra: Sequence[str] = (),
+    *,
+    env: dict[str, str] | None = None,
+    prefix: str = "airlock-bench-",
+    timeout: float = 120,
+) -> Iterator[tuple[subprocess.Popen[bytes], Client, str]]:
+    """This tree's ``airlockd`` (``extra`` arguments) on a temporary socket and state directory,
+    serving: the process, a client, a workspace directory. Stopped (and removed) after."""
+    airlockd = str(Path(sys.executable).with_name("airlockd"))
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        base = Path(tmp)
+        (base / "ws").mkdir()
+        sock, log = base / "a.sock", base / "airlockd.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [airlockd, "--socket", str(sock), "--state-dir", str(base / "state"), *extra],
+                stderr=err,
+                env=env,
+            )
+        try:
+            wait_serving(proc, sock, log)
+            with Client(str(sock), timeout=timeout) as c:
+                yield proc, c, str(base / "ws")
+        finally:
+            stop(proc)

@@ -58,19 +58,18 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import psutil
 from _bwrap import BWRAP
-from _daemon import spawner_pid, stop, wait_serving
+from _daemon import spawner_pid, started
 
 from airlock.client import Client
 
 _HERE = Path(__file__).resolve().parent
-_AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
 _ENV = {"PATH": "/usr/bin:/bin"}
 _FORCED_TRUE = "true; :"  # not read-only under the shipped policy: the dry run decides
 
@@ -117,26 +116,10 @@ def engine() -> None:
             w.quit()
 
 
-@contextmanager
 def _daemon(
     env: dict[str, str] | None = None,
-) -> Iterator[tuple[subprocess.Popen[bytes], Client, str]]:
-    with tempfile.TemporaryDirectory(prefix="airlock-costs-") as tmp:
-        base = Path(tmp)
-        (base / "ws").mkdir()
-        sock, log = base / "a.sock", base / "airlockd.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [_AIRLOCKD, "--socket", str(sock), "--state-dir", str(base / "state")],
-                stderr=err,
-                env=env,
-            )
-        try:
-            wait_serving(proc, sock, log)
-            with Client(str(sock), timeout=120) as c:
-                yield proc, c, str(base / "ws")
-        finally:
-            stop(proc)
+) -> AbstractContextManager[tuple[subprocess.Popen[bytes], Client, str]]:
+    return started(env=env, prefix="airlock-costs-")
 
 
 def daemon() -> None:

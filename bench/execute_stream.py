@@ -17,38 +17,14 @@ import argparse
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from _daemon import stop, wait_serving
+from _daemon import started
 
 from airlock.client import Client
 
-_AIRLOCKD = str(Path(sys.executable).with_name("airlockd"))
 _ENV = {"PATH": "/usr/bin:/bin"}
-
-
-@contextlib.contextmanager
-def _daemon(extra: list[str]) -> Iterator[tuple[Client, str]]:
-    with tempfile.TemporaryDirectory(prefix="airlock-exec-stream-") as tmp:
-        base = Path(tmp)
-        (base / "ws").mkdir()
-        sock, log = base / "a.sock", base / "airlockd.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [_AIRLOCKD, "--socket", str(sock), "--state-dir", str(base / "state"), *extra],
-                stderr=err,
-            )
-        try:
-            wait_serving(proc, sock, log)
-            with Client(str(sock), timeout=300) as c:
-                yield c, str(base / "ws")
-        finally:
-            stop(proc)
 
 
 def _once(c: Client, ws: str, line: str) -> tuple[float, float | None, float | None]:
@@ -75,7 +51,12 @@ def main() -> int:
     line = f"for i in $(seq {a.execs}); do /bin/true; done"
     setups = {"capture on (default)": [], "--no-process-capture": ["--no-process-capture"]}
     with contextlib.ExitStack() as stack:
-        daemons = {name: stack.enter_context(_daemon(extra)) for name, extra in setups.items()}
+        daemons = {}
+        for name, extra in setups.items():
+            _proc, client, ws = stack.enter_context(
+                started(extra, prefix="airlock-exec-stream-", timeout=300)
+            )
+            daemons[name] = (client, ws)
         results: dict[str, list[tuple[float, float | None, float | None]]] = {
             name: [] for name in daemons
         }

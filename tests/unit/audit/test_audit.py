@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import stat
@@ -24,7 +23,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +63,7 @@ from airlock.audit import log as audit_log
 from airlock.audit.canonical import record_hasher
 from airlock.types import Finding, FindingSource, PeerCred, Severity, Verdict
 from tests.helpers.audit import T0, event
+from tests.helpers.fsyncs import fsyncs_per_phase
 
 
 @pytest.fixture
@@ -681,34 +681,54 @@ def test_an_append_alone_is_committed_by_its_own_thread(log_path: Path) -> None:
     assert committed_in == [threading.current_thread().name] * 3
 
 
+_Note = Callable[[sqlite3.Connection, list[audit_log._Pending]], None]
+
+
+def hold_first_commit(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch, note: _Note
+) -> tuple[threading.Event, threading.Event]:
+    """Make ``log``'s first commit wait inside its transaction until ``release`` is set
+    (``inside`` is set once it waits); ``note(conn, batch)`` sees every commit's batch."""
+    release, inside = threading.Event(), threading.Event()
+    insert = log._insert
+
+    def slow_insert(conn: sqlite3.Connection, batch: list[audit_log._Pending]) -> None:
+        if not inside.is_set():
+            inside.set()
+            assert release.wait(10)
+        note(conn, batch)
+        insert(conn, batch)
+
+    monkeypatch.setattr(log, "_insert", slow_insert)
+    return release, inside
+
+
+def wait_queued(log: AuditLog, events: int) -> None:
+    deadline = time.monotonic() + 10
+    while log._queued < events:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_appends_during_a_commit_are_committed_together_after_it(
     log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Group commit: what queues while a commit is under way goes in the next transaction,
     all of it at once, in the writer thread."""
     commits: list[tuple[str, int]] = []
-    release, inside = threading.Event(), threading.Event()
     with AuditLog(log_path) as log:
-        insert = log._insert
-
-        def slow_insert(conn: sqlite3.Connection, batch: list[audit_log._Pending]) -> None:
-            if not inside.is_set():
-                inside.set()
-                assert release.wait(10)
-            commits.append((threading.current_thread().name, len(batch)))
-            insert(conn, batch)
-
-        monkeypatch.setattr(log, "_insert", slow_insert)
+        release, inside = hold_first_commit(
+            log,
+            monkeypatch,
+            lambda conn, batch: commits.append((threading.current_thread().name, len(batch))),
+        )
         first = threading.Thread(target=log.append, args=(event(0),), name="first")
         first.start()
         assert inside.wait(10)
         others = [threading.Thread(target=log.append, args=(event(i),)) for i in range(1, 6)]
         for t in others:
             t.start()
-        deadline = time.monotonic() + 10
-        while log._queued < 5:  # all five wait for the commit under way
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_queued(log, 5)  # all five wait for the commit under way
         release.set()
         for t in [first, *others]:
             t.join()
@@ -724,19 +744,13 @@ def test_a_durable_append_queued_during_a_relaxed_commit_waits_for_an_fsynced_on
     takes no append that needs one: a durable append that queues meanwhile goes in the next
     commit, which fsyncs. The synchronous setting in force is read inside each commit."""
     commits: list[tuple[int, int]] = []  # (events, PRAGMA synchronous: 1 NORMAL, 2 FULL)
-    release, inside = threading.Event(), threading.Event()
+
+    def note(conn: sqlite3.Connection, batch: list[audit_log._Pending]) -> None:
+        level = conn.execute("PRAGMA synchronous").fetchone()[0]
+        commits.append((sum(len(p.events) for p in batch), level))
+
     with AuditLog(log_path) as log:
-        insert = log._insert
-
-        def slow_insert(conn: sqlite3.Connection, batch: list[audit_log._Pending]) -> None:
-            if not inside.is_set():
-                inside.set()
-                assert release.wait(10)
-            level = conn.execute("PRAGMA synchronous").fetchone()[0]
-            commits.append((sum(len(p.events) for p in batch), level))
-            insert(conn, batch)
-
-        monkeypatch.setattr(log, "_insert", slow_insert)
+        release, inside = hold_first_commit(log, monkeypatch, note)
         first = threading.Thread(target=log.append, args=(event(0),), kwargs={"durable": False})
         first.start()
         assert inside.wait(10)
@@ -744,10 +758,7 @@ def test_a_durable_append_queued_during_a_relaxed_commit_waits_for_an_fsynced_on
         relaxed = threading.Thread(target=log.append, args=(event(2),), kwargs={"durable": False})
         durable.start()
         relaxed.start()
-        deadline = time.monotonic() + 10
-        while log._queued < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_queued(log, 2)
         release.set()
         for t in (first, durable, relaxed):
             t.join()
@@ -785,23 +796,7 @@ log.close()
 def test_only_a_relaxed_append_is_committed_without_an_fsync(tmp_path: Path) -> None:
     """``append(durable=False)`` commits without the fsync; a durable append before and after
     it still fsyncs. The real system calls, counted by strace between markers."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace is not installed")
-    trace = tmp_path / "trace"
-    root = str(Path(__file__).resolve().parents[3])
-    tracer = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync,getppid"]
-    subprocess.run(
-        [*tracer, sys.executable, "-c", _FSYNC_PHASES, str(tmp_path / "audit.sqlite3"), root],
-        check=True,
-        timeout=60,
-    )
-    phases: list[int] = []
-    for line in trace.read_text().splitlines():
-        if "getppid(" in line:
-            phases.append(0)
-        elif phases and ("fsync(" in line or "fdatasync(" in line):
-            phases[-1] += 1
+    phases = fsyncs_per_phase(_FSYNC_PHASES, tmp_path / "trace", str(tmp_path / "audit.sqlite3"))
     assert len(phases) == 5, phases
     assert phases[0] >= 1 and phases[3] >= 1, phases
     assert phases[1] == 0 and phases[2] == 0, phases

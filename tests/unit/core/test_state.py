@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
 import signal
 import sqlite3
 import stat
@@ -50,6 +49,7 @@ from airlock.core.state import (
     new_token,
 )
 from airlock.types import Verdict
+from tests.helpers.fsyncs import fsyncs_per_phase
 
 T0 = 1_700_000_000.0
 TTL = 900.0
@@ -845,23 +845,7 @@ def test_only_a_new_validation_is_committed_without_an_fsync(tmp_path: Path) -> 
     a machine crash may lose the row, never a later one); approvals and applies still fsync,
     also right after a validation was refused inside its transaction. The real system calls,
     counted by strace between markers."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace is not installed")
-    trace = tmp_path / "trace"
-    root = str(Path(__file__).resolve().parents[3])
-    tracer = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync,getppid"]
-    subprocess.run(
-        [*tracer, sys.executable, "-c", _FSYNC_PHASES, str(tmp_path / "state.db"), root],
-        check=True,
-        timeout=60,
-    )
-    phases: list[int] = []
-    for line in trace.read_text().splitlines():
-        if "getppid(" in line:
-            phases.append(0)
-        elif phases and ("fsync(" in line or "fdatasync(" in line):
-            phases[-1] += 1
+    phases = fsyncs_per_phase(_FSYNC_PHASES, tmp_path / "trace", str(tmp_path / "state.db"))
     assert phases[:4] == [0, 0, phases[2], phases[3]] and len(phases) == 5, phases
     assert phases[2] >= 1 and phases[3] >= 1, phases
 
