@@ -233,10 +233,15 @@ def test_a_cwd_swapped_while_requests_run_never_binds_a_kernel_tree(
             assert result["ran"] == "probed\nmarker\n", result
             outcomes["ran"] += 1
         else:
-            # Refused by the check (it saw the link), or by the supervisor (swapped between the
-            # check and the bind; a warm supervisor that refused while it was being handed the
+            # Refused by the check (it saw the link, or the directory changed while it was being
+            # resolved: workdir.NotAccessible), or by the supervisor (swapped between the check
+            # and the bind; a warm supervisor that refused while it was being handed the
             # request is seen as gone).
-            assert result["reason"] in ("INVALID_CWD", "SANDBOX_FAILED"), result
+            assert result["reason"] in (
+                "INVALID_CWD",
+                "CWD_NOT_ACCESSIBLE",
+                "SANDBOX_FAILED",
+            ), result
             if result["reason"] == "SANDBOX_FAILED":
                 assert (
                     "no longer the directory that was checked" in result["message"]
