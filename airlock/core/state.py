@@ -130,6 +130,13 @@ DEFAULT_TTL_S = 15 * 60.0
 DEFAULT_SESSION_TTL_S = 60 * 60.0
 DEFAULT_QUOTA_BYTES = 2 * 1024**3
 TOKEN_BYTES = 32
+_APPLICATION_ID = 0x41535441  # "ASTA" in the database header
+_SCHEMA_VERSION = 2
+_MAX_ID_CHARS = 256
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+# Why an action was authorized; the same enum the audit log records.
+AuthContext = Authorization
 
 
 def new_token() -> str:
@@ -141,15 +148,6 @@ def new_token() -> str:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         if not token.startswith("-"):
             return token
-
-
-_APPLICATION_ID = 0x41535441  # "ASTA" in the database header
-_SCHEMA_VERSION = 2
-_MAX_ID_CHARS = 256
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-# Why an action was authorized; the same enum the audit log records.
-AuthContext = Authorization
 
 
 class ValidationState(enum.StrEnum):
